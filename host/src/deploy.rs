@@ -1,0 +1,288 @@
+//! Turning a component's bytes into a ready [`Deployment`]: validation,
+//! compilation, pre-instantiation and a trial instantiation, so a bad
+//! component is rejected here with a clear reason — never on its first request.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use sha2::{Digest as _, Sha256};
+use wasmtime::component::Component;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::engine::Runtime;
+use crate::limits::Limits;
+use crate::outbound::OutboundPolicy;
+use crate::router::Route;
+use crate::state::HostState;
+
+/// The longest service name accepted.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks a service name: 1–63 ASCII letters, digits, `-` or `_`, starting
+/// with a letter or digit. Names appear in URLs and host names, so nothing
+/// else is accepted.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let starts_well = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !valid_chars || !starts_well {
+        return Err(format!(
+            "{name:?} is not a valid service name: use 1-{MAX_NAME_LEN} letters, digits, '-' or '_', starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// How a service is run: its mount point and what it is allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Where the service is mounted.
+    pub route: Route,
+    /// Environment variables the guest sees (and nothing else of the host's).
+    pub env: Vec<(String, String)>,
+    /// Time, memory, concurrency and body limits.
+    pub limits: Limits,
+    /// Where the guest may send HTTP requests.
+    pub outbound: OutboundPolicy,
+}
+
+impl ServiceConfig {
+    /// The configuration of a service without a manifest: mounted at
+    /// `/NAME`, empty environment, the host's default limits, no outbound.
+    pub fn defaults(name: &str, limits: Limits) -> ServiceConfig {
+        ServiceConfig {
+            route: Route::for_service(name),
+            env: Vec::new(),
+            limits,
+            outbound: OutboundPolicy::default(),
+        }
+    }
+}
+
+/// Everything needed to deploy one version of a service.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// The service name (the file stem for directory services).
+    pub name: String,
+    /// The component's bytes.
+    pub wasm: Arc<[u8]>,
+    /// How to run it.
+    pub config: ServiceConfig,
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// How the compiled code was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompileInfo {
+    /// Time spent compiling (or loading compiled code).
+    pub duration: Duration,
+}
+
+/// One deployed version of a service: immutable once built. Requests hold an
+/// `Arc<Deployment>` for their whole life, so a replaced version stays alive
+/// until its last request finishes.
+pub struct Deployment {
+    name: Arc<str>,
+    generation: u64,
+    digest: String,
+    source: Option<PathBuf>,
+    loaded_at: SystemTime,
+    config: ServiceConfig,
+    outbound: Arc<OutboundPolicy>,
+    compile: CompileInfo,
+    pre: ProxyPre<HostState>,
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployment")
+            .field("name", &self.name)
+            .field("generation", &self.generation)
+            .field("digest", &self.digest)
+            .field("route", &self.config.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deployment {
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The service name, shareable.
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Which version of the service this is: 1 for the first deployment,
+    /// one more for each replacement.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(crate) fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
+    /// `sha256:<hex>` of the component bytes.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The file this version was loaded from, if any.
+    pub fn source(&self) -> Option<&std::path::Path> {
+        self.source.as_deref()
+    }
+
+    /// When this version was deployed.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded_at
+    }
+
+    /// The mount point.
+    pub fn route(&self) -> &Route {
+        &self.config.route
+    }
+
+    /// The limits every request of this version runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// The whole run configuration.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// How the code was compiled.
+    pub fn compile_info(&self) -> CompileInfo {
+        self.compile
+    }
+
+    pub(crate) fn outbound(&self) -> &Arc<OutboundPolicy> {
+        &self.outbound
+    }
+
+    pub(crate) fn pre(&self) -> &ProxyPre<HostState> {
+        &self.pre
+    }
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn digest_of(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let hash = Sha256::digest(bytes);
+    let mut text = String::with_capacity(7 + 64);
+    text.push_str("sha256:");
+    for byte in hash {
+        // Writing to a String cannot fail.
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
+}
+
+/// Checks the binary header: a WebAssembly component, not a core module or
+/// something else entirely.
+pub fn check_header(bytes: &[u8]) -> Result<()> {
+    const MAGIC: &[u8; 4] = b"\0asm";
+    if bytes.is_empty() {
+        bail!("the file is empty");
+    }
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        bail!("not a WebAssembly binary (no \\0asm header)");
+    }
+    // Bytes 4..8: a core module has version 1 and layer 0; a component has
+    // layer 1 (the version field is its pre-standard revision).
+    let layer = u16::from_le_bytes([bytes[6], bytes[7]]);
+    match layer {
+        0 => bail!(
+            "this is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`"
+        ),
+        1 => Ok(()),
+        other => bail!("unknown WebAssembly binary layer {other}"),
+    }
+}
+
+/// Compiles and links a service. Blocking and CPU-heavy: call it from a
+/// blocking thread, never from an async worker.
+pub(crate) fn build(runtime: &Runtime, spec: ServiceSpec) -> Result<Deployment> {
+    check_header(&spec.wasm)?;
+    let digest = digest_of(&spec.wasm);
+    let started = Instant::now();
+    let component = Component::new(runtime.engine(), &spec.wasm[..])
+        .map_err(|err| anyhow!("{err:#}"))
+        .context("invalid component")?;
+    let compile = CompileInfo {
+        duration: started.elapsed(),
+    };
+    let instance_pre = runtime
+        .linker()
+        .instantiate_pre(&component)
+        .map_err(|err| anyhow!("{err:#}"))
+        .context("the component needs imports Wharf does not provide")?;
+    let pre = ProxyPre::new(instance_pre)
+        .map_err(|err| anyhow!("{err:#}"))
+        .context("the component does not export wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world)")?;
+    Ok(Deployment {
+        name: spec.name.into(),
+        generation: 0,
+        digest,
+        source: spec.source,
+        loaded_at: SystemTime::now(),
+        outbound: Arc::new(spec.config.outbound.clone()),
+        config: spec.config,
+        compile,
+        pre,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        for good in ["hello", "orders-v2", "a_b", "9lives", "A"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "-x", "a.b", "a b", "ü", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn headers_are_told_apart() {
+        assert!(check_header(b"").unwrap_err().to_string().contains("empty"));
+        assert!(
+            check_header(b"garbage!")
+                .unwrap_err()
+                .to_string()
+                .contains("not a WebAssembly binary")
+        );
+        let core = [0, b'a', b's', b'm', 1, 0, 0, 0];
+        assert!(
+            check_header(&core)
+                .unwrap_err()
+                .to_string()
+                .contains("core WebAssembly module")
+        );
+        let component = [0, b'a', b's', b'm', 0x0d, 0, 1, 0];
+        assert!(check_header(&component).is_ok());
+    }
+
+    #[test]
+    fn digests_are_sha256() {
+        assert_eq!(
+            digest_of(b"abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,366 @@
+//! The embedding API: a [`Host`] owns the runtime, the registry and the
+//! directory watcher, hands requests to services in-process, and serves
+//! them over HTTP.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, StatusCode, Uri};
+use http_body_util::BodyExt;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex as AsyncMutex;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperIncomingBody;
+
+use crate::config::Config;
+use crate::deploy::{Deployment, ServiceConfig, ServiceSpec, validate_name};
+use crate::deployer::Deployer;
+use crate::engine::Runtime;
+use crate::invoke::{self, RequestMeta};
+use crate::registry::{Registry, Snapshot};
+use crate::respond::{self, Body};
+use crate::watcher::{self, DirWatcher, LoadReport, WatchOptions};
+
+/// Header carrying the request id, kept if the client sent a sane one.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header telling a service the route prefix that was removed from the path.
+pub const FORWARDED_PREFIX_HEADER: &str = "x-forwarded-prefix";
+
+/// A Wharf host: services deployed from a directory (and kept in step with
+/// it), served over HTTP or called in-process. Cheap to clone; all clones
+/// share one host, which stops watching when the last clone is dropped.
+///
+/// ```no_run
+/// # async fn demo() -> anyhow::Result<()> {
+/// let host = wharf::Host::new(wharf::Config::for_dir("services")).await?;
+/// let request = http::Request::get("/hello").body(String::new())?;
+/// let response = host.handle(request).await;
+/// assert_eq!(response.status(), 200);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    deployer: Arc<Deployer>,
+    /// The directory watcher, if watching; taken on shutdown.
+    watcher: AsyncMutex<Option<DirWatcher>>,
+    /// How the initial load went.
+    load_report: LoadReport,
+    request_ids: RequestIds,
+}
+
+impl Host {
+    /// Builds a host: creates the engine, loads every service in the
+    /// configured directory (in parallel, returning once all valid ones are
+    /// deployed) and, if configured, starts watching it.
+    pub async fn new(config: Config) -> Result<Host> {
+        let engine_options = config.engine.clone();
+        let runtime = tokio::task::spawn_blocking(move || Runtime::new(&engine_options))
+            .await
+            .context("engine setup task failed")??;
+        let deployer = Arc::new(Deployer::new(Arc::new(runtime), Arc::new(Registry::new())));
+        let (load_report, watcher) = match &config.services_dir {
+            Some(dir) => {
+                let options = WatchOptions {
+                    dir: dir.clone(),
+                    defaults: config.limits,
+                    allow_external_symlinks: false,
+                };
+                let (report, watcher) =
+                    watcher::load_and_watch(options, deployer.clone(), config.watch).await?;
+                tracing::info!(
+                    dir = %dir.display(),
+                    deployed = report.deployed,
+                    rejected = report.rejected,
+                    elapsed_ms = report.elapsed.as_millis() as u64,
+                    "services loaded"
+                );
+                (report, watcher)
+            }
+            None => (LoadReport::default(), None),
+        };
+        Ok(Host {
+            inner: Arc::new(Inner {
+                config,
+                deployer,
+                watcher: AsyncMutex::new(watcher),
+                load_report,
+                request_ids: RequestIds::new(),
+            }),
+        })
+    }
+
+    /// A host serving the services in `dir`, watching it for changes.
+    pub async fn from_dir(dir: impl AsRef<Path>) -> Result<Host> {
+        Host::new(Config::for_dir(dir.as_ref())).await
+    }
+
+    /// The configuration the host was built with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// How the initial load of the services directory went.
+    pub fn load_report(&self) -> &LoadReport {
+        &self.inner.load_report
+    }
+
+    /// The deployed services at this moment.
+    pub fn services(&self) -> Arc<Snapshot> {
+        self.inner.deployer.registry().snapshot_full()
+    }
+
+    /// The registry, for rejections and bookkeeping.
+    pub fn registry(&self) -> &Registry {
+        self.inner.deployer.registry()
+    }
+
+    /// Deploys a component from bytes as service `name` at `/name`, with the
+    /// host's default limits, replacing any current version. Not backed by a
+    /// file: if the host watches a directory that later holds `name.wasm`,
+    /// the file wins.
+    pub async fn deploy(&self, name: &str, wasm: impl Into<Arc<[u8]>>) -> Result<Arc<Deployment>> {
+        validate_name(name).map_err(anyhow::Error::msg)?;
+        let spec = ServiceSpec {
+            name: name.to_string(),
+            wasm: wasm.into(),
+            config: ServiceConfig::defaults(name, self.inner.config.limits),
+            source: None,
+        };
+        self.inner.deployer.deploy(spec).await
+    }
+
+    /// Removes service `name`; returns whether it was deployed.
+    pub fn undeploy(&self, name: &str) -> bool {
+        self.inner
+            .deployer
+            .undeploy(name, "removed through the API")
+            .is_some()
+    }
+
+    /// Handles one request in-process, with no socket: routes it, runs the
+    /// service and returns its response (or the host's error response).
+    pub async fn handle<B>(&self, request: http::Request<B>) -> http::Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let request = request.map(|body| {
+            body.map_err(|err| wasmtime_wasi_http::Error::InternalError(Some(err.to_string())))
+                .boxed_unsync()
+        });
+        self.dispatch(request, Scheme::Http).await
+    }
+
+    /// Routes and runs a request whose body is already in wasi:http form.
+    pub(crate) async fn dispatch(
+        &self,
+        mut request: http::Request<HyperIncomingBody>,
+        scheme: Scheme,
+    ) -> http::Response<Body> {
+        let started = Instant::now();
+        let request_id = self.inner.request_ids.take(request.headers());
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+
+        let routed = {
+            let snapshot = self.inner.deployer.registry().snapshot();
+            snapshot
+                .route(request.uri().path())
+                .map(|(deployment, rest)| (deployment.clone(), rest.to_string()))
+        };
+        let mut response = match routed {
+            None => not_found(&self.inner.deployer.registry().snapshot(), &path),
+            Some((deployment, rest)) => match rewrite_uri(request.uri(), &rest) {
+                Err(reason) => respond::text(StatusCode::BAD_REQUEST, &reason),
+                Ok(uri) => {
+                    *request.uri_mut() = uri;
+                    prepare_headers(&mut request, deployment.route().as_str(), &request_id);
+                    let meta = RequestMeta {
+                        request_id: request_id.clone(),
+                        scheme,
+                    };
+                    let response =
+                        invoke::invoke(self.inner.deployer.runtime(), &deployment, request, &meta)
+                            .await;
+                    tracing::info!(
+                        target: "wharf::access",
+                        service = %deployment.name(),
+                        generation = deployment.generation(),
+                        method = %method,
+                        path = %path,
+                        status = response.status().as_u16(),
+                        duration_ms = format_args!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
+                        request_id = %request_id,
+                    );
+                    response
+                }
+            },
+        };
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` completes, then stops
+    /// accepting, lets in-flight requests finish (up to the configured drain
+    /// timeout) and stops watching the directory.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        crate::server::run(
+            self.clone(),
+            listener,
+            shutdown,
+            self.inner.config.drain_timeout,
+        )
+        .await?;
+        self.stop_watching().await;
+        Ok(())
+    }
+
+    /// Stops applying directory changes; the current services stay deployed.
+    pub async fn stop_watching(&self) {
+        if let Some(watcher) = self.inner.watcher.lock().await.take() {
+            watcher.stop().await;
+        }
+    }
+}
+
+/// The path the service sees: `rest` plus the original query.
+fn rewrite_uri(original: &Uri, rest: &str) -> Result<Uri, String> {
+    let path_and_query = match original.query() {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest.to_string(),
+    };
+    let mut parts = original.clone().into_parts();
+    parts.path_and_query = Some(
+        PathAndQuery::try_from(path_and_query)
+            .map_err(|err| format!("invalid request path: {err}"))?,
+    );
+    Uri::from_parts(parts).map_err(|err| format!("invalid request URI: {err}"))
+}
+
+/// Adds the forwarding headers, and a Host header if the request has no
+/// authority at all (HTTP/1.0, in-process calls), which wasi:http requires.
+fn prepare_headers(request: &mut http::Request<HyperIncomingBody>, route: &str, request_id: &str) {
+    let has_authority =
+        request.uri().authority().is_some() || request.headers().contains_key(http::header::HOST);
+    let headers = request.headers_mut();
+    if !has_authority {
+        headers.insert(http::header::HOST, HeaderValue::from_static("localhost"));
+    }
+    if route != "/"
+        && let Ok(value) = HeaderValue::from_str(route)
+    {
+        headers.insert(FORWARDED_PREFIX_HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
+}
+
+/// Most service routes listed in a 404 body.
+const LISTED_ROUTES: usize = 20;
+
+fn not_found(snapshot: &Snapshot, path: &str) -> http::Response<Body> {
+    let mut routes: Vec<&str> = snapshot.services().map(|d| d.route().as_str()).collect();
+    routes.sort_unstable();
+    let listed = if routes.is_empty() {
+        "no services are deployed".to_string()
+    } else if routes.len() > LISTED_ROUTES {
+        format!(
+            "services: {} and {} more",
+            routes[..LISTED_ROUTES].join(", "),
+            routes.len() - LISTED_ROUTES
+        )
+    } else {
+        format!("services: {}", routes.join(", "))
+    };
+    let shown: String = path.chars().take(200).collect();
+    respond::text(
+        StatusCode::NOT_FOUND,
+        &format!("no service at {shown}; {listed}"),
+    )
+}
+
+/// Issues request ids: the client's own if it sent a sane one, otherwise a
+/// process-unique 16-hex-digit id.
+struct RequestIds {
+    base: u64,
+    next: AtomicU64,
+}
+
+/// Longest client-supplied request id kept.
+const MAX_REQUEST_ID: usize = 128;
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        // A random starting point keeps ids from different runs apart.
+        let base = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        RequestIds {
+            base,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self, headers: &http::HeaderMap) -> Arc<str> {
+        if let Some(given) = headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+            .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Arc::from(given);
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // Multiplying by an odd constant is a bijection: ids never repeat
+        // within 2^64 requests but do not look sequential.
+        let id = self.base ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Arc::from(format!("{id:016x}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_rewrite_keeps_query_and_authority() {
+        let uri: Uri = "http://example.com/hello/a/b?x=1".parse().unwrap();
+        let rewritten = rewrite_uri(&uri, "/a/b").unwrap();
+        assert_eq!(rewritten.to_string(), "http://example.com/a/b?x=1");
+        let uri: Uri = "/hello?q".parse().unwrap();
+        assert_eq!(rewrite_uri(&uri, "/").unwrap().to_string(), "/?q");
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_generated() {
+        let ids = RequestIds::new();
+        let mut headers = http::HeaderMap::new();
+        let a = ids.take(&headers);
+        let b = ids.take(&headers);
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("client-id-1"));
+        assert_eq!(&*ids.take(&headers), "client-id-1");
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has space"));
+        assert_ne!(&*ids.take(&headers), "has space");
+    }
+}

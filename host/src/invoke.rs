@@ -1,0 +1,364 @@
+//! Running one request on a fresh instance of a deployment: the store with
+//! its limits and deadline, the guest call, and the mapping of every way a
+//! guest can fail to a clear HTTP answer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+
+use http::{HeaderValue, StatusCode};
+use tokio::sync::oneshot;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::WasiCtx;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperIncomingBody;
+
+use crate::deploy::Deployment;
+use crate::engine::Runtime;
+use crate::limits::format_size;
+use crate::outbound::OutboundHooks;
+use crate::respond::{self, Body};
+use crate::state::HostState;
+use crate::stdio::{GuestOutput, Stream};
+
+/// Response header naming the generation of the service that answered.
+pub const GENERATION_HEADER: &str = "x-wharf-generation";
+
+/// Why a request did not get a response from its guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The guest ran past its time limit and was stopped.
+    Timeout(Duration),
+    /// The guest tried to grow its memory past the cap and then trapped.
+    MemoryLimit(u64),
+    /// The guest overflowed its stack.
+    StackOverflow,
+    /// The guest trapped (a panic, an invalid operation, ...).
+    Trap(String),
+    /// The guest called `exit`.
+    Exited(i32),
+    /// The guest returned without setting a response.
+    NoResponse,
+    /// The guest answered with a wasi:http error instead of a response.
+    ErrorResponse(String),
+    /// No instance could be created right now (the pool is full).
+    Overloaded(String),
+    /// Something failed in the host itself.
+    Host(String),
+}
+
+impl Failure {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A one-line reason, safe to show the client.
+    pub fn reason(&self) -> String {
+        match self {
+            Failure::Timeout(limit) => format!(
+                "the service exceeded its time limit of {}",
+                humantime::format_duration(*limit)
+            ),
+            Failure::MemoryLimit(cap) => format!(
+                "the service exceeded its memory limit of {}",
+                format_size(*cap)
+            ),
+            Failure::StackOverflow => "the service overflowed its stack".to_string(),
+            Failure::Trap(trap) => format!("the service crashed: {trap}"),
+            Failure::Exited(code) => format!("the service exited with code {code}"),
+            Failure::NoResponse => "the service returned without sending a response".to_string(),
+            Failure::ErrorResponse(code) => format!("the service failed the request: {code}"),
+            Failure::Overloaded(why) => format!("the host is at capacity: {why}"),
+            Failure::Host(why) => format!("internal error: {why}"),
+        }
+    }
+
+    /// The error response for this failure.
+    pub fn into_response(self) -> http::Response<Body> {
+        let mut response = respond::text(self.status(), &self.reason());
+        if let Failure::Overloaded(_) = self {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Classifies a wasmtime error raised while instantiating or running a guest.
+fn classify(err: &wasmtime::Error, state: &HostState, timeout: Duration) -> Failure {
+    if let Some(trap) = err.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::Interrupt => Failure::Timeout(timeout),
+            Trap::StackOverflow => Failure::StackOverflow,
+            _ if state.limiter.memory_denied() => Failure::MemoryLimit(state.limiter.memory_cap()),
+            Trap::UnreachableCodeReached => {
+                Failure::Trap("unreachable code reached (a panic or abort)".to_string())
+            }
+            other => Failure::Trap(other.to_string()),
+        };
+    }
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Failure::Exited(exit.0);
+    }
+    if err.is::<wasmtime::PoolConcurrencyLimitError>() {
+        return Failure::Overloaded(format!("{err}"));
+    }
+    if state.limiter.memory_denied() {
+        return Failure::MemoryLimit(state.limiter.memory_cap());
+    }
+    Failure::Trap(first_line(&format!("{err:#}")))
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+/// Builds the store for one instance of `deployment`, with its memory cap,
+/// environment, captured stdio, outbound policy and a deadline at which the
+/// guest is interrupted. Until then it yields to other tasks every epoch tick.
+pub(crate) fn new_store(
+    runtime: &Runtime,
+    deployment: &Deployment,
+    request_id: &Arc<str>,
+    deadline: Instant,
+) -> Store<HostState> {
+    let service = deployment.name_arc();
+    let mut wasi = WasiCtx::builder();
+    wasi.envs(&deployment.config().env)
+        .stdout(GuestOutput::new(
+            Stream::Stdout,
+            service.clone(),
+            request_id.clone(),
+        ))
+        .stderr(GuestOutput::new(
+            Stream::Stderr,
+            service.clone(),
+            request_id.clone(),
+        ));
+    let hooks = OutboundHooks::new(
+        deployment.outbound().clone(),
+        service.clone(),
+        request_id.clone(),
+    );
+    let state = HostState::new(wasi.build(), deployment.limits().memory, hooks);
+    let mut store = Store::new(runtime.engine(), state);
+    store.limiter(|state| &mut state.limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        }
+    });
+    store
+}
+
+/// Instantiates `deployment` once without calling it: proves the component
+/// fits the instance pool and its start-up code runs, before it is deployed.
+pub(crate) async fn probe(runtime: &Runtime, deployment: &Deployment) -> anyhow::Result<()> {
+    let id: Arc<str> = Arc::from("deploy-probe");
+    let timeout = deployment.limits().timeout;
+    let mut store = new_store(runtime, deployment, &id, Instant::now() + timeout);
+    match deployment.pre().instantiate_async(&mut store).await {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            let failure = classify(&err, store.data(), timeout);
+            Err(anyhow::anyhow!(
+                "instantiating the component failed: {}",
+                match failure {
+                    Failure::Trap(_) | Failure::Overloaded(_) => first_line(&format!("{err:#}")),
+                    other => other.reason(),
+                }
+            ))
+        }
+    }
+}
+
+/// Facts about a request that are not in the request itself.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestMeta {
+    /// Correlates the access log, guest output and outgoing calls.
+    pub request_id: Arc<str>,
+    /// The scheme the client used.
+    pub scheme: Scheme,
+}
+
+/// Aborts the guest task when dropped, unless disarmed: a client that goes
+/// away before the response starts stops its guest.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<Option<Failure>>>);
+
+impl AbortOnDrop {
+    fn disarm(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Runs `request` on a fresh instance of `deployment` and returns the guest's
+/// response, or an error response saying why there is none.
+pub(crate) async fn invoke(
+    runtime: &Runtime,
+    deployment: &Arc<Deployment>,
+    request: http::Request<HyperIncomingBody>,
+    meta: &RequestMeta,
+) -> http::Response<Body> {
+    let timeout = deployment.limits().timeout;
+    let deadline = Instant::now() + timeout;
+    let mut store = new_store(runtime, deployment, &meta.request_id, deadline);
+    let (sender, receiver) = oneshot::channel();
+    let prepared = {
+        let mut http = store.data_mut().http();
+        http.new_incoming_request(meta.scheme.clone(), request)
+            .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+    };
+    let (incoming, outparam) = match prepared {
+        Ok(handles) => handles,
+        Err(err) => {
+            return respond::text(
+                StatusCode::BAD_REQUEST,
+                &format!("request cannot be handed to the service: {err}"),
+            );
+        }
+    };
+
+    let pre = deployment.pre().clone();
+    let service = deployment.name_arc().clone();
+    let request_id = meta.request_id.clone();
+    let (outcome_tx, outcome_rx) = oneshot::channel();
+    let guest = async move {
+        let run = async {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, incoming, outparam)
+                .await
+        };
+        let failure = match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(classify(&err, store.data(), timeout)),
+            Err(_) => Some(Failure::Timeout(timeout)),
+        };
+        if let Some(failure) = &failure {
+            tracing::warn!(
+                service = %service,
+                request_id = %request_id,
+                "{}",
+                failure.reason()
+            );
+            // Sent before the store (and with it the response body's sender)
+            // is dropped, so a body cut short by a failure ends in an error.
+            let _ = outcome_tx.send(failure.clone());
+        }
+        drop(store);
+        failure
+    };
+    let mut task = AbortOnDrop(Some(tokio::spawn(guest)));
+
+    let response = match receiver.await {
+        Ok(Ok(response)) => {
+            // The guest keeps running to stream the body; it is bounded by
+            // its deadline, not by this request future.
+            task.disarm();
+            response.map(|body| {
+                GuestBody {
+                    inner: body,
+                    failure: outcome_rx,
+                }
+                .boxed_unsync()
+            })
+        }
+        Ok(Err(code)) => {
+            task.disarm();
+            Failure::ErrorResponse(error_code_text(&code)).into_response()
+        }
+        Err(_) => {
+            // The response sender is gone without a response: the guest
+            // finished, failed, or was stopped. Its task says which.
+            let Some(handle) = task.0.as_mut() else {
+                return Failure::Host("guest task vanished".into()).into_response();
+            };
+            let outcome = handle.await;
+            task.disarm();
+            match outcome {
+                Ok(Some(failure)) => failure.into_response(),
+                Ok(None) => {
+                    tracing::warn!(
+                        service = %deployment.name(),
+                        request_id = %meta.request_id,
+                        "{}",
+                        Failure::NoResponse.reason()
+                    );
+                    Failure::NoResponse.into_response()
+                }
+                Err(join) => Failure::Host(format!("guest task failed: {join}")).into_response(),
+            }
+        }
+    };
+    with_generation(response, deployment.generation())
+}
+
+fn with_generation(mut response: http::Response<Body>, generation: u64) -> http::Response<Body> {
+    response
+        .headers_mut()
+        .insert(GENERATION_HEADER, HeaderValue::from(generation));
+    response
+}
+
+fn error_code_text(code: &ErrorCode) -> String {
+    match code {
+        ErrorCode::InternalError(Some(message)) => format!("internal error: {message}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A guest's response body that ends in an error — so the client sees a
+/// truncated response, not a complete one — if the guest failed mid-body.
+struct GuestBody {
+    inner: Body,
+    failure: oneshot::Receiver<Failure>,
+}
+
+impl http_body::Body for GuestBody {
+    type Data = bytes::Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            None => match self.failure.try_recv() {
+                Ok(failure) => Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(
+                    Some(failure.reason()),
+                )))),
+                Err(_) => Poll::Ready(None),
+            },
+            frame => Poll::Ready(frame),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

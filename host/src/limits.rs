@@ -1,0 +1,146 @@
+//! Resource limits of a service (time, memory, concurrency, request body) and
+//! the parsing of their human-readable forms (`"30s"`, `"128MiB"`).
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+
+/// Default wall-clock time a request may run: 30 seconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default linear-memory cap of one instance: 128 MiB.
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+/// Default number of requests one service may run at once.
+pub const DEFAULT_CONCURRENCY: u32 = 64;
+/// Default largest request body a service accepts: 16 MiB.
+pub const DEFAULT_BODY: u64 = 16 << 20;
+
+/// The largest memory cap a service may ask for. Every pooled memory slot
+/// reserves address space for this much, so it is a host-wide ceiling.
+pub const MAX_MEMORY: u64 = 4 << 30;
+
+/// Limits applied to every request of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock time a request may run, CPU time included; past it the
+    /// guest is interrupted and the client gets 504.
+    pub timeout: Duration,
+    /// Largest linear memory an instance may grow to, in bytes.
+    pub memory: u64,
+    /// Requests of this service that may run at once; more wait briefly, then
+    /// get 503.
+    pub concurrency: u32,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub body: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: DEFAULT_TIMEOUT,
+            memory: DEFAULT_MEMORY,
+            concurrency: DEFAULT_CONCURRENCY,
+            body: DEFAULT_BODY,
+        }
+    }
+}
+
+/// Parses a duration such as `30s`, `250ms` or `2m`. Must be above zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|err| format!("{text:?} is not a duration like \"30s\" or \"500ms\": {err}"))?;
+    if duration.is_zero() {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(duration)
+}
+
+/// Parses a size such as `128MiB`, `16 MiB`, `1GiB` or a plain byte count.
+/// Must be above zero.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let size: ByteSize = text
+        .trim()
+        .parse()
+        .map_err(|err| format!("{text:?} is not a size like \"128MiB\": {err}"))?;
+    if size.as_u64() == 0 {
+        return Err(format!("{text:?} must be larger than zero"));
+    }
+    Ok(size.as_u64())
+}
+
+/// Formats a byte count the way limits are written, e.g. `128 MiB`.
+pub fn format_size(bytes: u64) -> String {
+    ByteSize(bytes).display().iec().to_string()
+}
+
+/// Parses a memory cap and checks it against [`MAX_MEMORY`].
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if bytes > MAX_MEMORY {
+        return Err(format!(
+            "{text:?} is above the largest memory cap, {}",
+            format_size(MAX_MEMORY)
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Parses a concurrency limit: a whole number from 1 to 100000.
+pub fn parse_concurrency(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number from 1 to 100000")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration(" 2m ").unwrap(), Duration::from_secs(120));
+        assert!(
+            parse_duration("0s")
+                .unwrap_err()
+                .contains("longer than zero")
+        );
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("30").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("128MiB").unwrap(), 128 << 20);
+        assert_eq!(parse_size("16 MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert_eq!(parse_size("1MB").unwrap(), 1_000_000);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1MiB").is_err());
+    }
+
+    #[test]
+    fn memory_is_capped() {
+        assert_eq!(parse_memory("4GiB").unwrap(), MAX_MEMORY);
+        assert!(
+            parse_memory("5GiB")
+                .unwrap_err()
+                .contains("largest memory cap")
+        );
+    }
+
+    #[test]
+    fn concurrency_range() {
+        assert_eq!(parse_concurrency("64").unwrap(), 64);
+        assert!(parse_concurrency("0").is_err());
+        assert!(parse_concurrency("many").is_err());
+    }
+
+    #[test]
+    fn size_formatting() {
+        assert_eq!(format_size(128 << 20), "128.0 MiB");
+    }
+}

@@ -1,0 +1,90 @@
+//! The HTTP front door: the accept loop, per-connection HTTP/1.1 and HTTP/2
+//! serving with hyper, and graceful shutdown that drains in-flight requests
+//! within a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Result;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use crate::host::Host;
+
+/// Time a client has to send a request's headers (also bounds how long an
+/// idle keep-alive connection waits for its next request).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `host` on `listener` until `shutdown` resolves, then drains.
+pub(crate) async fn run(
+    host: Host,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    drain_timeout: Duration,
+) -> Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Usually out of file descriptors: back off instead of
+                    // spinning, and keep serving the connections we have.
+                    tracing::error!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small responses should leave at once, not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let host = host.clone();
+        let service = service_fn(move |request: http::Request<Incoming>| {
+            let host = host.clone();
+            async move {
+                let request = request.map(|body| body.map_err(Into::into).boxed_unsync());
+                Ok::<_, std::convert::Infallible>(host.dispatch(request, Scheme::Http).await)
+            }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(
+        open_connections = open,
+        "shutting down: draining in-flight requests"
+    );
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(drain_timeout) => tracing::warn!(
+            "drain timeout of {} passed; closing the remaining connections",
+            humantime::format_duration(drain_timeout)
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! The `wharf` binary: help text, the address line, logs, signals and
+//! graceful shutdown.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{ServiceDir, WharfProcess, get};
+
+#[test]
+fn help_explains_every_flag() {
+    let top = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(top.contains("serve"), "{top}");
+    let serve = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let serve = String::from_utf8_lossy(&serve.stdout);
+    for flag in [
+        "--listen",
+        "--no-watch",
+        "--timeout",
+        "--memory",
+        "--drain-timeout",
+        "--max-instances",
+        "--log",
+        "[DIR]",
+    ] {
+        assert!(serve.contains(flag), "serve --help lacks {flag}:\n{serve}");
+    }
+}
+
+#[test]
+fn a_missing_directory_is_a_clear_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args([
+            "serve",
+            "/nonexistent/wharf-services",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/wharf-services"), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_serves_and_logs_rejections_by_file_name() {
+    let dir = ServiceDir::new();
+    dir.install("hello", "hello");
+    let wharf = WharfProcess::start(dir.path(), &[]);
+    let (status, body) = get(&wharf.url("/hello")).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    wharf
+        .wait_for_log_line(
+            &["access", "service=hello", "status=200"],
+            Duration::from_secs(5),
+        )
+        .await;
+
+    dir.install_bytes("hello.wasm", b"garbage");
+    wharf
+        .wait_for_log_line(
+            &["rejected", "hello.wasm", "not a WebAssembly binary"],
+            Duration::from_secs(10),
+        )
+        .await;
+    let (status, _) = get(&wharf.url("/hello")).await.unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
+    let dir = ServiceDir::new();
+    dir.install("hostile", "hostile");
+    let mut wharf = WharfProcess::start(dir.path(), &[]);
+    let slow_url = wharf.url("/hostile/sleep?ms=1500");
+    let slow = tokio::spawn(async move { get(&slow_url).await });
+    // The guest logs when it starts sleeping: the request is in flight.
+    wharf
+        .wait_for_log_line(&["sleeping 1500 ms"], Duration::from_secs(10))
+        .await;
+    wharf.terminate();
+    let status = wharf.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        wharf.log()
+    );
+    let (code, body) = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!((code, body.as_str()), (200, "slept 1500 ms"));
+    // Nothing listens any more.
+    assert!(get(&wharf.url("/hostile/")).await.is_none());
+}

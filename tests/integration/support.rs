@@ -1,0 +1,309 @@
+//! Test helpers: building the guests once, temporary services directories,
+//! the `wharf` binary as a child process, an in-process host on an ephemeral
+//! port, and polling with deadlines (never fixed sleeps).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use wharf::{Config, Host};
+
+/// The guest target.
+const GUEST_TARGET: &str = "wasm32-wasip2";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// Path of a built Rust guest, building all guests on first use.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let guests = workspace_root().join("guests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = Command::new(cargo)
+            .current_dir(&guests)
+            .args(["build", "--release", "--target", GUEST_TARGET])
+            .status()
+            .expect("run cargo to build the guests");
+        assert!(
+            status.success(),
+            "building the guests failed; is the {GUEST_TARGET} target installed? `cargo xtask test` installs it"
+        );
+        guests.join("target").join(GUEST_TARGET).join("release")
+    });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "guest {name} was not built: {}",
+        path.display()
+    );
+    path
+}
+
+/// The bytes of a built guest.
+pub fn guest_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(guest(name)).expect("read guest")
+}
+
+/// The smallest valid core WebAssembly module: a module, not a component.
+pub const CORE_MODULE: &[u8] = b"\0asm\x01\0\0\0";
+
+/// A temporary services directory.
+pub struct ServiceDir {
+    dir: TempDir,
+}
+
+impl ServiceDir {
+    pub fn new() -> ServiceDir {
+        ServiceDir {
+            dir: tempfile::tempdir().expect("create temp dir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Installs `bytes` as `file` atomically: written beside it under a
+    /// dotfile name, then renamed into place (what deploy tools do).
+    pub fn install_bytes(&self, file: &str, bytes: &[u8]) {
+        let temp = self.path().join(format!(".{file}.tmp"));
+        std::fs::write(&temp, bytes).expect("write temp file");
+        std::fs::rename(&temp, self.path().join(file)).expect("rename into place");
+    }
+
+    /// Installs guest `guest` as service `name` atomically.
+    pub fn install(&self, name: &str, guest_name: &str) {
+        self.install_bytes(&format!("{name}.wasm"), &guest_bytes(guest_name));
+    }
+
+    /// Writes `file` in place (not atomically), like `cp` does.
+    pub fn write(&self, file: &str, bytes: &[u8]) {
+        std::fs::write(self.path().join(file), bytes).expect("write file");
+    }
+
+    pub fn remove(&self, file: &str) {
+        std::fs::remove_file(self.path().join(file)).expect("remove file");
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A plain HTTP client for tests (no connection reuse surprises: a pool
+/// is fine, tests only talk to their own host).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("build HTTP client")
+}
+
+/// GET `url`, returning status and body text; `None` if the request failed.
+pub async fn get(url: &str) -> Option<(u16, String)> {
+    let response = client().get(url).send().await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// An in-process host serving on an ephemeral port; shut down on drop.
+pub struct TestServer {
+    pub host: Host,
+    pub base: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Builds a host for `config` and serves it on 127.0.0.1:0.
+    pub async fn start(config: Config) -> TestServer {
+        let host = Host::new(config).await.expect("build host");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let serving = host.clone();
+        let task = tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+        });
+        TestServer {
+            host,
+            base,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A host serving `dir`, watched, with default limits.
+    pub async fn for_dir(dir: &ServiceDir) -> TestServer {
+        TestServer::start(Config::for_dir(dir.path())).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops serving and waits until the server has drained.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The `wharf` binary running as a child process.
+pub struct WharfProcess {
+    child: Child,
+    pub base: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl WharfProcess {
+    /// Runs `wharf serve DIR --listen 127.0.0.1:0 ARGS...` and waits until it
+    /// prints its address.
+    pub fn start(dir: &Path, args: &[&str]) -> WharfProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .arg("serve")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wharf");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let log = log.clone();
+            move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(at) = line.find("listening on http://") {
+                        let addr = line[at + "listening on ".len()..].trim().to_string();
+                        let _ = addr_tx.send(addr);
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        let base = match addr_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(base) => base,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "wharf did not print its address; log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        WharfProcess { child, base, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains a line with every one of `needles`.
+    pub async fn wait_for_log_line(&self, needles: &[&str], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self
+                .log()
+                .lines()
+                .any(|line| needles.iter().all(|n| line.contains(n)))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needles:?} after {timeout:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wharf did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for WharfProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
