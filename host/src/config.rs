@@ -4,11 +4,16 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::Deserialize;
+
 use crate::engine::EngineOptions;
-use crate::limits::Limits;
+use crate::limits::{Limits, LimitsTable, PartialLimits};
+use crate::manifest::toml_error;
 
 /// How long shutdown waits for in-flight requests by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may stall by default.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Configuration of a [`Host`](crate::Host).
 #[derive(Debug, Clone)]
@@ -18,12 +23,22 @@ pub struct Config {
     pub services_dir: Option<PathBuf>,
     /// Keep watching the directory and apply changes while running.
     pub watch: bool,
-    /// Limits for services that do not set their own.
+    /// Follow `NAME.wasm` symlinks that point outside the directory (by
+    /// default they are rejected).
+    pub allow_external_symlinks: bool,
+    /// Limits for services that do not set their own: the base under the
+    /// directory's `wharf.toml`.
     pub limits: Limits,
+    /// Limits that override the directory's `wharf.toml` (the command-line
+    /// flags); a service's own manifest still overrides these.
+    pub limit_overrides: PartialLimits,
     /// Engine and instance-pool sizing.
     pub engine: EngineOptions,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// How long a client may stall: sending its request headers, idling
+    /// between keep-alive requests, or not reading a response.
+    pub client_timeout: Duration,
 }
 
 impl Default for Config {
@@ -31,9 +46,12 @@ impl Default for Config {
         Config {
             services_dir: None,
             watch: true,
+            allow_external_symlinks: false,
             limits: Limits::default(),
+            limit_overrides: PartialLimits::default(),
             engine: EngineOptions::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            client_timeout: DEFAULT_CLIENT_TIMEOUT,
         }
     }
 }
@@ -54,9 +72,61 @@ impl Config {
         self
     }
 
+    /// Sets the compiled-code cache root; `None` disables the cache.
+    pub fn cache_dir(mut self, dir: Option<PathBuf>) -> Config {
+        self.engine.cache_dir = dir;
+        self
+    }
+
     /// Sets the default limits.
     pub fn limits(mut self, limits: Limits) -> Config {
         self.limits = limits;
         self
+    }
+}
+
+/// The host-wide settings file, `wharf.toml` in the services directory:
+/// defaults for every service.
+///
+/// ```toml
+/// [limits]
+/// timeout = "10s"
+/// memory = "256MiB"
+/// concurrency = 32
+/// body = "4MiB"
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HostFile {
+    #[serde(default)]
+    limits: LimitsTable,
+}
+
+impl HostFile {
+    /// Parses and validates the file's text into default limits.
+    pub(crate) fn parse(text: &str) -> Result<PartialLimits, String> {
+        let file: HostFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
+        file.limits.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_file_sets_default_limits() {
+        let limits = HostFile::parse("[limits]\ntimeout = \"10s\"").unwrap();
+        assert_eq!(limits.timeout, Some(Duration::from_secs(10)));
+        assert!(
+            HostFile::parse("[limit]\n")
+                .unwrap_err()
+                .contains("unknown field `limit`")
+        );
+        assert!(
+            HostFile::parse("[limits]\nbody = \"0\"")
+                .unwrap_err()
+                .contains("limits.body")
+        );
     }
 }

@@ -11,6 +11,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::admission::Gate;
 use crate::engine::Runtime;
 use crate::limits::Limits;
 use crate::outbound::OutboundPolicy;
@@ -76,13 +77,17 @@ pub struct ServiceSpec {
     pub config: ServiceConfig,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
+    /// `sha256:<hex>` of `wasm`, if already known (computed otherwise).
+    pub digest: Option<String>,
 }
 
 /// How the compiled code was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompileInfo {
-    /// Time spent compiling (or loading compiled code).
+    /// Time spent compiling, or loading the compiled code from the cache.
     pub duration: Duration,
+    /// Whether the compiled code came from the cache.
+    pub cache_hit: bool,
 }
 
 /// One deployed version of a service: immutable once built. Requests hold an
@@ -98,6 +103,8 @@ pub struct Deployment {
     outbound: Arc<OutboundPolicy>,
     compile: CompileInfo,
     pre: ProxyPre<HostState>,
+    /// This version's request slots (the `concurrency` limit).
+    admission: Gate,
 }
 
 impl std::fmt::Debug for Deployment {
@@ -174,6 +181,11 @@ impl Deployment {
     pub(crate) fn pre(&self) -> &ProxyPre<HostState> {
         &self.pre
     }
+
+    /// The request slots of this version.
+    pub fn admission(&self) -> &Gate {
+        &self.admission
+    }
 }
 
 /// `sha256:<hex>` of some bytes.
@@ -215,13 +227,27 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
 /// blocking thread, never from an async worker.
 pub(crate) fn build(runtime: &Runtime, spec: ServiceSpec) -> Result<Deployment> {
     check_header(&spec.wasm)?;
-    let digest = digest_of(&spec.wasm);
+    let digest = spec.digest.unwrap_or_else(|| digest_of(&spec.wasm));
     let started = Instant::now();
-    let component = Component::new(runtime.engine(), &spec.wasm[..])
-        .map_err(|err| anyhow!("{err:#}"))
-        .context("invalid component")?;
+    let cached = runtime
+        .cache()
+        .and_then(|cache| cache.load(runtime.engine(), &digest));
+    let cache_hit = cached.is_some();
+    let component = match cached {
+        Some(component) => component,
+        None => {
+            let component = Component::new(runtime.engine(), &spec.wasm[..])
+                .map_err(|err| anyhow!("{err:#}"))
+                .context("invalid component")?;
+            if let Some(cache) = runtime.cache() {
+                cache.store(&digest, &component);
+            }
+            component
+        }
+    };
     let compile = CompileInfo {
         duration: started.elapsed(),
+        cache_hit,
     };
     let instance_pre = runtime
         .linker()
@@ -238,6 +264,7 @@ pub(crate) fn build(runtime: &Runtime, spec: ServiceSpec) -> Result<Deployment> 
         source: spec.source,
         loaded_at: SystemTime::now(),
         outbound: Arc::new(spec.config.outbound.clone()),
+        admission: Gate::new(spec.config.limits.concurrency as usize, "request slots"),
         config: spec.config,
         compile,
         pre,

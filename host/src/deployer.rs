@@ -97,6 +97,7 @@ impl Deployer {
                         digest = %new.digest(),
                         route = %new.route(),
                         compile_ms = format_args!("{compile_ms:.1}"),
+                        cache = if compile.cache_hit { "hit" } else { "miss" },
                         file = %source,
                         "service replaced"
                     ),
@@ -107,6 +108,7 @@ impl Deployer {
                         digest = %new.digest(),
                         route = %new.route(),
                         compile_ms = format_args!("{compile_ms:.1}"),
+                        cache = if compile.cache_hit { "hit" } else { "miss" },
                         file = %source,
                         "service deployed"
                     ),

@@ -2,6 +2,7 @@
 //! interruption), the linker with every WASI interface guests may import, and
 //! the epoch ticker thread that drives deadlines.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -11,6 +12,8 @@ use anyhow::{Context as _, Result};
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use crate::admission::Gate;
+use crate::cache::CodeCache;
 use crate::limits::MAX_MEMORY;
 use crate::state::HostState;
 
@@ -27,6 +30,8 @@ pub struct EngineOptions {
     /// Instances that may exist at once across all services; the size of the
     /// pool. Requests beyond it get 503.
     pub max_instances: u32,
+    /// Root of the compiled-code cache; `None` disables it.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -34,6 +39,7 @@ impl Default for EngineOptions {
         EngineOptions {
             pooling: true,
             max_instances: 1000,
+            cache_dir: crate::cache::default_dir(),
         }
     }
 }
@@ -44,6 +50,9 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     pooling: bool,
+    cache: Option<CodeCache>,
+    /// Slots for live instances: never more than the pool holds.
+    instances: Gate,
     _ticker: EpochTicker,
 }
 
@@ -65,11 +74,22 @@ impl Runtime {
             (build_engine(None)?, false)
         };
         let linker = build_linker(&engine)?;
+        let cache = options.cache_dir.as_deref().and_then(|root| {
+            match CodeCache::open(root, &engine) {
+                Ok(cache) => Some(cache),
+                Err(err) => {
+                    tracing::warn!(reason = %format!("{err:#}"), "compiled-code cache disabled");
+                    None
+                }
+            }
+        });
         let ticker = EpochTicker::start(engine.clone())?;
         Ok(Runtime {
             engine,
             linker,
             pooling,
+            cache,
+            instances: Gate::new(options.max_instances as usize, "instance slots"),
             _ticker: ticker,
         })
     }
@@ -87,6 +107,16 @@ impl Runtime {
     /// Whether instances come from the pooling allocator.
     pub fn pooling(&self) -> bool {
         self.pooling
+    }
+
+    /// The host-wide instance slots.
+    pub fn instances(&self) -> &Gate {
+        &self.instances
+    }
+
+    /// The compiled-code cache, if enabled.
+    pub fn cache(&self) -> Option<&CodeCache> {
+        self.cache.as_ref()
     }
 }
 

@@ -26,6 +26,7 @@ use crate::engine::Runtime;
 use crate::invoke::{self, RequestMeta};
 use crate::registry::{Registry, Snapshot};
 use crate::respond::{self, Body};
+use crate::source::SourceOptions;
 use crate::watcher::{self, DirWatcher, LoadReport, WatchOptions};
 
 /// Header carrying the request id, kept if the client sent a sane one.
@@ -73,9 +74,12 @@ impl Host {
         let (load_report, watcher) = match &config.services_dir {
             Some(dir) => {
                 let options = WatchOptions {
-                    dir: dir.clone(),
-                    defaults: config.limits,
-                    allow_external_symlinks: false,
+                    source: SourceOptions {
+                        dir: dir.clone(),
+                        allow_external_symlinks: config.allow_external_symlinks,
+                    },
+                    base_limits: config.limits,
+                    limit_overrides: config.limit_overrides,
                 };
                 let (report, watcher) =
                     watcher::load_and_watch(options, deployer.clone(), config.watch).await?;
@@ -135,8 +139,15 @@ impl Host {
         let spec = ServiceSpec {
             name: name.to_string(),
             wasm: wasm.into(),
-            config: ServiceConfig::defaults(name, self.inner.config.limits),
+            config: ServiceConfig::defaults(
+                name,
+                self.inner
+                    .config
+                    .limit_overrides
+                    .apply(self.inner.config.limits),
+            ),
             source: None,
+            digest: None,
         };
         self.inner.deployer.deploy(spec).await
     }
@@ -222,11 +233,13 @@ impl Host {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
+        let config = &self.inner.config;
         crate::server::run(
             self.clone(),
             listener,
             shutdown,
-            self.inner.config.drain_timeout,
+            config.client_timeout,
+            config.drain_timeout,
         )
         .await?;
         self.stop_watching().await;

@@ -2,9 +2,8 @@
 //! its limits and deadline, the guest call, and the mapping of every way a
 //! guest can fail to a clear HTTP answer.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -17,6 +16,8 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperIncomingBody;
 
+use crate::admission::MAX_QUEUE_WAIT;
+use crate::body::{GuestBody, LimitedBody};
 use crate::deploy::Deployment;
 use crate::engine::Runtime;
 use crate::limits::format_size;
@@ -45,6 +46,8 @@ pub enum Failure {
     NoResponse,
     /// The guest answered with a wasi:http error instead of a response.
     ErrorResponse(String),
+    /// The service already runs as many requests as it may.
+    Busy(String),
     /// No instance could be created right now (the pool is full).
     Overloaded(String),
     /// Something failed in the host itself.
@@ -56,7 +59,7 @@ impl Failure {
     pub fn status(&self) -> StatusCode {
         match self {
             Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Failure::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Busy(_) | Failure::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,6 +80,7 @@ impl Failure {
             Failure::Exited(code) => format!("the service exited with code {code}"),
             Failure::NoResponse => "the service returned without sending a response".to_string(),
             Failure::ErrorResponse(code) => format!("the service failed the request: {code}"),
+            Failure::Busy(why) => format!("the service is at its concurrency limit: {why}"),
             Failure::Overloaded(why) => format!("the host is at capacity: {why}"),
             Failure::Host(why) => format!("internal error: {why}"),
         }
@@ -85,7 +89,7 @@ impl Failure {
     /// The error response for this failure.
     pub fn into_response(self) -> http::Response<Body> {
         let mut response = respond::text(self.status(), &self.reason());
-        if let Failure::Overloaded(_) = self {
+        if let Failure::Busy(_) | Failure::Overloaded(_) = self {
             response
                 .headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -223,8 +227,37 @@ pub(crate) async fn invoke(
     request: http::Request<HyperIncomingBody>,
     meta: &RequestMeta,
 ) -> http::Response<Body> {
-    let timeout = deployment.limits().timeout;
-    let deadline = Instant::now() + timeout;
+    let response = run_guest(runtime, deployment, request, meta).await;
+    with_generation(response, deployment.generation())
+}
+
+async fn run_guest(
+    runtime: &Runtime,
+    deployment: &Arc<Deployment>,
+    request: http::Request<HyperIncomingBody>,
+    meta: &RequestMeta,
+) -> http::Response<Body> {
+    let limits = *deployment.limits();
+    if let Some(length) = content_length(&request)
+        && length > limits.body
+    {
+        return body_too_large(length, limits.body);
+    }
+    let started = Instant::now();
+    let deadline = started + limits.timeout;
+    let queue_deadline = started + MAX_QUEUE_WAIT.min(limits.timeout);
+    let service_slot = match deployment.admission().enter(queue_deadline).await {
+        Ok(permit) => permit,
+        Err(refused) => return Failure::Busy(refused.0).into_response(),
+    };
+    let instance_slot = match runtime.instances().enter(queue_deadline).await {
+        Ok(permit) => permit,
+        Err(refused) => return Failure::Overloaded(refused.0).into_response(),
+    };
+
+    let body_exceeded = Arc::new(AtomicBool::new(false));
+    let request = request
+        .map(|body| LimitedBody::new(body, limits.body, body_exceeded.clone()).boxed_unsync());
     let mut store = new_store(runtime, deployment, &meta.request_id, deadline);
     let (sender, receiver) = oneshot::channel();
     let prepared = {
@@ -245,8 +278,11 @@ pub(crate) async fn invoke(
     let pre = deployment.pre().clone();
     let service = deployment.name_arc().clone();
     let request_id = meta.request_id.clone();
-    let (outcome_tx, outcome_rx) = oneshot::channel();
+    let timeout = limits.timeout;
+    let (failure_tx, failure_rx) = oneshot::channel();
     let guest = async move {
+        // Held until the guest is done, response body included.
+        let _slots = (service_slot, instance_slot);
         let run = async {
             let proxy = pre.instantiate_async(&mut store).await?;
             proxy
@@ -268,7 +304,7 @@ pub(crate) async fn invoke(
             );
             // Sent before the store (and with it the response body's sender)
             // is dropped, so a body cut short by a failure ends in an error.
-            let _ = outcome_tx.send(failure.clone());
+            let _ = failure_tx.send(failure.reason());
         }
         drop(store);
         failure
@@ -280,13 +316,7 @@ pub(crate) async fn invoke(
             // The guest keeps running to stream the body; it is bounded by
             // its deadline, not by this request future.
             task.disarm();
-            response.map(|body| {
-                GuestBody {
-                    inner: body,
-                    failure: outcome_rx,
-                }
-                .boxed_unsync()
-            })
+            response.map(|body| GuestBody::new(body, failure_rx).boxed_unsync())
         }
         Ok(Err(code)) => {
             task.disarm();
@@ -315,7 +345,41 @@ pub(crate) async fn invoke(
             }
         }
     };
-    with_generation(response, deployment.generation())
+    if body_exceeded.load(Ordering::Relaxed) {
+        // Whatever the guest made of the cut-off body, the cause is known.
+        return body_too_large_streamed(limits.body);
+    }
+    response
+}
+
+fn content_length<B>(request: &http::Request<B>) -> Option<u64> {
+    request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn body_too_large(length: u64, limit: u64) -> http::Response<Body> {
+    respond::text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!(
+            "the request body of {length} bytes is over the service's limit of {}",
+            format_size(limit)
+        ),
+    )
+}
+
+fn body_too_large_streamed(limit: u64) -> http::Response<Body> {
+    respond::text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!(
+            "the request body is over the service's limit of {}",
+            format_size(limit)
+        ),
+    )
 }
 
 fn with_generation(mut response: http::Response<Body>, generation: u64) -> http::Response<Body> {
@@ -329,36 +393,5 @@ fn error_code_text(code: &ErrorCode) -> String {
     match code {
         ErrorCode::InternalError(Some(message)) => format!("internal error: {message}"),
         other => format!("{other:?}"),
-    }
-}
-
-/// A guest's response body that ends in an error — so the client sees a
-/// truncated response, not a complete one — if the guest failed mid-body.
-struct GuestBody {
-    inner: Body,
-    failure: oneshot::Receiver<Failure>,
-}
-
-impl http_body::Body for GuestBody {
-    type Data = bytes::Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            None => match self.failure.try_recv() {
-                Ok(failure) => Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(
-                    Some(failure.reason()),
-                )))),
-                Err(_) => Poll::Ready(None),
-            },
-            frame => Poll::Ready(frame),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -24,6 +24,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
+mod body;
+pub mod cache;
 pub mod config;
 pub mod deploy;
 mod deployer;
@@ -31,11 +34,14 @@ pub mod engine;
 mod host;
 pub mod invoke;
 pub mod limits;
+pub mod manifest;
 pub mod outbound;
 pub mod registry;
 pub mod respond;
 pub mod router;
 mod server;
+mod source;
+mod stall;
 mod state;
 pub mod stdio;
 mod watcher;

@@ -44,6 +44,73 @@ impl Default for Limits {
     }
 }
 
+/// Limits of which only some are set: a layer (a manifest's `[limits]`, the
+/// host's `wharf.toml`, command-line flags) applied over defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartialLimits {
+    /// See [`Limits::timeout`].
+    pub timeout: Option<Duration>,
+    /// See [`Limits::memory`].
+    pub memory: Option<u64>,
+    /// See [`Limits::concurrency`].
+    pub concurrency: Option<u32>,
+    /// See [`Limits::body`].
+    pub body: Option<u64>,
+}
+
+impl PartialLimits {
+    /// `base` with every limit set here replaced.
+    pub fn apply(&self, base: Limits) -> Limits {
+        Limits {
+            timeout: self.timeout.unwrap_or(base.timeout),
+            memory: self.memory.unwrap_or(base.memory),
+            concurrency: self.concurrency.unwrap_or(base.concurrency),
+            body: self.body.unwrap_or(base.body),
+        }
+    }
+}
+
+/// The `[limits]` table of a manifest or of `wharf.toml`, as written.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsTable {
+    timeout: Option<String>,
+    memory: Option<String>,
+    concurrency: Option<i64>,
+    body: Option<String>,
+}
+
+impl LimitsTable {
+    /// Validates every value; an error names the key (`limits.timeout`) and
+    /// what was expected.
+    pub fn validate(&self) -> Result<PartialLimits, String> {
+        fn key<T>(name: &str, value: Result<T, String>) -> Result<T, String> {
+            value.map_err(|why| format!("limits.{name}: {why}"))
+        }
+        Ok(PartialLimits {
+            timeout: self
+                .timeout
+                .as_deref()
+                .map(|t| key("timeout", parse_duration(t)))
+                .transpose()?,
+            memory: self
+                .memory
+                .as_deref()
+                .map(|m| key("memory", parse_memory(m)))
+                .transpose()?,
+            concurrency: self
+                .concurrency
+                .map(|c| key("concurrency", parse_concurrency(&c.to_string())))
+                .transpose()?,
+            body: self
+                .body
+                .as_deref()
+                .map(|b| key("body", parse_size(b)))
+                .transpose()?,
+        })
+    }
+}
+
 /// Parses a duration such as `30s`, `250ms` or `2m`. Must be above zero.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text.trim())
@@ -137,6 +204,37 @@ mod tests {
         assert_eq!(parse_concurrency("64").unwrap(), 64);
         assert!(parse_concurrency("0").is_err());
         assert!(parse_concurrency("many").is_err());
+    }
+
+    #[test]
+    fn partial_limits_layer_over_defaults() {
+        let layer = PartialLimits {
+            timeout: Some(Duration::from_secs(5)),
+            body: Some(1024),
+            ..PartialLimits::default()
+        };
+        let limits = layer.apply(Limits::default());
+        assert_eq!(limits.timeout, Duration::from_secs(5));
+        assert_eq!(limits.body, 1024);
+        assert_eq!(limits.memory, DEFAULT_MEMORY);
+        assert_eq!(limits.concurrency, DEFAULT_CONCURRENCY);
+    }
+
+    #[test]
+    fn limits_tables_name_the_bad_key() {
+        let table: LimitsTable = toml::from_str("timeout = \"soon\"").unwrap();
+        assert!(table.validate().unwrap_err().starts_with("limits.timeout:"));
+        let table: LimitsTable = toml::from_str("concurrency = 0").unwrap();
+        assert!(
+            table
+                .validate()
+                .unwrap_err()
+                .starts_with("limits.concurrency:")
+        );
+        let table: LimitsTable = toml::from_str("memory = \"64MiB\"\nbody = \"1KiB\"").unwrap();
+        let partial = table.validate().unwrap();
+        assert_eq!((partial.memory, partial.body), (Some(64 << 20), Some(1024)));
+        assert!(toml::from_str::<LimitsTable>("cpu = 1").is_err());
     }
 
     #[test]

@@ -9,7 +9,8 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wharf::engine::EngineOptions;
-use wharf::{Config, Host, Limits, limits};
+use wharf::limits::{self, Limits, PartialLimits};
+use wharf::{Config, Host};
 
 /// Wharf: a serverless WebAssembly microservice host.
 ///
@@ -44,23 +45,56 @@ struct ServeArgs {
     #[arg(long)]
     no_watch: bool,
 
-    /// Default wall-clock limit per request (e.g. 30s, 500ms); past it the
-    /// guest is stopped and the client gets 504.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = limits::parse_duration)]
-    timeout: Duration,
+    /// Wall-clock limit per request for services whose manifest sets none
+    /// (e.g. 30s, 500ms); past it the guest is stopped and the client gets
+    /// 504. [default: 30s, or DIR/wharf.toml]
+    #[arg(long, value_name = "DURATION", value_parser = limits::parse_duration)]
+    timeout: Option<Duration>,
 
-    /// Default cap on each instance's linear memory (e.g. 128MiB, 1GiB).
-    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = limits::parse_memory)]
-    memory: u64,
+    /// Cap on each instance's linear memory for services whose manifest
+    /// sets none (e.g. 128MiB, 1GiB). [default: 128MiB, or DIR/wharf.toml]
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_memory)]
+    memory: Option<u64>,
+
+    /// Requests one service may run at once, for services whose manifest
+    /// sets none; more wait briefly, then get 503. [default: 64, or
+    /// DIR/wharf.toml]
+    #[arg(long, value_name = "N", value_parser = limits::parse_concurrency)]
+    concurrency: Option<u32>,
+
+    /// Largest request body, for services whose manifest sets none; larger
+    /// ones get 413. [default: 16MiB, or DIR/wharf.toml]
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+    body_limit: Option<u64>,
 
     /// How long shutdown (Ctrl-C, SIGTERM) waits for in-flight requests.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = limits::parse_duration)]
     drain_timeout: Duration,
 
+    /// How long a client may stall — sending request headers, idling between
+    /// keep-alive requests, or not reading a response — before it is cut off.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = limits::parse_duration)]
+    client_timeout: Duration,
+
     /// Instances that may run at once across all services (the size of the
     /// instance pool); requests beyond it get 503.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_instances: u32,
+
+    /// Directory of the compiled-code cache [default: the platform cache
+    /// directory, e.g. ~/.cache/wharf].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+
+    /// Compile every component at load, without reading or writing the
+    /// compiled-code cache.
+    #[arg(long)]
+    no_cache: bool,
+
+    /// Follow NAME.wasm symlinks that point outside the services directory
+    /// (rejected by default).
+    #[arg(long)]
+    allow_external_symlinks: bool,
 
     /// Log filter, e.g. "info", "warn", "wharf=debug" (overrides RUST_LOG).
     #[arg(long, value_name = "FILTER")]
@@ -95,19 +129,29 @@ fn init_logging(filter: Option<&str>) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    let cache_dir = if args.no_cache {
+        None
+    } else {
+        args.cache_dir.clone().or_else(wharf::cache::default_dir)
+    };
     let config = Config {
         services_dir: Some(args.dir.clone()),
         watch: !args.no_watch,
-        limits: Limits {
+        allow_external_symlinks: args.allow_external_symlinks,
+        limits: Limits::default(),
+        limit_overrides: PartialLimits {
             timeout: args.timeout,
             memory: args.memory,
-            ..Limits::default()
+            concurrency: args.concurrency,
+            body: args.body_limit,
         },
         engine: EngineOptions {
             max_instances: args.max_instances,
+            cache_dir,
             ..EngineOptions::default()
         },
         drain_timeout: args.drain_timeout,
+        client_timeout: args.client_timeout,
     };
     let host = Host::new(config)
         .await

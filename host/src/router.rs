@@ -62,7 +62,12 @@ impl Route {
     /// mounted service sees it (always starting with `/`).
     pub fn strip<'p>(&self, path: &'p str) -> Option<&'p str> {
         if self.0 == "/" {
-            return Some(if path.is_empty() { "/" } else { path });
+            return match path {
+                "" => Some("/"),
+                _ if path.starts_with('/') => Some(path),
+                // "*" (OPTIONS *) and other non-paths are nobody's.
+                _ => None,
+            };
         }
         let rest = path.strip_prefix(self.0.as_str())?;
         if rest.is_empty() {
@@ -260,5 +265,50 @@ mod tests {
         assert!(Route::parse("/a//b").is_err());
         assert!(Route::parse("/a/../b").is_err());
         assert!(Route::parse("/a b").is_err());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Paths and routes drawn from a small alphabet, so they collide often.
+    fn pathish() -> impl Strategy<Value = String> {
+        proptest::string::string_regex("[/a-c.?#% ]{0,12}").expect("valid regex")
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics_and_normalises(text in any::<String>()) {
+            if let Ok(route) = Route::parse(&text) {
+                prop_assert!(route.as_str().starts_with('/'));
+                prop_assert!(route.as_str() == "/" || !route.as_str().ends_with('/'));
+                prop_assert_eq!(Route::parse(route.as_str()).ok(), Some(route.clone()));
+            }
+        }
+
+        #[test]
+        fn lookup_returns_the_longest_route_that_really_contains_the_path(
+            routes in proptest::collection::vec(pathish(), 0..8),
+            path in pathish(),
+        ) {
+            let mut parsed: Vec<Route> = routes.iter().filter_map(|r| Route::parse(r).ok()).collect();
+            parsed.sort();
+            parsed.dedup();
+            let table = RouteTable::new(parsed.iter().map(|r| (r.clone(), r.clone()))).unwrap();
+            let matching: Vec<&Route> = parsed.iter().filter(|r| r.strip(&path).is_some()).collect();
+            match table.lookup(&path) {
+                None => prop_assert!(matching.is_empty(), "{:?} missed {:?}", path, matching),
+                Some(found) => {
+                    prop_assert!(found.rest.starts_with('/'));
+                    prop_assert_eq!(found.route, found.target);
+                    prop_assert_eq!(found.route.strip(&path), Some(found.rest));
+                    let longest = matching.iter().map(|r| r.as_str().len()).max().unwrap_or(0);
+                    prop_assert_eq!(found.route.as_str().len(), longest);
+                }
+            }
+        }
     }
 }

@@ -16,25 +16,31 @@ use tokio::net::TcpListener;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::host::Host;
-
-/// Time a client has to send a request's headers (also bounds how long an
-/// idle keep-alive connection waits for its next request).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::stall::StallTimeout;
 
 /// Serves `host` on `listener` until `shutdown` resolves, then drains.
+/// `client_timeout` bounds how long a client may stall (headers, idle
+/// keep-alive, unread response); `drain_timeout` bounds the drain.
 pub(crate) async fn run(
     host: Host,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+    client_timeout: Duration,
     drain_timeout: Duration,
 ) -> Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Also bounds how long an idle keep-alive connection waits for its
+        // next request: the timer starts when hyper waits for a head.
+        .header_read_timeout(client_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(client_timeout)
+        .keep_alive_timeout(client_timeout);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
 
@@ -63,7 +69,10 @@ pub(crate) async fn run(
             }
         });
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(
+                TokioIo::new(StallTimeout::new(stream, client_timeout)),
+                service,
+            )
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -101,3 +101,49 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
     // Nothing listens any more.
     assert!(get(&wharf.url("/hostile/")).await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_request_finishes_on_v1_while_v2_serves_new_ones() {
+    let dir = ServiceDir::new();
+    dir.install("svc", "hostile");
+    let wharf = WharfProcess::start(dir.path(), &[]);
+    let slow_url = wharf.url("/svc/sleep?ms=2000");
+    let slow = tokio::spawn(async move {
+        let response = crate::support::client()
+            .get(&slow_url)
+            .send()
+            .await
+            .unwrap();
+        let generation = response.headers()[wharf::GENERATION_HEADER]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (
+            response.status().as_u16(),
+            generation,
+            response.text().await.unwrap(),
+        )
+    });
+    wharf
+        .wait_for_log_line(&["sleeping 2000 ms"], Duration::from_secs(10))
+        .await;
+
+    dir.install("svc", "hello");
+    let url = wharf.url("/svc");
+    crate::support::eventually(Duration::from_secs(10), "v2 to answer", || async {
+        get(&url)
+            .await
+            .is_some_and(|(_, body)| body.contains("Hello from the microservice!"))
+    })
+    .await;
+    assert!(
+        !slow.is_finished(),
+        "the slow request ended before v2 took over"
+    );
+
+    let (status, generation, body) = slow.await.unwrap();
+    assert_eq!(
+        (status, generation.as_str(), body.as_str()),
+        (200, "1", "slept 2000 ms")
+    );
+}

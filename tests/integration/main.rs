@@ -3,7 +3,10 @@
 
 mod support;
 
+mod cache;
 mod cli;
 mod embed;
+mod hostile;
+mod manifest;
 mod reload;
 mod serving;

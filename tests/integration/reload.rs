@@ -173,3 +173,235 @@ async fn services_present_at_start_are_loaded_before_the_host_is_ready() {
         assert_eq!(status_of(&server.url(&format!("/{name}"))).await, Some(200));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_a_service_under_load_loses_no_request() {
+    const REPLACEMENTS: u64 = 100;
+    const CLIENTS: usize = 8;
+    let dir = ServiceDir::new();
+    let versions = [guest_bytes("hello"), guest_bytes("echo")];
+    dir.install_bytes("svc.wasm", &versions[0]);
+    let server = TestServer::for_dir(&dir).await;
+    let url = server.url("/svc");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (url, stop) = (url.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let client = client();
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = client.get(&url).send().await.expect("request failed");
+                let status = response.status().as_u16();
+                let generation: u64 = response.headers()[wharf::GENERATION_HEADER]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let body = response.text().await.expect("body failed");
+                assert_eq!(
+                    status, 200,
+                    "generation {generation} answered {status}: {body}"
+                );
+                seen.push(generation);
+            }
+            seen
+        }));
+    }
+
+    for i in 1..=REPLACEMENTS {
+        dir.install_bytes("svc.wasm", &versions[(i % 2) as usize]);
+        let want = i + 1;
+        eventually(APPLY, &format!("generation {want}"), || async {
+            server
+                .host
+                .services()
+                .service("svc")
+                .is_some_and(|d| d.generation() == want)
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let last = REPLACEMENTS + 1;
+    let mut answered = 0;
+    for client in clients {
+        let seen = client.await.expect("client task");
+        answered += seen.len();
+        // Each client sends one request at a time: the generations it sees
+        // never go backwards.
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+        assert!(seen.iter().all(|g| (1..=last).contains(g)));
+    }
+    assert!(answered >= CLIENTS, "clients made {answered} requests");
+    for _ in 0..CLIENTS {
+        assert_eq!(
+            generation_of(&url).await.as_deref(),
+            Some(last.to_string().as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rapid_successive_writes_end_on_the_last_version() {
+    let dir = ServiceDir::new();
+    dir.install("svc", "hello");
+    let server = TestServer::for_dir(&dir).await;
+    let last = guest_bytes("echo");
+    for guest_name in ["hostile", "hello", "hostile", "echo"] {
+        dir.install("svc", guest_name);
+    }
+    let digest = wharf::deploy::digest_of(&last);
+    eventually(APPLY, "the last version", || async {
+        server
+            .host
+            .services()
+            .service("svc")
+            .is_some_and(|d| d.digest() == digest)
+    })
+    .await;
+    // And it stays there: nothing older lands afterwards.
+    let url = server.url("/svc");
+    let (_, body) = get(&url).await.unwrap();
+    assert!(body.contains("\"method\""), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slowly_written_file_is_never_deployed_half_written() {
+    use std::io::Write as _;
+    let dir = ServiceDir::new();
+    let server = TestServer::for_dir(&dir).await;
+    let bytes = guest_bytes("echo");
+    let mut file = std::fs::File::create(dir.path().join("slow.wasm")).unwrap();
+    for chunk in bytes.chunks(bytes.len() / 10 + 1) {
+        file.write_all(chunk).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(
+            server.host.registry().rejection("slow").is_none(),
+            "a partial file was compiled"
+        );
+        assert!(server.host.services().service("slow").is_none());
+    }
+    drop(file);
+    let url = server.url("/slow");
+    eventually(APPLY, "the complete file to deploy", || async {
+        status_of(&url).await == Some(200)
+    })
+    .await;
+    assert!(server.host.registry().rejection("slow").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_replaced_by_a_directory_removes_the_service() {
+    let dir = ServiceDir::new();
+    dir.install("svc", "hello");
+    let server = TestServer::for_dir(&dir).await;
+    dir.remove("svc.wasm");
+    std::fs::create_dir(dir.path().join("svc.wasm")).unwrap();
+    let url = server.url("/svc");
+    eventually(APPLY, "the service to be removed", || async {
+        status_of(&url).await == Some(404)
+    })
+    .await;
+    // The directory is not a service; a file next to it still is.
+    dir.install("other", "hello");
+    let other = server.url("/other");
+    eventually(APPLY, "the other service", || async {
+        status_of(&other).await == Some(200)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn symlinks_inside_the_directory_are_followed_and_outside_refused() {
+    let dir = ServiceDir::new();
+    let outside = ServiceDir::new();
+    std::fs::create_dir(dir.path().join("versions")).unwrap();
+    std::fs::copy(
+        crate::support::guest("hello"),
+        dir.path().join("versions/hello-v1.bin"),
+    )
+    .unwrap();
+    std::fs::copy(
+        crate::support::guest("echo"),
+        outside.path().join("echo.bin"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("versions/hello-v1.bin", dir.path().join("inside.wasm")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("echo.bin"),
+        dir.path().join("outside.wasm"),
+    )
+    .unwrap();
+    let server = TestServer::for_dir(&dir).await;
+    assert_eq!(status_of(&server.url("/inside")).await, Some(200));
+    assert_eq!(status_of(&server.url("/outside")).await, Some(404));
+    let rejection = server.host.registry().rejection("outside").unwrap();
+    assert!(
+        rejection.reason.contains("outside the services directory"),
+        "{rejection:?}"
+    );
+
+    // Allowed explicitly, the outside link is served.
+    let config = wharf::Config::for_dir(dir.path()).watch(false);
+    let allowed = TestServer::start(wharf::Config {
+        allow_external_symlinks: true,
+        ..config
+    })
+    .await;
+    assert_eq!(status_of(&allowed.url("/outside")).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dangling_symlink_is_rejected_and_the_old_version_kept() {
+    let dir = ServiceDir::new();
+    dir.install("svc", "hello");
+    let server = TestServer::for_dir(&dir).await;
+    let temp_link = dir.path().join(".svc.link");
+    std::os::unix::fs::symlink("missing-target.bin", &temp_link).unwrap();
+    std::fs::rename(&temp_link, dir.path().join("svc.wasm")).unwrap();
+    eventually(APPLY, "the rejection", || async {
+        server
+            .host
+            .registry()
+            .rejection("svc")
+            .is_some_and(|r| r.reason.contains("symlink to a missing file"))
+    })
+    .await;
+    assert_eq!(status_of(&server.url("/svc")).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_directory_deleted_and_recreated_is_followed() {
+    let parent = ServiceDir::new();
+    let services = parent.path().join("services");
+    std::fs::create_dir(&services).unwrap();
+    std::fs::copy(crate::support::guest("hello"), services.join("hello.wasm")).unwrap();
+    let server = TestServer::start(wharf::Config::for_dir(&services)).await;
+    let url = server.url("/hello");
+    assert_eq!(status_of(&url).await, Some(200));
+
+    std::fs::remove_dir_all(&services).unwrap();
+    eventually(
+        APPLY,
+        "services to be removed with their directory",
+        || async { status_of(&url).await == Some(404) },
+    )
+    .await;
+
+    std::fs::create_dir(&services).unwrap();
+    std::fs::copy(crate::support::guest("echo"), services.join("echo.wasm")).unwrap();
+    let echo = server.url("/echo");
+    eventually(APPLY, "the recreated directory to be served", || async {
+        status_of(&echo).await == Some(200)
+    })
+    .await;
+    // And it is watched again: a later change is picked up too.
+    std::fs::copy(crate::support::guest("hello"), services.join("hello.wasm")).unwrap();
+    eventually(APPLY, "a change in the recreated directory", || async {
+        status_of(&url).await == Some(200)
+    })
+    .await;
+}

@@ -6,11 +6,19 @@
 //!   `examples/services/` and serve that directory.
 //! - `test`: build the guests, then run formatting and lint checks and every
 //!   test. This is what CI runs.
+//! - `bench reload`: reload and start-up times (see `reload.rs`).
+//! - `bench isolation`: what a hostile neighbour costs (see `isolation.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, bail};
+
+mod isolation;
+mod load;
+mod process;
+mod reload;
+mod stats;
 
 /// The wasm target guests are built for.
 const GUEST_TARGET: &str = "wasm32-wasip2";
@@ -24,13 +32,16 @@ fn main() -> ExitCode {
         Some("guests") => build_guests().map(|_| ()),
         Some("demo") => demo(&args[1..]),
         Some("test") => test(),
+        Some("bench") => bench(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  guests              build the example and test guests\n  \
                  demo [--listen A]   build the guests and serve examples/services\n  \
-                 test                build the guests and run every check and test (CI)"
+                 test                build the guests and run every check and test (CI)\n  \
+                 bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
+                 bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)"
             );
             return ExitCode::from(2);
         }
@@ -143,4 +154,48 @@ fn test() -> Result<()> {
     run(cargo()
         .current_dir(&root)
         .args(["test", "--workspace", "--doc"]))
+}
+
+/// Builds the release `wharf` binary and returns its path.
+fn build_release_wharf() -> Result<PathBuf> {
+    let root = root();
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "wharf",
+        "--bin",
+        "wharf",
+    ]))?;
+    Ok(root.join("target").join("release").join("wharf"))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let out_dir = root().join("target").join("bench");
+    match args.first().map(String::as_str) {
+        Some("reload") => {
+            let guests = build_guests()?;
+            let wharf = build_release_wharf()?;
+            let mut subjects = vec![("hello".to_string(), guests.join("hello.wasm"))];
+            for (label, path) in large_guests() {
+                if path.exists() {
+                    subjects.push((label, path));
+                } else {
+                    eprintln!("xtask: {} not built; skipping it", path.display());
+                }
+            }
+            reload::run(&wharf, &subjects, &out_dir.join("reload.md"))
+        }
+        Some("isolation") => {
+            let guests = build_guests()?;
+            let wharf = build_release_wharf()?;
+            isolation::run(&wharf, &guests, &out_dir.join("isolation.md"))
+        }
+        _ => bail!("usage: cargo xtask bench reload|isolation"),
+    }
+}
+
+/// Large guests measured beside hello when they are built.
+fn large_guests() -> Vec<(String, PathBuf)> {
+    Vec::new()
 }

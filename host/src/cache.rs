@@ -1,0 +1,199 @@
+//! The on-disk compiled-code cache: native code for a component, keyed by
+//! the component's content digest and the engine's compatibility hash, and
+//! checksummed so a corrupt or foreign entry is detected and rebuilt rather
+//! than trusted.
+//!
+//! Layout: `<root>/<engine key>/<sha256 of the component>.cwasm`, where each
+//! file is a small header (magic, artifact length, SHA-256 of the artifact)
+//! followed by the artifact from [`Component::serialize`]. Entries are written
+//! to a temporary file and renamed into place, so readers never see half an
+//! entry from a running writer, and a torn entry left by a crash fails its
+//! checksum.
+
+use std::hash::Hasher;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use sha2::{Digest as _, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+/// First bytes of every cache entry.
+const MAGIC: &[u8; 12] = b"WHARF-CWASM\x01";
+/// Header: magic, artifact length (u64 LE), SHA-256 of the artifact.
+const HEADER_LEN: usize = MAGIC.len() + 8 + 32;
+
+/// The platform's default cache location for Wharf (`~/.cache/wharf` on
+/// Linux), if the platform has one.
+pub fn default_dir() -> Option<PathBuf> {
+    dirs::cache_dir().map(|dir| dir.join("wharf"))
+}
+
+/// A cache of compiled components for one engine configuration.
+#[derive(Debug, Clone)]
+pub struct CodeCache {
+    dir: PathBuf,
+}
+
+/// Feeds `Hash` input into SHA-256, for a key that is stable across runs.
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn finish(&self) -> u64 {
+        let digest = self.0.clone().finalize();
+        u64::from_le_bytes(digest[..8].try_into().unwrap_or_default())
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl CodeCache {
+    /// Opens (creating if needed) the cache under `root` for `engine`.
+    /// Artifacts of other engine versions or settings live in other
+    /// subdirectories and are never looked at.
+    pub fn open(root: &Path, engine: &Engine) -> Result<CodeCache> {
+        let mut hasher = Sha256Hasher(Sha256::new());
+        hasher.write(env!("CARGO_PKG_VERSION").as_bytes());
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+        let key = format!("{:016x}", hasher.finish());
+        let dir = root.join(key);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+        Ok(CodeCache { dir })
+    }
+
+    /// The directory holding this engine's entries.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn entry_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir.join(format!("{hex}.cwasm"))
+    }
+
+    /// Loads the compiled component for `digest`. A missing entry is `None`;
+    /// a corrupt or incompatible one is logged, deleted and `None`.
+    pub fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
+        let path = self.entry_path(digest);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(err) => {
+                tracing::warn!(entry = %path.display(), error = %err, "cannot read cache entry; compiling instead");
+                return None;
+            }
+        };
+        match verify(&bytes).and_then(|artifact| {
+            // SAFETY: `artifact` is byte-for-byte what `Component::serialize`
+            // produced for this engine configuration when the entry was
+            // stored: the SHA-256 in the header matched, the entry lives in a
+            // directory keyed by the engine's compatibility hash, and
+            // wasmtime rechecks the artifact's own engine header.
+            unsafe { Component::deserialize(engine, artifact) }
+                .map_err(|err| anyhow::anyhow!("{err:#}"))
+        }) {
+            Ok(component) => Some(component),
+            Err(err) => {
+                tracing::warn!(
+                    entry = %path.display(),
+                    reason = %format!("{err:#}"),
+                    "ignoring a corrupt or foreign cache entry; recompiling"
+                );
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Stores the compiled `component` for `digest`. Failures are logged and
+    /// otherwise ignored: the cache is an optimisation.
+    pub fn store(&self, digest: &str, component: &Component) {
+        if let Err(err) = self.try_store(digest, component) {
+            tracing::warn!(digest = %digest, reason = %format!("{err:#}"), "cannot write cache entry");
+        }
+    }
+
+    fn try_store(&self, digest: &str, component: &Component) -> Result<()> {
+        let artifact = component
+            .serialize()
+            .map_err(|err| anyhow::anyhow!("{err:#}"))
+            .context("serializing the compiled component")?;
+        let path = self.entry_path(digest);
+        let mut temp = tempfile::NamedTempFile::new_in(&self.dir)
+            .with_context(|| format!("creating a temporary file in {}", self.dir.display()))?;
+        temp.write_all(MAGIC)?;
+        temp.write_all(&(artifact.len() as u64).to_le_bytes())?;
+        temp.write_all(&Sha256::digest(&artifact))?;
+        temp.write_all(&artifact)?;
+        // No fsync: it costs more than the compile of a small service on
+        // some disks, and a torn entry after a crash fails its checksum and
+        // is rebuilt.
+        temp.persist(&path)
+            .with_context(|| format!("renaming the entry into {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// Checks an entry's header and checksum; returns the artifact.
+fn verify(bytes: &[u8]) -> Result<&[u8]> {
+    if bytes.len() < HEADER_LEN || &bytes[..MAGIC.len()] != MAGIC {
+        bail!("not a Wharf cache entry");
+    }
+    let len_bytes: [u8; 8] = bytes[MAGIC.len()..MAGIC.len() + 8].try_into()?;
+    let expected_len = u64::from_le_bytes(len_bytes);
+    let checksum = &bytes[MAGIC.len() + 8..HEADER_LEN];
+    let artifact = &bytes[HEADER_LEN..];
+    if artifact.len() as u64 != expected_len {
+        bail!(
+            "truncated: {} artifact bytes, header says {expected_len}",
+            artifact.len()
+        );
+    }
+    if Sha256::digest(artifact).as_slice() != checksum {
+        bail!("checksum mismatch");
+    }
+    Ok(artifact)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(artifact: &[u8]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&(artifact.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&Sha256::digest(artifact));
+        bytes.extend_from_slice(artifact);
+        bytes
+    }
+
+    #[test]
+    fn verify_accepts_intact_entries_only() {
+        let good = entry(b"artifact bytes");
+        assert_eq!(verify(&good).unwrap(), b"artifact bytes");
+
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(
+            verify(&flipped)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
+
+        let truncated = &good[..good.len() - 1];
+        assert!(
+            verify(truncated)
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
+
+        assert!(verify(b"\0asm\x0d\0\x01\0").is_err());
+        assert!(verify(b"").is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! Per-service manifests: the optional `NAME.toml` beside `NAME.wasm`,
+//! parsed and validated into what a service is allowed. Errors name the key
+//! and what was expected; unknown keys are errors, not silently ignored.
+//!
+//! ```toml
+//! route = "/api/orders"          # default "/NAME"
+//! [env]                          # the guest's whole environment
+//! GREETING = "hello"
+//! [limits]
+//! timeout = "30s"
+//! memory = "128MiB"
+//! concurrency = 64
+//! body = "16MiB"
+//! [outbound]
+//! allow = ["http://127.0.0.1:9000", "https://api.example.com"]
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::deploy::ServiceConfig;
+use crate::limits::{Limits, LimitsTable, PartialLimits};
+use crate::outbound::{AllowRule, OutboundPolicy};
+use crate::router::Route;
+
+/// A manifest as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    route: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    limits: LimitsTable,
+    #[serde(default)]
+    outbound: OutboundTable,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundTable {
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+/// A validated manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    /// The mount point, if not `/NAME`.
+    pub route: Option<Route>,
+    /// Environment variables for the guest, sorted by name.
+    pub env: Vec<(String, String)>,
+    /// Limits set by the manifest; the rest come from the host's defaults.
+    pub limits: PartialLimits,
+    /// Where the service may send HTTP requests.
+    pub outbound: OutboundPolicy,
+}
+
+/// Renders a TOML error as one line: `line N: message`.
+pub(crate) fn toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim();
+    match err.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message.to_string(),
+    }
+}
+
+impl Manifest {
+    /// Parses and validates a manifest's text.
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        let file: ManifestFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
+        let route = file
+            .route
+            .as_deref()
+            .map(|r| Route::parse(r).map_err(|why| format!("route: {why}")))
+            .transpose()?;
+        for (key, value) in &file.env {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return Err(format!(
+                    "env: {key:?} is not a valid variable name (non-empty, no '=' or NUL)"
+                ));
+            }
+            if value.contains('\0') {
+                return Err(format!("env.{key}: the value contains a NUL character"));
+            }
+        }
+        let limits = file.limits.validate()?;
+        let rules = file
+            .outbound
+            .allow
+            .iter()
+            .map(|entry| AllowRule::parse(entry).map_err(|why| format!("outbound.allow: {why}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Manifest {
+            route,
+            env: file.env.into_iter().collect(),
+            limits,
+            outbound: OutboundPolicy::new(rules),
+        })
+    }
+
+    /// The service configuration this manifest gives service `name`, over
+    /// the host's default limits.
+    pub fn service_config(&self, name: &str, defaults: Limits) -> ServiceConfig {
+        ServiceConfig {
+            route: self
+                .route
+                .clone()
+                .unwrap_or_else(|| Route::for_service(name)),
+            env: self.env.clone(),
+            limits: self.limits.apply(defaults),
+            outbound: self.outbound.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn full_manifest() {
+        let manifest = Manifest::parse(
+            r#"
+            route = "/api/orders"
+            [env]
+            GREETING = "hello"
+            [limits]
+            timeout = "5s"
+            memory = "64MiB"
+            concurrency = 8
+            body = "1MiB"
+            [outbound]
+            allow = ["http://127.0.0.1:9000", "https://api.example.com"]
+            "#,
+        )
+        .unwrap();
+        let config = manifest.service_config("orders", Limits::default());
+        assert_eq!(config.route.as_str(), "/api/orders");
+        assert_eq!(config.env, [("GREETING".to_string(), "hello".to_string())]);
+        assert_eq!(config.limits.timeout, Duration::from_secs(5));
+        assert_eq!(config.limits.memory, 64 << 20);
+        assert_eq!(config.limits.concurrency, 8);
+        assert_eq!(config.limits.body, 1 << 20);
+        assert_eq!(config.outbound.rules().len(), 2);
+    }
+
+    #[test]
+    fn empty_manifest_means_defaults() {
+        let config = Manifest::parse("")
+            .unwrap()
+            .service_config("svc", Limits::default());
+        assert_eq!(config, ServiceConfig::defaults("svc", Limits::default()));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        for (text, needle) in [
+            ("rout = \"/x\"", "line 1: unknown field `rout`"),
+            ("route = \"x\"", "route: route \"x\" must start with \"/\""),
+            (
+                "route = 5",
+                "line 1: invalid type: integer `5`, expected a string",
+            ),
+            ("[limits]\ntimeout = \"forever\"", "limits.timeout:"),
+            ("[limits]\nmemory = \"10GiB\"", "limits.memory:"),
+            ("[limits]\nconcurrency = -1", "limits.concurrency:"),
+            ("[limits]\ncpu = 1", "line 2: unknown field `cpu`"),
+            (
+                "[env]\nPORT = 80",
+                "line 2: invalid type: integer `80`, expected a string",
+            ),
+            (
+                "[env]\n\"A=B\" = \"x\"",
+                "env: \"A=B\" is not a valid variable name",
+            ),
+            (
+                "[outbound]\nallow = [\"example.com\"]",
+                "outbound.allow: \"example.com\" needs a scheme",
+            ),
+            ("[outbound]\ndeny = []", "unknown field `deny`"),
+            ("route = ", "line 1:"),
+        ] {
+            let err = Manifest::parse(text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn parsing_arbitrary_text_never_panics(text in any::<String>()) {
+            let _ = Manifest::parse(&text);
+        }
+
+        #[test]
+        fn parsing_manifest_shaped_text_never_panics_and_errors_are_one_line(
+            route in "[ -~]{0,12}",
+            timeout in "[ -~]{0,8}",
+            memory in "[ -~]{0,8}",
+            concurrency in any::<i64>(),
+            allow in "[ -~]{0,24}",
+            key in "[A-Za-z=_]{0,6}",
+        ) {
+            let text = format!(
+                "route = {route:?}\n[env]\n{key:?} = \"v\"\n[limits]\ntimeout = {timeout:?}\nmemory = {memory:?}\nconcurrency = {concurrency}\n[outbound]\nallow = [{allow:?}]\n"
+            );
+            if let Err(err) = Manifest::parse(&text) {
+                prop_assert!(!err.contains('\n'), "{}", err);
+            }
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! Reading services from the services directory: what each file name means,
+//! a service's component and manifest read together into a [`ServiceSpec`],
+//! cheap fingerprints to tell whether anything changed, the symlink policy,
+//! and the host-wide `wharf.toml`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::config::HostFile;
+use crate::deploy::{ServiceSpec, digest_of};
+use crate::limits::{Limits, PartialLimits};
+use crate::manifest::Manifest;
+
+/// Largest component file read.
+pub const MAX_COMPONENT_FILE: u64 = 1 << 30;
+/// Largest manifest or `wharf.toml` read.
+const MAX_TOML_FILE: u64 = 1 << 20;
+/// Name of the host-wide settings file in the services directory.
+pub const HOST_FILE: &str = "wharf.toml";
+
+/// What a file name in the services directory means.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FileRole<'a> {
+    /// `NAME.wasm`: the component of service NAME.
+    Component(&'a str),
+    /// `NAME.toml`: the manifest of service NAME.
+    Manifest(&'a str),
+    /// `wharf.toml`: the host's default settings.
+    HostFile,
+    /// Anything else: dotfiles, editor temp files, other extensions.
+    Ignored,
+}
+
+/// Classifies a file name.
+pub(crate) fn file_role(file_name: &str) -> FileRole<'_> {
+    if file_name.starts_with('.') || file_name.ends_with('~') || file_name.starts_with('#') {
+        return FileRole::Ignored;
+    }
+    if file_name == HOST_FILE {
+        return FileRole::HostFile;
+    }
+    if let Some(stem) = file_name.strip_suffix(".wasm").filter(|s| !s.is_empty()) {
+        return FileRole::Component(stem);
+    }
+    if let Some(stem) = file_name.strip_suffix(".toml").filter(|s| !s.is_empty()) {
+        return FileRole::Manifest(stem);
+    }
+    FileRole::Ignored
+}
+
+/// The service names that have a component file in `dir`.
+pub(crate) fn scan_names(dir: &Path) -> std::io::Result<HashSet<String>> {
+    let mut names = HashSet::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Some(file_name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if let FileRole::Component(name) = file_role(&file_name) {
+            names.insert(name.to_string());
+        }
+    }
+    Ok(names)
+}
+
+/// Identity of a file's contents as cheaply observable: a change in any
+/// field means the file may have changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    #[cfg(unix)]
+    inode: u64,
+    #[cfg(unix)]
+    ctime_ns: i64,
+}
+
+impl Fingerprint {
+    fn of(meta: &std::fs::Metadata) -> Fingerprint {
+        #[cfg(unix)]
+        use std::os::unix::fs::MetadataExt;
+        Fingerprint {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            #[cfg(unix)]
+            inode: meta.ino(),
+            #[cfg(unix)]
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        }
+    }
+}
+
+/// Fingerprints of both files of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServiceFingerprint {
+    component: Fingerprint,
+    manifest: Option<Fingerprint>,
+}
+
+/// Where and how services are read.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceOptions {
+    /// The services directory.
+    pub dir: PathBuf,
+    /// Follow symlinks that point outside the directory.
+    pub allow_external_symlinks: bool,
+}
+
+/// The result of looking at a service's files.
+pub(crate) enum Load {
+    /// Both files are exactly as when last applied.
+    Unchanged,
+    /// A file changed very recently and may still be being written.
+    Settling,
+    /// There is no component file (deleted, or replaced by a directory).
+    Gone,
+    /// Something changed: here is the service as it now is.
+    Changed(Box<ServiceSpec>, ServiceFingerprint),
+    /// The files are unusable; the fingerprint (if any) identifies this state
+    /// so the same problem is reported once.
+    Bad(anyhow::Error, Option<ServiceFingerprint>),
+}
+
+/// Stats `path` following symlinks, reporting a dangling link clearly.
+fn stat(path: &Path) -> Result<Option<(std::fs::Metadata, std::fs::Metadata)>> {
+    let link_meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("cannot inspect {}", path.display())),
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(Some((link_meta, meta))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            Err(anyhow!("{} is a symlink to a missing file", path.display()))
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+}
+
+fn age(meta: &std::fs::Metadata) -> Duration {
+    meta.modified()
+        .ok()
+        .and_then(|modified| SystemTime::now().duration_since(modified).ok())
+        .unwrap_or(Duration::MAX)
+}
+
+/// Reads service `name` (its component and optional manifest) unless both
+/// fingerprints still equal `last`, or a file was modified less than
+/// `min_age` ago. Blocking: file I/O.
+pub(crate) fn load(
+    options: &SourceOptions,
+    name: &str,
+    defaults: Limits,
+    last: Option<ServiceFingerprint>,
+    min_age: Duration,
+) -> Load {
+    let component_path = options.dir.join(format!("{name}.wasm"));
+    let manifest_path = options.dir.join(format!("{name}.toml"));
+    let component = match stat(&component_path) {
+        Ok(Some((_, meta))) if meta.is_dir() => return Load::Gone,
+        Ok(Some(metas)) => metas,
+        Ok(None) => return Load::Gone,
+        Err(err) => {
+            let fingerprint =
+                std::fs::symlink_metadata(&component_path)
+                    .ok()
+                    .map(|m| ServiceFingerprint {
+                        component: Fingerprint::of(&m),
+                        manifest: None,
+                    });
+            return Load::Bad(err, fingerprint);
+        }
+    };
+    let manifest = match stat(&manifest_path) {
+        Ok(metas) => metas,
+        Err(err) => {
+            let fingerprint = ServiceFingerprint {
+                component: Fingerprint::of(&component.1),
+                manifest: std::fs::symlink_metadata(&manifest_path)
+                    .ok()
+                    .map(|m| Fingerprint::of(&m)),
+            };
+            return Load::Bad(err, Some(fingerprint));
+        }
+    };
+    let fingerprint = ServiceFingerprint {
+        component: Fingerprint::of(&component.1),
+        manifest: manifest.as_ref().map(|(_, meta)| Fingerprint::of(meta)),
+    };
+    if last == Some(fingerprint) {
+        return Load::Unchanged;
+    }
+    let youngest = manifest.as_ref().map_or(age(&component.1), |(_, meta)| {
+        age(meta).min(age(&component.1))
+    });
+    if youngest < min_age {
+        return Load::Settling;
+    }
+    let read = || -> Result<ServiceSpec> {
+        if component.0.file_type().is_symlink() {
+            check_symlink(options, &component_path)?;
+        }
+        if !component.1.is_file() {
+            bail!("{} is not a regular file", component_path.display());
+        }
+        if component.1.len() > MAX_COMPONENT_FILE {
+            bail!(
+                "{} is {} bytes, larger than the {MAX_COMPONENT_FILE} byte limit for a component",
+                component_path.display(),
+                component.1.len(),
+            );
+        }
+        let config = match &manifest {
+            Some((link_meta, meta)) => {
+                if link_meta.file_type().is_symlink() {
+                    check_symlink(options, &manifest_path)?;
+                }
+                let text = read_toml(&manifest_path, meta)?;
+                Manifest::parse(&text)
+                    .map_err(|why| anyhow!("{}: {why}", manifest_path.display()))?
+                    .service_config(name, defaults)
+            }
+            None => Manifest::default().service_config(name, defaults),
+        };
+        let wasm = std::fs::read(&component_path)
+            .with_context(|| format!("cannot read {}", component_path.display()))?;
+        Ok(ServiceSpec {
+            name: name.to_string(),
+            digest: Some(digest_of(&wasm)),
+            wasm: wasm.into(),
+            config,
+            source: Some(component_path.clone()),
+        })
+    };
+    match read() {
+        Ok(spec) => Load::Changed(Box::new(spec), fingerprint),
+        Err(err) => Load::Bad(err, Some(fingerprint)),
+    }
+}
+
+fn read_toml(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if meta.len() > MAX_TOML_FILE {
+        bail!("{} is larger than {MAX_TOML_FILE} bytes", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn check_symlink(options: &SourceOptions, path: &Path) -> Result<()> {
+    if options.allow_external_symlinks {
+        return Ok(());
+    }
+    let target = std::fs::canonicalize(path)
+        .with_context(|| format!("cannot resolve {}", path.display()))?;
+    let dir = std::fs::canonicalize(&options.dir)
+        .with_context(|| format!("cannot resolve {}", options.dir.display()))?;
+    if !target.starts_with(&dir) {
+        bail!(
+            "{} is a symlink to {}, outside the services directory (allow with --allow-external-symlinks)",
+            path.display(),
+            target.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads the host-wide defaults from `DIR/wharf.toml`; `None` if there is
+/// no such file.
+pub(crate) fn read_host_file(dir: &Path) -> Result<Option<PartialLimits>> {
+    let path = dir.join(HOST_FILE);
+    let Some((_, meta)) = stat(&path)? else {
+        return Ok(None);
+    };
+    let text = read_toml(&path, &meta)?;
+    let limits = HostFile::parse(&text).map_err(|why| anyhow!("{}: {why}", path.display()))?;
+    Ok(Some(limits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_roles() {
+        assert_eq!(file_role("orders.wasm"), FileRole::Component("orders"));
+        assert_eq!(file_role("my.svc.wasm"), FileRole::Component("my.svc"));
+        assert_eq!(file_role("orders.toml"), FileRole::Manifest("orders"));
+        assert_eq!(file_role("wharf.toml"), FileRole::HostFile);
+        for ignored in [
+            ".orders.wasm",
+            ".orders.wasm.swp",
+            ".orders.toml",
+            "orders.wasm~",
+            "#orders.wasm#",
+            "orders.wasm.tmp",
+            "orders.txt",
+            ".wasm",
+            ".toml",
+            "README",
+        ] {
+            assert_eq!(file_role(ignored), FileRole::Ignored, "{ignored}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `cargo xtask bench isolation`: what a misbehaving neighbour costs a
+//! well-behaved service. The hello service is loaded with wrk alone, then
+//! while other clients keep busy-looping (CPU until the deadline) or
+//! memory-bombing (grow to the cap, trap) requests running against a hostile
+//! service on the same host. Rounds are interleaved.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::load::{self, Load, LoadResult};
+use crate::process::WharfProcess;
+
+/// Hostile requests kept running at once during a noisy round.
+const NOISY_CLIENTS: usize = 2;
+const ROUNDS: usize = 3;
+
+/// Keeps `clients` requests to `url` running until dropped.
+struct Noise {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Noise {
+    fn start(url: &str, clients: usize) -> Noise {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|_| {
+                let (url, stop) = (url.to_string(), stop.clone());
+                std::thread::spawn(move || {
+                    let agent: ureq::Agent = ureq::Agent::config_builder()
+                        .http_status_as_error(false)
+                        .timeout_global(Some(Duration::from_secs(30)))
+                        .build()
+                        .into();
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = agent.get(&url).call();
+                    }
+                })
+            })
+            .collect();
+        Noise { stop, threads }
+    }
+}
+
+impl Drop for Noise {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn mean(results: &[LoadResult], f: impl Fn(&LoadResult) -> f64) -> f64 {
+    results.iter().map(f).sum::<f64>() / results.len().max(1) as f64
+}
+
+/// Runs the isolation benchmark and writes the report to `out`.
+pub fn run(wharf_bin: &Path, guests: &Path, out: &Path) -> Result<()> {
+    load::require_wrk()?;
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(guests.join("hello.wasm"), dir.path().join("hello.wasm"))?;
+    std::fs::copy(guests.join("hostile.wasm"), dir.path().join("hostile.wasm"))?;
+    std::fs::write(
+        dir.path().join("hostile.toml"),
+        "[limits]\ntimeout = \"2s\"\nmemory = \"128MiB\"\n",
+    )?;
+    let wharf = WharfProcess::start(wharf_bin, dir.path(), &["--log", "error"])?;
+    let hello = wharf.url("/hello");
+    let load = Load {
+        threads: 1,
+        connections: 32,
+        duration: Duration::from_secs(10),
+    };
+    load::run(
+        &hello,
+        Load {
+            duration: Duration::from_secs(3),
+            ..load
+        },
+    )?;
+
+    let mut alone = Vec::new();
+    let mut busy = Vec::new();
+    let mut bombs = Vec::new();
+    for round in 1..=ROUNDS {
+        eprintln!("xtask: isolation round {round}/{ROUNDS}");
+        alone.push(load::run(&hello, load)?);
+        {
+            let _noise = Noise::start(&wharf.url("/hostile/busy-loop"), NOISY_CLIENTS);
+            std::thread::sleep(Duration::from_millis(200));
+            busy.push(load::run(&hello, load)?);
+        }
+        {
+            let _noise = Noise::start(&wharf.url("/hostile/memory-bomb"), NOISY_CLIENTS);
+            std::thread::sleep(Duration::from_millis(200));
+            bombs.push(load::run(&hello, load)?);
+        }
+    }
+
+    let base = mean(&alone, |r| r.rps);
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "## Isolation: hello under `wrk -t1 -c32 -d10s`, {ROUNDS} interleaved rounds, {NOISY_CLIENTS} hostile requests always running beside it\n"
+    );
+    let _ = writeln!(
+        report,
+        "| neighbour | requests/s | vs alone | p50 ms | p99 ms | errors |"
+    );
+    let _ = writeln!(report, "| --- | --- | --- | --- | --- | --- |");
+    for (label, results) in [
+        ("none", &alone),
+        ("busy loop (CPU until its 2s deadline)", &busy),
+        ("memory bomb (128 MiB, then trap)", &bombs),
+    ] {
+        let rps = mean(results, |r| r.rps);
+        let _ = writeln!(
+            report,
+            "| {label} | {rps:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            rps / base,
+            mean(results, |r| r.p50_ms),
+            mean(results, |r| r.p99_ms),
+            results.iter().map(|r| r.errors).sum::<u64>()
+        );
+    }
+    println!("{report}");
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, &report)?;
+    eprintln!("xtask: report written to {}", out.display());
+    Ok(())
+}
