@@ -154,6 +154,7 @@ impl Deployer {
                 .await
                 .map_err(|join| anyhow!("compilation task failed: {join}"))??
         };
+        tracing::debug!(service = %deployment.name(), "compiled; probing");
         invoke::probe(&self.runtime, &deployment).await?;
         Ok(deployment)
     }

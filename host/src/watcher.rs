@@ -26,7 +26,7 @@ use crate::source::{
 /// place, removal) before the file is read: coalesces the events of one
 /// operation. Writes further apart than a compile are ordered by the
 /// deployer, where the newest change always wins.
-const SETTLE: Duration = Duration::from_millis(5);
+const SETTLE: Duration = Duration::from_millis(2);
 /// Quiet time after other events (a write without a close yet) before a file
 /// is considered complete anyway.
 const QUIET_FALLBACK: Duration = Duration::from_millis(500);
@@ -302,6 +302,12 @@ fn hints(event: &notify::Event, dir: &Path) -> Vec<Hint> {
     if event.need_rescan() {
         return vec![Hint::Rescan];
     }
+    // Opening, reading or closing a file unmodified changes nothing (and
+    // Wharf's own reads cause such events).
+    if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+    {
+        return Vec::new();
+    }
     let complete = matches!(
         event.kind,
         EventKind::Access(AccessKind::Close(AccessMode::Write))
@@ -476,6 +482,7 @@ async fn run(
                                 rewatch = true;
                             }
                             Hint::Service { name, complete } => {
+                                tracing::debug!(service = %name, complete, "file event");
                                 state.pending.insert(name, Pending { last_event: Instant::now(), complete });
                             }
                         }
@@ -505,6 +512,7 @@ async fn run(
             .map(|(name, p)| (name.clone(), p.complete))
             .collect();
         for (name, complete) in ready {
+            tracing::debug!(service = %name, "settled; syncing");
             state.pending.remove(&name);
             // Without a "complete" event, the files must also look untouched
             // for a while; otherwise they go back to settling.
@@ -576,6 +584,8 @@ mod tests {
             [Hint::HostFile]
         );
         assert!(hints(&event(created, &["/srv/.a.wasm.tmp"]), dir).is_empty());
+        let opened = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        assert!(hints(&event(opened, &["/srv/a.wasm"]), dir).is_empty());
         let removed = EventKind::Remove(RemoveKind::Folder);
         assert_eq!(hints(&event(removed, &["/srv"]), dir), [Hint::DirChanged]);
     }
