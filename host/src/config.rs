@@ -12,6 +12,8 @@ use crate::manifest::toml_error;
 
 /// How long shutdown waits for in-flight requests by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most service-to-service hops by default.
+pub const DEFAULT_MAX_CALL_DEPTH: u32 = 10;
 /// How long a client may stall by default.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -39,6 +41,9 @@ pub struct Config {
     /// How long a client may stall: sending its request headers, idling
     /// between keep-alive requests, or not reading a response.
     pub client_timeout: Duration,
+    /// Most service-to-service hops one client request may cause; a deeper
+    /// call gets 508 Loop Detected.
+    pub max_call_depth: u32,
 }
 
 impl Default for Config {
@@ -52,6 +57,7 @@ impl Default for Config {
             engine: EngineOptions::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
+            max_call_depth: DEFAULT_MAX_CALL_DEPTH,
         }
     }
 }

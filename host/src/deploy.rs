@@ -14,6 +14,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use crate::admission::Gate;
 use crate::engine::Runtime;
 use crate::limits::Limits;
+use crate::metrics::ServiceMetrics;
 use crate::outbound::OutboundPolicy;
 use crate::router::Route;
 use crate::state::HostState;
@@ -105,6 +106,8 @@ pub struct Deployment {
     pre: ProxyPre<HostState>,
     /// This version's request slots (the `concurrency` limit).
     admission: Gate,
+    /// The service's request metrics (shared by its versions).
+    metrics: Arc<ServiceMetrics>,
 }
 
 impl std::fmt::Debug for Deployment {
@@ -182,6 +185,11 @@ impl Deployment {
         &self.pre
     }
 
+    /// The service's request metrics.
+    pub fn metrics(&self) -> &Arc<ServiceMetrics> {
+        &self.metrics
+    }
+
     /// The request slots of this version.
     pub fn admission(&self) -> &Gate {
         &self.admission
@@ -225,7 +233,11 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
 
 /// Compiles and links a service. Blocking and CPU-heavy: call it from a
 /// blocking thread, never from an async worker.
-pub(crate) fn build(runtime: &Runtime, spec: ServiceSpec) -> Result<Deployment> {
+pub(crate) fn build(
+    runtime: &Runtime,
+    spec: ServiceSpec,
+    metrics: Arc<ServiceMetrics>,
+) -> Result<Deployment> {
     check_header(&spec.wasm)?;
     let digest = spec.digest.unwrap_or_else(|| digest_of(&spec.wasm));
     let started = Instant::now();
@@ -265,6 +277,7 @@ pub(crate) fn build(runtime: &Runtime, spec: ServiceSpec) -> Result<Deployment> 
         loaded_at: SystemTime::now(),
         outbound: Arc::new(spec.config.outbound.clone()),
         admission: Gate::new(spec.config.limits.concurrency as usize, "request slots"),
+        metrics,
         config: spec.config,
         compile,
         pre,

@@ -11,29 +11,52 @@ use tokio::sync::Semaphore;
 use crate::deploy::{self, Deployment, ServiceSpec};
 use crate::engine::Runtime;
 use crate::invoke;
+use crate::limits::Limits;
+use crate::metrics::{DeployEvent, Metrics};
 use crate::registry::Registry;
 
 /// Compiles, probes and installs deployments; removes them.
 pub(crate) struct Deployer {
     runtime: Arc<Runtime>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     /// Bounds concurrent compilations: each one already uses every core.
     compile_permits: Semaphore,
     /// The latest attempt number per service. A deploy that finishes after a
     /// newer deploy or removal of the same service began is discarded, so
     /// the last change always wins whatever order compilations finish in.
     attempts: Mutex<HashMap<String, u64>>,
+    /// Limits for services that set none, as currently in force (the
+    /// directory's `wharf.toml` may change them).
+    defaults: Mutex<Limits>,
 }
 
 impl Deployer {
-    pub(crate) fn new(runtime: Arc<Runtime>, registry: Arc<Registry>) -> Deployer {
+    pub(crate) fn new(
+        runtime: Arc<Runtime>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        defaults: Limits,
+    ) -> Deployer {
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
         Deployer {
             runtime,
             registry,
+            metrics,
             compile_permits: Semaphore::new(parallelism),
             attempts: Mutex::new(HashMap::new()),
+            defaults: Mutex::new(defaults),
         }
+    }
+
+    /// The limits in force for services that set none.
+    pub(crate) fn defaults(&self) -> Limits {
+        *self.defaults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the limits for services that set none.
+    pub(crate) fn set_defaults(&self, limits: Limits) {
+        *self.defaults.lock().unwrap_or_else(|e| e.into_inner()) = limits;
     }
 
     pub(crate) fn runtime(&self) -> &Arc<Runtime> {
@@ -42,6 +65,17 @@ impl Deployer {
 
     pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Records a rejection found before compiling (unreadable files, a bad
+    /// manifest): logged by the caller, counted and remembered here.
+    pub(crate) fn record_rejection(&self, name: &str, reason: String) {
+        self.metrics.deploy_event(name, DeployEvent::Reject);
+        self.registry.record_rejection(name, reason);
     }
 
     fn attempts(&self) -> MutexGuard<'_, HashMap<String, u64>> {
@@ -70,6 +104,22 @@ impl Deployer {
         let built = self.build(spec).await;
 
         let attempts = self.attempts();
+        let same_as_current = |built: &Result<Deployment>| {
+            let snapshot = self.registry.snapshot();
+            match (built, snapshot.service(&name)) {
+                (Ok(new), Some(current))
+                    if new.digest() == current.digest() && new.config() == current.config() =>
+                {
+                    Some(current.clone())
+                }
+                _ => None,
+            }
+        };
+        // The same version arrived twice (say through the admin API and then
+        // its file): nothing to replace.
+        if let Some(current) = same_as_current(&built) {
+            return Ok(current);
+        }
         if attempts.get(&name) != Some(&attempt) {
             tracing::info!(
                 event = "superseded",
@@ -88,6 +138,14 @@ impl Deployer {
         match installed {
             Ok((new, old, compile)) => {
                 let compile_ms = compile.duration.as_secs_f64() * 1000.0;
+                self.metrics
+                    .compiled(&name, compile.duration, compile.cache_hit);
+                let event = if old.is_some() {
+                    DeployEvent::Replace
+                } else {
+                    DeployEvent::Deploy
+                };
+                self.metrics.deploy_event(&name, event);
                 match old {
                     Some(old) => tracing::info!(
                         event = "replace",
@@ -138,10 +196,30 @@ impl Deployer {
                         "rejected {source}: {reason}"
                     ),
                 }
-                self.registry.record_rejection(&name, reason);
+                self.record_rejection(&name, reason);
                 Err(err)
             }
         }
+    }
+
+    /// Compiles and probes a service without installing it: whether
+    /// [`deploy`](Deployer::deploy) would succeed, short of a route conflict
+    /// or a newer change arriving meanwhile.
+    pub(crate) async fn validate(&self, spec: ServiceSpec) -> Result<()> {
+        let route = spec.config.route.clone();
+        let name = spec.name.clone();
+        if let Some(other) = self
+            .registry
+            .snapshot()
+            .services()
+            .find(|d| d.name() != name && *d.route() == route)
+        {
+            anyhow::bail!(
+                "route {route} is already served by service {:?}",
+                other.name()
+            );
+        }
+        self.build(spec).await.map(drop)
     }
 
     /// Compiles on a blocking thread, then proves the component instantiates.
@@ -150,7 +228,8 @@ impl Deployer {
             // The semaphore is never closed.
             let _permit = self.compile_permits.acquire().await?;
             let runtime = self.runtime.clone();
-            tokio::task::spawn_blocking(move || deploy::build(&runtime, spec))
+            let metrics = self.metrics.service(&spec.name);
+            tokio::task::spawn_blocking(move || deploy::build(&runtime, spec, metrics))
                 .await
                 .map_err(|join| anyhow!("compilation task failed: {join}"))??
         };
@@ -167,6 +246,7 @@ impl Deployer {
         drop(attempts);
         self.registry.clear_rejection(name);
         if let Some(removed) = &removed {
+            self.metrics.deploy_event(name, DeployEvent::Remove);
             tracing::info!(
                 event = "remove",
                 service = %name,

@@ -5,8 +5,9 @@
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
@@ -16,6 +17,7 @@ use http::{HeaderValue, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex as AsyncMutex;
+use wasmtime_wasi_http::WasiBody;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperIncomingBody;
 
@@ -24,9 +26,12 @@ use crate::deploy::{Deployment, ServiceConfig, ServiceSpec, validate_name};
 use crate::deployer::Deployer;
 use crate::engine::Runtime;
 use crate::invoke::{self, RequestMeta};
+use crate::metrics::Metrics;
+use crate::outbound::{CallContext, HOPS_HEADER, InternalCalls};
 use crate::registry::{Registry, Snapshot};
 use crate::respond::{self, Body};
 use crate::source::SourceOptions;
+use crate::trace::{TRACEPARENT, TraceContext};
 use crate::watcher::{self, DirWatcher, LoadReport, WatchOptions};
 
 /// Header carrying the request id, kept if the client sent a sane one.
@@ -56,22 +61,62 @@ struct Inner {
     deployer: Arc<Deployer>,
     /// The directory watcher, if watching; taken on shutdown.
     watcher: AsyncMutex<Option<DirWatcher>>,
-    /// How the initial load went.
-    load_report: LoadReport,
+    /// How the initial load went; set once it is done.
+    load_report: OnceLock<LoadReport>,
+    /// Set when a graceful shutdown begins.
+    draining: AtomicBool,
     request_ids: RequestIds,
+    /// Delivers guests' `*.internal` calls back into this host.
+    internal: Arc<dyn InternalCalls>,
 }
 
 impl Host {
-    /// Builds a host: creates the engine, loads every service in the
-    /// configured directory (in parallel, returning once all valid ones are
-    /// deployed) and, if configured, starts watching it.
+    /// Builds a host and loads its services: creates the engine, loads every
+    /// service in the configured directory (in parallel, returning once all
+    /// valid ones are deployed) and, if configured, starts watching it.
     pub async fn new(config: Config) -> Result<Host> {
+        let host = Host::create(config).await?;
+        host.load().await?;
+        Ok(host)
+    }
+
+    /// Builds a host without loading any service yet: the engine, registry
+    /// and metrics exist, [`is_ready`](Host::is_ready) is false until
+    /// [`load`](Host::load) finishes. For serving health checks during a long
+    /// initial load.
+    pub async fn create(config: Config) -> Result<Host> {
         let engine_options = config.engine.clone();
         let runtime = tokio::task::spawn_blocking(move || Runtime::new(&engine_options))
             .await
             .context("engine setup task failed")??;
-        let deployer = Arc::new(Deployer::new(Arc::new(runtime), Arc::new(Registry::new())));
-        let (load_report, watcher) = match &config.services_dir {
+        let deployer = Arc::new(Deployer::new(
+            Arc::new(runtime),
+            Arc::new(Registry::new()),
+            Arc::new(Metrics::new()),
+            config.limit_overrides.apply(config.limits),
+        ));
+        let max_hops = config.max_call_depth;
+        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
+            config,
+            deployer,
+            watcher: AsyncMutex::new(None),
+            load_report: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            request_ids: RequestIds::new(),
+            internal: Arc::new(InternalRouter {
+                host: weak.clone(),
+                max_hops,
+            }),
+        });
+        Ok(Host { inner })
+    }
+
+    /// Loads every service in the configured directory, in parallel, and
+    /// returns once all valid ones are deployed; then, if configured, keeps
+    /// watching it. Without a directory it just marks the host ready.
+    pub async fn load(&self) -> Result<LoadReport> {
+        let config = &self.inner.config;
+        let (report, watcher) = match &config.services_dir {
             Some(dir) => {
                 let options = WatchOptions {
                     source: SourceOptions {
@@ -82,7 +127,8 @@ impl Host {
                     limit_overrides: config.limit_overrides,
                 };
                 let (report, watcher) =
-                    watcher::load_and_watch(options, deployer.clone(), config.watch).await?;
+                    watcher::load_and_watch(options, self.inner.deployer.clone(), config.watch)
+                        .await?;
                 tracing::info!(
                     dir = %dir.display(),
                     deployed = report.deployed,
@@ -94,15 +140,11 @@ impl Host {
             }
             None => (LoadReport::default(), None),
         };
-        Ok(Host {
-            inner: Arc::new(Inner {
-                config,
-                deployer,
-                watcher: AsyncMutex::new(watcher),
-                load_report,
-                request_ids: RequestIds::new(),
-            }),
-        })
+        *self.inner.watcher.lock().await = watcher;
+        if self.inner.load_report.set(report.clone()).is_err() {
+            anyhow::bail!("the host was already loaded");
+        }
+        Ok(report)
     }
 
     /// A host serving the services in `dir`, watching it for changes.
@@ -115,9 +157,25 @@ impl Host {
         &self.inner.config
     }
 
-    /// How the initial load of the services directory went.
-    pub fn load_report(&self) -> &LoadReport {
-        &self.inner.load_report
+    /// How the initial load of the services directory went (empty before
+    /// it is done).
+    pub fn load_report(&self) -> LoadReport {
+        self.inner.load_report.get().cloned().unwrap_or_default()
+    }
+
+    /// Whether the host has loaded its services and is not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.inner.load_report.get().is_some() && !self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether a graceful shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the host as shutting down (readiness turns false).
+    pub(crate) fn set_draining(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
     }
 
     /// The deployed services at this moment.
@@ -130,6 +188,21 @@ impl Host {
         self.inner.deployer.registry()
     }
 
+    /// The host's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        self.inner.deployer.metrics()
+    }
+
+    /// Every metric in the Prometheus text exposition format.
+    pub fn metrics_text(&self) -> String {
+        let instances = self.inner.deployer.runtime().instances();
+        self.metrics().render(
+            self.services().len(),
+            instances.in_use(),
+            instances.capacity(),
+        )
+    }
+
     /// Deploys a component from bytes as service `name` at `/name`, with the
     /// host's default limits, replacing any current version. Not backed by a
     /// file: if the host watches a directory that later holds `name.wasm`,
@@ -139,13 +212,7 @@ impl Host {
         let spec = ServiceSpec {
             name: name.to_string(),
             wasm: wasm.into(),
-            config: ServiceConfig::defaults(
-                name,
-                self.inner
-                    .config
-                    .limit_overrides
-                    .apply(self.inner.config.limits),
-            ),
+            config: ServiceConfig::defaults(name, self.inner.deployer.defaults()),
             source: None,
             digest: None,
         };
@@ -158,6 +225,10 @@ impl Host {
             .deployer
             .undeploy(name, "removed through the API")
             .is_some()
+    }
+
+    pub(crate) fn deployer(&self) -> &Arc<Deployer> {
+        &self.inner.deployer
     }
 
     /// Handles one request in-process, with no socket: routes it, runs the
@@ -174,7 +245,7 @@ impl Host {
         self.dispatch(request, Scheme::Http).await
     }
 
-    /// Routes and runs a request whose body is already in wasi:http form.
+    /// Routes a client's request by path and runs it.
     pub(crate) async fn dispatch(
         &self,
         mut request: http::Request<HyperIncomingBody>,
@@ -182,8 +253,14 @@ impl Host {
     ) -> http::Response<Body> {
         let started = Instant::now();
         let request_id = self.inner.request_ids.take(request.headers());
-        let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        // Hop counts are the host's to keep, not a client's to claim.
+        request.headers_mut().remove(HOPS_HEADER);
+        let parent = request
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse);
+        let trace = TraceContext::child_of(parent.as_ref());
 
         let routed = {
             let snapshot = self.inner.deployer.registry().snapshot();
@@ -191,37 +268,103 @@ impl Host {
                 .route(request.uri().path())
                 .map(|(deployment, rest)| (deployment.clone(), rest.to_string()))
         };
-        let mut response = match routed {
-            None => not_found(&self.inner.deployer.registry().snapshot(), &path),
-            Some((deployment, rest)) => match rewrite_uri(request.uri(), &rest) {
-                Err(reason) => respond::text(StatusCode::BAD_REQUEST, &reason),
-                Ok(uri) => {
-                    *request.uri_mut() = uri;
-                    prepare_headers(&mut request, deployment.route().as_str(), &request_id);
-                    let meta = RequestMeta {
-                        request_id: request_id.clone(),
-                        scheme,
-                    };
-                    let response =
-                        invoke::invoke(self.inner.deployer.runtime(), &deployment, request, &meta)
-                            .await;
-                    tracing::info!(
-                        target: "wharf::access",
-                        service = %deployment.name(),
-                        generation = deployment.generation(),
-                        method = %method,
-                        path = %path,
-                        status = response.status().as_u16(),
-                        duration_ms = format_args!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
-                        request_id = %request_id,
-                    );
-                    response
-                }
-            },
+        let Some((deployment, rest)) = routed else {
+            let path = request.uri().path().to_string();
+            let mut response = not_found(&self.inner.deployer.registry().snapshot(), &path);
+            set_request_id(&mut response, &request_id);
+            return response;
         };
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, value);
-        }
+        let path = request.uri().path().to_string();
+        let uri = match rewrite_uri(request.uri(), &rest) {
+            Ok(uri) => uri,
+            Err(reason) => return respond::text(StatusCode::BAD_REQUEST, &reason),
+        };
+        *request.uri_mut() = uri;
+        prepare_headers(&mut request, deployment.route().as_str(), &request_id);
+        request
+            .headers_mut()
+            .insert(TRACEPARENT, trace.header_value());
+        let meta = RequestMeta {
+            request_id,
+            scheme,
+            hops: 0,
+            deadline: None,
+            trace,
+            internal: Some(self.inner.internal.clone()),
+        };
+        self.run(&deployment, request, meta, path, started).await
+    }
+
+    /// Runs a service-to-service call on service `name`, in-process.
+    async fn dispatch_internal(
+        &self,
+        name: &str,
+        mut request: http::Request<HyperIncomingBody>,
+        context: CallContext,
+    ) -> http::Response<Body> {
+        let started = Instant::now();
+        let deployment = self
+            .inner
+            .deployer
+            .registry()
+            .snapshot()
+            .service(name)
+            .cloned();
+        let Some(deployment) = deployment else {
+            return respond::text(
+                StatusCode::NOT_FOUND,
+                &format!("no service named {name:?} is deployed"),
+            );
+        };
+        let parent = request
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse);
+        let trace = TraceContext::child_of(parent.as_ref().or(Some(&context.trace)));
+        request
+            .headers_mut()
+            .insert(TRACEPARENT, trace.header_value());
+        let path = request.uri().path().to_string();
+        let meta = RequestMeta {
+            request_id: context.request_id,
+            scheme: Scheme::Http,
+            hops: context.hops,
+            deadline: Some(context.deadline),
+            trace,
+            internal: Some(self.inner.internal.clone()),
+        };
+        self.run(&deployment, request, meta, path, started).await
+    }
+
+    /// Runs a routed request, then counts and logs it.
+    async fn run(
+        &self,
+        deployment: &Arc<Deployment>,
+        request: http::Request<HyperIncomingBody>,
+        meta: RequestMeta,
+        path: String,
+        started: Instant,
+    ) -> http::Response<Body> {
+        let method = request.method().clone();
+        let mut response =
+            invoke::invoke(self.inner.deployer.runtime(), deployment, request, &meta).await;
+        let elapsed = started.elapsed();
+        deployment
+            .metrics()
+            .observe(response.status().as_u16(), elapsed);
+        tracing::info!(
+            target: "wharf::access",
+            service = %deployment.name(),
+            generation = deployment.generation(),
+            method = %method,
+            path = %path,
+            status = response.status().as_u16(),
+            duration_ms = format_args!("{:.2}", elapsed.as_secs_f64() * 1000.0),
+            request_id = %meta.request_id,
+            hops = meta.hops,
+        );
+        set_request_id(&mut response, &meta.request_id);
         response
     }
 
@@ -233,10 +376,22 @@ impl Host {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
+        self.serve_with(listener, None, shutdown).await
+    }
+
+    /// [`serve`](Host::serve), over TLS when an acceptor is given (see
+    /// [`tls::acceptor`](crate::tls::acceptor)): HTTP/2 and HTTP/1.1 by ALPN.
+    pub async fn serve_with(
+        &self,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
         let config = &self.inner.config;
         crate::server::run(
             self.clone(),
             listener,
+            tls,
             shutdown,
             config.client_timeout,
             config.drain_timeout,
@@ -251,6 +406,41 @@ impl Host {
         if let Some(watcher) = self.inner.watcher.lock().await.take() {
             watcher.stop().await;
         }
+    }
+}
+
+/// Delivers `*.internal` calls to the host that made them.
+struct InternalRouter {
+    /// Weak: the host owns the router, not the other way round.
+    host: Weak<Inner>,
+    max_hops: u32,
+}
+
+impl InternalCalls for InternalRouter {
+    fn call(
+        &self,
+        service: &str,
+        request: http::Request<WasiBody>,
+        context: CallContext,
+    ) -> Pin<Box<dyn Future<Output = http::Response<WasiBody>> + Send>> {
+        let host = self.host.upgrade().map(|inner| Host { inner });
+        let service = service.to_string();
+        Box::pin(async move {
+            match host {
+                Some(host) => host.dispatch_internal(&service, request, context).await,
+                None => respond::text(StatusCode::SERVICE_UNAVAILABLE, "the host is shutting down"),
+            }
+        })
+    }
+
+    fn max_hops(&self) -> u32 {
+        self.max_hops
+    }
+}
+
+fn set_request_id(response: &mut http::Response<Body>, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
 }
 

@@ -21,10 +21,12 @@ use crate::body::{GuestBody, LimitedBody};
 use crate::deploy::Deployment;
 use crate::engine::Runtime;
 use crate::limits::format_size;
-use crate::outbound::OutboundHooks;
+use crate::metrics::{RejectReason, ServiceMetrics};
+use crate::outbound::{CallContext, InternalCalls, OutboundHooks};
 use crate::respond::{self, Body};
 use crate::state::HostState;
 use crate::stdio::{GuestOutput, Stream};
+use crate::trace::TraceContext;
 
 /// Response header naming the generation of the service that answered.
 pub const GENERATION_HEADER: &str = "x-wharf-generation";
@@ -50,6 +52,9 @@ pub enum Failure {
     Busy(String),
     /// No instance could be created right now (the pool is full).
     Overloaded(String),
+    /// The request body is larger than the service accepts: its declared
+    /// length (if it declared one) and the limit.
+    BodyTooLarge(Option<u64>, u64),
     /// Something failed in the host itself.
     Host(String),
 }
@@ -60,6 +65,7 @@ impl Failure {
         match self {
             Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Failure::Busy(_) | Failure::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::BodyTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,7 +88,31 @@ impl Failure {
             Failure::ErrorResponse(code) => format!("the service failed the request: {code}"),
             Failure::Busy(why) => format!("the service is at its concurrency limit: {why}"),
             Failure::Overloaded(why) => format!("the host is at capacity: {why}"),
+            Failure::BodyTooLarge(Some(length), limit) => format!(
+                "the request body of {length} bytes is over the service's limit of {}",
+                format_size(*limit)
+            ),
+            Failure::BodyTooLarge(None, limit) => format!(
+                "the request body is over the service's limit of {}",
+                format_size(*limit)
+            ),
             Failure::Host(why) => format!("internal error: {why}"),
+        }
+    }
+
+    /// Counts this failure in the service's metrics.
+    fn record(&self, metrics: &ServiceMetrics) {
+        match self {
+            Failure::Timeout(_) => metrics.timed_out(),
+            Failure::MemoryLimit(_)
+            | Failure::StackOverflow
+            | Failure::Trap(_)
+            | Failure::Exited(_)
+            | Failure::NoResponse => metrics.trapped(),
+            Failure::Busy(_) => metrics.rejected(RejectReason::Busy),
+            Failure::Overloaded(_) => metrics.rejected(RejectReason::Overloaded),
+            Failure::BodyTooLarge(..) => metrics.rejected(RejectReason::BodyTooLarge),
+            Failure::ErrorResponse(_) | Failure::Host(_) => {}
         }
     }
 
@@ -128,15 +158,16 @@ fn first_line(text: &str) -> String {
 }
 
 /// Builds the store for one instance of `deployment`, with its memory cap,
-/// environment, captured stdio, outbound policy and a deadline at which the
+/// environment, captured stdio, outbound hooks and a deadline at which the
 /// guest is interrupted. Until then it yields to other tasks every epoch tick.
 pub(crate) fn new_store(
     runtime: &Runtime,
     deployment: &Deployment,
-    request_id: &Arc<str>,
+    meta: &RequestMeta,
     deadline: Instant,
 ) -> Store<HostState> {
     let service = deployment.name_arc();
+    let request_id = &meta.request_id;
     let mut wasi = WasiCtx::builder();
     wasi.envs(&deployment.config().env)
         .stdout(GuestOutput::new(
@@ -152,7 +183,13 @@ pub(crate) fn new_store(
     let hooks = OutboundHooks::new(
         deployment.outbound().clone(),
         service.clone(),
-        request_id.clone(),
+        CallContext {
+            request_id: request_id.clone(),
+            hops: meta.hops,
+            deadline,
+            trace: meta.trace,
+        },
+        meta.internal.clone(),
     );
     let state = HostState::new(wasi.build(), deployment.limits().memory, hooks);
     let mut store = Store::new(runtime.engine(), state);
@@ -174,9 +211,16 @@ pub(crate) fn new_store(
 /// Instantiates `deployment` once without calling it: proves the component
 /// fits the instance pool and its start-up code runs, before it is deployed.
 pub(crate) async fn probe(runtime: &Runtime, deployment: &Deployment) -> anyhow::Result<()> {
-    let id: Arc<str> = Arc::from("deploy-probe");
+    let meta = RequestMeta {
+        request_id: Arc::from("deploy-probe"),
+        scheme: Scheme::Http,
+        hops: 0,
+        deadline: None,
+        trace: TraceContext::child_of(None),
+        internal: None,
+    };
     let timeout = deployment.limits().timeout;
-    let mut store = new_store(runtime, deployment, &id, Instant::now() + timeout);
+    let mut store = new_store(runtime, deployment, &meta, Instant::now() + timeout);
     match deployment.pre().instantiate_async(&mut store).await {
         Ok(_) => Ok(()),
         Err(err) => {
@@ -193,12 +237,21 @@ pub(crate) async fn probe(runtime: &Runtime, deployment: &Deployment) -> anyhow:
 }
 
 /// Facts about a request that are not in the request itself.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct RequestMeta {
     /// Correlates the access log, guest output and outgoing calls.
     pub request_id: Arc<str>,
     /// The scheme the client used.
     pub scheme: Scheme,
+    /// Service-to-service hops that led here (0 for a client's request).
+    pub hops: u32,
+    /// The caller's deadline, for a service-to-service call: the callee
+    /// gets no more time than its caller has left.
+    pub deadline: Option<Instant>,
+    /// This request's span.
+    pub trace: TraceContext,
+    /// Delivers the guest's `*.internal` calls.
+    pub internal: Option<Arc<dyn InternalCalls>>,
 }
 
 /// Aborts the guest task when dropped, unless disarmed: a client that goes
@@ -227,38 +280,53 @@ pub(crate) async fn invoke(
     request: http::Request<HyperIncomingBody>,
     meta: &RequestMeta,
 ) -> http::Response<Body> {
-    let response = run_guest(runtime, deployment, request, meta).await;
+    let response = match run_guest(runtime, deployment, request, meta).await {
+        Ok(response) => response,
+        Err(failure) => {
+            failure.record(deployment.metrics());
+            failure.into_response()
+        }
+    };
     with_generation(response, deployment.generation())
 }
 
+/// Runs the guest; a failure that happens before its response starts is
+/// returned for the caller to count and answer.
 async fn run_guest(
     runtime: &Runtime,
     deployment: &Arc<Deployment>,
     request: http::Request<HyperIncomingBody>,
     meta: &RequestMeta,
-) -> http::Response<Body> {
+) -> Result<http::Response<Body>, Failure> {
     let limits = *deployment.limits();
     if let Some(length) = content_length(&request)
         && length > limits.body
     {
-        return body_too_large(length, limits.body);
+        return Err(Failure::BodyTooLarge(Some(length), limits.body));
     }
     let started = Instant::now();
-    let deadline = started + limits.timeout;
-    let queue_deadline = started + MAX_QUEUE_WAIT.min(limits.timeout);
-    let service_slot = match deployment.admission().enter(queue_deadline).await {
-        Ok(permit) => permit,
-        Err(refused) => return Failure::Busy(refused.0).into_response(),
-    };
-    let instance_slot = match runtime.instances().enter(queue_deadline).await {
-        Ok(permit) => permit,
-        Err(refused) => return Failure::Overloaded(refused.0).into_response(),
-    };
+    let own_deadline = started + limits.timeout;
+    let deadline = meta
+        .deadline
+        .map_or(own_deadline, |caller| caller.min(own_deadline));
+    let timeout = deadline.saturating_duration_since(started);
+    let queue_deadline = started + MAX_QUEUE_WAIT.min(timeout);
+    let service_slot = deployment
+        .admission()
+        .enter(queue_deadline)
+        .await
+        .map_err(|refused| Failure::Busy(refused.0))?;
+    let instance_slot = runtime
+        .instances()
+        .enter(queue_deadline)
+        .await
+        .map_err(|refused| Failure::Overloaded(refused.0))?;
+    let in_flight = deployment.metrics().in_flight();
 
     let body_exceeded = Arc::new(AtomicBool::new(false));
     let request = request
         .map(|body| LimitedBody::new(body, limits.body, body_exceeded.clone()).boxed_unsync());
-    let mut store = new_store(runtime, deployment, &meta.request_id, deadline);
+    let mut store = new_store(runtime, deployment, meta, deadline);
     let (sender, receiver) = oneshot::channel();
     let prepared = {
         let mut http = store.data_mut().http();
@@ -268,21 +336,21 @@ async fn run_guest(
     let (incoming, outparam) = match prepared {
         Ok(handles) => handles,
         Err(err) => {
-            return respond::text(
+            return Ok(respond::text(
                 StatusCode::BAD_REQUEST,
                 &format!("request cannot be handed to the service: {err}"),
-            );
+            ));
         }
     };
 
     let pre = deployment.pre().clone();
     let service = deployment.name_arc().clone();
+    let metrics = deployment.metrics().clone();
     let request_id = meta.request_id.clone();
-    let timeout = limits.timeout;
     let (failure_tx, failure_rx) = oneshot::channel();
     let guest = async move {
         // Held until the guest is done, response body included.
-        let _slots = (service_slot, instance_slot);
+        let _slots = (service_slot, instance_slot, in_flight);
         let run = async {
             let proxy = pre.instantiate_async(&mut store).await?;
             proxy
@@ -302,6 +370,7 @@ async fn run_guest(
                 "{}",
                 failure.reason()
             );
+            failure.record(&metrics);
             // Sent before the store (and with it the response body's sender)
             // is dropped, so a body cut short by a failure ends in an error.
             let _ = failure_tx.send(failure.reason());
@@ -324,9 +393,10 @@ async fn run_guest(
         }
         Err(_) => {
             // The response sender is gone without a response: the guest
-            // finished, failed, or was stopped. Its task says which.
+            // finished, failed, or was stopped. Its task says which (and
+            // has already counted and logged a failure).
             let Some(handle) = task.0.as_mut() else {
-                return Failure::Host("guest task vanished".into()).into_response();
+                return Err(Failure::Host("guest task vanished".into()));
             };
             let outcome = handle.await;
             task.disarm();
@@ -339,17 +409,17 @@ async fn run_guest(
                         "{}",
                         Failure::NoResponse.reason()
                     );
-                    Failure::NoResponse.into_response()
+                    return Err(Failure::NoResponse);
                 }
-                Err(join) => Failure::Host(format!("guest task failed: {join}")).into_response(),
+                Err(join) => return Err(Failure::Host(format!("guest task failed: {join}"))),
             }
         }
     };
     if body_exceeded.load(Ordering::Relaxed) {
         // Whatever the guest made of the cut-off body, the cause is known.
-        return body_too_large_streamed(limits.body);
+        return Err(Failure::BodyTooLarge(None, limits.body));
     }
-    response
+    Ok(response)
 }
 
 fn content_length<B>(request: &http::Request<B>) -> Option<u64> {
@@ -360,26 +430,6 @@ fn content_length<B>(request: &http::Request<B>) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-fn body_too_large(length: u64, limit: u64) -> http::Response<Body> {
-    respond::text(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &format!(
-            "the request body of {length} bytes is over the service's limit of {}",
-            format_size(limit)
-        ),
-    )
-}
-
-fn body_too_large_streamed(limit: u64) -> http::Response<Body> {
-    respond::text(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &format!(
-            "the request body is over the service's limit of {}",
-            format_size(limit)
-        ),
-    )
 }
 
 fn with_generation(mut response: http::Response<Body>, generation: u64) -> http::Response<Body> {

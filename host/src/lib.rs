@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod admission;
 mod body;
 pub mod cache;
@@ -35,6 +36,7 @@ mod host;
 pub mod invoke;
 pub mod limits;
 pub mod manifest;
+pub mod metrics;
 pub mod outbound;
 pub mod registry;
 pub mod respond;
@@ -44,6 +46,8 @@ mod source;
 mod stall;
 mod state;
 pub mod stdio;
+pub mod tls;
+pub mod trace;
 mod watcher;
 
 pub use config::Config;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use wharf::admin::AdminToken;
 use wharf::engine::EngineOptions;
 use wharf::limits::{self, Limits, PartialLimits};
 use wharf::{Config, Host};
@@ -28,6 +29,15 @@ struct Cli {
 enum Command {
     /// Serve every component in a directory over HTTP, following changes.
     Serve(ServeArgs),
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,6 +106,35 @@ struct ServeArgs {
     #[arg(long)]
     allow_external_symlinks: bool,
 
+    /// Serve the admin endpoint (health, readiness, metrics, service list,
+    /// deploy API) on this address, e.g. 127.0.0.1:9090. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+
+    /// File holding the bearer token that admin deploys and removals need
+    /// (default: the WHARF_ADMIN_TOKEN environment variable; without either,
+    /// admin writes are disabled).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM certificate
+    /// chain; needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Most service-to-service hops one request may cause (calls to
+    /// http://NAME.internal); deeper calls get 508 Loop Detected.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    max_call_depth: u32,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     /// Log filter, e.g. "info", "warn", "wharf=debug" (overrides RUST_LOG).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
@@ -105,7 +144,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            init_logging(args.log.as_deref())?;
+            init_logging(args.log.as_deref(), args.log_format)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -115,16 +154,18 @@ fn main() -> Result<()> {
     }
 }
 
-fn init_logging(filter: Option<&str>) -> Result<()> {
+fn init_logging(filter: Option<&str>, format: LogFormat) -> Result<()> {
     let filter = match filter {
         Some(filter) => EnvFilter::try_new(filter).context("invalid --log filter")?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
     Ok(())
 }
 
@@ -152,16 +193,68 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         drain_timeout: args.drain_timeout,
         client_timeout: args.client_timeout,
+        max_call_depth: args.max_call_depth,
     };
-    let host = Host::new(config)
+    let host = Host::create(config).await.context("starting the engine")?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(wharf::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let token = match &args.admin_token_file {
+        Some(path) => Some(AdminToken::from_file(path)?),
+        None => match std::env::var("WHARF_ADMIN_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => Some(AdminToken::new(&token)?),
+            _ => None,
+        },
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    // The admin endpoint is up during the initial load, so /readyz can say
+    // "not yet"; it stops after the public listener has drained.
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
+    let admin = match args.admin {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
+            let address = listener.local_addr().context("reading the admin address")?;
+            eprintln!("wharf: admin listening on http://{address}");
+            if token.is_none() {
+                tracing::info!(
+                    "admin deploys are disabled: no --admin-token-file or WHARF_ADMIN_TOKEN"
+                );
+            }
+            Some(tokio::spawn(wharf::admin::serve(
+                host.clone(),
+                listener,
+                token,
+                stopped(admin_stop_rx),
+            )))
+        }
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    host.load()
         .await
         .with_context(|| format!("cannot serve {}", args.dir.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
-    eprintln!("wharf: listening on http://{address}");
-    host.serve(listener, shutdown_signal()).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!("wharf: listening on {scheme}://{address}");
+    host.serve_with(listener, tls, stopped(stop_rx.clone()))
+        .await?;
+    let _ = admin_stop_tx.send(true);
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     eprintln!("wharf: stopped");
     Ok(())
 }

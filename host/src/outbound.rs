@@ -1,11 +1,19 @@
 //! Outbound HTTP from guests: the allow-list that decides where a service may
-//! send requests, and the wasi:http hooks that enforce it. Nothing is allowed
-//! unless a service's manifest says so.
+//! send requests, and the wasi:http hooks that enforce it, deliver calls to
+//! `http://NAME.internal` in-process, cut call loops, and propagate request
+//! ids and trace context. Nothing is allowed unless a manifest says so.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::uri::Scheme;
+use http::{HeaderValue, StatusCode};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::host::REQUEST_ID_HEADER;
+use crate::respond;
+use crate::trace::{TRACEPARENT, TraceContext};
 
 /// One allow-list entry: `scheme://host[:port]`, where host may be `*` (any
 /// host) or `*.suffix` (any subdomain), and port may be `*`.
@@ -149,24 +157,62 @@ impl OutboundPolicy {
     }
 }
 
+/// Header carrying how many service-to-service hops led to a request.
+pub const HOPS_HEADER: &str = "x-wharf-hops";
+
+/// Host-name suffix that routes a request to another service in-process.
+pub const INTERNAL_SUFFIX: &str = ".internal";
+
+/// Facts about the calling request that bound and label its outgoing calls.
+#[derive(Debug, Clone)]
+pub(crate) struct CallContext {
+    /// The request id, propagated to every call.
+    pub request_id: Arc<str>,
+    /// Hops that led to the calling request (0 for a client's request).
+    pub hops: u32,
+    /// When the calling request's time is up; callees get no more.
+    pub deadline: Instant,
+    /// The calling request's span.
+    pub trace: TraceContext,
+}
+
+/// In-process delivery of `http://NAME.internal/...` requests to service NAME.
+pub(crate) trait InternalCalls: Send + Sync {
+    /// Runs `request` on service `service` and returns its response (a host
+    /// error response if it is not deployed or fails).
+    fn call(
+        &self,
+        service: &str,
+        request: http::Request<WasiBody>,
+        context: CallContext,
+    ) -> Pin<Box<dyn Future<Output = http::Response<WasiBody>> + Send>>;
+
+    /// Most hops a chain of calls may take before it is cut with 508.
+    fn max_hops(&self) -> u32;
+}
+
 /// The [`WasiHttpHooks`] of one request: checks every outgoing request
-/// against the service's policy before sending it.
+/// against the service's policy, delivers `*.internal` requests in-process,
+/// and propagates the request id and trace context.
 pub(crate) struct OutboundHooks {
     policy: Arc<OutboundPolicy>,
     service: Arc<str>,
-    request_id: Arc<str>,
+    context: CallContext,
+    internal: Option<Arc<dyn InternalCalls>>,
 }
 
 impl OutboundHooks {
     pub(crate) fn new(
         policy: Arc<OutboundPolicy>,
         service: Arc<str>,
-        request_id: Arc<str>,
+        context: CallContext,
+        internal: Option<Arc<dyn InternalCalls>>,
     ) -> OutboundHooks {
         OutboundHooks {
             policy,
             service,
-            request_id,
+            context,
+            internal,
         }
     }
 }
@@ -179,10 +225,14 @@ type SendResult = Result<
     HttpError,
 >;
 
+fn done() -> Box<dyn Future<Output = Result<(), HttpError>> + Send> {
+    Box::new(std::future::ready(Ok(())))
+}
+
 impl WasiHttpHooks for OutboundHooks {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
@@ -191,16 +241,64 @@ impl WasiHttpHooks for OutboundHooks {
         if !self.policy.allows(request.uri()) {
             tracing::warn!(
                 service = %self.service,
-                request_id = %self.request_id,
+                request_id = %self.context.request_id,
                 method = %request.method(),
                 uri = %request.uri(),
                 "outbound request denied: not in the service's [outbound] allow list"
             );
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
+        let headers = request.headers_mut();
+        if !headers.contains_key(REQUEST_ID_HEADER)
+            && let Ok(value) = HeaderValue::from_str(&self.context.request_id)
+        {
+            headers.insert(REQUEST_ID_HEADER, value);
+        }
+        if !headers.contains_key(TRACEPARENT) {
+            let span = TraceContext::child_of(Some(&self.context.trace));
+            headers.insert(TRACEPARENT, span.header_value());
+        }
+
+        let internal_target = request
+            .uri()
+            .host()
+            .and_then(|host| host.strip_suffix(INTERNAL_SUFFIX))
+            .map(str::to_owned);
+        if let (Some(target), Some(internal)) = (internal_target, self.internal.clone()) {
+            let hops = self.context.hops + 1;
+            if hops > internal.max_hops() {
+                tracing::warn!(
+                    service = %self.service,
+                    request_id = %self.context.request_id,
+                    target = %target,
+                    hops,
+                    "service call chain too deep; answering 508"
+                );
+                let response = respond::text(
+                    StatusCode::LOOP_DETECTED,
+                    &format!(
+                        "call chain longer than {} hops; stopped at {target}",
+                        internal.max_hops()
+                    ),
+                );
+                return Box::new(async move { Ok((response, done())) });
+            }
+            request
+                .headers_mut()
+                .insert(HOPS_HEADER, HeaderValue::from(hops));
+            let context = CallContext {
+                hops,
+                ..self.context.clone()
+            };
+            return Box::new(async move {
+                let response = internal.call(&target, request, context).await;
+                Ok((response, done()))
+            });
+        }
+
         tracing::debug!(
             service = %self.service,
-            request_id = %self.request_id,
+            request_id = %self.context.request_id,
             uri = %request.uri(),
             "outbound request"
         );

@@ -17,6 +17,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::host::Host;
 use crate::stall::StallTimeout;
+use tokio_rustls::TlsAcceptor;
 
 /// Serves `host` on `listener` until `shutdown` resolves, then drains.
 /// `client_timeout` bounds how long a client may stall (headers, idle
@@ -24,6 +25,7 @@ use crate::stall::StallTimeout;
 pub(crate) async fn run(
     host: Host,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send,
     client_timeout: Duration,
     drain_timeout: Duration,
@@ -60,29 +62,67 @@ pub(crate) async fn run(
         };
         // Small responses should leave at once, not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        let scheme = if tls.is_some() {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
         let host = host.clone();
+        let counted = host.metrics().connection();
         let service = service_fn(move |request: http::Request<Incoming>| {
             let host = host.clone();
+            let scheme = scheme.clone();
             async move {
                 let request = request.map(|body| body.map_err(Into::into).boxed_unsync());
-                Ok::<_, std::convert::Infallible>(host.dispatch(request, Scheme::Http).await)
+                Ok::<_, std::convert::Infallible>(host.dispatch(request, scheme).await)
             }
         });
-        let connection = builder
-            .serve_connection(
-                TokioIo::new(StallTimeout::new(stream, client_timeout)),
-                service,
-            )
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+        let stream = StallTimeout::new(stream, client_timeout);
+        match &tls {
+            None => {
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _counted = counted;
+                    if let Err(err) = connection.await {
+                        tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                // The handshake runs in the connection's task, bounded like a
+                // stalled client, so a slow handshake never blocks accepting.
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let _counted = counted;
+                    let handshake =
+                        tokio::time::timeout(client_timeout, acceptor.accept(stream)).await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(peer = %peer, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    if let Err(err) = watcher.watch(connection.into_owned()).await {
+                        tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+                    }
+                });
+            }
+        }
     }
 
     drop(listener);
+    host.set_draining();
     let open = graceful.count();
     tracing::info!(
         open_connections = open,

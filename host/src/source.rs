@@ -281,6 +281,60 @@ pub(crate) fn read_host_file(dir: &Path) -> Result<Option<PartialLimits>> {
     Ok(Some(limits))
 }
 
+/// Writes a service's files into the directory atomically (each written to
+/// a dotfile, which the watcher ignores, then renamed into place): the
+/// manifest first, then the component. Without a manifest, an existing
+/// `NAME.toml` is removed, so the directory holds exactly what was given.
+pub(crate) fn write_service(
+    dir: &Path,
+    name: &str,
+    wasm: &[u8],
+    manifest: Option<&str>,
+) -> Result<()> {
+    let manifest_path = dir.join(format!("{name}.toml"));
+    match manifest {
+        Some(text) => write_atomically(dir, &manifest_path, text.as_bytes())?,
+        None => match std::fs::remove_file(&manifest_path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("removing {}", manifest_path.display()));
+            }
+        },
+    }
+    write_atomically(dir, &dir.join(format!("{name}.wasm")), wasm)
+}
+
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    let mut temp = tempfile::Builder::new()
+        .prefix(".wharf-upload-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    temp.write_all(bytes)
+        .with_context(|| format!("writing {}", temp.path().display()))?;
+    temp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Removes a service's files; whether there was a component file.
+pub(crate) fn remove_service(dir: &Path, name: &str) -> Result<bool> {
+    let mut removed_component = false;
+    for (file, is_component) in [
+        (format!("{name}.wasm"), true),
+        (format!("{name}.toml"), false),
+    ] {
+        let path = dir.join(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed_component |= is_component,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(removed_component)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,7 +273,7 @@ impl DirState {
                         "rejected {name}: {reason}"
                     ),
                 }
-                self.deployer.registry().record_rejection(name, reason);
+                self.deployer.record_rejection(name, reason);
                 match fingerprint {
                     Some(fingerprint) => self.applied.insert(name.to_string(), fingerprint),
                     None => self.applied.remove(name),
@@ -397,6 +397,7 @@ pub(crate) async fn load_and_watch(
         dir_missing: false,
         pending: HashMap::new(),
     };
+    state.deployer.set_defaults(state.defaults());
     let report = state.rescan(true).await;
     if !watch {
         return Ok((report, None));

@@ -4,9 +4,11 @@
 mod support;
 
 mod cache;
+mod calls;
 mod cli;
 mod embed;
 mod hostile;
 mod manifest;
+mod observability;
 mod reload;
 mod serving;

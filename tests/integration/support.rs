@@ -223,9 +223,10 @@ impl WharfProcess {
             move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(at) = line.find("listening on http://") {
-                        let addr = line[at + "listening on ".len()..].trim().to_string();
-                        let _ = addr_tx.send(addr);
+                    // The public listener's line (the admin one says "admin
+                    // listening on").
+                    if let Some(addr) = line.strip_prefix("wharf: listening on ") {
+                        let _ = addr_tx.send(addr.trim().to_string());
                     }
                     let mut log = log.lock().unwrap();
                     log.push_str(&line);

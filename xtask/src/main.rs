@@ -24,7 +24,7 @@ mod stats;
 const GUEST_TARGET: &str = "wasm32-wasip2";
 
 /// Rust guests copied into the demo directory.
-const DEMO_GUESTS: &[&str] = &["hello", "echo"];
+const DEMO_GUESTS: &[&str] = &["hello", "echo", "users", "orders", "gateway"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

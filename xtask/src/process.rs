@@ -38,8 +38,8 @@ impl WharfProcess {
             move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(at) = line.find("listening on ") {
-                        let _ = addr_tx.send(line[at + "listening on ".len()..].trim().to_string());
+                    if let Some(addr) = line.strip_prefix("wharf: listening on ") {
+                        let _ = addr_tx.send(addr.trim().to_string());
                     }
                     log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }

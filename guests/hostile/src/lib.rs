@@ -16,6 +16,7 @@
 //! | `/env` | lists the environment variables it can see |
 //! | `/stdio` | writes lines to stdout and stderr, then answers |
 //! | `/outbound?url=U` | makes an outgoing HTTP GET to U |
+//! | `/call-self?name=N` | calls `http://N.internal/call-self?name=N`: a loop |
 //!
 //! Anything else answers 200 with `hostile: ok`.
 
@@ -97,6 +98,20 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                     }
                     Err(err) => {
                         kit::respond(out, 502, text, format!("outbound {url}: {err}").as_bytes())
+                    }
+                }
+            }
+            "/call-self" => {
+                let name = kit::query_param(&path, "name").unwrap_or("hostile");
+                let url = format!("http://{name}.internal/call-self?name={name}");
+                match kit::fetch("GET", &url, &[], &[]) {
+                    Ok(reply) => {
+                        let mut body = b"hop\n".to_vec();
+                        body.extend_from_slice(&reply.body);
+                        kit::respond(out, reply.status, text, &body)
+                    }
+                    Err(err) => {
+                        kit::respond(out, 502, text, format!("call-self: {err}").as_bytes())
                     }
                 }
             }

@@ -1,0 +1,423 @@
+//! The admin endpoint (`--admin ADDR`, off by default): health and
+//! readiness, Prometheus metrics, the list of services, and deploying or
+//! removing services over HTTP — written through the services directory, so
+//! the files and the API never disagree. Writes need a bearer token.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /healthz` | `200 ok` while the process runs |
+//! | `GET /readyz` | `200` once every service is loaded, `503` while loading or draining |
+//! | `GET /metrics` | Prometheus/OpenMetrics text |
+//! | `GET /services` | JSON: every service and every rejection |
+//! | `PUT /services/NAME` | deploy: body is the component, or multipart `component` + `manifest` |
+//! | `DELETE /services/NAME` | remove |
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::deploy::{ServiceSpec, digest_of, validate_name};
+use crate::host::Host;
+use crate::manifest::Manifest;
+use crate::source::{self, MAX_COMPONENT_FILE};
+
+/// How long a PUT waits for its version to be serving.
+const DEPLOY_WAIT: Duration = Duration::from_secs(60);
+
+/// The bearer token that authorises admin writes.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    /// A token; leading and trailing whitespace is ignored. Empty is refused.
+    pub fn new(token: &str) -> Result<AdminToken> {
+        let token = token.trim();
+        anyhow::ensure!(!token.is_empty(), "the admin token is empty");
+        Ok(AdminToken(Arc::from(token)))
+    }
+
+    /// Reads a token from a file (its whole content, trimmed).
+    pub fn from_file(path: &std::path::Path) -> Result<AdminToken> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token from {}", path.display()))?;
+        AdminToken::new(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Whether an `Authorization` header value carries this token, compared
+    /// in constant time.
+    fn accepts(&self, header: Option<&HeaderValue>) -> bool {
+        let Some(given) = header
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        let (given, expected) = (given.trim().as_bytes(), self.0.as_bytes());
+        given.len() == expected.len()
+            && given
+                .iter()
+                .zip(expected)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
+}
+
+type AdminResponse = http::Response<Full<Bytes>>;
+
+fn text(status: StatusCode, message: &str) -> AdminResponse {
+    let mut response = http::Response::new(Full::new(Bytes::from(format!("{message}\n"))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, value: &Value) -> AdminResponse {
+    let mut response = http::Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    host: Host,
+    listener: TcpListener,
+    token: Option<AdminToken>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(host.config().client_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::error!(error = %err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (host, token) = (host.clone(), token.clone());
+        let service = service_fn(move |request: http::Request<Incoming>| {
+            let (host, token) = (host.clone(), token.clone());
+            async move { Ok::<_, std::convert::Infallible>(route(&host, token.as_ref(), request).await) }
+        });
+        let connection = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {},
+        () = tokio::time::sleep(Duration::from_secs(5)) => {},
+    }
+    Ok(())
+}
+
+async fn route(
+    host: &Host,
+    token: Option<&AdminToken>,
+    request: http::Request<Incoming>,
+) -> AdminResponse {
+    let path = request.uri().path().to_string();
+    match (request.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
+        (&Method::GET, "/readyz") => {
+            if host.is_ready() {
+                text(StatusCode::OK, "ready")
+            } else if host.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "loading services")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut response = http::Response::new(Full::new(Bytes::from(host.metrics_text())));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        (&Method::GET, "/services") => json_response(StatusCode::OK, &services_json(host)),
+        (method, _) if path.starts_with("/services/") => {
+            let name = path["/services/".len()..].to_string();
+            if *method != Method::PUT && *method != Method::DELETE {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE");
+            }
+            let Some(token) = token else {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
+                );
+            };
+            if !token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
+                tracing::warn!(method = %method, path = %path, "admin request refused: missing or wrong bearer token");
+                let mut response = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                response.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
+                return response;
+            }
+            if let Err(reason) = validate_name(&name) {
+                return text(StatusCode::BAD_REQUEST, &reason);
+            }
+            if *method == Method::PUT {
+                put_service(host, &name, request).await
+            } else {
+                delete_service(host, &name).await
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "no such admin route; see /healthz /readyz /metrics /services",
+        ),
+    }
+}
+
+fn services_json(host: &Host) -> Value {
+    let snapshot = host.services();
+    let rejections = host.registry().rejections();
+    let mut services: Vec<Value> = snapshot
+        .services()
+        .map(|d| {
+            let limits = d.limits();
+            json!({
+                "name": d.name(),
+                "route": d.route().as_str(),
+                "generation": d.generation(),
+                "digest": d.digest(),
+                "source": d.source().map(|p| p.display().to_string()),
+                "loaded_at": humantime::format_rfc3339_seconds(d.loaded_at()).to_string(),
+                "limits": {
+                    "timeout_ms": limits.timeout.as_millis() as u64,
+                    "memory_bytes": limits.memory,
+                    "concurrency": limits.concurrency,
+                    "body_bytes": limits.body,
+                },
+                "outbound": d.config().outbound.rules().iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+                "compile_ms": d.compile_info().duration.as_secs_f64() * 1000.0,
+                "cache_hit": d.compile_info().cache_hit,
+                "last_error": rejections.get(d.name()).map(|r| r.reason.clone()),
+            })
+        })
+        .collect();
+    for (name, rejection) in &rejections {
+        if snapshot.service(name).is_none() {
+            services.push(json!({
+                "name": name,
+                "route": null,
+                "generation": null,
+                "last_error": rejection.reason,
+            }));
+        }
+    }
+    json!({ "ready": host.is_ready(), "services": services })
+}
+
+/// The component and optional manifest of a PUT.
+async fn read_upload(
+    request: http::Request<Incoming>,
+) -> Result<(Vec<u8>, Option<String>), String> {
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = Limited::new(request.into_body(), MAX_COMPONENT_FILE as usize + (1 << 20));
+    if content_type.starts_with("multipart/form-data") {
+        let boundary = multer::parse_boundary(&content_type)
+            .map_err(|err| format!("bad multipart content type: {err}"))?;
+        let stream = http_body_util::BodyDataStream::new(body);
+        let mut multipart = multer::Multipart::new(stream, boundary);
+        let (mut component, mut manifest) = (None, None);
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|err| format!("reading the multipart body: {err}"))?
+        {
+            match field.name() {
+                Some("component") => {
+                    component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec())
+                }
+                Some("manifest") => manifest = Some(field.text().await.map_err(|e| e.to_string())?),
+                other => {
+                    return Err(format!(
+                        "unexpected multipart field {other:?}; use component and manifest"
+                    ));
+                }
+            }
+        }
+        let component = component.ok_or("the multipart body has no component field")?;
+        Ok((component, manifest))
+    } else {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|err| format!("reading the body: {err}"))?
+            .to_bytes();
+        Ok((bytes.to_vec(), None))
+    }
+}
+
+/// Validates (compiles and probes) the upload; only a good one is written
+/// into the directory and deployed.
+async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) -> AdminResponse {
+    let Some(dir) = host.config().services_dir.clone() else {
+        return text(
+            StatusCode::CONFLICT,
+            "this host has no services directory to deploy into",
+        );
+    };
+    let (wasm, manifest_text) = match read_upload(request).await {
+        Ok(upload) => upload,
+        Err(reason) => return text(StatusCode::BAD_REQUEST, &reason),
+    };
+    let manifest = match manifest_text.as_deref().map(Manifest::parse).transpose() {
+        Ok(manifest) => manifest.unwrap_or_default(),
+        Err(reason) => {
+            return text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("{name}.toml: {reason}"),
+            );
+        }
+    };
+    let deployer = host.deployer();
+    let digest = digest_of(&wasm);
+    let spec = ServiceSpec {
+        name: name.to_string(),
+        config: manifest.service_config(name, deployer.defaults()),
+        wasm: wasm.into(),
+        source: Some(dir.join(format!("{name}.wasm"))),
+        digest: Some(digest.clone()),
+    };
+    if let Err(err) = deployer.validate(spec.clone()).await {
+        let reason = format!("{err:#}");
+        tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
+        return text(StatusCode::UNPROCESSABLE_ENTITY, &reason);
+    }
+    let files = (
+        dir.clone(),
+        name.to_string(),
+        spec.wasm.clone(),
+        manifest_text,
+    );
+    let written = tokio::task::spawn_blocking(move || {
+        let (dir, name, wasm, manifest) = files;
+        source::write_service(&dir, &name, &wasm, manifest.as_deref())
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),
+        Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
+    }
+    let config = spec.config.clone();
+    if let Err(err) = deployer.deploy(spec).await {
+        // A newer change may have won the race; the registry says which.
+        tracing::debug!(service = %name, error = %format!("{err:#}"), "admin deploy did not install");
+    }
+    let deadline = tokio::time::Instant::now() + DEPLOY_WAIT;
+    loop {
+        let snapshot = host.services();
+        if let Some(current) = snapshot.service(name)
+            && current.digest() == digest
+            && *current.config() == config
+        {
+            tracing::info!(service = %name, generation = current.generation(), "deployed through the admin API");
+            return json_response(
+                StatusCode::OK,
+                &json!({
+                    "name": name,
+                    "generation": current.generation(),
+                    "digest": current.digest(),
+                    "route": current.route().as_str(),
+                }),
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return text(
+                StatusCode::ACCEPTED,
+                "written to the services directory; not serving yet (a newer change may have replaced it)",
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn delete_service(host: &Host, name: &str) -> AdminResponse {
+    let Some(dir) = host.config().services_dir.clone() else {
+        return text(StatusCode::CONFLICT, "this host has no services directory");
+    };
+    let owned = name.to_string();
+    let removed = tokio::task::spawn_blocking(move || source::remove_service(&dir, &owned)).await;
+    let had_file = match removed {
+        Ok(Ok(had_file)) => had_file,
+        Ok(Err(err)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),
+        Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
+    };
+    let was_deployed = host.undeploy(name);
+    if had_file || was_deployed {
+        tracing::info!(service = %name, "removed through the admin API");
+        text(StatusCode::OK, &format!("service {name} removed"))
+    } else {
+        text(StatusCode::NOT_FOUND, &format!("no service named {name}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_exactly() {
+        let token = AdminToken::new(" s3cret\n").unwrap();
+        let header = |v: &str| HeaderValue::from_str(v).unwrap();
+        assert!(token.accepts(Some(&header("Bearer s3cret"))));
+        assert!(!token.accepts(Some(&header("Bearer s3cre"))));
+        assert!(!token.accepts(Some(&header("Bearer s3cretx"))));
+        assert!(!token.accepts(Some(&header("Basic s3cret"))));
+        assert!(!token.accepts(None));
+        assert!(AdminToken::new("  ").is_err());
+    }
+}

@@ -1,0 +1,458 @@
+//! Metrics in the Prometheus text format, through `prometheus-client`: per
+//! service request counts by status class, latency, in-flight, timeouts,
+//! traps and rejections; deploy events, compile times and cache results;
+//! process-wide instance-pool use and resident memory.
+//!
+//! Per-service handles are created once per service and shared by its
+//! deployments, so the request path only touches atomics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels naming a service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+/// HTTP status classes.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum StatusClass {
+    Informational,
+    Success,
+    Redirection,
+    ClientError,
+    ServerError,
+}
+
+const CLASSES: [StatusClass; 5] = [
+    StatusClass::Informational,
+    StatusClass::Success,
+    StatusClass::Redirection,
+    StatusClass::ClientError,
+    StatusClass::ServerError,
+];
+
+/// Label values written as fixed strings.
+macro_rules! label_values {
+    ($($ty:ident { $($variant:ident => $text:literal),* $(,)? })*) => {$(
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                use std::fmt::Write as _;
+                encoder.write_str(match self { $($ty::$variant => $text),* })
+            }
+        }
+    )*};
+}
+
+label_values! {
+    StatusClass {
+        Informational => "1xx",
+        Success => "2xx",
+        Redirection => "3xx",
+        ClientError => "4xx",
+        ServerError => "5xx",
+    }
+    RejectReason { Busy => "busy", Overloaded => "overloaded", BodyTooLarge => "body_too_large" }
+    DeployEvent { Deploy => "deploy", Replace => "replace", Reject => "reject", Remove => "remove" }
+    CacheResult { Hit => "hit", Miss => "miss" }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    service: String,
+    class: StatusClass,
+}
+
+/// Why a request was refused before its guest ran.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The service's concurrency limit (503).
+    Busy,
+    /// The host's instance pool (503).
+    Overloaded,
+    /// The request body limit (413).
+    BodyTooLarge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    service: String,
+    reason: RejectReason,
+}
+
+/// A change to a service.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DeployEvent {
+    /// First deployment.
+    Deploy,
+    /// A new version replaced the running one.
+    Replace,
+    /// A new version was rejected.
+    Reject,
+    /// The service was removed.
+    Remove,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeployLabels {
+    service: String,
+    event: DeployEvent,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum CacheResult {
+    Hit,
+    Miss,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    result: CacheResult,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms .. ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+fn compile_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// The handles one service's requests update.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    requests: [Counter; 5],
+    latency: Histogram,
+    in_flight: Gauge,
+    timeouts: Counter,
+    traps: Counter,
+    busy: Counter,
+    overloaded: Counter,
+    body_too_large: Counter,
+}
+
+impl ServiceMetrics {
+    /// Counts a response by status class and records its latency.
+    pub fn observe(&self, status: u16, latency: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[class].inc();
+        self.latency.observe(latency.as_secs_f64());
+    }
+
+    /// Marks a request in flight until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Counts a guest stopped at its deadline.
+    pub fn timed_out(&self) {
+        self.timeouts.inc();
+    }
+
+    /// Counts a guest that crashed (trap, memory limit, exit, no response).
+    pub fn trapped(&self) {
+        self.traps.inc();
+    }
+
+    /// Counts a request refused before its guest ran.
+    pub fn rejected(&self, reason: RejectReason) {
+        match reason {
+            RejectReason::Busy => self.busy.inc(),
+            RejectReason::Overloaded => self.overloaded.inc(),
+            RejectReason::BodyTooLarge => self.body_too_large.inc(),
+        };
+    }
+}
+
+/// Keeps a request counted as in flight.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The host's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily<ServiceLabels>,
+    in_flight: Family<ServiceLabels, Gauge>,
+    timeouts: Family<ServiceLabels, Counter>,
+    traps: Family<ServiceLabels, Counter>,
+    rejected: Family<RejectLabels, Counter>,
+    deploy_events: Family<DeployLabels, Counter>,
+    compile_time: HistogramFamily<ServiceLabels>,
+    cache: Family<CacheLabels, Counter>,
+    services: Gauge,
+    instances_in_use: Gauge,
+    instances_capacity: Gauge,
+    resident_memory: Gauge,
+    open_connections: Gauge,
+    by_service: Mutex<HashMap<String, Arc<ServiceMetrics>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every Wharf metric registered (under `wharf_`).
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("wharf");
+        let metrics = Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+            timeouts: Family::default(),
+            traps: Family::default(),
+            rejected: Family::default(),
+            deploy_events: Family::default(),
+            compile_time: Family::new_with_constructor(compile_histogram),
+            cache: Family::default(),
+            services: Gauge::default(),
+            instances_in_use: Gauge::default(),
+            instances_capacity: Gauge::default(),
+            resident_memory: Gauge::default(),
+            open_connections: Gauge::default(),
+            by_service: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by service and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by service",
+            metrics.latency.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests running now (until the guest ends), by service",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Requests stopped at their time limit, by service",
+            metrics.timeouts.clone(),
+        );
+        registry.register(
+            "traps",
+            "Requests whose guest crashed (trap, memory limit, exit, no response), by service",
+            metrics.traps.clone(),
+        );
+        registry.register(
+            "rejected",
+            "Requests refused before the guest ran, by service and reason",
+            metrics.rejected.clone(),
+        );
+        registry.register(
+            "deploy_events",
+            "Deploys, replacements, rejections and removals, by service",
+            metrics.deploy_events.clone(),
+        );
+        registry.register(
+            "compile_duration_seconds",
+            "Time to compile or load a component from cache, by service",
+            metrics.compile_time.clone(),
+        );
+        registry.register(
+            "compile_cache",
+            "Compiled-code cache lookups by result",
+            metrics.cache.clone(),
+        );
+        registry.register("services", "Services deployed", metrics.services.clone());
+        registry.register(
+            "pool_instances_in_use",
+            "Instances alive now (instance slots in use)",
+            metrics.instances_in_use.clone(),
+        );
+        registry.register(
+            "pool_instances_capacity",
+            "Instance slots in total",
+            metrics.instances_capacity.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the host process",
+            metrics.resident_memory.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            metrics.open_connections.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The request-path handles of service `name` (created on first use).
+    pub fn service(&self, name: &str) -> Arc<ServiceMetrics> {
+        let mut by_service = self.by_service.lock().unwrap_or_else(|e| e.into_inner());
+        by_service
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let labels = ServiceLabels {
+                    service: name.to_string(),
+                };
+                let reject = |reason| {
+                    self.rejected
+                        .get_or_create(&RejectLabels {
+                            service: name.to_string(),
+                            reason,
+                        })
+                        .clone()
+                };
+                Arc::new(ServiceMetrics {
+                    requests: CLASSES.map(|class| {
+                        self.requests
+                            .get_or_create(&RequestLabels {
+                                service: name.to_string(),
+                                class,
+                            })
+                            .clone()
+                    }),
+                    latency: self.latency.get_or_create(&labels).clone(),
+                    in_flight: self.in_flight.get_or_create(&labels).clone(),
+                    timeouts: self.timeouts.get_or_create(&labels).clone(),
+                    traps: self.traps.get_or_create(&labels).clone(),
+                    busy: reject(RejectReason::Busy),
+                    overloaded: reject(RejectReason::Overloaded),
+                    body_too_large: reject(RejectReason::BodyTooLarge),
+                })
+            })
+            .clone()
+    }
+
+    /// Records a change to a service.
+    pub fn deploy_event(&self, service: &str, event: DeployEvent) {
+        self.deploy_events
+            .get_or_create(&DeployLabels {
+                service: service.to_string(),
+                event,
+            })
+            .inc();
+    }
+
+    /// Records how a component was compiled.
+    pub fn compiled(&self, service: &str, duration: Duration, cache_hit: bool) {
+        self.compile_time
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .observe(duration.as_secs_f64());
+        let result = if cache_hit {
+            CacheResult::Hit
+        } else {
+            CacheResult::Miss
+        };
+        self.cache.get_or_create(&CacheLabels { result }).inc();
+    }
+
+    /// Counts an opened client connection until the guard is dropped.
+    pub fn connection(&self) -> InFlight {
+        self.open_connections.inc();
+        InFlight(self.open_connections.clone())
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> i64 {
+        self.open_connections.get()
+    }
+
+    /// Renders every metric in the Prometheus text format, after updating
+    /// the gauges that are read at scrape time.
+    pub fn render(
+        &self,
+        services: usize,
+        instances_in_use: usize,
+        instances_capacity: usize,
+    ) -> String {
+        self.services.set(services as i64);
+        self.instances_in_use.set(instances_in_use as i64);
+        self.instances_capacity.set(instances_capacity as i64);
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident_memory.set(rss as i64);
+        }
+        let mut text = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The process's resident set size, from `/proc/self/statm` (Linux).
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_with_labels() {
+        let metrics = Metrics::new();
+        let hello = metrics.service("hello");
+        hello.observe(200, Duration::from_millis(2));
+        hello.observe(200, Duration::from_millis(3));
+        hello.observe(503, Duration::from_millis(1));
+        hello.rejected(RejectReason::Busy);
+        {
+            let _running = hello.in_flight();
+            let text = metrics.render(1, 1, 10);
+            assert!(
+                text.contains("wharf_requests_in_flight{service=\"hello\"} 1"),
+                "{text}"
+            );
+        }
+        metrics.deploy_event("hello", DeployEvent::Deploy);
+        metrics.compiled("hello", Duration::from_millis(80), false);
+        let text = metrics.render(1, 0, 10);
+        for line in [
+            "wharf_requests_total{service=\"hello\",class=\"2xx\"} 2",
+            "wharf_requests_total{service=\"hello\",class=\"5xx\"} 1",
+            "wharf_requests_in_flight{service=\"hello\"} 0",
+            "wharf_rejected_total{service=\"hello\",reason=\"busy\"} 1",
+            "wharf_deploy_events_total{service=\"hello\",event=\"deploy\"} 1",
+            "wharf_compile_cache_total{result=\"miss\"} 1",
+            "wharf_request_duration_seconds_count{service=\"hello\"} 3",
+            "wharf_pool_instances_capacity 10",
+            "wharf_services 1",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        // The same service gets the same handles.
+        assert!(Arc::ptr_eq(&hello, &metrics.service("hello")));
+    }
+}
