@@ -51,6 +51,36 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a built JavaScript (`js`) or Python (`python`) guest, building
+/// them through `cargo xtask guests LANG` on first use (which installs the
+/// npm packages or the componentize-py venv if needed; a no-op when the
+/// outputs are up to date).
+pub fn guest_in(lang: &str, name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|l| l == lang) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["run", "--quiet", "--package", "xtask", "--", "guests", lang])
+            .status()
+            .expect("run cargo xtask guests");
+        assert!(status.success(), "building the {lang} guests failed");
+        built.push(lang.to_string());
+    }
+    let path = workspace_root()
+        .join("guests")
+        .join("target")
+        .join(lang)
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{lang} guest {name} was not built: {}",
+        path.display()
+    );
+    path
+}
+
 /// The bytes of a built guest.
 pub fn guest_bytes(name: &str) -> Vec<u8> {
     std::fs::read(guest(name)).expect("read guest")
@@ -81,6 +111,12 @@ impl ServiceDir {
         let temp = self.path().join(format!(".{file}.tmp"));
         std::fs::write(&temp, bytes).expect("write temp file");
         std::fs::rename(&temp, self.path().join(file)).expect("rename into place");
+    }
+
+    /// Installs a JavaScript or Python guest as service `name` atomically.
+    pub fn install_from(&self, name: &str, lang: &str, guest_name: &str) {
+        let bytes = std::fs::read(guest_in(lang, guest_name)).expect("read guest");
+        self.install_bytes(&format!("{name}.wasm"), &bytes);
     }
 
     /// Installs guest `guest` as service `name` atomically.

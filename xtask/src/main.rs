@@ -1,7 +1,8 @@
 //! Build orchestration for Wharf: `cargo xtask <command>`.
 //!
-//! - `guests`: build every example and test guest (installs the
-//!   `wasm32-wasip2` target if it is missing).
+//! - `guests [rust|js|python...]`: build the example and test guests in
+//!   every language (see `guests.rs`; installs what they need).
+//! - `wit`: regenerate `wit/` from the WASI WIT in the `wasip2` crate.
 //! - `demo [--listen ADDR]`: build the guests, put them in
 //!   `examples/services/` and serve that directory.
 //! - `test`: build the guests, then run formatting and lint checks and every
@@ -14,22 +15,25 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, bail};
 
+mod guests;
 mod isolation;
 mod load;
 mod process;
 mod reload;
 mod stats;
 
-/// The wasm target guests are built for.
-const GUEST_TARGET: &str = "wasm32-wasip2";
-
 /// Rust guests copied into the demo directory.
-const DEMO_GUESTS: &[&str] = &["hello", "echo", "users", "orders", "gateway"];
+const DEMO_RUST: &[&str] = &["hello", "echo", "users", "orders", "gateway"];
+/// JavaScript guests copied into the demo directory, as (guest, service name).
+const DEMO_JS: &[(&str, &str)] = &[("hello", "hello-js"), ("team", "team-js")];
+/// Python guests copied into the demo directory, as (guest, service name).
+const DEMO_PYTHON: &[(&str, &str)] = &[("hello", "hello-py")];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("guests") => build_guests().map(|_| ()),
+        Some("guests") => build_guests_for(&args[1..]).map(|_| ()),
+        Some("wit") => guests::regenerate_wit(),
         Some("demo") => demo(&args[1..]),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
@@ -37,7 +41,8 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
-                 guests              build the example and test guests\n  \
+                 guests [LANG...]    build the example and test guests (rust, js, python; default all)\n  \
+                 wit                 regenerate wit/ from the wasip2 crate\n  \
                  demo [--listen A]   build the guests and serve examples/services\n  \
                  test                build the guests and run every check and test (CI)\n  \
                  bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
@@ -56,18 +61,18 @@ fn main() -> ExitCode {
 }
 
 /// The workspace root (the parent of this crate).
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     eprintln!("xtask: running {command:?}");
     let status = command
         .status()
@@ -78,35 +83,36 @@ fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Installs the guest target through rustup if it is missing.
-fn ensure_guest_target() -> Result<()> {
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .context("cannot run rustup (is Rust installed with rustup?)")?;
-    let list = String::from_utf8_lossy(&installed.stdout);
-    if !list.lines().any(|line| line.trim() == GUEST_TARGET) {
-        run(Command::new("rustup").args(["target", "add", GUEST_TARGET]))?;
-    }
-    Ok(())
-}
-
-/// Builds the Rust guests; returns the directory holding the `.wasm` files.
-fn build_guests() -> Result<PathBuf> {
-    ensure_guest_target()?;
-    let guests = root().join("guests");
-    run(cargo()
-        .current_dir(&guests)
-        .args(["build", "--release", "--target", GUEST_TARGET]))?;
-    Ok(guests.join("target").join(GUEST_TARGET).join("release"))
+/// Builds the guests of the languages named in `args` (all if none).
+fn build_guests_for(args: &[String]) -> Result<guests::Built> {
+    let langs = if args.is_empty() {
+        guests::Lang::ALL.to_vec()
+    } else {
+        args.iter()
+            .map(|a| guests::Lang::parse(a))
+            .collect::<Result<Vec<_>>>()?
+    };
+    guests::build(&langs)
 }
 
 fn demo(args: &[String]) -> Result<()> {
-    let built = build_guests()?;
+    let built = guests::build(&guests::Lang::ALL)?;
     let services = root().join("examples").join("services");
-    for guest in DEMO_GUESTS {
-        let from = built.join(format!("{guest}.wasm"));
-        let to = services.join(format!("{guest}.wasm"));
+    let demo = DEMO_RUST
+        .iter()
+        .map(|name| (built.rust.join(format!("{name}.wasm")), name.to_string()))
+        .chain(
+            DEMO_JS
+                .iter()
+                .map(|(src, name)| (built.js.join(format!("{src}.wasm")), name.to_string())),
+        )
+        .chain(
+            DEMO_PYTHON
+                .iter()
+                .map(|(src, name)| (built.python.join(format!("{src}.wasm")), name.to_string())),
+        );
+    for (from, name) in demo {
+        let to = services.join(format!("{name}.wasm"));
         std::fs::copy(&from, &to)
             .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     }
@@ -132,7 +138,7 @@ fn demo(args: &[String]) -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    build_guests()?;
+    guests::build(&guests::Lang::ALL)?;
     let root = root();
     run(cargo()
         .current_dir(&root)
@@ -174,10 +180,10 @@ fn bench(args: &[String]) -> Result<()> {
     let out_dir = root().join("target").join("bench");
     match args.first().map(String::as_str) {
         Some("reload") => {
-            let guests = build_guests()?;
+            let built = guests::build(&guests::Lang::ALL)?;
             let wharf = build_release_wharf()?;
-            let mut subjects = vec![("hello".to_string(), guests.join("hello.wasm"))];
-            for (label, path) in large_guests() {
+            let mut subjects = vec![("hello".to_string(), built.rust.join("hello.wasm"))];
+            for (label, path) in large_guests(&built) {
                 if path.exists() {
                     subjects.push((label, path));
                 } else {
@@ -187,7 +193,7 @@ fn bench(args: &[String]) -> Result<()> {
             reload::run(&wharf, &subjects, &out_dir.join("reload.md"))
         }
         Some("isolation") => {
-            let guests = build_guests()?;
+            let guests = guests::build(&[guests::Lang::Rust])?.rust;
             let wharf = build_release_wharf()?;
             isolation::run(&wharf, &guests, &out_dir.join("isolation.md"))
         }
@@ -195,7 +201,13 @@ fn bench(args: &[String]) -> Result<()> {
     }
 }
 
-/// Large guests measured beside hello when they are built.
-fn large_guests() -> Vec<(String, PathBuf)> {
-    Vec::new()
+/// Large guests measured beside hello: the JavaScript and Python hellos.
+fn large_guests(built: &guests::Built) -> Vec<(String, PathBuf)> {
+    vec![
+        ("hello (JS)".to_string(), built.js.join("hello.wasm")),
+        (
+            "hello (Python)".to_string(),
+            built.python.join("hello.wasm"),
+        ),
+    ]
 }

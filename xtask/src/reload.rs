@@ -19,8 +19,12 @@ use anyhow::{Context as _, Result, bail};
 use crate::process::WharfProcess;
 use crate::stats::Summary;
 
-/// Reloads per measured series.
+/// Reloads per measured series for a small guest.
 const RELOADS: usize = 50;
+/// Reloads per series for a large guest (one fresh compile takes seconds).
+const LARGE_RELOADS: usize = 20;
+/// A guest above this size is measured with [`LARGE_RELOADS`].
+const LARGE: usize = 4 << 20;
 /// Services in the startup measurement.
 const STARTUP_SERVICES: usize = 100;
 
@@ -107,11 +111,16 @@ fn reload_series(wharf_bin: &Path, guest: &Path, label: &str, report: &mut Strin
     let agent = ureq::Agent::new_with_defaults();
     wait_for_generation(&agent, &url, 1, Instant::now())?;
 
+    let reloads = if component.len() > LARGE {
+        LARGE_RELOADS
+    } else {
+        RELOADS
+    };
     let mut generation = 1;
     let mut fresh = Vec::new();
     let mut cached = Vec::new();
     for pass in [&mut fresh, &mut cached] {
-        for n in 1..=RELOADS as u64 {
+        for n in 1..=reloads as u64 {
             let at = install(services.path(), "svc.wasm", &variant(&component, n))?;
             generation += 1;
             pass.push(wait_for_generation(&agent, &url, generation, at)?);
@@ -123,7 +132,7 @@ fn reload_series(wharf_bin: &Path, guest: &Path, label: &str, report: &mut Strin
     for (mode, summary) in [("compiled fresh", &fresh), ("from cache", &cached)] {
         let _ = writeln!(
             report,
-            "| {label} ({size:.0} KiB) | {mode} | {RELOADS} | {:.1} | {:.1} | {:.1} |",
+            "| {label} ({size:.0} KiB) | {mode} | {reloads} | {:.1} | {:.1} | {:.1} |",
             summary.p50_ms(),
             summary.p99_ms(),
             summary.max_ms()

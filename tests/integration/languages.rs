@@ -1,0 +1,107 @@
+//! Services written in JavaScript (ComponentizeJS) and Python
+//! (componentize-py), built from `guests/js` and `guests/python`: JSON
+//! answers, a POST with a JSON body, non-200 statuses and custom headers, a
+//! JavaScript service calling another service, and a hot replacement.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{ServiceDir, TestServer, client, eventually, get};
+
+/// Large components compile for seconds (more in a debug build on a busy
+/// CI machine); replacements may take that long the first time.
+const APPLY: Duration = Duration::from_secs(180);
+
+async fn check_hello_service(server: &TestServer, prefix: &str, lang: &str) {
+    let response = client().get(server.url(prefix)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let doc: Value = response.json().await.unwrap();
+    assert_eq!(doc, json!({"message": "Hello from the microservice!"}));
+
+    let response = client()
+        .post(server.url(&format!("{prefix}/echo")))
+        .json(&json!({"order": 42, "items": ["tea", "scones"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let handled_by = format!("wharf-{lang}");
+    assert_eq!(response.headers()["x-handled-by"], handled_by.as_str());
+    let doc: Value = response.json().await.unwrap();
+    assert_eq!(
+        doc["received"],
+        json!({"order": 42, "items": ["tea", "scones"]})
+    );
+    assert_eq!(doc["lang"], lang);
+
+    let response = client()
+        .get(server.url(&format!("{prefix}/nope")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.headers()["x-handled-by"], handled_by.as_str());
+    let doc: Value = response.json().await.unwrap();
+    assert!(doc["error"].as_str().unwrap().contains("/nope"), "{doc}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_javascript_service_answers_like_the_express_original() {
+    let dir = ServiceDir::new();
+    dir.install_from("hello-js", "js", "hello");
+    let server = TestServer::for_dir(&dir).await;
+    check_hello_service(&server, "/hello-js", "js").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_service_answers_like_the_express_original() {
+    let dir = ServiceDir::new();
+    dir.install_from("hello-py", "python", "hello");
+    let server = TestServer::for_dir(&dir).await;
+    check_hello_service(&server, "/hello-py", "python").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_javascript_service_calls_another_service_with_fetch() {
+    let dir = ServiceDir::new();
+    dir.install_from("team", "js", "team");
+    dir.write(
+        "team.toml",
+        b"[outbound]\nallow = [\"http://users.internal\"]\n",
+    );
+    dir.install("users", "users");
+    let server = TestServer::for_dir(&dir).await;
+    let (status, body) = get(&server.url("/team")).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["source"], "js");
+    assert_eq!(doc["count"], 3);
+    assert_eq!(doc["users"][1]["name"], "Grace");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_javascript_service_is_hot_replaced_by_a_new_version() {
+    let dir = ServiceDir::new();
+    dir.install_from("svc", "js", "hello");
+    dir.install("users", "users");
+    dir.write(
+        "svc.toml",
+        b"[outbound]\nallow = [\"http://users.internal\"]\n",
+    );
+    let server = TestServer::for_dir(&dir).await;
+    let url = server.url("/svc");
+    let (_, body) = get(&url).await.unwrap();
+    assert!(body.contains("Hello from the microservice!"), "{body}");
+
+    dir.install_from("svc", "js", "team");
+    eventually(APPLY, "the new JavaScript version", || async {
+        get(&url)
+            .await
+            .is_some_and(|(_, body)| body.contains("\"source\":\"js\""))
+    })
+    .await;
+    let deployment = server.host.services().service("svc").unwrap().clone();
+    assert_eq!(deployment.generation(), 2);
+}
