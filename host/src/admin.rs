@@ -234,9 +234,15 @@ fn services_json(host: &Host) -> Value {
                     "concurrency": limits.concurrency,
                     "body_bytes": limits.body,
                 },
+                "instance": {
+                    "reuse": d.config().reuse,
+                    "reusing": d.reuses_instances(),
+                    "warm": d.warm_instances(),
+                },
                 "outbound": d.config().outbound.rules().iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                 "compile_ms": d.compile_info().duration.as_secs_f64() * 1000.0,
                 "cache_hit": d.compile_info().cache_hit,
+                "memory_init": d.compile_info().memory_init.as_str(),
                 "last_error": rejections.get(d.name()).map(|r| r.reason.clone()),
             })
         })

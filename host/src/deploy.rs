@@ -12,7 +12,8 @@ use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::admission::Gate;
-use crate::engine::Runtime;
+use crate::engine::{MemoryInit, Runtime};
+use crate::instance::WarmPool;
 use crate::limits::Limits;
 use crate::metrics::ServiceMetrics;
 use crate::outbound::OutboundPolicy;
@@ -52,6 +53,9 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// Where the guest may send HTTP requests.
     pub outbound: OutboundPolicy,
+    /// Requests one instance may serve in turn (1: a fresh instance for
+    /// every request, the default).
+    pub reuse: u32,
 }
 
 impl ServiceConfig {
@@ -63,6 +67,7 @@ impl ServiceConfig {
             env: Vec::new(),
             limits,
             outbound: OutboundPolicy::default(),
+            reuse: 1,
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct CompileInfo {
     pub duration: Duration,
     /// Whether the compiled code came from the cache.
     pub cache_hit: bool,
+    /// How the engine initialises the guest's memory (chosen by its size).
+    pub memory_init: MemoryInit,
 }
 
 /// One deployed version of a service: immutable once built. Requests hold an
@@ -108,6 +115,8 @@ pub struct Deployment {
     admission: Gate,
     /// The service's request metrics (shared by its versions).
     metrics: Arc<ServiceMetrics>,
+    /// Idle instances kept for reuse (empty unless `reuse` > 1).
+    warm: WarmPool,
 }
 
 impl std::fmt::Debug for Deployment {
@@ -190,6 +199,22 @@ impl Deployment {
         &self.metrics
     }
 
+    /// Idle instances kept for reuse.
+    pub(crate) fn warm(&self) -> &WarmPool {
+        &self.warm
+    }
+
+    /// Whether requests may run on reused instances: the manifest asked for
+    /// reuse and the guest has not shown it fails on a reused instance.
+    pub fn reuses_instances(&self) -> bool {
+        self.config.reuse > 1 && self.warm.enabled()
+    }
+
+    /// Instances kept idle for reuse right now.
+    pub fn warm_instances(&self) -> usize {
+        self.warm.len()
+    }
+
     /// The request slots of this version.
     pub fn admission(&self) -> &Gate {
         &self.admission
@@ -241,17 +266,19 @@ pub(crate) fn build(
     check_header(&spec.wasm)?;
     let digest = spec.digest.unwrap_or_else(|| digest_of(&spec.wasm));
     let started = Instant::now();
-    let cached = runtime
+    let memory_init = MemoryInit::for_component_size(spec.wasm.len());
+    let flavour = runtime.flavour(memory_init);
+    let cached = flavour
         .cache()
-        .and_then(|cache| cache.load(runtime.engine(), &digest));
+        .and_then(|cache| cache.load(flavour.engine(), &digest));
     let cache_hit = cached.is_some();
     let component = match cached {
         Some(component) => component,
         None => {
-            let component = Component::new(runtime.engine(), &spec.wasm[..])
+            let component = Component::new(flavour.engine(), &spec.wasm[..])
                 .map_err(|err| anyhow!("{err:#}"))
                 .context("invalid component")?;
-            if let Some(cache) = runtime.cache() {
+            if let Some(cache) = flavour.cache() {
                 cache.store(&digest, &component);
             }
             component
@@ -260,8 +287,9 @@ pub(crate) fn build(
     let compile = CompileInfo {
         duration: started.elapsed(),
         cache_hit,
+        memory_init,
     };
-    let instance_pre = runtime
+    let instance_pre = flavour
         .linker()
         .instantiate_pre(&component)
         .map_err(|err| anyhow!("{err:#}"))
@@ -278,6 +306,7 @@ pub(crate) fn build(
         outbound: Arc::new(spec.config.outbound.clone()),
         admission: Gate::new(spec.config.limits.concurrency as usize, "request slots"),
         metrics,
+        warm: WarmPool::default(),
         config: spec.config,
         compile,
         pre,

@@ -156,6 +156,7 @@ impl Deployer {
                         route = %new.route(),
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
+                        memory_init = compile.memory_init.as_str(),
                         file = %source,
                         "service replaced"
                     ),
@@ -167,6 +168,7 @@ impl Deployer {
                         route = %new.route(),
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
+                        memory_init = compile.memory_init.as_str(),
                         file = %source,
                         "service deployed"
                     ),

@@ -108,6 +108,7 @@ impl Host {
                 max_hops,
             }),
         });
+        tokio::spawn(sweep_idle_instances(Arc::downgrade(&inner)));
         Ok(Host { inner })
     }
 
@@ -401,11 +402,118 @@ impl Host {
         Ok(())
     }
 
+    /// Serves on `addr` with `threads` server threads, each running its own
+    /// single-threaded runtime and accepting from its own `SO_REUSEPORT`
+    /// socket: connections and the requests on them stay on one thread, with
+    /// no cross-thread wakeups on the request path. Returns once listening;
+    /// [`Serving::shutdown`] drains and stops every thread.
+    pub fn serve_threads(
+        &self,
+        addr: std::net::SocketAddr,
+        threads: usize,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Result<Serving> {
+        let listeners = crate::server::reuseport_listeners(addr, threads)?;
+        let local_addr = listeners[0].local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut handles = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let host = self.clone();
+            let tls = tls.clone();
+            let mut stop = stop_rx.clone();
+            let config = self.inner.config.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("wharf-server-{index}"))
+                .spawn(move || -> Result<()> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("starting a server thread's runtime")?;
+                    runtime.block_on(async move {
+                        let listener = TcpListener::from_std(listener)?;
+                        let shutdown = async move {
+                            let _ = stop.wait_for(|stop| *stop).await;
+                        };
+                        crate::server::run(
+                            host,
+                            listener,
+                            tls,
+                            shutdown,
+                            config.client_timeout,
+                            config.drain_timeout,
+                        )
+                        .await
+                    })
+                })
+                .context("starting a server thread")?;
+            handles.push(handle);
+        }
+        Ok(Serving {
+            local_addr,
+            stop: stop_tx,
+            threads: handles,
+            host: self.clone(),
+        })
+    }
+
     /// Stops applying directory changes; the current services stay deployed.
     pub async fn stop_watching(&self) {
         if let Some(watcher) = self.inner.watcher.lock().await.take() {
             watcher.stop().await;
         }
+    }
+}
+
+/// Every second, drops warm instances that have idled past
+/// [`IDLE_TIMEOUT`](crate::instance::IDLE_TIMEOUT), for as long as the host
+/// exists, so a service that stops receiving traffic gives its memory and
+/// instance slots back.
+async fn sweep_idle_instances(host: Weak<Inner>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = host.upgrade() else { return };
+        for deployment in inner.deployer.registry().snapshot().services() {
+            deployment.warm().sweep();
+        }
+    }
+}
+
+/// Server threads started by [`Host::serve_threads`].
+pub struct Serving {
+    local_addr: std::net::SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+    host: Host,
+}
+
+impl Serving {
+    /// The address being served (with the real port if 0 was asked for).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain
+    /// timeout), waits for every server thread, then stops watching the
+    /// directory.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let threads = self.threads;
+        let results = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a server thread panicked")))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .context("joining the server threads")?;
+        self.host.stop_watching().await;
+        results.into_iter().collect()
     }
 }
 

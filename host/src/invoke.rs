@@ -1,17 +1,16 @@
-//! Running one request on a fresh instance of a deployment: the store with
-//! its limits and deadline, the guest call, and the mapping of every way a
-//! guest can fail to a clear HTTP answer.
+//! Running one request on an instance of a deployment (fresh, or warm in
+//! reuse mode): admission, the guest call with its deadline, the retry of a
+//! reused instance's crash, and the mapping of every way a guest can fail to
+//! a clear HTTP answer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
-
 use http::{HeaderValue, StatusCode};
-use tokio::sync::oneshot;
-use wasmtime::{Store, Trap, UpdateDeadline};
-use wasmtime_wasi::WasiCtx;
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use wasmtime::Trap;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperIncomingBody;
@@ -20,12 +19,12 @@ use crate::admission::MAX_QUEUE_WAIT;
 use crate::body::{GuestBody, LimitedBody};
 use crate::deploy::Deployment;
 use crate::engine::Runtime;
+use crate::instance::{Instance, arm_deadline, new_store};
 use crate::limits::format_size;
 use crate::metrics::{RejectReason, ServiceMetrics};
-use crate::outbound::{CallContext, InternalCalls, OutboundHooks};
+use crate::outbound::{CallContext, InternalCalls};
 use crate::respond::{self, Body};
 use crate::state::HostState;
-use crate::stdio::{GuestOutput, Stream};
 use crate::trace::TraceContext;
 
 /// Response header naming the generation of the service that answered.
@@ -100,6 +99,19 @@ impl Failure {
         }
     }
 
+    /// Whether the guest itself crashed (as opposed to running out of time or
+    /// being refused): what a retry on a fresh instance may cure.
+    fn is_guest_crash(&self) -> bool {
+        matches!(
+            self,
+            Failure::MemoryLimit(_)
+                | Failure::StackOverflow
+                | Failure::Trap(_)
+                | Failure::Exited(_)
+                | Failure::NoResponse
+        )
+    }
+
     /// Counts this failure in the service's metrics.
     fn record(&self, metrics: &ServiceMetrics) {
         match self {
@@ -157,70 +169,18 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_string()
 }
 
-/// Builds the store for one instance of `deployment`, with its memory cap,
-/// environment, captured stdio, outbound hooks and a deadline at which the
-/// guest is interrupted. Until then it yields to other tasks every epoch tick.
-pub(crate) fn new_store(
-    runtime: &Runtime,
-    deployment: &Deployment,
-    meta: &RequestMeta,
-    deadline: Instant,
-) -> Store<HostState> {
-    let service = deployment.name_arc();
-    let request_id = &meta.request_id;
-    let mut wasi = WasiCtx::builder();
-    wasi.envs(&deployment.config().env)
-        .stdout(GuestOutput::new(
-            Stream::Stdout,
-            service.clone(),
-            request_id.clone(),
-        ))
-        .stderr(GuestOutput::new(
-            Stream::Stderr,
-            service.clone(),
-            request_id.clone(),
-        ));
-    let hooks = OutboundHooks::new(
-        deployment.outbound().clone(),
-        service.clone(),
-        CallContext {
-            request_id: request_id.clone(),
-            hops: meta.hops,
-            deadline,
-            trace: meta.trace,
-        },
-        meta.internal.clone(),
-    );
-    let state = HostState::new(wasi.build(), deployment.limits().memory, hooks);
-    let mut store = Store::new(runtime.engine(), state);
-    store.limiter(|state| &mut state.limiter);
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            ))
-        }
-    });
-    store
-}
-
 /// Instantiates `deployment` once without calling it: proves the component
 /// fits the instance pool and its start-up code runs, before it is deployed.
 pub(crate) async fn probe(runtime: &Runtime, deployment: &Deployment) -> anyhow::Result<()> {
-    let meta = RequestMeta {
-        request_id: Arc::from("deploy-probe"),
-        scheme: Scheme::Http,
-        hops: 0,
-        deadline: None,
-        trace: TraceContext::child_of(None),
-        internal: None,
-    };
     let timeout = deployment.limits().timeout;
-    let mut store = new_store(runtime, deployment, &meta, Instant::now() + timeout);
+    let context = CallContext {
+        request_id: Arc::from("deploy-probe"),
+        hops: 0,
+        deadline: Instant::now() + timeout,
+        trace: TraceContext::child_of(None),
+    };
+    let mut store = new_store(runtime, deployment, context.clone(), None);
+    arm_deadline(&mut store, context.deadline);
     match deployment.pre().instantiate_async(&mut store).await {
         Ok(_) => Ok(()),
         Err(err) => {
@@ -316,110 +276,299 @@ async fn run_guest(
         .enter(queue_deadline)
         .await
         .map_err(|refused| Failure::Busy(refused.0))?;
-    let instance_slot = runtime
-        .instances()
-        .enter(queue_deadline)
-        .await
-        .map_err(|refused| Failure::Overloaded(refused.0))?;
-    let in_flight = deployment.metrics().in_flight();
-
-    let body_exceeded = Arc::new(AtomicBool::new(false));
-    let request = request
-        .map(|body| LimitedBody::new(body, limits.body, body_exceeded.clone()).boxed_unsync());
-    let mut store = new_store(runtime, deployment, meta, deadline);
-    let (sender, receiver) = oneshot::channel();
-    let prepared = {
-        let mut http = store.data_mut().http();
-        http.new_incoming_request(meta.scheme.clone(), request)
-            .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+    let context = CallContext {
+        request_id: meta.request_id.clone(),
+        hops: meta.hops,
+        deadline,
+        trace: meta.trace,
     };
-    let (incoming, outparam) = match prepared {
-        Ok(handles) => handles,
-        Err(err) => {
-            return Ok(respond::text(
-                StatusCode::BAD_REQUEST,
-                &format!("request cannot be handed to the service: {err}"),
-            ));
+    let reuse = deployment.reuses_instances();
+    let warm = if reuse {
+        deployment.warm().take()
+    } else {
+        None
+    };
+    let (instance, retry) = match warm {
+        Some(mut instance) => {
+            instance.begin_request(context.clone());
+            // A request that can be repeated (idempotent method, no body) is
+            // kept, so a reused instance's failure can be retried on a fresh
+            // one instead of failing the caller.
+            let retry = replayable(&request);
+            (instance, retry)
+        }
+        None => {
+            let slot = runtime
+                .instances()
+                .enter(queue_deadline)
+                .await
+                .map_err(|refused| Failure::Overloaded(refused.0))?;
+            let instance = Instance::fresh(
+                runtime,
+                deployment,
+                context.clone(),
+                meta.internal.clone(),
+                slot,
+            );
+            (instance, None)
         }
     };
-
-    let pre = deployment.pre().clone();
-    let service = deployment.name_arc().clone();
-    let metrics = deployment.metrics().clone();
-    let request_id = meta.request_id.clone();
-    let (failure_tx, failure_rx) = oneshot::channel();
-    let guest = async move {
-        // Held until the guest is done, response body included.
-        let _slots = (service_slot, instance_slot, in_flight);
-        let run = async {
-            let proxy = pre.instantiate_async(&mut store).await?;
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, incoming, outparam)
-                .await
-        };
-        let failure = match tokio::time::timeout_at(deadline.into(), run).await {
-            Ok(Ok(())) => None,
-            Ok(Err(err)) => Some(classify(&err, store.data(), timeout)),
-            Err(_) => Some(Failure::Timeout(timeout)),
-        };
-        if let Some(failure) = &failure {
-            tracing::warn!(
-                service = %service,
-                request_id = %request_id,
-                "{}",
+    let attempt = Attempt {
+        deployment: deployment.clone(),
+        meta: meta.clone(),
+        timeout,
+        reuse,
+    };
+    match attempt.run(instance, request, service_slot).await {
+        Outcome::Done(result) => result,
+        Outcome::ReusedInstanceFailed(failure, service_slot) => {
+            let Some(request) = retry else {
+                // Logged and counted by the guest task already.
+                return Ok(failure.into_response());
+            };
+            tracing::info!(
+                service = %deployment.name(),
+                request_id = %meta.request_id,
+                "a reused instance failed ({}); retrying on a fresh instance",
                 failure.reason()
             );
-            failure.record(&metrics);
-            // Sent before the store (and with it the response body's sender)
-            // is dropped, so a body cut short by a failure ends in an error.
-            let _ = failure_tx.send(failure.reason());
-        }
-        drop(store);
-        failure
-    };
-    let mut task = AbortOnDrop(Some(tokio::spawn(guest)));
-
-    let response = match receiver.await {
-        Ok(Ok(response)) => {
-            // The guest keeps running to stream the body; it is bounded by
-            // its deadline, not by this request future.
-            task.disarm();
-            response.map(|body| GuestBody::new(body, failure_rx).boxed_unsync())
-        }
-        Ok(Err(code)) => {
-            task.disarm();
-            Failure::ErrorResponse(error_code_text(&code)).into_response()
-        }
-        Err(_) => {
-            // The response sender is gone without a response: the guest
-            // finished, failed, or was stopped. Its task says which (and
-            // has already counted and logged a failure).
-            let Some(handle) = task.0.as_mut() else {
-                return Err(Failure::Host("guest task vanished".into()));
-            };
-            let outcome = handle.await;
-            task.disarm();
-            match outcome {
-                Ok(Some(failure)) => failure.into_response(),
-                Ok(None) => {
-                    tracing::warn!(
-                        service = %deployment.name(),
-                        request_id = %meta.request_id,
-                        "{}",
-                        Failure::NoResponse.reason()
-                    );
-                    return Err(Failure::NoResponse);
-                }
-                Err(join) => return Err(Failure::Host(format!("guest task failed: {join}"))),
+            let slot = runtime
+                .instances()
+                .enter(queue_deadline)
+                .await
+                .map_err(|refused| Failure::Overloaded(refused.0))?;
+            let instance =
+                Instance::fresh(runtime, deployment, context, meta.internal.clone(), slot);
+            match attempt.run(instance, request, service_slot).await {
+                Outcome::Done(result) => result,
+                // A fresh instance is never retried; its task logged and
+                // counted the failure.
+                Outcome::ReusedInstanceFailed(failure, _) => Ok(failure.into_response()),
             }
         }
-    };
-    if body_exceeded.load(Ordering::Relaxed) {
-        // Whatever the guest made of the cut-off body, the cause is known.
-        return Err(Failure::BodyTooLarge(None, limits.body));
     }
-    Ok(response)
+}
+
+/// A copy of a request that can be sent again: only for idempotent methods
+/// without a body (the body of the first attempt is consumed).
+fn replayable(
+    request: &http::Request<HyperIncomingBody>,
+) -> Option<http::Request<HyperIncomingBody>> {
+    let idempotent = matches!(
+        *request.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    );
+    let bodiless =
+        http_body::Body::is_end_stream(request.body()) || content_length(request) == Some(0);
+    if !(idempotent && bodiless) {
+        return None;
+    }
+    let mut copy = http::Request::new(respond::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// How one attempt at running a request ended.
+enum Outcome {
+    /// Finished: the response (maybe still streaming) or a failure to report.
+    Done(Result<http::Response<Body>, Failure>),
+    /// A reused instance failed before sending a response: the request may
+    /// be retried on a fresh instance. The service slot is handed back.
+    ReusedInstanceFailed(Failure, OwnedSemaphorePermit),
+}
+
+/// What every attempt at one request shares.
+struct Attempt {
+    deployment: Arc<Deployment>,
+    meta: RequestMeta,
+    timeout: Duration,
+    reuse: bool,
+}
+
+impl Attempt {
+    async fn run(
+        &self,
+        mut instance: Instance,
+        request: http::Request<HyperIncomingBody>,
+        service_slot: OwnedSemaphorePermit,
+    ) -> Outcome {
+        let deployment = &self.deployment;
+        let limits = *deployment.limits();
+        let body_exceeded = Arc::new(AtomicBool::new(false));
+        let request = request
+            .map(|body| LimitedBody::new(body, limits.body, body_exceeded.clone()).boxed_unsync());
+        let (sender, receiver) = oneshot::channel();
+        let prepared = {
+            let mut http = instance.store.data_mut().http();
+            http.new_incoming_request(self.meta.scheme.clone(), request)
+                .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+        };
+        let (incoming, outparam) = match prepared {
+            Ok(handles) => handles,
+            Err(err) => {
+                return Outcome::Done(Ok(respond::text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("request cannot be handed to the service: {err}"),
+                )));
+            }
+        };
+
+        let reused = instance.is_reused();
+        let keep_warm = self.reuse;
+        let reuse_limit = deployment.config().reuse;
+        let pre_deployment = deployment.clone();
+        let request_id = self.meta.request_id.clone();
+        let timeout = self.timeout;
+        let deadline = Instant::now() + timeout;
+        let in_flight = deployment.metrics().in_flight();
+        let (failure_tx, failure_rx) = oneshot::channel();
+        // The guest's response goes through the task, which so knows whether
+        // one was sent before the guest returned.
+        let (relay_tx, relay_rx) = oneshot::channel();
+        let guest = async move {
+            // Held until the guest is done, response body included.
+            let _running = (service_slot, in_flight);
+            let deployment = pre_deployment;
+            let (result, responded) = {
+                let run = tokio::time::timeout_at(
+                    deadline.into(),
+                    instance.handle(deployment.pre(), incoming, outparam),
+                );
+                relay_response(run, receiver, relay_tx).await
+            };
+            let failure = match result {
+                Ok(Ok(())) if responded => None,
+                Ok(Ok(())) => Some(Failure::NoResponse),
+                Ok(Err(err)) => Some(classify(&err, instance.store.data(), timeout)),
+                Err(_) => Some(Failure::Timeout(timeout)),
+            };
+            match &failure {
+                Some(failure) => {
+                    tracing::warn!(
+                        service = %deployment.name(),
+                        request_id = %request_id,
+                        "{}",
+                        failure.reason()
+                    );
+                    failure.record(deployment.metrics());
+                    if reused
+                        && failure.is_guest_crash()
+                        && deployment.warm().reused_instance_failed()
+                    {
+                        tracing::warn!(
+                            service = %deployment.name(),
+                            generation = deployment.generation(),
+                            "{} reused instances of this service crashed in a row: it does not \
+                             survive reuse, so every request now gets a fresh instance \
+                             (until the service is redeployed)",
+                            crate::instance::MAX_REUSE_FAILURES
+                        );
+                    }
+                    // Sent before the store (and with it the response body's
+                    // sender) is dropped, so a body cut short by a failure
+                    // ends in an error.
+                    let _ = failure_tx.send(failure.reason());
+                    drop(instance);
+                }
+                None => {
+                    if reused {
+                        deployment.warm().reused_instance_succeeded();
+                    }
+                    instance.served += 1;
+                    if keep_warm && instance.served < reuse_limit {
+                        deployment.warm().give_back(instance);
+                    }
+                }
+            }
+            failure
+        };
+        let mut task = AbortOnDrop(Some(tokio::spawn(guest)));
+
+        let response = match relay_rx.await {
+            Ok(Ok(response)) => {
+                // The guest keeps running to stream the body; it is bounded
+                // by its deadline, not by this request future.
+                task.disarm();
+                response.map(|body| GuestBody::new(body, failure_rx).boxed_unsync())
+            }
+            Ok(Err(code)) => {
+                task.disarm();
+                Failure::ErrorResponse(error_code_text(&code)).into_response()
+            }
+            Err(_) => {
+                // The response sender is gone without a response: the guest
+                // finished, failed, or was stopped. Its task says which (and
+                // has already counted and logged a failure).
+                let Some(handle) = task.0.as_mut() else {
+                    return Outcome::Done(Err(Failure::Host("guest task vanished".into())));
+                };
+                let outcome = handle.await;
+                task.disarm();
+                let failure = match outcome {
+                    Ok(Some(failure)) => failure,
+                    Ok(None) => Failure::Host("the guest finished without a response".into()),
+                    Err(join) => Failure::Host(format!("guest task failed: {join}")),
+                };
+                if reused && failure.is_guest_crash() {
+                    // The slot was released with the task; take another.
+                    if let Ok(slot) = deployment.admission().enter(Instant::now()).await {
+                        return Outcome::ReusedInstanceFailed(failure, slot);
+                    }
+                }
+                // The guest task has logged and counted its failure.
+                return Outcome::Done(match failure {
+                    Failure::Host(_) => Err(failure),
+                    other => Ok(other.into_response()),
+                });
+            }
+        };
+        if body_exceeded.load(Ordering::Relaxed) {
+            // Whatever the guest made of the cut-off body, the cause is known.
+            return Outcome::Done(Err(Failure::BodyTooLarge(None, limits.body)));
+        }
+        Outcome::Done(Ok(response))
+    }
+}
+
+/// The guest's response as wasi:http hands it over.
+type GuestResponse =
+    Result<hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>, ErrorCode>;
+
+/// Drives the guest call `run` while forwarding its response from `receiver`
+/// to `relay` as soon as it is set. Returns the call's result and whether a
+/// response was sent. When no response was sent, `relay` is dropped, which
+/// tells the waiting request there will be none.
+async fn relay_response<F: std::future::Future>(
+    run: F,
+    mut receiver: oneshot::Receiver<GuestResponse>,
+    relay: oneshot::Sender<GuestResponse>,
+) -> (F::Output, bool) {
+    let mut run = std::pin::pin!(run);
+    let mut relay = Some(relay);
+    let mut responded = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            response = &mut receiver, if relay.is_some() => {
+                if let (Ok(response), Some(relay)) = (response, relay.take()) {
+                    responded = true;
+                    let _ = relay.send(response);
+                }
+            }
+            result = &mut run => break result,
+        }
+    };
+    // The response may have been set just before the guest returned.
+    if let Some(relay) = relay
+        && let Ok(response) = receiver.try_recv()
+    {
+        responded = true;
+        let _ = relay.send(response);
+    }
+    (result, responded)
 }
 
 fn content_length<B>(request: &http::Request<B>) -> Option<u64> {

@@ -33,6 +33,7 @@ pub mod deploy;
 mod deployer;
 pub mod engine;
 mod host;
+mod instance;
 pub mod invoke;
 pub mod limits;
 pub mod manifest;
@@ -52,7 +53,7 @@ mod watcher;
 
 pub use config::Config;
 pub use deploy::Deployment;
-pub use host::{FORWARDED_PREFIX_HEADER, Host, REQUEST_ID_HEADER};
+pub use host::{FORWARDED_PREFIX_HEADER, Host, REQUEST_ID_HEADER, Serving};
 pub use invoke::GENERATION_HEADER;
 pub use limits::Limits;
 pub use respond::Body;

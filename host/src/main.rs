@@ -131,6 +131,11 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 10)]
     max_call_depth: u32,
 
+    /// Server threads: each runs its own single-threaded runtime and accepts
+    /// from its own SO_REUSEPORT socket on ADDR [default: one per CPU].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -145,7 +150,10 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log.as_deref(), args.log_format)?;
+            // Requests are served on their own threads (--threads); this
+            // runtime runs loading, the watcher and the admin endpoint.
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
@@ -243,14 +251,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     host.load()
         .await
         .with_context(|| format!("cannot serve {}", args.dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let address = listener.local_addr().context("reading the bound address")?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
     let scheme = if tls.is_some() { "https" } else { "http" };
-    eprintln!("wharf: listening on {scheme}://{address}");
-    host.serve_with(listener, tls, stopped(stop_rx.clone()))
-        .await?;
+    let serving = host.serve_threads(args.listen, threads, tls)?;
+    eprintln!("wharf: listening on {scheme}://{}", serving.local_addr());
+    stopped(stop_rx.clone()).await;
+    serving.shutdown().await?;
     let _ = admin_stop_tx.send(true);
     if let Some(admin) = admin {
         let _ = admin.await;

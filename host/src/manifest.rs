@@ -13,6 +13,8 @@
 //! body = "16MiB"
 //! [outbound]
 //! allow = ["http://127.0.0.1:9000", "https://api.example.com"]
+//! [instance]
+//! reuse = 1                      # requests per instance; 1 = fresh each time
 //! ```
 
 use std::collections::BTreeMap;
@@ -35,7 +37,18 @@ struct ManifestFile {
     limits: LimitsTable,
     #[serde(default)]
     outbound: OutboundTable,
+    #[serde(default)]
+    instance: InstanceTable,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceTable {
+    reuse: Option<i64>,
+}
+
+/// Most requests one instance may serve in reuse mode.
+pub const MAX_REUSE: u32 = 100_000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +68,8 @@ pub struct Manifest {
     pub limits: PartialLimits,
     /// Where the service may send HTTP requests.
     pub outbound: OutboundPolicy,
+    /// Requests one instance may serve in turn, if set.
+    pub reuse: Option<u32>,
 }
 
 /// Renders a TOML error as one line: `line N: message`.
@@ -95,11 +110,22 @@ impl Manifest {
             .iter()
             .map(|entry| AllowRule::parse(entry).map_err(|why| format!("outbound.allow: {why}")))
             .collect::<Result<Vec<_>, _>>()?;
+        let reuse = file
+            .instance
+            .reuse
+            .map(|n| match u32::try_from(n) {
+                Ok(n) if (1..=MAX_REUSE).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "instance.reuse: {n} is not a whole number from 1 to {MAX_REUSE}"
+                )),
+            })
+            .transpose()?;
         Ok(Manifest {
             route,
             env: file.env.into_iter().collect(),
             limits,
             outbound: OutboundPolicy::new(rules),
+            reuse,
         })
     }
 
@@ -114,6 +140,7 @@ impl Manifest {
             env: self.env.clone(),
             limits: self.limits.apply(defaults),
             outbound: self.outbound.clone(),
+            reuse: self.reuse.unwrap_or(1),
         }
     }
 }
@@ -138,6 +165,8 @@ mod tests {
             body = "1MiB"
             [outbound]
             allow = ["http://127.0.0.1:9000", "https://api.example.com"]
+            [instance]
+            reuse = 128
             "#,
         )
         .unwrap();
@@ -149,6 +178,7 @@ mod tests {
         assert_eq!(config.limits.concurrency, 8);
         assert_eq!(config.limits.body, 1 << 20);
         assert_eq!(config.outbound.rules().len(), 2);
+        assert_eq!(config.reuse, 128);
     }
 
     #[test]
@@ -186,6 +216,11 @@ mod tests {
             ),
             ("[outbound]\ndeny = []", "unknown field `deny`"),
             ("route = ", "line 1:"),
+            (
+                "[instance]\nreuse = 0",
+                "instance.reuse: 0 is not a whole number",
+            ),
+            ("[instance]\nreused = 2", "unknown field `reused`"),
         ] {
             let err = Manifest::parse(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");

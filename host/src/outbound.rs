@@ -202,6 +202,11 @@ pub(crate) struct OutboundHooks {
 }
 
 impl OutboundHooks {
+    /// Hands the hooks to the next request of a reused instance.
+    pub(crate) fn begin_request(&mut self, context: CallContext) {
+        self.context = context;
+    }
+
     pub(crate) fn new(
         policy: Arc<OutboundPolicy>,
         service: Arc<str>,

@@ -137,3 +137,32 @@ pub(crate) async fn run(
     }
     Ok(())
 }
+
+/// Opens `threads` listening sockets on `addr`, all bound to the same port
+/// with `SO_REUSEPORT` so the kernel spreads connections across them. With
+/// port 0 the first socket picks the port and the others share it.
+pub(crate) fn reuseport_listeners(
+    addr: std::net::SocketAddr,
+    threads: usize,
+) -> Result<Vec<std::net::TcpListener>> {
+    use anyhow::Context as _;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(threads);
+    for _ in 0..threads.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .context("creating a socket")?;
+        socket.set_reuse_address(true)?;
+        #[cfg(unix)]
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}

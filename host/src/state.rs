@@ -6,7 +6,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::outbound::OutboundHooks;
+use crate::outbound::{CallContext, OutboundHooks};
+use crate::stdio::GuestOutput;
 
 /// Largest table a guest may grow to, in elements. Tables are bounded by the
 /// pooling allocator too; this also bounds on-demand allocation.
@@ -26,18 +27,36 @@ pub struct HostState {
     pub(crate) limiter: GuestLimiter,
     /// Decides where the guest's outgoing HTTP requests may go.
     hooks: OutboundHooks,
+    /// The guest's stdout and stderr, retagged per request.
+    output: [GuestOutput; 2],
 }
 
 impl HostState {
-    /// Assembles the store data for one request.
-    pub(crate) fn new(wasi: WasiCtx, memory_cap: u64, hooks: OutboundHooks) -> HostState {
+    /// Assembles the store data for one instance.
+    pub(crate) fn new(
+        wasi: WasiCtx,
+        memory_cap: u64,
+        hooks: OutboundHooks,
+        output: [GuestOutput; 2],
+    ) -> HostState {
         HostState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limiter: GuestLimiter::new(memory_cap),
             hooks,
+            output,
         }
+    }
+
+    /// Prepares a reused instance for its next request: its logs, outgoing
+    /// calls and limits belong to `context` from now on.
+    pub(crate) fn begin_request(&mut self, context: CallContext) {
+        for output in &self.output {
+            output.begin_request(context.request_id.clone());
+        }
+        self.hooks.begin_request(context);
+        self.limiter.memory_denied = false;
     }
 }
 

@@ -34,7 +34,9 @@ impl Stream {
     }
 }
 
-/// A guest's stdout or stderr for one request.
+/// A guest's stdout or stderr: what WASI writes into. Clones share the
+/// line buffer, so the host can retag it when an instance is reused.
+#[derive(Clone)]
 pub(crate) struct GuestOutput {
     lines: Arc<Mutex<LineLog>>,
 }
@@ -51,6 +53,19 @@ impl GuestOutput {
                 truncated: false,
             })),
         }
+    }
+
+    /// Starts the output of another request on the same instance: flushes
+    /// what is pending under the old request id, then tags lines with the
+    /// new one, with a fresh budget.
+    pub(crate) fn begin_request(&self, request_id: Arc<str>) {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if !lines.pending.is_empty() {
+            lines.emit();
+        }
+        lines.request_id = request_id;
+        lines.logged = 0;
+        lines.truncated = false;
     }
 }
 

@@ -105,3 +105,43 @@ async fn a_javascript_service_is_hot_replaced_by_a_new_version() {
     let deployment = server.host.services().service("svc").unwrap().clone();
     assert_eq!(deployment.generation(), 2);
 }
+
+/// Sends `n` GETs to `path`, each of which must get the hello JSON.
+async fn hello_n_times(server: &TestServer, path: &str, n: usize) {
+    for _ in 0..n {
+        let response = client().get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let doc: Value = response.json().await.unwrap();
+        assert_eq!(
+            doc,
+            json!({"message": "Hello from the microservice!"}),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interpreted_services_under_instance_reuse() {
+    let dir = ServiceDir::new();
+    dir.install_from("py", "python", "hello");
+    dir.install_from("js-handler", "js", "hello-handler");
+    dir.install_from("js-fetch", "js", "hello");
+    for name in ["py", "js-handler", "js-fetch"] {
+        dir.write(&format!("{name}.toml"), b"[instance]\nreuse = 8\n");
+    }
+    let server = TestServer::for_dir(&dir).await;
+    let service = |name: &str| server.host.services().service(name).unwrap().clone();
+
+    // componentize-py and a JS service exporting its handler survive reuse.
+    for name in ["py", "js-handler"] {
+        hello_n_times(&server, &format!("/{name}"), 6).await;
+        assert!(service(name).reuses_instances(), "{name}");
+        assert_eq!(service(name).warm_instances(), 1, "{name}");
+    }
+    // A fetch-event JS service fails on a reused instance (StarlingMonkey
+    // #247): every request still succeeds, retried on a fresh instance, and
+    // reuse is turned off for it.
+    hello_n_times(&server, "/js-fetch", 6).await;
+    assert!(!service("js-fetch").reuses_instances());
+    assert_eq!(service("js-fetch").warm_instances(), 0);
+}

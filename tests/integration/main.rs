@@ -12,4 +12,5 @@ mod languages;
 mod manifest;
 mod observability;
 mod reload;
+mod reuse;
 mod serving;

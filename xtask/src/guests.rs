@@ -17,7 +17,7 @@ use std::time::SystemTime;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, root, run};
+use crate::{cargo, root, run, system};
 
 /// The wasm target Rust guests are built for.
 pub const GUEST_TARGET: &str = "wasm32-wasip2";
@@ -149,15 +149,8 @@ fn services(dir: &Path, entry: &str) -> Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
-fn require(program: &str, hint: &str) -> Result<()> {
-    match Command::new(program).arg("--version").output() {
-        Ok(output) if output.status.success() => Ok(()),
-        _ => bail!("{program} is needed to build these guests: {hint}"),
-    }
-}
-
 fn build_js(guests: &Path, out: &Path) -> Result<()> {
-    require("node", "install Node.js 18 or newer (and npm)")?;
+    system::ensure(&[&system::NODE, &system::NPM])?;
     let js = guests.join("js");
     let lock = js.join("package-lock.json");
     let installed = js.join("node_modules").join(".package-lock.json");
@@ -189,10 +182,7 @@ fn build_python(guests: &Path, out: &Path) -> Result<()> {
     let requirements = python.join("requirements.txt");
     let marker = venv.join(".installed");
     if stale(&marker, std::slice::from_ref(&requirements)) {
-        require(
-            "python3",
-            "install CPython 3.9 or newer with the venv module",
-        )?;
+        system::ensure(&[&system::PYTHON_VENV])?;
         if !venv.join("bin").join("pip").exists() {
             run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
         }

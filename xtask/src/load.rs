@@ -30,12 +30,9 @@ pub struct Load {
     pub duration: Duration,
 }
 
-/// Checks that wrk is installed, with a hint if it is not.
+/// Makes sure wrk is installed (with apt-get if it is missing).
 pub fn require_wrk() -> Result<()> {
-    match Command::new("wrk").arg("--version").output() {
-        Ok(_) => Ok(()),
-        Err(_) => bail!("wrk is not installed; install it with `apt-get install wrk`"),
-    }
+    crate::system::ensure(&[&crate::system::WRK])
 }
 
 /// Runs wrk against `url`.

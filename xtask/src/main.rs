@@ -9,6 +9,8 @@
 //!   test. This is what CI runs.
 //! - `bench reload`: reload and start-up times (see `reload.rs`).
 //! - `bench isolation`: what a hostile neighbour costs (see `isolation.rs`).
+//! - `bench http`: throughput, latency and memory against `wasmtime serve`,
+//!   Express and bare hyper (see `http.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -16,11 +18,13 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context as _, Result, bail};
 
 mod guests;
+mod http;
 mod isolation;
 mod load;
 mod process;
 mod reload;
 mod stats;
+mod system;
 
 /// Rust guests copied into the demo directory.
 const DEMO_RUST: &[&str] = &["hello", "echo", "users", "orders", "gateway"];
@@ -46,7 +50,8 @@ fn main() -> ExitCode {
                  demo [--listen A]   build the guests and serve examples/services\n  \
                  test                build the guests and run every check and test (CI)\n  \
                  bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
-                 bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)"
+                 bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)\n  \
+                 bench http          Wharf vs wasmtime serve, Express, bare hyper (writes target/bench/http.md, http.svg)"
             );
             return ExitCode::from(2);
         }
@@ -197,7 +202,36 @@ fn bench(args: &[String]) -> Result<()> {
             let wharf = build_release_wharf()?;
             isolation::run(&wharf, &guests, &out_dir.join("isolation.md"))
         }
-        _ => bail!("usage: cargo xtask bench reload|isolation"),
+        Some("http") => {
+            let mut options = http::Options {
+                rounds: 3,
+                load: load::Load {
+                    threads: 1,
+                    connections: 32,
+                    duration: std::time::Duration::from_secs(10),
+                },
+                js: true,
+            };
+            let mut rest = args[1..].iter();
+            while let Some(arg) = rest.next() {
+                let mut value = || rest.next().context("a value after the flag");
+                match arg.as_str() {
+                    "--rounds" => options.rounds = value()?.parse()?,
+                    "--seconds" => {
+                        options.load.duration = std::time::Duration::from_secs(value()?.parse()?)
+                    }
+                    "--connections" => options.load.connections = value()?.parse()?,
+                    "--no-js" => options.js = false,
+                    other => bail!("unknown bench http flag {other}"),
+                }
+            }
+            let built = guests::build(&[guests::Lang::Rust, guests::Lang::Js])?;
+            let wharf = build_release_wharf()?;
+            http::run_bench(&wharf, &built, options, &out_dir)
+        }
+        _ => bail!(
+            "usage: cargo xtask bench reload | isolation | http [--rounds N] [--seconds S] [--connections C] [--no-js]"
+        ),
     }
 }
 

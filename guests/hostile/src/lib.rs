@@ -17,15 +17,21 @@
 //! | `/stdio` | writes lines to stdout and stderr, then answers |
 //! | `/outbound?url=U` | makes an outgoing HTTP GET to U |
 //! | `/call-self?name=N` | calls `http://N.internal/call-self?name=N`: a loop |
+//! | `/count` | answers how many requests this instance has handled |
+//! | `/fail-when-reused` | answers on a fresh instance, traps on a reused one |
 //!
 //! Anything else answers 200 with `hostile: ok`.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kit::wasip2;
 use wasip2::http::types::{IncomingRequest, ResponseOutparam};
 
 struct Hostile;
+
+/// Requests this instance has handled (instance state, for reuse tests).
+static HANDLED: AtomicU32 = AtomicU32::new(0);
 
 impl wasip2::exports::http::incoming_handler::Guest for Hostile {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
@@ -44,6 +50,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
             }
             "/trap" => panic!("hostile guest traps on purpose"),
             "/no-response" => drop(out),
+            // Returns while still owning the response handle: it is never
+            // set nor dropped.
+            "/leak-response" => std::mem::forget(out),
             "/never-responds" => {
                 wasip2::clocks::monotonic_clock::subscribe_duration(u64::MAX).block();
                 kit::respond(out, 200, text, b"woke up");
@@ -114,6 +123,16 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                         kit::respond(out, 502, text, format!("call-self: {err}").as_bytes())
                     }
                 }
+            }
+            "/count" => {
+                let n = HANDLED.fetch_add(1, Ordering::Relaxed) + 1;
+                kit::respond(out, 200, text, n.to_string().as_bytes());
+            }
+            "/fail-when-reused" => {
+                if HANDLED.fetch_add(1, Ordering::Relaxed) > 0 {
+                    panic!("this guest cannot serve a second request");
+                }
+                kit::respond(out, 200, text, b"served by a fresh instance");
             }
             _ => kit::respond(out, 200, text, b"hostile: ok"),
         }

@@ -1,0 +1,250 @@
+//! Guest instances: a fresh store and instance per request by default, or —
+//! for services that opt in with `[instance] reuse = N` — instances kept warm
+//! between requests, retagged for each one and retired after N requests,
+//! after any failure, or after sitting idle.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedSemaphorePermit;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::WasiCtx;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
+
+use crate::deploy::Deployment;
+use crate::engine::Runtime;
+use crate::outbound::{CallContext, InternalCalls, OutboundHooks};
+use crate::state::HostState;
+use crate::stdio::{GuestOutput, Stream};
+
+/// How long a warm instance may sit unused before it is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most warm instances one deployment keeps idle.
+pub const MAX_IDLE: usize = 32;
+/// Reused instances of one deployment that may crash in a row, with none
+/// succeeding in between, before reuse is turned off for that deployment.
+pub const MAX_REUSE_FAILURES: u32 = 3;
+
+/// One guest instance (or a store about to hold one) and the instance slot
+/// it occupies.
+pub(crate) struct Instance {
+    pub(crate) store: Store<HostState>,
+    /// Set once instantiated; a reused instance keeps it.
+    proxy: Option<Proxy>,
+    /// Requests this instance has completed.
+    pub(crate) served: u32,
+    /// The host-wide instance slot, held as long as the instance lives.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Instance {
+    /// A new, not yet instantiated store for `deployment`, set up for the
+    /// request described by `context`.
+    pub(crate) fn fresh(
+        runtime: &Runtime,
+        deployment: &Deployment,
+        context: CallContext,
+        internal: Option<Arc<dyn InternalCalls>>,
+        slot: OwnedSemaphorePermit,
+    ) -> Instance {
+        let deadline = context.deadline;
+        let mut store = new_store(runtime, deployment, context, internal);
+        arm_deadline(&mut store, deadline);
+        Instance {
+            store,
+            proxy: None,
+            served: 0,
+            _slot: slot,
+        }
+    }
+
+    /// Prepares a warm instance for its next request.
+    pub(crate) fn begin_request(&mut self, context: CallContext) {
+        let deadline = context.deadline;
+        self.store.data_mut().begin_request(context);
+        arm_deadline(&mut self.store, deadline);
+    }
+
+    /// Whether this instance has served a request before.
+    pub(crate) fn is_reused(&self) -> bool {
+        self.served > 0
+    }
+
+    /// The instance's exports, instantiating it first if needed.
+    pub(crate) async fn proxy(&mut self, pre: &ProxyPre<HostState>) -> wasmtime::Result<&Proxy> {
+        if self.proxy.is_none() {
+            self.proxy = Some(pre.instantiate_async(&mut self.store).await?);
+        }
+        // Just set if it was missing.
+        self.proxy
+            .as_ref()
+            .ok_or_else(|| wasmtime::format_err!("instance missing after instantiation"))
+    }
+
+    /// Runs one request's handler on this instance.
+    pub(crate) async fn handle(
+        &mut self,
+        pre: &ProxyPre<HostState>,
+        request: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
+        outparam: wasmtime::component::Resource<
+            wasmtime_wasi_http::p2::types::HostResponseOutparam,
+        >,
+    ) -> wasmtime::Result<()> {
+        self.proxy(pre).await?;
+        let Instance { store, proxy, .. } = self;
+        let proxy = proxy
+            .as_ref()
+            .ok_or_else(|| wasmtime::format_err!("instance missing after instantiation"))?;
+        proxy
+            .wasi_http_incoming_handler()
+            .call_handle(store, request, outparam)
+            .await
+    }
+}
+
+/// Builds the store for one instance of `deployment`, with its memory cap,
+/// environment, captured stdio and outbound hooks.
+pub(crate) fn new_store(
+    runtime: &Runtime,
+    deployment: &Deployment,
+    context: CallContext,
+    internal: Option<Arc<dyn InternalCalls>>,
+) -> Store<HostState> {
+    let service = deployment.name_arc();
+    let stdout = GuestOutput::new(Stream::Stdout, service.clone(), context.request_id.clone());
+    let stderr = GuestOutput::new(Stream::Stderr, service.clone(), context.request_id.clone());
+    let mut wasi = WasiCtx::builder();
+    wasi.envs(&deployment.config().env)
+        .stdout(stdout.clone())
+        .stderr(stderr.clone());
+    let hooks = OutboundHooks::new(
+        deployment.outbound().clone(),
+        service.clone(),
+        context,
+        internal,
+    );
+    let state = HostState::new(
+        wasi.build(),
+        deployment.limits().memory,
+        hooks,
+        [stdout, stderr],
+    );
+    let engine = runtime
+        .flavour(deployment.compile_info().memory_init)
+        .engine();
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limiter);
+    store
+}
+
+/// Makes the guest stop at `deadline`; until then it yields to other tasks
+/// every epoch tick, so a busy guest cannot hold a thread.
+pub(crate) fn arm_deadline(store: &mut Store<HostState>, deadline: Instant) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        }
+    });
+}
+
+/// Idle instances of one deployment in reuse mode, and whether the guest has
+/// shown it survives reuse.
+#[derive(Default)]
+pub(crate) struct WarmPool {
+    idle: Mutex<Vec<(Instance, Instant)>>,
+    /// Reused instances that crashed since the last one that succeeded.
+    failures_in_a_row: AtomicU32,
+    /// Set once the guest has proven it cannot serve a second request.
+    disabled: AtomicBool,
+}
+
+impl WarmPool {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(Instance, Instant)>> {
+        // The list is consistent between statements; a panic elsewhere while
+        // holding the lock does not corrupt it.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether instances may still be reused: false once
+    /// [`MAX_REUSE_FAILURES`] reused instances crashed in a row.
+    pub(crate) fn enabled(&self) -> bool {
+        !self.disabled.load(Ordering::Relaxed)
+    }
+
+    /// Notes that a reused instance served its request.
+    pub(crate) fn reused_instance_succeeded(&self) {
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
+    }
+
+    /// Notes that a reused instance crashed; returns true when this turned
+    /// reuse off (and dropped the idle instances).
+    pub(crate) fn reused_instance_failed(&self) -> bool {
+        let failures = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < MAX_REUSE_FAILURES || self.disabled.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        let retired = std::mem::take(&mut *self.idle());
+        drop(retired);
+        true
+    }
+
+    /// The most recently used idle instance, if one is still fresh enough.
+    pub(crate) fn take(&self) -> Option<Instance> {
+        let mut idle = self.idle();
+        while let Some((instance, since)) = idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT {
+                return Some(instance);
+            }
+            // Stale: older entries below it are staler still.
+            idle.clear();
+        }
+        None
+    }
+
+    /// Keeps `instance` for a later request; drops it when the pool is full
+    /// or reuse has been turned off.
+    pub(crate) fn give_back(&self, instance: Instance) {
+        if !self.enabled() {
+            return;
+        }
+        self.sweep();
+        let surplus = {
+            let mut idle = self.idle();
+            if idle.len() < MAX_IDLE {
+                idle.push((instance, Instant::now()));
+                None
+            } else {
+                Some(instance)
+            }
+        };
+        // Torn down outside the lock.
+        drop(surplus);
+    }
+
+    /// Drops the instances that have sat idle longer than [`IDLE_TIMEOUT`],
+    /// giving their memory and instance slots back.
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        let retired: Vec<_> = {
+            let mut idle = self.idle();
+            let fresh_from = idle
+                .iter()
+                .position(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT)
+                .unwrap_or(idle.len());
+            idle.drain(..fresh_from).collect()
+        };
+        drop(retired);
+    }
+
+    /// Idle instances right now.
+    pub(crate) fn len(&self) -> usize {
+        self.idle().len()
+    }
+}

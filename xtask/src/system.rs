@@ -1,0 +1,118 @@
+//! Tools from the operating system the builds and benchmarks need (Node.js
+//! and npm, Python's venv, wrk): found on the PATH, or installed with
+//! `apt-get` on Debian-like machines (as root, or through sudo).
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::run;
+
+/// A program the build needs, and the Debian packages that provide it.
+pub struct Tool {
+    /// What to run to tell whether it is there (program and arguments).
+    pub probe: &'static [&'static str],
+    /// Debian packages to install if the probe fails.
+    pub packages: &'static [&'static str],
+    /// What to tell the user when it cannot be installed.
+    pub hint: &'static str,
+}
+
+/// Node.js and npm, for the ComponentizeJS builds and the Express peer.
+pub const NODE: Tool = Tool {
+    probe: &["node", "--version"],
+    packages: &["nodejs"],
+    hint: "install Node.js 18 or newer",
+};
+/// npm, which Debian packages apart from Node.js.
+pub const NPM: Tool = Tool {
+    probe: &["npm", "--version"],
+    packages: &["npm"],
+    hint: "install npm",
+};
+/// Python 3 with a working `venv` (and pip), for componentize-py.
+pub const PYTHON_VENV: Tool = Tool {
+    probe: &["python3", "-c", "import venv, ensurepip"],
+    packages: &["python3", "python3-venv"],
+    hint: "install Python 3.9 or newer with the venv module",
+};
+/// The HTTP load generator the benchmarks drive.
+pub const WRK: Tool = Tool {
+    probe: &["wrk", "--version"],
+    packages: &["wrk"],
+    hint: "install wrk",
+};
+
+fn present(tool: &Tool) -> bool {
+    // wrk prints its version and exits 1; that it ran at all is enough.
+    let (program, args) = (tool.probe[0], &tool.probe[1..]);
+    match Command::new(program).args(args).output() {
+        Ok(output) => output.status.success() || program == "wrk",
+        Err(_) => false,
+    }
+}
+
+/// Makes sure every tool in `tools` is there, installing the missing ones
+/// with one `apt-get install` when the machine has apt-get.
+pub fn ensure(tools: &[&Tool]) -> Result<()> {
+    let missing: Vec<&Tool> = tools
+        .iter()
+        .copied()
+        .filter(|tool| !present(tool))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing
+        .iter()
+        .flat_map(|tool| tool.packages)
+        .copied()
+        .collect();
+    let names = missing
+        .iter()
+        .map(|t| t.probe[0])
+        .collect::<Vec<_>>()
+        .join(", ");
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        let hints = missing
+            .iter()
+            .map(|t| t.hint)
+            .collect::<Vec<_>>()
+            .join("; ");
+        bail!("{names} missing and this machine has no apt-get: {hints}");
+    }
+    eprintln!(
+        "xtask: {names} missing; installing {} with apt-get",
+        packages.join(" ")
+    );
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| {
+        let mut command = if root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        command
+    };
+    run(&mut apt(&["update", "-q"]))?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&packages);
+    run(&mut install)?;
+    for tool in missing {
+        if !present(tool) {
+            bail!(
+                "{} still missing after apt-get: {}",
+                tool.probe[0],
+                tool.hint
+            );
+        }
+    }
+    Ok(())
+}
