@@ -342,6 +342,9 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
         tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
         return text(StatusCode::UNPROCESSABLE_ENTITY, &reason);
     }
+    // The watcher stays off this service until this upload is deployed, so
+    // it never deploys the new component with the old manifest in between.
+    let _hold = deployer.hold(name);
     let files = (
         dir.clone(),
         name.to_string(),

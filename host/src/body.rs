@@ -73,11 +73,21 @@ pub(crate) type FailureNote = oneshot::Receiver<String>;
 pub(crate) struct GuestBody {
     inner: Body,
     failure: FailureNote,
+    /// Whether the guest's body has ended.
+    inner_done: bool,
+    /// Whether the server has had a chance to flush what came before the
+    /// error (see `poll_frame`).
+    yielded_before_error: bool,
 }
 
 impl GuestBody {
     pub(crate) fn new(inner: Body, failure: FailureNote) -> GuestBody {
-        GuestBody { inner, failure }
+        GuestBody {
+            inner,
+            failure,
+            inner_done: false,
+            yielded_before_error: false,
+        }
     }
 }
 
@@ -89,12 +99,25 @@ impl HttpBody for GuestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
-        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            None => match self.failure.try_recv() {
-                Ok(reason) => Poll::Ready(Some(Err(HttpError::InternalError(Some(reason))))),
-                Err(_) => Poll::Ready(None),
-            },
-            frame => Poll::Ready(frame),
+        if !self.inner_done {
+            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                None => self.inner_done = true,
+                frame => return Poll::Ready(frame),
+            }
+        }
+        if !self.yielded_before_error && !self.failure.is_empty() {
+            // hyper drops the bytes it has buffered but not yet written when
+            // the body fails in the same poll, so a guest failing right after
+            // starting its response would show the client no response at
+            // all. Pending once lets hyper flush the status and the partial
+            // body first.
+            self.yielded_before_error = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match self.failure.try_recv() {
+            Ok(reason) => Poll::Ready(Some(Err(HttpError::InternalError(Some(reason))))),
+            Err(_) => Poll::Ready(None),
         }
     }
 

@@ -29,6 +29,29 @@ pub(crate) struct Deployer {
     /// Limits for services that set none, as currently in force (the
     /// directory's `wharf.toml` may change them).
     defaults: Mutex<Limits>,
+    /// Services whose files the admin API is writing: the watcher leaves
+    /// them alone until the write is deployed, so it never deploys the
+    /// half-written state (a new component with the old manifest).
+    held: Mutex<HashMap<String, usize>>,
+}
+
+/// Keeps the watcher off one service while it lives; see
+/// [`Deployer::hold`].
+pub(crate) struct Hold<'a> {
+    deployer: &'a Deployer,
+    name: String,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut held = self.deployer.held();
+        if let Some(count) = held.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.name);
+            }
+        }
+    }
 }
 
 impl Deployer {
@@ -46,7 +69,29 @@ impl Deployer {
             compile_permits: Semaphore::new(parallelism),
             attempts: Mutex::new(HashMap::new()),
             defaults: Mutex::new(defaults),
+            held: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        // A plain map of counters: consistent between statements.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the directory watcher from deploying `name` until the returned
+    /// guard is dropped: for writers that change several of its files and
+    /// deploy the result themselves.
+    pub(crate) fn hold(&self, name: &str) -> Hold<'_> {
+        *self.held().entry(name.to_string()).or_insert(0) += 1;
+        Hold {
+            deployer: self,
+            name: name.to_string(),
+        }
+    }
+
+    /// Whether a writer holds `name` (see [`hold`](Deployer::hold)).
+    pub(crate) fn is_held(&self, name: &str) -> bool {
+        self.held().contains_key(name)
     }
 
     /// The limits in force for services that set none.
@@ -100,6 +145,7 @@ impl Deployer {
             .as_ref()
             .map(|path| path.display().to_string())
             .unwrap_or_else(|| "<api>".to_string());
+        let source_path = spec.source.clone();
         let attempt = self.begin(&name);
         let built = self.build(spec).await;
 
@@ -128,6 +174,20 @@ impl Deployer {
                 "a newer change to this service arrived while it compiled; discarding this version"
             );
             return Err(anyhow!("superseded by a newer change to service {name:?}"));
+        }
+        // The file was removed while it compiled (its removal may already
+        // have been applied): installing it now would bring back a deleted
+        // service.
+        if let Some(path) = &source_path
+            && !path.exists()
+        {
+            tracing::info!(
+                event = "superseded",
+                service = %name,
+                file = %source,
+                "the file was removed while it compiled; discarding this version"
+            );
+            return Err(anyhow!("{} was removed while it compiled", path.display()));
         }
         let installed = built.and_then(|deployment| {
             let compile = deployment.compile_info();

@@ -232,6 +232,19 @@ impl DirState {
                 self.deployer.undeploy(name, "its file was removed");
                 None
             }
+            Load::Changed(_, _) if self.deployer.is_held(name) => {
+                // The admin API is writing this service's files and deploys
+                // them itself; look again later (after the longer settle
+                // time, so a long compile is not polled tightly).
+                self.pending.insert(
+                    name.to_string(),
+                    Pending {
+                        last_event: Instant::now(),
+                        complete: false,
+                    },
+                );
+                None
+            }
             Load::Changed(spec, fingerprint) => {
                 self.applied.insert(name.to_string(), fingerprint);
                 let unchanged = self
