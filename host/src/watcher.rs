@@ -195,6 +195,18 @@ impl DirState {
         report
     }
 
+    /// Re-examines `name` once it has been left alone for the longer settle
+    /// time (no close-write seen).
+    fn look_again_later(&mut self, name: &str) {
+        self.pending.insert(
+            name.to_string(),
+            Pending {
+                last_event: Instant::now(),
+                complete: false,
+            },
+        );
+    }
+
     /// Brings service `name` in line with its files, unless a file changed
     /// less than `min_age` ago (then it is marked pending, to settle).
     /// Returns the deploy task if one was started (it yields whether the
@@ -218,13 +230,7 @@ impl DirState {
         match loaded {
             Load::Unchanged => None,
             Load::Settling => {
-                self.pending.insert(
-                    name.to_string(),
-                    Pending {
-                        last_event: Instant::now(),
-                        complete: false,
-                    },
-                );
+                self.look_again_later(name);
                 None
             }
             Load::Gone => {
@@ -236,13 +242,7 @@ impl DirState {
                 // The admin API is writing this service's files and deploys
                 // them itself; look again later (after the longer settle
                 // time, so a long compile is not polled tightly).
-                self.pending.insert(
-                    name.to_string(),
-                    Pending {
-                        last_event: Instant::now(),
-                        complete: false,
-                    },
-                );
+                self.look_again_later(name);
                 None
             }
             Load::Changed(spec, fingerprint) => {
