@@ -48,9 +48,7 @@ impl Instance {
         internal: Option<Arc<dyn InternalCalls>>,
         slot: OwnedSemaphorePermit,
     ) -> Instance {
-        let deadline = context.deadline;
-        let mut store = new_store(runtime, deployment, context, internal);
-        arm_deadline(&mut store, deadline);
+        let store = armed_store(runtime, deployment, context, internal);
         Instance {
             store,
             proxy: None,
@@ -105,7 +103,7 @@ impl Instance {
 
 /// Builds the store for one instance of `deployment`, with its memory cap,
 /// environment, captured stdio and outbound hooks.
-pub(crate) fn new_store(
+fn new_store(
     runtime: &Runtime,
     deployment: &Deployment,
     context: CallContext,
@@ -138,9 +136,22 @@ pub(crate) fn new_store(
     store
 }
 
+/// [`new_store`] with its deadline armed: ready to instantiate.
+pub(crate) fn armed_store(
+    runtime: &Runtime,
+    deployment: &Deployment,
+    context: CallContext,
+    internal: Option<Arc<dyn InternalCalls>>,
+) -> Store<HostState> {
+    let deadline = context.deadline;
+    let mut store = new_store(runtime, deployment, context, internal);
+    arm_deadline(&mut store, deadline);
+    store
+}
+
 /// Makes the guest stop at `deadline`; until then it yields to other tasks
 /// every epoch tick, so a busy guest cannot hold a thread.
-pub(crate) fn arm_deadline(store: &mut Store<HostState>, deadline: Instant) {
+fn arm_deadline(store: &mut Store<HostState>, deadline: Instant) {
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {

@@ -19,7 +19,7 @@ use crate::admission::MAX_QUEUE_WAIT;
 use crate::body::{GuestBody, LimitedBody};
 use crate::deploy::Deployment;
 use crate::engine::Runtime;
-use crate::instance::{Instance, arm_deadline, new_store};
+use crate::instance::{Instance, armed_store};
 use crate::limits::format_size;
 use crate::metrics::{RejectReason, ServiceMetrics};
 use crate::outbound::{CallContext, InternalCalls};
@@ -179,8 +179,7 @@ pub(crate) async fn probe(runtime: &Runtime, deployment: &Deployment) -> anyhow:
         deadline: Instant::now() + timeout,
         trace: TraceContext::child_of(None),
     };
-    let mut store = new_store(runtime, deployment, context.clone(), None);
-    arm_deadline(&mut store, context.deadline);
+    let mut store = armed_store(runtime, deployment, context, None);
     match deployment.pre().instantiate_async(&mut store).await {
         Ok(_) => Ok(()),
         Err(err) => {
