@@ -4,11 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use crate::engine::EngineOptions;
-use crate::limits::{Limits, LimitsTable, PartialLimits};
-use crate::manifest::toml_error;
+use crate::base::limits::{Limits, PartialLimits};
+use crate::guest::engine::EngineOptions;
 
 /// How long shutdown waits for in-flight requests by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -88,51 +85,5 @@ impl Config {
     pub fn limits(mut self, limits: Limits) -> Config {
         self.limits = limits;
         self
-    }
-}
-
-/// The host-wide settings file, `wharf.toml` in the services directory:
-/// defaults for every service.
-///
-/// ```toml
-/// [limits]
-/// timeout = "10s"
-/// memory = "256MiB"
-/// concurrency = 32
-/// body = "4MiB"
-/// ```
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HostFile {
-    #[serde(default)]
-    limits: LimitsTable,
-}
-
-impl HostFile {
-    /// Parses and validates the file's text into default limits.
-    pub(crate) fn parse(text: &str) -> Result<PartialLimits, String> {
-        let file: HostFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
-        file.limits.validate()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_file_sets_default_limits() {
-        let limits = HostFile::parse("[limits]\ntimeout = \"10s\"").unwrap();
-        assert_eq!(limits.timeout, Some(Duration::from_secs(10)));
-        assert!(
-            HostFile::parse("[limit]\n")
-                .unwrap_err()
-                .contains("unknown field `limit`")
-        );
-        assert!(
-            HostFile::parse("[limits]\nbody = \"0\"")
-                .unwrap_err()
-                .contains("limits.body")
-        );
     }
 }

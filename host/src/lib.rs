@@ -23,38 +23,60 @@
 //! println!("{}", response.status());
 //! # Ok(()) }
 //! ```
+//!
+//! ## Layers
+//!
+//! The source tree is the architecture: one folder per layer, named for what
+//! a request or a deploy passes through. A layer may use the layers below it
+//! and never one above it (a unit test, `layers_import_only_downwards`, reads
+//! every `crate::` path and fails the build's tests if one points up):
+//!
+//! | layer | what it does |
+//! | --- | --- |
+//! | `main.rs` | the `wharf` command line |
+//! | [`ops`] | the admin API over a [`Host`]: health, readiness, metrics, the service list, deploys |
+//! | `host.rs`, `config.rs` | the embedding API: [`Host`], [`Config`], [`Serving`] |
+//! | [`serve`] | the front door: listener, connections, TLS, slow clients, routing a request to its service |
+//! | [`deploy`] | from files to deployments: watcher, sources, manifests, compile, code cache, registry, routes |
+//! | [`guest`] | running a request in a guest: engine, store state, instances and reuse, invocation, bodies, stdio |
+//! | [`capabilities`] | what a guest may reach, each behind its manifest grant: outbound HTTP and `NAME.internal` calls |
+//! | [`base`] | the vocabulary every layer shares: body and host responses, header names, limits, admission gates, trace context, metrics |
+//!
+//! Two choices differ from a plain "front to back" order, on purpose:
+//!
+//! - **Capabilities sit below the guest layer.** Each capability is written
+//!   the way wasmtime's own WASI crates are: its policy, its context and its
+//!   host functions, generic over the store. The guest layer composes them
+//!   into the per-request store ([`guest::state::HostState`]) and the linker,
+//!   so adding a capability never makes the guest layer's types reach up.
+//! - **`ops` sits above the embedding API.** The admin endpoint (and what
+//!   grows beside it) is an application *of* a [`Host`], like the CLI:
+//!   it needs readiness, deploys and the service list together, which only
+//!   the host has. The request path (`serve`) never depends on it.
+//!
+//! Metrics and trace context live in [`base`], not `ops`, because every layer
+//! records into them; `ops` only presents them.
 
-pub mod admin;
-pub mod admission;
-mod body;
-pub mod cache;
+pub mod base;
+pub mod capabilities;
 pub mod config;
 pub mod deploy;
-mod deployer;
-pub mod engine;
+pub mod guest;
 mod host;
-mod instance;
-pub mod invoke;
-pub mod limits;
-pub mod manifest;
-pub mod metrics;
-pub mod outbound;
-pub mod registry;
-pub mod respond;
-pub mod router;
-mod server;
-mod source;
-mod stall;
-mod state;
-pub mod stdio;
-pub mod tls;
-pub mod trace;
-mod watcher;
+pub mod ops;
+pub mod serve;
 
+#[cfg(test)]
+mod layers;
+
+pub use base::headers::{
+    FORWARDED_PREFIX_HEADER, GENERATION_HEADER, HOPS_HEADER, REQUEST_ID_HEADER,
+};
+pub use base::limits::Limits;
+pub use base::respond::Body;
 pub use config::Config;
 pub use deploy::Deployment;
-pub use host::{FORWARDED_PREFIX_HEADER, Host, REQUEST_ID_HEADER, Serving};
-pub use invoke::GENERATION_HEADER;
-pub use limits::Limits;
-pub use respond::Body;
-pub use watcher::LoadReport;
+pub use deploy::watcher::LoadReport;
+pub use host::{Host, Serving};
+/// The admin endpoint; also at [`ops::admin`].
+pub use ops::admin;

@@ -9,8 +9,8 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wharf::admin::AdminToken;
-use wharf::engine::EngineOptions;
-use wharf::limits::{self, Limits, PartialLimits};
+use wharf::base::limits::{self, Limits, PartialLimits};
+use wharf::guest::engine::EngineOptions;
 use wharf::{Config, Host};
 
 /// Wharf: a serverless WebAssembly microservice host.
@@ -181,7 +181,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let cache_dir = if args.no_cache {
         None
     } else {
-        args.cache_dir.clone().or_else(wharf::cache::default_dir)
+        args.cache_dir
+            .clone()
+            .or_else(wharf::deploy::cache::default_dir)
     };
     let config = Config {
         services_dir: Some(args.dir.clone()),
@@ -205,7 +207,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let host = Host::create(config).await.context("starting the engine")?;
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(wharf::tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) => Some(wharf::serve::tls::acceptor(cert, key)?),
         _ => None,
     };
     let token = match &args.admin_token_file {

@@ -19,6 +19,8 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::guest::engine::{MemoryInit, Runtime};
+
 /// First bytes of every cache entry.
 const MAGIC: &[u8; 12] = b"WHARF-CWASM\x01";
 /// Header: magic, artifact length (u64 LE), SHA-256 of the artifact.
@@ -27,7 +29,44 @@ const HEADER_LEN: usize = MAGIC.len() + 8 + 32;
 /// The platform's default cache location for Wharf (`~/.cache/wharf` on
 /// Linux), if the platform has one.
 pub fn default_dir() -> Option<PathBuf> {
-    dirs::cache_dir().map(|dir| dir.join("wharf"))
+    crate::guest::engine::default_cache_dir()
+}
+
+/// The caches of a runtime's engines, one per [`MemoryInit`] flavour (their
+/// compiled code is not interchangeable).
+#[derive(Debug, Default)]
+pub struct CodeCaches {
+    copy: Option<CodeCache>,
+    copy_on_write: Option<CodeCache>,
+}
+
+impl CodeCaches {
+    /// Opens the caches under `root` for each of `runtime`'s engines; `None`
+    /// (or a cache that cannot be created, which is logged) disables them.
+    pub fn open(root: Option<&Path>, runtime: &Runtime) -> CodeCaches {
+        let open = |init| {
+            let root = root?;
+            match CodeCache::open(root, runtime.flavour(init).engine()) {
+                Ok(cache) => Some(cache),
+                Err(err) => {
+                    tracing::warn!(reason = %format!("{err:#}"), "compiled-code cache disabled");
+                    None
+                }
+            }
+        };
+        CodeCaches {
+            copy: open(MemoryInit::Copy),
+            copy_on_write: open(MemoryInit::CopyOnWrite),
+        }
+    }
+
+    /// The cache for guests initialised by `init`, if enabled.
+    pub fn for_init(&self, init: MemoryInit) -> Option<&CodeCache> {
+        match init {
+            MemoryInit::Copy => self.copy.as_ref(),
+            MemoryInit::CopyOnWrite => self.copy_on_write.as_ref(),
+        }
+    }
 }
 
 /// A cache of compiled components for one engine configuration.

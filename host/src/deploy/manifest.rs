@@ -21,10 +21,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::base::limits::{Limits, LimitsTable, PartialLimits};
+use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
 use crate::deploy::ServiceConfig;
-use crate::limits::{Limits, LimitsTable, PartialLimits};
-use crate::outbound::{AllowRule, OutboundPolicy};
-use crate::router::Route;
+use crate::deploy::router::Route;
 
 /// A manifest as written.
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +145,31 @@ impl Manifest {
     }
 }
 
+/// The host-wide settings file, `wharf.toml` in the services directory:
+/// defaults for every service.
+///
+/// ```toml
+/// [limits]
+/// timeout = "10s"
+/// memory = "256MiB"
+/// concurrency = 32
+/// body = "4MiB"
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HostFile {
+    #[serde(default)]
+    limits: LimitsTable,
+}
+
+impl HostFile {
+    /// Parses and validates the file's text into default limits.
+    pub(crate) fn parse(text: &str) -> Result<PartialLimits, String> {
+        let file: HostFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
+        file.limits.validate()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -226,6 +251,21 @@ mod tests {
             assert!(err.contains(needle), "{text:?}: {err}");
             assert!(!err.contains('\n'), "one line: {err}");
         }
+    }
+    #[test]
+    fn host_file_sets_default_limits() {
+        let limits = HostFile::parse("[limits]\ntimeout = \"10s\"").unwrap();
+        assert_eq!(limits.timeout, Some(Duration::from_secs(10)));
+        assert!(
+            HostFile::parse("[limit]\n")
+                .unwrap_err()
+                .contains("unknown field `limit`")
+        );
+        assert!(
+            HostFile::parse("[limits]\nbody = \"0\"")
+                .unwrap_err()
+                .contains("limits.body")
+        );
     }
 }
 

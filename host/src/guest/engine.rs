@@ -13,10 +13,9 @@ use anyhow::{Context as _, Result};
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::admission::Gate;
-use crate::cache::CodeCache;
-use crate::limits::MAX_MEMORY;
-use crate::state::HostState;
+use crate::base::admission::Gate;
+use crate::base::limits::MAX_MEMORY;
+use crate::guest::state::HostState;
 
 /// How often the epoch advances. A guest running wasm code notices its
 /// deadline (and yields to other requests) within one tick.
@@ -31,7 +30,9 @@ pub struct EngineOptions {
     /// Instances that may exist at once across all services; the size of the
     /// pool. Requests beyond it get 503.
     pub max_instances: u32,
-    /// Root of the compiled-code cache; `None` disables it.
+    /// Root of the compiled-code cache; `None` disables it. (The deploy
+    /// layer opens the cache; it is here because it is fixed per process
+    /// like the rest of the engine's settings.)
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -40,7 +41,7 @@ impl Default for EngineOptions {
         EngineOptions {
             pooling: true,
             max_instances: 1000,
-            cache_dir: crate::cache::default_dir(),
+            cache_dir: default_cache_dir(),
         }
     }
 }
@@ -103,11 +104,16 @@ impl MemoryInit {
     }
 }
 
-/// One engine with its linker and code cache.
+/// The platform's default location of the compiled-code cache
+/// (`~/.cache/wharf` on Linux), if the platform has one.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    dirs::cache_dir().map(|dir| dir.join("wharf"))
+}
+
+/// One engine with its linker.
 pub struct Flavour {
     engine: Engine,
     linker: Linker<HostState>,
-    cache: Option<CodeCache>,
 }
 
 impl Flavour {
@@ -116,20 +122,7 @@ impl Flavour {
             .map_err(anyhow::Error::from)
             .context("creating the wasmtime engine")?;
         let linker = build_linker(&engine)?;
-        let cache = options.cache_dir.as_deref().and_then(|root| {
-            match CodeCache::open(root, &engine) {
-                Ok(cache) => Some(cache),
-                Err(err) => {
-                    tracing::warn!(reason = %format!("{err:#}"), "compiled-code cache disabled");
-                    None
-                }
-            }
-        });
-        Ok(Flavour {
-            engine,
-            linker,
-            cache,
-        })
+        Ok(Flavour { engine, linker })
     }
 
     /// The engine.
@@ -140,11 +133,6 @@ impl Flavour {
     /// The linker holding every interface Wharf provides to guests.
     pub fn linker(&self) -> &Linker<HostState> {
         &self.linker
-    }
-
-    /// The compiled-code cache, if enabled.
-    pub fn cache(&self) -> Option<&CodeCache> {
-        self.cache.as_ref()
     }
 }
 

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use arc_swap::ArcSwap;
 
 use crate::deploy::Deployment;
-use crate::router::RouteTable;
+use crate::deploy::router::RouteTable;
 
 /// An immutable view of every deployed service at one moment.
 #[derive(Default)]

@@ -9,10 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::config::HostFile;
+use crate::base::limits::{Limits, PartialLimits};
+use crate::deploy::manifest::{HostFile, Manifest};
 use crate::deploy::{ServiceSpec, digest_of};
-use crate::limits::{Limits, PartialLimits};
-use crate::manifest::Manifest;
 
 /// Largest component file read.
 pub const MAX_COMPONENT_FILE: u64 = 1 << 30;

@@ -28,10 +28,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use crate::deploy::manifest::Manifest;
+use crate::deploy::source::{self, MAX_COMPONENT_FILE};
 use crate::deploy::{ServiceSpec, digest_of, validate_name};
 use crate::host::Host;
-use crate::manifest::Manifest;
-use crate::source::{self, MAX_COMPONENT_FILE};
 
 /// How long a PUT waits for its version to be serving.
 const DEPLOY_WAIT: Duration = Duration::from_secs(60);

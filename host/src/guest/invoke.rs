@@ -1,4 +1,4 @@
-//! Running one request on an instance of a deployment (fresh, or warm in
+//! Running one request on an instance of a guest (fresh, or warm in
 //! reuse mode): admission, the guest call with its deadline, the retry of a
 //! reused instance's crash, and the mapping of every way a guest can fail to
 //! a clear HTTP answer.
@@ -15,20 +15,17 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperIncomingBody;
 
-use crate::admission::MAX_QUEUE_WAIT;
-use crate::body::{GuestBody, LimitedBody};
-use crate::deploy::Deployment;
-use crate::engine::Runtime;
-use crate::instance::{Instance, armed_store};
-use crate::limits::format_size;
-use crate::metrics::{RejectReason, ServiceMetrics};
-use crate::outbound::{CallContext, InternalCalls};
-use crate::respond::{self, Body};
-use crate::state::HostState;
-use crate::trace::TraceContext;
-
-/// Response header naming the generation of the service that answered.
-pub const GENERATION_HEADER: &str = "x-wharf-generation";
+use crate::base::admission::MAX_QUEUE_WAIT;
+use crate::base::limits::format_size;
+use crate::base::metrics::{RejectReason, ServiceMetrics};
+use crate::base::respond::{self, Body};
+use crate::base::trace::TraceContext;
+use crate::capabilities::outbound::{CallContext, InternalCalls};
+use crate::guest::Guest;
+use crate::guest::body::{GuestBody, LimitedBody};
+use crate::guest::engine::Runtime;
+use crate::guest::instance::{Instance, armed_store};
+use crate::guest::state::HostState;
 
 /// Why a request did not get a response from its guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,18 +166,18 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_string()
 }
 
-/// Instantiates `deployment` once without calling it: proves the component
+/// Instantiates `guest` once without calling it: proves the component
 /// fits the instance pool and its start-up code runs, before it is deployed.
-pub(crate) async fn probe(runtime: &Runtime, deployment: &Deployment) -> anyhow::Result<()> {
-    let timeout = deployment.limits().timeout;
+pub(crate) async fn probe(runtime: &Runtime, guest: &Guest) -> anyhow::Result<()> {
+    let timeout = guest.limits().timeout;
     let context = CallContext {
         request_id: Arc::from("deploy-probe"),
         hops: 0,
         deadline: Instant::now() + timeout,
         trace: TraceContext::child_of(None),
     };
-    let mut store = armed_store(runtime, deployment, context, None);
-    match deployment.pre().instantiate_async(&mut store).await {
+    let mut store = armed_store(runtime, guest, context, None);
+    match guest.pre().instantiate_async(&mut store).await {
         Ok(_) => Ok(()),
         Err(err) => {
             let failure = classify(&err, store.data(), timeout);
@@ -231,33 +228,32 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Runs `request` on a fresh instance of `deployment` and returns the guest's
+/// Runs `request` on a fresh instance of `guest` and returns the guest's
 /// response, or an error response saying why there is none.
 pub(crate) async fn invoke(
     runtime: &Runtime,
-    deployment: &Arc<Deployment>,
+    guest: &Arc<Guest>,
     request: http::Request<HyperIncomingBody>,
     meta: &RequestMeta,
 ) -> http::Response<Body> {
-    let response = match run_guest(runtime, deployment, request, meta).await {
+    match run_guest(runtime, guest, request, meta).await {
         Ok(response) => response,
         Err(failure) => {
-            failure.record(deployment.metrics());
+            failure.record(guest.metrics());
             failure.into_response()
         }
-    };
-    with_generation(response, deployment.generation())
+    }
 }
 
 /// Runs the guest; a failure that happens before its response starts is
 /// returned for the caller to count and answer.
 async fn run_guest(
     runtime: &Runtime,
-    deployment: &Arc<Deployment>,
+    guest: &Arc<Guest>,
     request: http::Request<HyperIncomingBody>,
     meta: &RequestMeta,
 ) -> Result<http::Response<Body>, Failure> {
-    let limits = *deployment.limits();
+    let limits = *guest.limits();
     if let Some(length) = content_length(&request)
         && length > limits.body
     {
@@ -270,7 +266,7 @@ async fn run_guest(
         .map_or(own_deadline, |caller| caller.min(own_deadline));
     let timeout = deadline.saturating_duration_since(started);
     let queue_deadline = started + MAX_QUEUE_WAIT.min(timeout);
-    let service_slot = deployment
+    let service_slot = guest
         .admission()
         .enter(queue_deadline)
         .await
@@ -281,12 +277,8 @@ async fn run_guest(
         deadline,
         trace: meta.trace,
     };
-    let reuse = deployment.reuses_instances();
-    let warm = if reuse {
-        deployment.warm().take()
-    } else {
-        None
-    };
+    let reuse = guest.reuses_instances();
+    let warm = if reuse { guest.warm().take() } else { None };
     let (instance, retry) = match warm {
         Some(mut instance) => {
             instance.begin_request(context.clone());
@@ -302,18 +294,13 @@ async fn run_guest(
                 .enter(queue_deadline)
                 .await
                 .map_err(|refused| Failure::Overloaded(refused.0))?;
-            let instance = Instance::fresh(
-                runtime,
-                deployment,
-                context.clone(),
-                meta.internal.clone(),
-                slot,
-            );
+            let instance =
+                Instance::fresh(runtime, guest, context.clone(), meta.internal.clone(), slot);
             (instance, None)
         }
     };
     let attempt = Attempt {
-        deployment: deployment.clone(),
+        guest: guest.clone(),
         meta: meta.clone(),
         timeout,
         reuse,
@@ -326,7 +313,7 @@ async fn run_guest(
                 return Ok(failure.into_response());
             };
             tracing::info!(
-                service = %deployment.name(),
+                service = %guest.name(),
                 request_id = %meta.request_id,
                 "a reused instance failed ({}); retrying on a fresh instance",
                 failure.reason()
@@ -336,8 +323,7 @@ async fn run_guest(
                 .enter(queue_deadline)
                 .await
                 .map_err(|refused| Failure::Overloaded(refused.0))?;
-            let instance =
-                Instance::fresh(runtime, deployment, context, meta.internal.clone(), slot);
+            let instance = Instance::fresh(runtime, guest, context, meta.internal.clone(), slot);
             match attempt.run(instance, request, service_slot).await {
                 Outcome::Done(result) => result,
                 // A fresh instance is never retried; its task logged and
@@ -381,7 +367,7 @@ enum Outcome {
 
 /// What every attempt at one request shares.
 struct Attempt {
-    deployment: Arc<Deployment>,
+    guest: Arc<Guest>,
     meta: RequestMeta,
     timeout: Duration,
     reuse: bool,
@@ -394,8 +380,8 @@ impl Attempt {
         request: http::Request<HyperIncomingBody>,
         service_slot: OwnedSemaphorePermit,
     ) -> Outcome {
-        let deployment = &self.deployment;
-        let limits = *deployment.limits();
+        let guest = &self.guest;
+        let limits = *guest.limits();
         let body_exceeded = Arc::new(AtomicBool::new(false));
         let request = request
             .map(|body| LimitedBody::new(body, limits.body, body_exceeded.clone()).boxed_unsync());
@@ -417,24 +403,24 @@ impl Attempt {
 
         let reused = instance.is_reused();
         let keep_warm = self.reuse;
-        let reuse_limit = deployment.config().reuse;
-        let pre_deployment = deployment.clone();
+        let reuse_limit = guest.reuse();
+        let pre_guest = guest.clone();
         let request_id = self.meta.request_id.clone();
         let timeout = self.timeout;
         let deadline = Instant::now() + timeout;
-        let in_flight = deployment.metrics().in_flight();
+        let in_flight = guest.metrics().in_flight();
         let (failure_tx, failure_rx) = oneshot::channel();
         // The guest's response goes through the task, which so knows whether
         // one was sent before the guest returned.
         let (relay_tx, relay_rx) = oneshot::channel();
-        let guest = async move {
+        let guest_task = async move {
             // Held until the guest is done, response body included.
             let _running = (service_slot, in_flight);
-            let deployment = pre_deployment;
+            let guest = pre_guest;
             let (result, responded) = {
                 let run = tokio::time::timeout_at(
                     deadline.into(),
-                    instance.handle(deployment.pre(), incoming, outparam),
+                    instance.handle(guest.pre(), incoming, outparam),
                 );
                 relay_response(run, receiver, relay_tx).await
             };
@@ -447,23 +433,19 @@ impl Attempt {
             match &failure {
                 Some(failure) => {
                     tracing::warn!(
-                        service = %deployment.name(),
+                        service = %guest.name(),
                         request_id = %request_id,
                         "{}",
                         failure.reason()
                     );
-                    failure.record(deployment.metrics());
-                    if reused
-                        && failure.is_guest_crash()
-                        && deployment.warm().reused_instance_failed()
-                    {
+                    failure.record(guest.metrics());
+                    if reused && failure.is_guest_crash() && guest.warm().reused_instance_failed() {
                         tracing::warn!(
-                            service = %deployment.name(),
-                            generation = deployment.generation(),
+                            service = %guest.name(),
                             "{} reused instances of this service crashed in a row: it does not \
                              survive reuse, so every request now gets a fresh instance \
                              (until the service is redeployed)",
-                            crate::instance::MAX_REUSE_FAILURES
+                            crate::guest::instance::MAX_REUSE_FAILURES
                         );
                     }
                     // Sent before the store (and with it the response body's
@@ -474,17 +456,17 @@ impl Attempt {
                 }
                 None => {
                     if reused {
-                        deployment.warm().reused_instance_succeeded();
+                        guest.warm().reused_instance_succeeded();
                     }
                     instance.served += 1;
                     if keep_warm && instance.served < reuse_limit {
-                        deployment.warm().give_back(instance);
+                        guest.warm().give_back(instance);
                     }
                 }
             }
             failure
         };
-        let mut task = AbortOnDrop(Some(tokio::spawn(guest)));
+        let mut task = AbortOnDrop(Some(tokio::spawn(guest_task)));
 
         let response = match relay_rx.await {
             Ok(Ok(response)) => {
@@ -513,7 +495,7 @@ impl Attempt {
                 };
                 if reused && failure.is_guest_crash() {
                     // The slot was released with the task; take another.
-                    if let Ok(slot) = deployment.admission().enter(Instant::now()).await {
+                    if let Ok(slot) = guest.admission().enter(Instant::now()).await {
                         return Outcome::ReusedInstanceFailed(failure, slot);
                     }
                 }
@@ -578,13 +560,6 @@ fn content_length<B>(request: &http::Request<B>) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-fn with_generation(mut response: http::Response<Body>, generation: u64) -> http::Response<Body> {
-    response
-        .headers_mut()
-        .insert(GENERATION_HEADER, HeaderValue::from(generation));
-    response
 }
 
 fn error_code_text(code: &ErrorCode) -> String {

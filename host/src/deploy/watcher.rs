@@ -15,12 +15,12 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::deploy::validate_name;
-use crate::deployer::Deployer;
-use crate::limits::{Limits, PartialLimits};
-use crate::source::{
+use crate::base::limits::{Limits, PartialLimits};
+use crate::deploy::deployer::Deployer;
+use crate::deploy::source::{
     self, FileRole, HOST_FILE, Load, ServiceFingerprint, SourceOptions, file_role, scan_names,
 };
+use crate::deploy::validate_name;
 
 /// Quiet time after a "file complete" event (close after write, rename into
 /// place, removal) before the file is read: coalesces the events of one

@@ -15,15 +15,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
-use crate::host::Host;
-use crate::stall::StallTimeout;
+use std::sync::Arc;
+
 use tokio_rustls::TlsAcceptor;
 
-/// Serves `host` on `listener` until `shutdown` resolves, then drains.
+use crate::serve::dispatch::Dispatcher;
+use crate::serve::stall::StallTimeout;
+
+/// Serves `dispatcher`'s services on `listener` until `shutdown` resolves,
+/// then drains.
 /// `client_timeout` bounds how long a client may stall (headers, idle
 /// keep-alive, unread response); `drain_timeout` bounds the drain.
 pub(crate) async fn run(
-    host: Host,
+    dispatcher: Arc<Dispatcher>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send,
@@ -67,14 +71,14 @@ pub(crate) async fn run(
         } else {
             Scheme::Http
         };
-        let host = host.clone();
-        let counted = host.metrics().connection();
+        let dispatcher = dispatcher.clone();
+        let counted = dispatcher.metrics().connection();
         let service = service_fn(move |request: http::Request<Incoming>| {
-            let host = host.clone();
+            let dispatcher = dispatcher.clone();
             let scheme = scheme.clone();
             async move {
                 let request = request.map(|body| body.map_err(Into::into).boxed_unsync());
-                Ok::<_, std::convert::Infallible>(host.dispatch(request, scheme).await)
+                Ok::<_, std::convert::Infallible>(dispatcher.dispatch(request, scheme).await)
             }
         });
         let stream = StallTimeout::new(stream, client_timeout);
@@ -122,7 +126,7 @@ pub(crate) async fn run(
     }
 
     drop(listener);
-    host.set_draining();
+    dispatcher.set_draining();
     let open = graceful.count();
     tracing::info!(
         open_connections = open,

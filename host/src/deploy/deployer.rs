@@ -8,16 +8,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::{Result, anyhow};
 use tokio::sync::Semaphore;
 
-use crate::deploy::{self, Deployment, ServiceSpec};
-use crate::engine::Runtime;
-use crate::invoke;
-use crate::limits::Limits;
-use crate::metrics::{DeployEvent, Metrics};
-use crate::registry::Registry;
+use crate::base::limits::Limits;
+use crate::base::metrics::{DeployEvent, Metrics};
+use crate::deploy::cache::CodeCaches;
+use crate::deploy::deployment::{self, Deployment, ServiceSpec};
+use crate::deploy::registry::Registry;
+use crate::guest::engine::Runtime;
+use crate::guest::invoke;
 
 /// Compiles, probes and installs deployments; removes them.
 pub(crate) struct Deployer {
     runtime: Arc<Runtime>,
+    /// Compiled code of earlier deploys, per engine.
+    caches: Arc<CodeCaches>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     /// Bounds concurrent compilations: each one already uses every core.
@@ -57,6 +60,7 @@ impl Drop for Hold<'_> {
 impl Deployer {
     pub(crate) fn new(
         runtime: Arc<Runtime>,
+        caches: CodeCaches,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         defaults: Limits,
@@ -64,6 +68,7 @@ impl Deployer {
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
         Deployer {
             runtime,
+            caches: Arc::new(caches),
             registry,
             metrics,
             compile_permits: Semaphore::new(parallelism),
@@ -290,13 +295,14 @@ impl Deployer {
             // The semaphore is never closed.
             let _permit = self.compile_permits.acquire().await?;
             let runtime = self.runtime.clone();
+            let caches = self.caches.clone();
             let metrics = self.metrics.service(&spec.name);
-            tokio::task::spawn_blocking(move || deploy::build(&runtime, spec, metrics))
+            tokio::task::spawn_blocking(move || deployment::build(&runtime, &caches, spec, metrics))
                 .await
                 .map_err(|join| anyhow!("compilation task failed: {join}"))??
         };
         tracing::debug!(service = %deployment.name(), "compiled; probing");
-        invoke::probe(&self.runtime, &deployment).await?;
+        invoke::probe(&self.runtime, deployment.guest()).await?;
         Ok(deployment)
     }
 

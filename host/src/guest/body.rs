@@ -12,7 +12,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::oneshot;
 use wasmtime_wasi_http::Error as HttpError;
 
-use crate::respond::Body;
+use crate::base::respond::Body;
 
 /// A request body that fails once more than `limit` bytes arrive, and
 /// records that it did so the host can answer 413.
@@ -131,7 +131,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::respond;
+    use crate::base::respond;
 
     #[tokio::test]
     async fn limited_body_passes_small_bodies_and_stops_large_ones() {

@@ -12,11 +12,11 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
-use crate::deploy::Deployment;
-use crate::engine::Runtime;
-use crate::outbound::{CallContext, InternalCalls, OutboundHooks};
-use crate::state::HostState;
-use crate::stdio::{GuestOutput, Stream};
+use crate::capabilities::outbound::{CallContext, InternalCalls, OutboundHooks};
+use crate::guest::Guest;
+use crate::guest::engine::Runtime;
+use crate::guest::state::HostState;
+use crate::guest::stdio::{GuestOutput, Stream};
 
 /// How long a warm instance may sit unused before it is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,16 +39,16 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
-    /// A new, not yet instantiated store for `deployment`, set up for the
+    /// A new, not yet instantiated store for `guest`, set up for the
     /// request described by `context`.
     pub(crate) fn fresh(
         runtime: &Runtime,
-        deployment: &Deployment,
+        guest: &Guest,
         context: CallContext,
         internal: Option<Arc<dyn InternalCalls>>,
         slot: OwnedSemaphorePermit,
     ) -> Instance {
-        let store = armed_store(runtime, deployment, context, internal);
+        let store = armed_store(runtime, guest, context, internal);
         Instance {
             store,
             proxy: None,
@@ -101,36 +101,24 @@ impl Instance {
     }
 }
 
-/// Builds the store for one instance of `deployment`, with its memory cap,
+/// Builds the store for one instance of `guest`, with its memory cap,
 /// environment, captured stdio and outbound hooks.
 fn new_store(
     runtime: &Runtime,
-    deployment: &Deployment,
+    guest: &Guest,
     context: CallContext,
     internal: Option<Arc<dyn InternalCalls>>,
 ) -> Store<HostState> {
-    let service = deployment.name_arc();
+    let service = guest.name_arc();
     let stdout = GuestOutput::new(Stream::Stdout, service.clone(), context.request_id.clone());
     let stderr = GuestOutput::new(Stream::Stderr, service.clone(), context.request_id.clone());
     let mut wasi = WasiCtx::builder();
-    wasi.envs(&deployment.config().env)
+    wasi.envs(guest.env())
         .stdout(stdout.clone())
         .stderr(stderr.clone());
-    let hooks = OutboundHooks::new(
-        deployment.outbound().clone(),
-        service.clone(),
-        context,
-        internal,
-    );
-    let state = HostState::new(
-        wasi.build(),
-        deployment.limits().memory,
-        hooks,
-        [stdout, stderr],
-    );
-    let engine = runtime
-        .flavour(deployment.compile_info().memory_init)
-        .engine();
+    let hooks = OutboundHooks::new(guest.outbound().clone(), service.clone(), context, internal);
+    let state = HostState::new(wasi.build(), guest.limits().memory, hooks, [stdout, stderr]);
+    let engine = runtime.flavour(guest.memory_init()).engine();
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
     store
@@ -139,12 +127,12 @@ fn new_store(
 /// [`new_store`] with its deadline armed: ready to instantiate.
 pub(crate) fn armed_store(
     runtime: &Runtime,
-    deployment: &Deployment,
+    guest: &Guest,
     context: CallContext,
     internal: Option<Arc<dyn InternalCalls>>,
 ) -> Store<HostState> {
     let deadline = context.deadline;
-    let mut store = new_store(runtime, deployment, context, internal);
+    let mut store = new_store(runtime, guest, context, internal);
     arm_deadline(&mut store, deadline);
     store
 }

@@ -11,14 +11,14 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::admission::Gate;
-use crate::engine::{MemoryInit, Runtime};
-use crate::instance::WarmPool;
-use crate::limits::Limits;
-use crate::metrics::ServiceMetrics;
-use crate::outbound::OutboundPolicy;
-use crate::router::Route;
-use crate::state::HostState;
+use crate::base::admission::Gate;
+use crate::base::limits::Limits;
+use crate::base::metrics::ServiceMetrics;
+use crate::capabilities::outbound::OutboundPolicy;
+use crate::deploy::cache::CodeCaches;
+use crate::deploy::router::Route;
+use crate::guest::engine::{MemoryInit, Runtime};
+use crate::guest::{Guest, GuestPolicy};
 
 /// The longest service name accepted.
 pub const MAX_NAME_LEN: usize = 63;
@@ -102,27 +102,26 @@ pub struct CompileInfo {
 /// `Arc<Deployment>` for their whole life, so a replaced version stays alive
 /// until its last request finishes.
 pub struct Deployment {
-    name: Arc<str>,
+    /// Which version of the service this is.
     generation: u64,
+    /// `sha256:<hex>` of the component bytes.
     digest: String,
+    /// The file this version was loaded from, if any.
     source: Option<PathBuf>,
+    /// When this version was deployed.
     loaded_at: SystemTime,
+    /// The configuration it was deployed with (route, env, limits, ...).
     config: ServiceConfig,
-    outbound: Arc<OutboundPolicy>,
+    /// How the compiled code was obtained.
     compile: CompileInfo,
-    pre: ProxyPre<HostState>,
-    /// This version's request slots (the `concurrency` limit).
-    admission: Gate,
-    /// The service's request metrics (shared by its versions).
-    metrics: Arc<ServiceMetrics>,
-    /// Idle instances kept for reuse (empty unless `reuse` > 1).
-    warm: WarmPool,
+    /// The compiled guest that runs its requests.
+    guest: Arc<Guest>,
 }
 
 impl std::fmt::Debug for Deployment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Deployment")
-            .field("name", &self.name)
+            .field("name", &self.name())
             .field("generation", &self.generation)
             .field("digest", &self.digest)
             .field("route", &self.config.route)
@@ -133,12 +132,7 @@ impl std::fmt::Debug for Deployment {
 impl Deployment {
     /// The service name.
     pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The service name, shareable.
-    pub(crate) fn name_arc(&self) -> &Arc<str> {
-        &self.name
+        self.guest.name()
     }
 
     /// Which version of the service this is: 1 for the first deployment,
@@ -186,38 +180,30 @@ impl Deployment {
         self.compile
     }
 
-    pub(crate) fn outbound(&self) -> &Arc<OutboundPolicy> {
-        &self.outbound
-    }
-
-    pub(crate) fn pre(&self) -> &ProxyPre<HostState> {
-        &self.pre
+    /// The compiled guest that runs this version's requests.
+    pub fn guest(&self) -> &Arc<Guest> {
+        &self.guest
     }
 
     /// The service's request metrics.
     pub fn metrics(&self) -> &Arc<ServiceMetrics> {
-        &self.metrics
-    }
-
-    /// Idle instances kept for reuse.
-    pub(crate) fn warm(&self) -> &WarmPool {
-        &self.warm
+        self.guest.metrics()
     }
 
     /// Whether requests may run on reused instances: the manifest asked for
     /// reuse and the guest has not shown it fails on a reused instance.
     pub fn reuses_instances(&self) -> bool {
-        self.config.reuse > 1 && self.warm.enabled()
+        self.guest.reuses_instances()
     }
 
     /// Instances kept idle for reuse right now.
     pub fn warm_instances(&self) -> usize {
-        self.warm.len()
+        self.guest.warm_instances()
     }
 
     /// The request slots of this version.
     pub fn admission(&self) -> &Gate {
-        &self.admission
+        self.guest.admission()
     }
 }
 
@@ -260,6 +246,7 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
 /// blocking thread, never from an async worker.
 pub(crate) fn build(
     runtime: &Runtime,
+    caches: &CodeCaches,
     spec: ServiceSpec,
     metrics: Arc<ServiceMetrics>,
 ) -> Result<Deployment> {
@@ -268,9 +255,8 @@ pub(crate) fn build(
     let started = Instant::now();
     let memory_init = MemoryInit::for_component_size(spec.wasm.len());
     let flavour = runtime.flavour(memory_init);
-    let cached = flavour
-        .cache()
-        .and_then(|cache| cache.load(flavour.engine(), &digest));
+    let cache = caches.for_init(memory_init);
+    let cached = cache.and_then(|cache| cache.load(flavour.engine(), &digest));
     let cache_hit = cached.is_some();
     let component = match cached {
         Some(component) => component,
@@ -278,7 +264,7 @@ pub(crate) fn build(
             let component = Component::new(flavour.engine(), &spec.wasm[..])
                 .map_err(|err| anyhow!("{err:#}"))
                 .context("invalid component")?;
-            if let Some(cache) = flavour.cache() {
+            if let Some(cache) = cache {
                 cache.store(&digest, &component);
             }
             component
@@ -297,19 +283,21 @@ pub(crate) fn build(
     let pre = ProxyPre::new(instance_pre)
         .map_err(|err| anyhow!("{err:#}"))
         .context("the component does not export wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world)")?;
-    Ok(Deployment {
+    let policy = GuestPolicy {
         name: spec.name.into(),
+        env: spec.config.env.clone(),
+        limits: spec.config.limits,
+        outbound: spec.config.outbound.clone(),
+        reuse: spec.config.reuse,
+    };
+    Ok(Deployment {
         generation: 0,
         digest,
         source: spec.source,
         loaded_at: SystemTime::now(),
-        outbound: Arc::new(spec.config.outbound.clone()),
-        admission: Gate::new(spec.config.limits.concurrency as usize, "request slots"),
-        metrics,
-        warm: WarmPool::default(),
         config: spec.config,
         compile,
-        pre,
+        guest: Arc::new(Guest::new(policy, memory_init, pre, metrics)),
     })
 }
 

@@ -11,9 +11,9 @@ use http::uri::Scheme;
 use http::{HeaderValue, StatusCode};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-use crate::host::REQUEST_ID_HEADER;
-use crate::respond;
-use crate::trace::{TRACEPARENT, TraceContext};
+use crate::base::headers::{HOPS_HEADER, REQUEST_ID_HEADER};
+use crate::base::respond;
+use crate::base::trace::{TRACEPARENT, TraceContext};
 
 /// One allow-list entry: `scheme://host[:port]`, where host may be `*` (any
 /// host) or `*.suffix` (any subdomain), and port may be `*`.
@@ -156,9 +156,6 @@ impl OutboundPolicy {
             .any(|rule| rule.allows(scheme, host, port))
     }
 }
-
-/// Header carrying how many service-to-service hops led to a request.
-pub const HOPS_HEADER: &str = "x-wharf-hops";
 
 /// Host-name suffix that routes a request to another service in-process.
 pub const INTERNAL_SUFFIX: &str = ".internal";

@@ -6,8 +6,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::outbound::{CallContext, OutboundHooks};
-use crate::stdio::GuestOutput;
+use crate::capabilities::outbound::{CallContext, OutboundHooks};
+use crate::guest::stdio::GuestOutput;
 
 /// Largest table a guest may grow to, in elements. Tables are bounded by the
 /// pooling allocator too; this also bounds on-demand allocation.

@@ -1,0 +1,13 @@
+//! The vocabulary every layer shares: the body type of every response and
+//! the host's own small responses, header names, resource limits and the
+//! admission gates that enforce concurrency, W3C trace context, and the
+//! metrics every layer records into.
+//!
+//! Uses: no other layer. Used by: all of them.
+
+pub mod admission;
+pub mod headers;
+pub mod limits;
+pub mod metrics;
+pub mod respond;
+pub mod trace;

@@ -1,0 +1,22 @@
+//! From files to deployments: the directory watcher (`watcher`) reads each
+//! service's component and manifest (`source`, `manifest`), a deploy compiles
+//! it — or loads it from the compiled-code cache (`cache`) — links and probes
+//! it (`deployment`), and the registry swaps it in atomically (`registry`,
+//! with the route table from `router`); `deployer` orders all of this per
+//! service so the newest change always wins.
+//!
+//! Uses: `guest`, `capabilities`, `base`. Used by: `serve`, the host, `ops`.
+
+pub mod cache;
+pub(crate) mod deployer;
+mod deployment;
+pub mod manifest;
+pub mod registry;
+pub mod router;
+pub(crate) mod source;
+pub mod watcher;
+
+pub use deployment::{
+    CompileInfo, Deployment, MAX_NAME_LEN, ServiceConfig, ServiceSpec, check_header, digest_of,
+    validate_name,
+};

@@ -1,0 +1,18 @@
+//! Running a request in a guest: the wasmtime engines and the linker
+//! (`engine`), the per-request store data (`state`), a compiled guest ready
+//! to run (`Guest`), instances fresh or kept warm for reuse (`instance`), the
+//! call itself with its deadline and the mapping of every failure to an HTTP
+//! answer (`invoke`), request and response bodies (`body`) and the guest's
+//! stdout and stderr (`stdio`).
+//!
+//! Uses: `capabilities`, `base`. Used by: `deploy` and everything above it.
+
+pub(crate) mod body;
+mod compiled;
+pub mod engine;
+pub(crate) mod instance;
+pub mod invoke;
+pub mod state;
+pub mod stdio;
+
+pub use compiled::{Guest, GuestPolicy};
