@@ -63,6 +63,40 @@ async fn a_wildcard_internal_allow_works_too() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn regression_allow_list_bypass_through_letter_case() {
+    // With `http://*.internal` allowed, an upper-case NAME.INTERNAL passed
+    // the allow check but missed the in-process route, so it went to DNS
+    // and the network. Every spelling must stay in-process.
+    let dir = ServiceDir::new();
+    dir.install("hostile", "hostile");
+    dir.install("hello", "hello");
+    dir.write(
+        "hostile.toml",
+        b"[outbound]\nallow = [\"http://*.internal\"]\n",
+    );
+    let server = TestServer::for_dir(&dir).await;
+    for target in [
+        "http://HELLO.INTERNAL/",
+        "http://Hello.Internal/",
+        "http://hello.internal./",
+    ] {
+        let (status, body) = get(&server.url(&format!("/hostile/outbound?url={target}")))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{target}: {body}");
+        assert!(
+            body.contains("Hello from the microservice!"),
+            "{target}: {body}"
+        );
+    }
+    let metrics = server.host.metrics_text();
+    assert!(
+        metrics.contains("wharf_requests_total{service=\"hello\",class=\"2xx\"} 3"),
+        "the calls reached hello in-process: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn calls_need_an_allow_entry() {
     for manifest in [
         None,

@@ -2,6 +2,13 @@
 //! send requests, and the wasi:http hooks that enforce it, deliver calls to
 //! `http://NAME.internal` in-process, cut call loops, and propagate request
 //! ids and trace context. Nothing is allowed unless a manifest says so.
+//!
+//! An outgoing request's authority is normalised once ([`Target`]: scheme and
+//! host lower-cased, a trailing dot dropped, the port made explicit, any
+//! user-info dropped), and both decisions are made from that one value:
+//! whether the allow-list permits it, and whether it is delivered in-process
+//! (`NAME.internal`) or sent to the network — where it is sent to exactly the
+//! normalised authority that was checked.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -64,6 +71,7 @@ impl AllowRule {
         let host = if host == "*" {
             HostPattern::Any
         } else if let Some(suffix) = host.strip_prefix("*.") {
+            let suffix = normalise_host(suffix);
             if suffix.is_empty() || suffix.contains('*') {
                 return Err(format!("{text:?} has an invalid host pattern"));
             }
@@ -73,7 +81,7 @@ impl AllowRule {
                 "{text:?}: a wildcard may only be the whole host or its first label (\"*.example.com\")"
             ));
         } else {
-            HostPattern::Exact(host)
+            HostPattern::Exact(normalise_host(&host))
         };
         Ok(AllowRule {
             scheme,
@@ -83,19 +91,15 @@ impl AllowRule {
         })
     }
 
-    /// Whether a request to `scheme://host:port` is allowed by this rule.
-    pub fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
-        if !self.scheme.eq_ignore_ascii_case(scheme) {
+    /// Whether a request to `target` is allowed by this rule.
+    pub fn allows(&self, target: &Target) -> bool {
+        if self.scheme != target.scheme || self.port.is_some_and(|port| port != target.port) {
             return false;
         }
-        if self.port.is_some_and(|allowed| allowed != port) {
-            return false;
-        }
-        let host = host.to_ascii_lowercase();
         match &self.host {
             HostPattern::Any => true,
-            HostPattern::Exact(exact) => *exact == host,
-            HostPattern::Suffix(suffix) => host.ends_with(suffix.as_str()),
+            HostPattern::Exact(exact) => *exact == target.host,
+            HostPattern::Suffix(suffix) => target.host.ends_with(suffix.as_str()),
         }
     }
 
@@ -121,6 +125,103 @@ fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
+/// Lower-cases a host name and drops one trailing dot (`API.Example.com.` is
+/// `api.example.com`): the forms DNS treats as one name are one string here.
+fn normalise_host(host: &str) -> String {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.to_ascii_lowercase()
+}
+
+/// Where an outgoing request is addressed, normalised once: the value both
+/// the allow-list and the routing decision are made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `http` or `https`.
+    scheme: String,
+    /// Lower-case host without a trailing dot; an IPv6 address without its
+    /// brackets.
+    host: String,
+    /// The port, explicit or the scheme's default.
+    port: u16,
+}
+
+impl Target {
+    /// Normalises the authority of an absolute `uri`; an error says what is
+    /// wrong with it.
+    pub fn of(uri: &http::Uri) -> Result<Target, String> {
+        let scheme = match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTP => "http",
+            Some(scheme) if *scheme == Scheme::HTTPS => "https",
+            Some(other) => return Err(format!("scheme {other} is not http or https")),
+            None => return Err("the URL has no scheme".to_string()),
+        };
+        let host = uri.host().ok_or("the URL has no host")?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let host = normalise_host(host);
+        if host.is_empty() {
+            return Err("the URL has an empty host".to_string());
+        }
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':');
+        if let Some(bad) = host.chars().find(|c| !valid(*c)) {
+            return Err(format!("the host contains the character {bad:?}"));
+        }
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        Ok(Target {
+            scheme: scheme.to_string(),
+            host,
+            port,
+        })
+    }
+
+    /// The scheme, `http` or `https`.
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    /// The normalised host.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The service a `NAME.internal` target names; `None` for any other host.
+    pub fn internal_service(&self) -> Option<&str> {
+        self.host
+            .strip_suffix(INTERNAL_SUFFIX)
+            .filter(|name| !name.is_empty())
+    }
+
+    /// `host:port` as a network client connects to it (IPv6 in brackets).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Where an outgoing request goes, decided once from its [`Target`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Not allowed (or not a usable URL): the guest gets `HTTP-request-denied`.
+    Denied(String),
+    /// Delivered in-process to the named service; never to the network.
+    InProcess(String),
+    /// Sent to the network, to exactly this URI (the original one with its
+    /// authority replaced by the normalised one that was checked).
+    Network(http::Uri),
+}
+
 /// A service's outbound allow-list. Empty means no outbound HTTP at all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboundPolicy {
@@ -138,22 +239,37 @@ impl OutboundPolicy {
         &self.rules
     }
 
+    /// Decides where a request to `uri` goes: denied, in-process, or to the
+    /// network at the normalised authority.
+    pub fn decide(&self, uri: &http::Uri) -> Decision {
+        let target = match Target::of(uri) {
+            Ok(target) => target,
+            Err(why) => return Decision::Denied(why),
+        };
+        if !self.rules.iter().any(|rule| rule.allows(&target)) {
+            return Decision::Denied("not in the service's [outbound] allow list".to_string());
+        }
+        if let Some(service) = target.internal_service() {
+            return Decision::InProcess(service.to_string());
+        }
+        if target.host.ends_with(INTERNAL_SUFFIX) {
+            // ".internal" alone, or with an empty label: nothing to call.
+            return Decision::Denied(format!("{} names no service", target.host));
+        }
+        let mut parts = uri.clone().into_parts();
+        parts.authority = match target.authority().parse() {
+            Ok(authority) => Some(authority),
+            Err(err) => return Decision::Denied(format!("invalid authority: {err}")),
+        };
+        match http::Uri::from_parts(parts) {
+            Ok(uri) => Decision::Network(uri),
+            Err(err) => Decision::Denied(format!("invalid URL: {err}")),
+        }
+    }
+
     /// Whether `uri` (absolute, with scheme and host) may be requested.
     pub fn allows(&self, uri: &http::Uri) -> bool {
-        let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-            return false;
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri
-            .port_u16()
-            .unwrap_or(if uri.scheme() == Some(&Scheme::HTTPS) {
-                443
-            } else {
-                80
-            });
-        self.rules
-            .iter()
-            .any(|rule| rule.allows(scheme, host, port))
+        !matches!(self.decide(uri), Decision::Denied(_))
     }
 }
 
@@ -240,13 +356,14 @@ impl WasiHttpHooks for OutboundHooks {
     ) -> Box<dyn Future<Output = SendResult> + Send> {
         // The request body's own completion is not reported separately.
         drop(fut);
-        if !self.policy.allows(request.uri()) {
+        let decision = self.policy.decide(request.uri());
+        if let Decision::Denied(why) = &decision {
             tracing::warn!(
                 service = %self.service,
                 request_id = %self.context.request_id,
                 method = %request.method(),
                 uri = %request.uri(),
-                "outbound request denied: not in the service's [outbound] allow list"
+                "outbound request denied: {why}"
             );
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
@@ -261,43 +378,12 @@ impl WasiHttpHooks for OutboundHooks {
             headers.insert(TRACEPARENT, span.header_value());
         }
 
-        let internal_target = request
-            .uri()
-            .host()
-            .and_then(|host| host.strip_suffix(INTERNAL_SUFFIX))
-            .map(str::to_owned);
-        if let (Some(target), Some(internal)) = (internal_target, self.internal.clone()) {
-            let hops = self.context.hops + 1;
-            if hops > internal.max_hops() {
-                tracing::warn!(
-                    service = %self.service,
-                    request_id = %self.context.request_id,
-                    target = %target,
-                    hops,
-                    "service call chain too deep; answering 508"
-                );
-                let response = respond::text(
-                    StatusCode::LOOP_DETECTED,
-                    &format!(
-                        "call chain longer than {} hops; stopped at {target}",
-                        internal.max_hops()
-                    ),
-                );
-                return Box::new(async move { Ok((response, done())) });
-            }
-            request
-                .headers_mut()
-                .insert(HOPS_HEADER, HeaderValue::from(hops));
-            let context = CallContext {
-                hops,
-                ..self.context.clone()
-            };
-            return Box::new(async move {
-                let response = internal.call(&target, request, context).await;
-                Ok((response, done()))
-            });
-        }
-
+        let uri = match decision {
+            Decision::Denied(_) => return Box::new(async { Err(HttpError::HttpRequestDenied) }),
+            Decision::InProcess(target) => return self.call_in_process(target, request),
+            Decision::Network(uri) => uri,
+        };
+        *request.uri_mut() = uri;
         tracing::debug!(
             service = %self.service,
             request_id = %self.context.request_id,
@@ -311,6 +397,54 @@ impl WasiHttpHooks for OutboundHooks {
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,
             ))
+        })
+    }
+}
+
+impl OutboundHooks {
+    /// Delivers a request to service `target` in this host. Never touches
+    /// the network: without an in-process route (a deploy probe) the guest
+    /// gets 503.
+    fn call_in_process(
+        &self,
+        target: String,
+        mut request: http::Request<WasiBody>,
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        let Some(internal) = self.internal.clone() else {
+            let response = respond::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service calls are not available while the service starts up",
+            );
+            return Box::new(async move { Ok((response, done())) });
+        };
+        let hops = self.context.hops + 1;
+        if hops > internal.max_hops() {
+            tracing::warn!(
+                service = %self.service,
+                request_id = %self.context.request_id,
+                target = %target,
+                hops,
+                "service call chain too deep; answering 508"
+            );
+            let response = respond::text(
+                StatusCode::LOOP_DETECTED,
+                &format!(
+                    "call chain longer than {} hops; stopped at {target}",
+                    internal.max_hops()
+                ),
+            );
+            return Box::new(async move { Ok((response, done())) });
+        }
+        request
+            .headers_mut()
+            .insert(HOPS_HEADER, HeaderValue::from(hops));
+        let context = CallContext {
+            hops,
+            ..self.context.clone()
+        };
+        Box::new(async move {
+            let response = internal.call(&target, request, context).await;
+            Ok((response, done()))
         })
     }
 }
@@ -372,6 +506,60 @@ mod tests {
     }
 
     #[test]
+    fn regression_allow_list_bypass_through_letter_case() {
+        // The allow check lower-cased the host but the in-process route was
+        // case-sensitive, so OPS-ADMIN.INTERNAL went to DNS and the network.
+        let p = policy(&["http://*.internal"]);
+        for uri in [
+            "http://OPS-ADMIN.INTERNAL/x",
+            "http://Ops-Admin.Internal/x",
+            "http://ops-admin.internal./x",
+            "http://user@OPS-ADMIN.INTERNAL/x",
+        ] {
+            assert_eq!(
+                p.decide(&uri.parse().unwrap()),
+                Decision::InProcess("ops-admin".into()),
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn network_requests_go_to_the_normalised_authority() {
+        let p = policy(&["https://api.example.com"]);
+        let Decision::Network(uri) =
+            p.decide(&"https://user:pw@API.Example.COM./v1?q".parse().unwrap())
+        else {
+            panic!("allowed");
+        };
+        assert_eq!(uri.to_string(), "https://api.example.com:443/v1?q");
+        let p = policy(&["http://[::1]:8080"]);
+        let Decision::Network(uri) = p.decide(&"http://[::1]:8080/".parse().unwrap()) else {
+            panic!("allowed");
+        };
+        assert_eq!(uri.authority().unwrap().as_str(), "[::1]:8080");
+    }
+
+    #[test]
+    fn internal_without_a_name_is_denied() {
+        let p = policy(&["http://*"]);
+        assert!(matches!(
+            p.decide(&"http://.internal/".parse().unwrap()),
+            Decision::Denied(_)
+        ));
+        assert!(matches!(
+            p.decide(&"ftp://x.internal/".parse().unwrap()),
+            Decision::Denied(_)
+        ));
+    }
+
+    #[test]
+    fn rule_hosts_are_normalised_like_request_hosts() {
+        let p = policy(&["https://API.example.com."]);
+        assert!(allows(&p, "https://api.example.com/"));
+    }
+
+    #[test]
     fn bad_entries_are_explained() {
         for (entry, needle) in [
             ("example.com", "needs a scheme"),
@@ -384,6 +572,110 @@ mod tests {
         ] {
             let err = AllowRule::parse(entry).unwrap_err();
             assert!(err.contains(needle), "{entry}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const RULES: &[&str] = &[
+        "http://*.internal",
+        "http://127.0.0.1:9000",
+        "https://api.example.com",
+        "http://*.example.org:*",
+    ];
+
+    /// Authorities drawn from an alphabet that mixes case, dots, ports,
+    /// user-info and the `.internal` suffix, so they hit every rule's edges.
+    fn authority() -> impl Strategy<Value = String> {
+        let label = prop_oneof![
+            Just("internal".to_string()),
+            Just("INTERNAL".to_string()),
+            Just("Internal".to_string()),
+            Just("example".to_string()),
+            Just("EXAMPLE".to_string()),
+            Just("org".to_string()),
+            Just("com".to_string()),
+            Just("api".to_string()),
+            Just("127".to_string()),
+            Just("0".to_string()),
+            "[a-zA-Z0-9_-]{0,6}",
+        ];
+        (
+            proptest::option::of("[a-z@:]{0,4}@"),
+            proptest::collection::vec(label, 1..5),
+            any::<bool>(),
+            proptest::option::of(prop_oneof![
+                Just(80u16),
+                Just(443),
+                Just(9000),
+                any::<u16>()
+            ]),
+        )
+            .prop_map(|(user, labels, trailing_dot, port)| {
+                let mut text = user.unwrap_or_default();
+                text.push_str(&labels.join("."));
+                if trailing_dot {
+                    text.push('.');
+                }
+                if let Some(port) = port {
+                    text.push_str(&format!(":{port}"));
+                }
+                text
+            })
+    }
+
+    /// The rule that allows `target`, decided independently of `decide`.
+    fn allowed_by_some_rule(target: &Target) -> bool {
+        RULES.iter().any(|rule| {
+            let (scheme, rest) = rule.split_once("://").unwrap();
+            let (host, port) = match rest.rsplit_once(':') {
+                Some((host, "*")) => (host, None),
+                Some((host, port)) => (host, Some(port.parse::<u16>().unwrap())),
+                None => (rest, Some(if scheme == "https" { 443 } else { 80 })),
+            };
+            let host_ok = match host.strip_prefix('*') {
+                Some(suffix) => target.host.ends_with(suffix) && target.host.len() > suffix.len(),
+                None => target.host == host,
+            };
+            scheme == target.scheme && port.is_none_or(|p| p == target.port) && host_ok
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn allowed_implies_it_goes_exactly_where_the_rule_says(
+            scheme in prop_oneof![Just("http"), Just("https"), Just("HTTP")],
+            authority in authority(),
+        ) {
+            let text = format!("{scheme}://{authority}/path?q=1");
+            let Ok(uri) = text.parse::<http::Uri>() else { return Ok(()) };
+            let policy = OutboundPolicy::new(RULES.iter().map(|r| AllowRule::parse(r).unwrap()).collect());
+            let decision = policy.decide(&uri);
+            let target = Target::of(&uri);
+            match decision {
+                Decision::Denied(_) => {}
+                Decision::InProcess(service) => {
+                    let target = target.unwrap();
+                    prop_assert!(allowed_by_some_rule(&target), "{}", text);
+                    prop_assert_eq!(format!("{service}.internal"), target.host.clone());
+                }
+                Decision::Network(sent) => {
+                    let target = target.unwrap();
+                    prop_assert!(allowed_by_some_rule(&target), "{}", text);
+                    // Never a .internal name on the network, whatever its case.
+                    prop_assert!(!target.host.ends_with(".internal"), "{}", text);
+                    // What is sent is exactly what was checked.
+                    let sent_target = Target::of(&sent).unwrap();
+                    prop_assert_eq!(&sent_target, &target);
+                    prop_assert_eq!(sent.authority().unwrap().as_str(), target.authority());
+                    prop_assert_eq!(sent.path_and_query(), uri.path_and_query());
+                }
+            }
         }
     }
 }

@@ -30,6 +30,18 @@ impl Snapshot {
         self.services.get(name)
     }
 
+    /// The service a `NAME.internal` host name calls. Host names are
+    /// case-insensitive (and arrive lower-cased), so `users` finds a service
+    /// named `Users` when there is no `users`.
+    pub fn service_by_host_label(&self, label: &str) -> Option<&Arc<Deployment>> {
+        self.services.get(label).or_else(|| {
+            self.services
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(label))
+                .map(|(_, deployment)| deployment)
+        })
+    }
+
     /// Every deployment, by name.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Deployment>> {
         self.services.values()
