@@ -79,7 +79,7 @@ impl Host {
             Arc::new(Registry::new()),
             Arc::new(Metrics::new()),
             config.limit_overrides.apply(config.limits),
-        ));
+        )?);
         let dispatcher = Dispatcher::new(deployer, config.max_call_depth);
         let inner = Arc::new(Inner {
             config,
@@ -240,7 +240,7 @@ impl Host {
         let config = &self.inner.config;
         crate::serve::server::run(
             self.inner.dispatcher.clone(),
-            listener,
+            crate::serve::server::Incoming::Listener(listener),
             tls,
             shutdown,
             config.client_timeout,
@@ -252,25 +252,33 @@ impl Host {
     }
 
     /// Serves on `addr` with `threads` server threads, each running its own
-    /// single-threaded runtime and accepting from its own `SO_REUSEPORT`
-    /// socket: connections and the requests on them stay on one thread, with
-    /// no cross-thread wakeups on the request path. Returns once listening;
-    /// [`Serving::shutdown`] drains and stops every thread.
+    /// single-threaded runtime. One listening socket accepts, and hands the
+    /// connections to the threads in turn: a connection and the requests on
+    /// it stay on one thread, with no cross-thread wakeups on the request
+    /// path. Returns once listening; [`Serving::shutdown`] drains and stops
+    /// every thread.
     pub fn serve_threads(
         &self,
         addr: std::net::SocketAddr,
         threads: usize,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Result<Serving> {
-        let listeners = crate::serve::server::reuseport_listeners(addr, threads)?;
-        let local_addr = listeners[0].local_addr()?;
+        use crate::serve::server::{self, Incoming};
+        let listener = server::bind(addr)?;
+        let local_addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut handles = Vec::with_capacity(listeners.len());
-        for (index, listener) in listeners.into_iter().enumerate() {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads.max(1))
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let mut listener = Some((listener, senders));
+        let mut handles = Vec::with_capacity(receivers.len());
+        for (index, receiver) in receivers.into_iter().enumerate() {
             let dispatcher = self.inner.dispatcher.clone();
             let tls = tls.clone();
             let mut stop = stop_rx.clone();
             let config = self.inner.config.clone();
+            // The first thread also runs the acceptor.
+            let acceptor = listener.take();
             let handle = std::thread::Builder::new()
                 .name(format!("wharf-server-{index}"))
                 .spawn(move || -> Result<()> {
@@ -279,13 +287,16 @@ impl Host {
                         .build()
                         .context("starting a server thread's runtime")?;
                     runtime.block_on(async move {
-                        let listener = TcpListener::from_std(listener)?;
+                        if let Some((listener, senders)) = acceptor {
+                            let listener = TcpListener::from_std(listener)?;
+                            tokio::spawn(server::distribute(listener, senders, stop.clone()));
+                        }
                         let shutdown = async move {
                             let _ = stop.wait_for(|stop| *stop).await;
                         };
-                        crate::serve::server::run(
+                        server::run(
                             dispatcher,
-                            listener,
+                            Incoming::Handoff(receiver),
                             tls,
                             shutdown,
                             config.client_timeout,

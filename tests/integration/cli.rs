@@ -147,3 +147,31 @@ async fn a_slow_request_finishes_on_v1_while_v2_serves_new_ones() {
         (200, "1", "slept 2000 ms")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_second_wharf_on_a_used_port_fails_instead_of_sharing_it() {
+    // SO_REUSEPORT let another process join the listening group: a second
+    // `wharf serve --listen` on a port Wharf already used started silently
+    // and took about half of the traffic.
+    let first_dir = ServiceDir::new();
+    first_dir.install("hello", "hello");
+    let first = WharfProcess::start(first_dir.path(), &[]);
+    let addr = first.base.trim_start_matches("http://").to_string();
+    let other_dir = ServiceDir::new();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("serve")
+        .arg(other_dir.path())
+        .args(["--listen", &addr])
+        .output()
+        .expect("run a second wharf");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the second wharf started: {stderr}"
+    );
+    assert!(stderr.contains("in use"), "{stderr}");
+    // Every request still reaches the first one.
+    for _ in 0..20 {
+        assert_eq!(get(&first.url("/hello")).await.unwrap().0, 200);
+    }
+}

@@ -518,3 +518,114 @@ async fn https_serves_http2_and_http1() {
             .is_none_or(|(status, _)| status != 200)
     );
 }
+
+/// Starts `wharf serve DIR --admin 127.0.0.1:0` with admin token `token`;
+/// returns the process and the admin base URL.
+fn wharf_with_admin(dir: &ServiceDir, token: &str, extra: &[&str]) -> (WharfProcess, String) {
+    let token_file = dir.path().join(".token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut args = vec![
+        "--admin",
+        "127.0.0.1:0",
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let wharf = WharfProcess::start(dir.path(), &args);
+    let admin = wharf
+        .log()
+        .lines()
+        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
+        .expect("admin address line");
+    (wharf, admin)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_service_named_wharf_cannot_touch_wharf_toml() {
+    // PUT /services/wharf with a manifest wrote the host-wide wharf.toml
+    // (every service's limits changed), and DELETE /services/wharf deleted it.
+    let dir = ServiceDir::new();
+    dir.install("hello", "hello");
+    let settings = "[limits]\ntimeout = \"7s\"\n";
+    dir.write("wharf.toml", settings.as_bytes());
+    let (wharf, admin) = wharf_with_admin(&dir, "t0ken", &[]);
+    for name in ["wharf", "WHARF", "Wharf"] {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "component",
+                reqwest::multipart::Part::bytes(guest_bytes("hello")),
+            )
+            .text("manifest", "[limits]\ntimeout = \"1s\"\n");
+        let response = client()
+            .put(format!("{admin}/services/{name}"))
+            .header("authorization", "Bearer t0ken")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{name}");
+        assert!(response.text().await.unwrap().contains("reserved"));
+        let response = client()
+            .delete(format!("{admin}/services/{name}"))
+            .header("authorization", "Bearer t0ken")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("wharf.toml")).unwrap(),
+        settings
+    );
+    // A file dropped in under the reserved name is rejected, with a reason.
+    dir.install("wharf", "hello");
+    eventually(
+        Duration::from_secs(10),
+        "the reserved name's rejection",
+        || async {
+            let doc: Value = client()
+                .get(format!("{admin}/services"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            doc["services"].as_array().unwrap().iter().any(|s| {
+                s["name"] == "wharf"
+                    && s["generation"].is_null()
+                    && s["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("reserved"))
+            })
+        },
+    )
+    .await;
+    assert_eq!(get(&wharf.url("/wharf")).await.unwrap().0, 404);
+    assert_eq!(get(&wharf.url("/hello")).await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_manifest_rejections_have_the_same_shape_as_component_rejections() {
+    // A bad manifest was logged by another target, without the file= field
+    // that component rejections have.
+    let dir = ServiceDir::new();
+    dir.install("hello", "hello");
+    let wharf = WharfProcess::start(dir.path(), &["--log-format", "json"]);
+    dir.write("hello.toml", b"[limits]\ntimeout = \"forever\"\n");
+    dir.install_bytes("other.wasm", b"garbage");
+    for (service, file) in [("hello", "hello.toml"), ("other", "other.wasm")] {
+        wharf
+            .wait_for_log_line(&["\"event\":\"reject\"", file], Duration::from_secs(10))
+            .await;
+        let record: Value = wharf
+            .log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|r| r["event"] == "reject" && r["service"] == service)
+            .expect("a reject record");
+        assert_eq!(record["target"], "wharf::deploy", "{record}");
+        assert!(record["file"].as_str().unwrap().ends_with(file), "{record}");
+        assert!(record["reason"].as_str().is_some(), "{record}");
+    }
+}

@@ -6,15 +6,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Result, anyhow};
-use tokio::sync::Semaphore;
 
 use crate::base::limits::Limits;
 use crate::base::metrics::{DeployEvent, Metrics};
 use crate::deploy::cache::CodeCaches;
+use crate::deploy::compiler::Compiler;
 use crate::deploy::deployment::{self, Deployment, ServiceSpec};
 use crate::deploy::registry::Registry;
 use crate::guest::engine::Runtime;
 use crate::guest::invoke;
+
+/// The log target of every deploy event line (deploy, replace, reject,
+/// remove, superseded, compiling), whichever module writes it.
+pub const EVENTS: &str = "wharf::deploy";
 
 /// Compiles, probes and installs deployments; removes them.
 pub(crate) struct Deployer {
@@ -23,8 +27,8 @@ pub(crate) struct Deployer {
     caches: Arc<CodeCaches>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    /// Bounds concurrent compilations: each one already uses every core.
-    compile_permits: Semaphore,
+    /// Where compiles run: a lane for small components and one for large.
+    compiler: Compiler,
     /// The latest attempt number per service. A deploy that finishes after a
     /// newer deploy or removal of the same service began is discarded, so
     /// the last change always wins whatever order compilations finish in.
@@ -64,18 +68,17 @@ impl Deployer {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         defaults: Limits,
-    ) -> Deployer {
-        let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Deployer {
+    ) -> Result<Deployer> {
+        Ok(Deployer {
             runtime,
             caches: Arc::new(caches),
             registry,
             metrics,
-            compile_permits: Semaphore::new(parallelism),
+            compiler: Compiler::new()?,
             attempts: Mutex::new(HashMap::new()),
             defaults: Mutex::new(defaults),
             held: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<String, usize>> {
@@ -121,9 +124,35 @@ impl Deployer {
         &self.metrics
     }
 
-    /// Records a rejection found before compiling (unreadable files, a bad
-    /// manifest): logged by the caller, counted and remembered here.
-    pub(crate) fn record_rejection(&self, name: &str, reason: String) {
+    /// Rejects a new version of service `name` whose `file` is unusable:
+    /// logs one line of the same shape for every kind of rejection (a bad
+    /// component, a bad manifest, an unreadable file, a reserved name),
+    /// counts it and remembers it for the service list. The previous
+    /// version, if any, keeps serving.
+    pub(crate) fn reject(&self, name: &str, file: &str, reason: String) {
+        let kept = self
+            .registry
+            .snapshot()
+            .service(name)
+            .map(|d| d.generation());
+        match kept {
+            Some(generation) => tracing::warn!(
+                target: EVENTS,
+                event = "reject",
+                service = %name,
+                file = %file,
+                reason = %reason,
+                "rejected {file}: {reason}; generation {generation} keeps serving"
+            ),
+            None => tracing::warn!(
+                target: EVENTS,
+                event = "reject",
+                service = %name,
+                file = %file,
+                reason = %reason,
+                "rejected {file}: {reason}"
+            ),
+        }
         self.metrics.deploy_event(name, DeployEvent::Reject);
         self.registry.record_rejection(name, reason);
     }
@@ -173,6 +202,7 @@ impl Deployer {
         }
         if attempts.get(&name) != Some(&attempt) {
             tracing::info!(
+                target: EVENTS,
                 event = "superseded",
                 service = %name,
                 file = %source,
@@ -187,6 +217,7 @@ impl Deployer {
             && !path.exists()
         {
             tracing::info!(
+                target: EVENTS,
                 event = "superseded",
                 service = %name,
                 file = %source,
@@ -203,6 +234,7 @@ impl Deployer {
         match installed {
             Ok((new, old, compile)) => {
                 let compile_ms = compile.duration.as_secs_f64() * 1000.0;
+                let queue_ms = compile.queued.as_secs_f64() * 1000.0;
                 self.metrics
                     .compiled(&name, compile.duration, compile.cache_hit);
                 let event = if old.is_some() {
@@ -213,12 +245,14 @@ impl Deployer {
                 self.metrics.deploy_event(&name, event);
                 match old {
                     Some(old) => tracing::info!(
+                        target: EVENTS,
                         event = "replace",
                         service = %name,
                         generation = new.generation(),
                         previous = old.generation(),
                         digest = %new.digest(),
                         route = %new.route(),
+                        queue_ms = format_args!("{queue_ms:.1}"),
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
                         memory_init = compile.memory_init.as_str(),
@@ -226,11 +260,13 @@ impl Deployer {
                         "service replaced"
                     ),
                     None => tracing::info!(
+                        target: EVENTS,
                         event = "deploy",
                         service = %name,
                         generation = new.generation(),
                         digest = %new.digest(),
                         route = %new.route(),
+                        queue_ms = format_args!("{queue_ms:.1}"),
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
                         memory_init = compile.memory_init.as_str(),
@@ -241,29 +277,7 @@ impl Deployer {
                 Ok(new)
             }
             Err(err) => {
-                let reason = format!("{err:#}");
-                let kept = self
-                    .registry
-                    .snapshot()
-                    .service(&name)
-                    .map(|d| d.generation());
-                match kept {
-                    Some(generation) => tracing::warn!(
-                        event = "reject",
-                        service = %name,
-                        file = %source,
-                        reason = %reason,
-                        "rejected {source}: {reason}; generation {generation} keeps serving"
-                    ),
-                    None => tracing::warn!(
-                        event = "reject",
-                        service = %name,
-                        file = %source,
-                        reason = %reason,
-                        "rejected {source}: {reason}"
-                    ),
-                }
-                self.record_rejection(&name, reason);
+                self.reject(&name, &source, format!("{err:#}"));
                 Err(err)
             }
         }
@@ -289,18 +303,21 @@ impl Deployer {
         self.build(spec).await.map(drop)
     }
 
-    /// Compiles on a blocking thread, then proves the component instantiates.
+    /// Compiles in the lane for its size, then proves the component
+    /// instantiates.
     async fn build(&self, spec: ServiceSpec) -> Result<Deployment> {
-        let deployment = {
-            // The semaphore is never closed.
-            let _permit = self.compile_permits.acquire().await?;
-            let runtime = self.runtime.clone();
-            let caches = self.caches.clone();
-            let metrics = self.metrics.service(&spec.name);
-            tokio::task::spawn_blocking(move || deployment::build(&runtime, &caches, spec, metrics))
-                .await
-                .map_err(|join| anyhow!("compilation task failed: {join}"))??
-        };
+        let runtime = self.runtime.clone();
+        let caches = self.caches.clone();
+        let metrics = self.metrics.service(&spec.name);
+        let name = spec.name.clone();
+        let size = spec.wasm.len();
+        let (mut deployment, times) = self
+            .compiler
+            .run(&name, size, move || {
+                deployment::build(&runtime, &caches, spec, metrics)
+            })
+            .await?;
+        deployment.set_queued(times.queued);
         tracing::debug!(service = %deployment.name(), "compiled; probing");
         invoke::probe(&self.runtime, deployment.guest()).await?;
         Ok(deployment)
@@ -316,6 +333,7 @@ impl Deployer {
         if let Some(removed) = &removed {
             self.metrics.deploy_event(name, DeployEvent::Remove);
             tracing::info!(
+                target: EVENTS,
                 event = "remove",
                 service = %name,
                 generation = removed.generation(),

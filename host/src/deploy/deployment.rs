@@ -23,10 +23,27 @@ use crate::guest::{Guest, GuestPolicy};
 /// The longest service name accepted.
 pub const MAX_NAME_LEN: usize = 63;
 
+/// Names no service may have, in any letter case, and why: a service's files
+/// are `NAME.wasm` and `NAME.toml`, so a service named `wharf` would
+/// overwrite (or delete) the host-wide `wharf.toml`. Compared without case
+/// because file systems and host names may fold it.
+pub const RESERVED_NAMES: &[(&str, &str)] = &[(
+    "wharf",
+    "its manifest would be wharf.toml, the host-wide settings file",
+)];
+
 /// Checks a service name: 1–63 ASCII letters, digits, `-` or `_`, starting
-/// with a letter or digit. Names appear in URLs and host names, so nothing
-/// else is accepted.
+/// with a letter or digit, and not one of the [`RESERVED_NAMES`]. Names
+/// appear in URLs, host names and file names, so nothing else is accepted.
 pub fn validate_name(name: &str) -> Result<(), String> {
+    if let Some((reserved, why)) = RESERVED_NAMES
+        .iter()
+        .find(|(reserved, _)| name.eq_ignore_ascii_case(reserved))
+    {
+        return Err(format!(
+            "{name:?} is reserved and cannot name a service: {why} (the name {reserved:?} is taken in any letter case)"
+        ));
+    }
     let valid_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
@@ -90,6 +107,8 @@ pub struct ServiceSpec {
 /// How the compiled code was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompileInfo {
+    /// Time spent waiting for a compile lane (behind other compiles).
+    pub queued: Duration,
     /// Time spent compiling, or loading the compiled code from the cache.
     pub duration: Duration,
     /// Whether the compiled code came from the cache.
@@ -143,6 +162,10 @@ impl Deployment {
 
     pub(crate) fn set_generation(&mut self, generation: u64) {
         self.generation = generation;
+    }
+
+    pub(crate) fn set_queued(&mut self, queued: Duration) {
+        self.compile.queued = queued;
     }
 
     /// `sha256:<hex>` of the component bytes.
@@ -271,6 +294,7 @@ pub(crate) fn build(
         }
     };
     let compile = CompileInfo {
+        queued: Duration::ZERO,
         duration: started.elapsed(),
         cache_hit,
         memory_init,
@@ -312,6 +336,12 @@ mod tests {
         }
         for bad in ["", ".hidden", "-x", "a.b", "a b", "ü", &"x".repeat(64)] {
             assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        for reserved in ["wharf", "WHARF", "Wharf"] {
+            assert!(
+                validate_name(reserved).unwrap_err().contains("reserved"),
+                "{reserved}"
+            );
         }
     }
 

@@ -8,6 +8,7 @@
 //! Uses: `guest`, `capabilities`, `base`. Used by: `serve`, the host, `ops`.
 
 pub mod cache;
+mod compiler;
 pub(crate) mod deployer;
 mod deployment;
 pub mod manifest;
@@ -16,7 +17,9 @@ pub mod router;
 pub(crate) mod source;
 pub mod watcher;
 
+pub use compiler::CompileTimes;
+pub use deployer::EVENTS;
 pub use deployment::{
-    CompileInfo, Deployment, MAX_NAME_LEN, ServiceConfig, ServiceSpec, check_header, digest_of,
-    validate_name,
+    CompileInfo, Deployment, MAX_NAME_LEN, RESERVED_NAMES, ServiceConfig, ServiceSpec,
+    check_header, digest_of, validate_name,
 };

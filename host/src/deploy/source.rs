@@ -118,9 +118,10 @@ pub(crate) enum Load {
     Gone,
     /// Something changed: here is the service as it now is.
     Changed(Box<ServiceSpec>, ServiceFingerprint),
-    /// The files are unusable; the fingerprint (if any) identifies this state
-    /// so the same problem is reported once.
-    Bad(anyhow::Error, Option<ServiceFingerprint>),
+    /// The files are unusable: why, which file is at fault, and the
+    /// fingerprint (if any) that identifies this state so the same problem is
+    /// reported once.
+    Bad(anyhow::Error, PathBuf, Option<ServiceFingerprint>),
 }
 
 /// Stats `path` following symlinks, reporting a dangling link clearly.
@@ -170,7 +171,7 @@ pub(crate) fn load(
                         component: Fingerprint::of(&m),
                         manifest: None,
                     });
-            return Load::Bad(err, fingerprint);
+            return Load::Bad(err, component_path, fingerprint);
         }
     };
     let manifest = match stat(&manifest_path) {
@@ -182,7 +183,7 @@ pub(crate) fn load(
                     .ok()
                     .map(|m| Fingerprint::of(&m)),
             };
-            return Load::Bad(err, Some(fingerprint));
+            return Load::Bad(err, manifest_path, Some(fingerprint));
         }
     };
     let fingerprint = ServiceFingerprint {
@@ -198,34 +199,40 @@ pub(crate) fn load(
     if youngest < min_age {
         return Load::Settling;
     }
-    let read = || -> Result<ServiceSpec> {
+    let read = || -> Result<ServiceSpec, (anyhow::Error, PathBuf)> {
+        let component_error = |err: anyhow::Error| (err, component_path.clone());
+        let manifest_error = |err: anyhow::Error| (err, manifest_path.clone());
         if component.0.file_type().is_symlink() {
-            check_symlink(options, &component_path)?;
+            check_symlink(options, &component_path).map_err(component_error)?;
         }
         if !component.1.is_file() {
-            bail!("{} is not a regular file", component_path.display());
+            return Err(component_error(anyhow!(
+                "{} is not a regular file",
+                component_path.display()
+            )));
         }
         if component.1.len() > MAX_COMPONENT_FILE {
-            bail!(
+            return Err(component_error(anyhow!(
                 "{} is {} bytes, larger than the {MAX_COMPONENT_FILE} byte limit for a component",
                 component_path.display(),
                 component.1.len(),
-            );
+            )));
         }
         let config = match &manifest {
             Some((link_meta, meta)) => {
                 if link_meta.file_type().is_symlink() {
-                    check_symlink(options, &manifest_path)?;
+                    check_symlink(options, &manifest_path).map_err(manifest_error)?;
                 }
-                let text = read_toml(&manifest_path, meta)?;
+                let text = read_toml(&manifest_path, meta).map_err(manifest_error)?;
                 Manifest::parse(&text)
-                    .map_err(|why| anyhow!("{}: {why}", manifest_path.display()))?
+                    .map_err(|why| manifest_error(anyhow!("{}: {why}", manifest_path.display())))?
                     .service_config(name, defaults)
             }
             None => Manifest::default().service_config(name, defaults),
         };
         let wasm = std::fs::read(&component_path)
-            .with_context(|| format!("cannot read {}", component_path.display()))?;
+            .with_context(|| format!("cannot read {}", component_path.display()))
+            .map_err(component_error)?;
         Ok(ServiceSpec {
             name: name.to_string(),
             digest: Some(digest_of(&wasm)),
@@ -236,7 +243,7 @@ pub(crate) fn load(
     };
     match read() {
         Ok(spec) => Load::Changed(Box::new(spec), fingerprint),
-        Err(err) => Load::Bad(err, Some(fingerprint)),
+        Err((err, file)) => Load::Bad(err, file, Some(fingerprint)),
     }
 }
 

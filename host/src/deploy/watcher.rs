@@ -214,7 +214,9 @@ impl DirState {
     async fn sync(&mut self, name: &str, min_age: Duration) -> Option<JoinHandle<bool>> {
         if let Err(reason) = validate_name(name) {
             if self.invalid_names.insert(name.to_string()) {
-                tracing::warn!(file = %format!("{name}.wasm"), "ignoring file: {reason}");
+                let file = self.dir().join(format!("{name}.wasm"));
+                self.deployer
+                    .reject(name, &file.display().to_string(), reason);
             }
             return None;
         }
@@ -226,7 +228,13 @@ impl DirState {
             source::load(&options, &owned_name, defaults, last, min_age)
         })
         .await
-        .unwrap_or_else(|join| Load::Bad(anyhow!("reading the files failed: {join}"), None));
+        .unwrap_or_else(|join| {
+            Load::Bad(
+                anyhow!("reading the files failed: {join}"),
+                self.dir().join(format!("{name}.wasm")),
+                None,
+            )
+        });
         match loaded {
             Load::Unchanged => None,
             Load::Settling => {
@@ -264,29 +272,9 @@ impl DirState {
                     async move { deployer.deploy(*spec).await.is_ok() },
                 ))
             }
-            Load::Bad(err, fingerprint) => {
-                let reason = format!("{err:#}");
-                let kept = self
-                    .deployer
-                    .registry()
-                    .snapshot()
-                    .service(name)
-                    .map(|d| d.generation());
-                match kept {
-                    Some(generation) => tracing::warn!(
-                        event = "reject",
-                        service = %name,
-                        reason = %reason,
-                        "rejected {name}: {reason}; generation {generation} keeps serving"
-                    ),
-                    None => tracing::warn!(
-                        event = "reject",
-                        service = %name,
-                        reason = %reason,
-                        "rejected {name}: {reason}"
-                    ),
-                }
-                self.deployer.record_rejection(name, reason);
+            Load::Bad(err, file, fingerprint) => {
+                self.deployer
+                    .reject(name, &file.display().to_string(), format!("{err:#}"));
                 match fingerprint {
                     Some(fingerprint) => self.applied.insert(name.to_string(), fingerprint),
                     None => self.applied.remove(name),

@@ -27,7 +27,6 @@ use crate::base::trace::{TRACEPARENT, TraceContext};
 use crate::capabilities::outbound::{CallContext, InternalCalls};
 use crate::deploy::Deployment;
 use crate::deploy::deployer::Deployer;
-use crate::deploy::registry::Snapshot;
 use crate::guest::invoke::{self, RequestMeta};
 
 /// Routes requests to the deployed services and runs them: the request path
@@ -116,7 +115,7 @@ impl Dispatcher {
         };
         let Some((deployment, rest)) = routed else {
             let path = request.uri().path().to_string();
-            let mut response = not_found(&self.deployer.registry().snapshot(), &path);
+            let mut response = not_found(&path);
             set_request_id(&mut response, &request_id);
             return response;
         };
@@ -285,28 +284,12 @@ fn prepare_headers(request: &mut http::Request<HyperIncomingBody>, route: &str, 
     }
 }
 
-/// Most service routes listed in a 404 body.
-const LISTED_ROUTES: usize = 20;
-
-fn not_found(snapshot: &Snapshot, path: &str) -> http::Response<Body> {
-    let mut routes: Vec<&str> = snapshot.services().map(|d| d.route().as_str()).collect();
-    routes.sort_unstable();
-    let listed = if routes.is_empty() {
-        "no services are deployed".to_string()
-    } else if routes.len() > LISTED_ROUTES {
-        format!(
-            "services: {} and {} more",
-            routes[..LISTED_ROUTES].join(", "),
-            routes.len() - LISTED_ROUTES
-        )
-    } else {
-        format!("services: {}", routes.join(", "))
-    };
+/// The 404 for a path no service is mounted at. It names only the path the
+/// client sent: the list of routes is the admin API's to give, not an
+/// anonymous client's to read.
+fn not_found(path: &str) -> http::Response<Body> {
     let shown: String = path.chars().take(200).collect();
-    respond::text(
-        StatusCode::NOT_FOUND,
-        &format!("no service at {shown}; {listed}"),
-    )
+    respond::text(StatusCode::NOT_FOUND, &format!("no service at {shown}"))
 }
 
 /// Issues request ids: the client's own if it sent a sane one, otherwise a
