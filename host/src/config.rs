@@ -33,6 +33,10 @@ pub struct Config {
     pub limit_overrides: PartialLimits,
     /// Engine and instance-pool sizing.
     pub engine: EngineOptions,
+    /// Where the host keeps its own state: the last good version of each
+    /// service (served if its file is broken at start). `None` keeps none.
+    /// Must not be inside the services directory.
+    pub data_dir: Option<PathBuf>,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a client may stall: sending its request headers, idling
@@ -52,6 +56,7 @@ impl Default for Config {
             limits: Limits::default(),
             limit_overrides: PartialLimits::default(),
             engine: EngineOptions::default(),
+            data_dir: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             max_call_depth: DEFAULT_MAX_CALL_DEPTH,
@@ -81,9 +86,41 @@ impl Config {
         self
     }
 
+    /// Sets the data directory (see [`Config::data_dir`]).
+    pub fn data_dir(mut self, dir: Option<PathBuf>) -> Config {
+        self.data_dir = dir;
+        self
+    }
+
     /// Sets the default limits.
     pub fn limits(mut self, limits: Limits) -> Config {
         self.limits = limits;
         self
     }
+}
+
+/// The data directory used when none is configured, for a host serving
+/// `services_dir`: under the platform's data directory (`~/.local/share` on
+/// Linux), one per services directory (named after it, with a hash of its
+/// canonical path), so two hosts serving different directories never share
+/// state.
+pub fn default_data_dir(services_dir: &std::path::Path) -> Option<PathBuf> {
+    use sha2::Digest as _;
+    let canonical = std::fs::canonicalize(services_dir)
+        .or_else(|_| std::path::absolute(services_dir))
+        .ok()?;
+    let hash = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let label: String = canonical
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("root")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        .take(32)
+        .collect();
+    let key = format!(
+        "{label}-{:02x}{:02x}{:02x}{:02x}",
+        hash[0], hash[1], hash[2], hash[3]
+    );
+    dirs::data_dir().map(|dir| dir.join("wharf").join(key))
 }

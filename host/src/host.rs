@@ -3,7 +3,7 @@
 //! them over HTTP.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
 
 use anyhow::{Context as _, Result};
@@ -42,6 +42,10 @@ pub struct Host {
 
 struct Inner {
     config: Config,
+    /// The services directory as an absolute, canonical path, resolved once
+    /// at creation: file events, symlink checks and admin writes all compare
+    /// against this one value, whatever form the configuration gave.
+    services_dir: Option<PathBuf>,
     /// The request path: routes requests to the deployed services.
     dispatcher: Arc<Dispatcher>,
     /// The directory watcher, if watching; taken on shutdown.
@@ -65,6 +69,16 @@ impl Host {
     /// [`load`](Host::load) finishes. For serving health checks during a long
     /// initial load.
     pub async fn create(config: Config) -> Result<Host> {
+        let services_dir = config.services_dir.as_deref().map(resolve_dir);
+        if let (Some(services), Some(data)) = (&services_dir, &config.data_dir)
+            && resolve_dir(data).starts_with(services)
+        {
+            anyhow::bail!(
+                "the data directory {} is inside the services directory {}; put it elsewhere",
+                data.display(),
+                services.display()
+            );
+        }
         let engine_options = config.engine.clone();
         let (runtime, caches) = tokio::task::spawn_blocking(move || {
             let runtime = Runtime::new(&engine_options)?;
@@ -79,10 +93,12 @@ impl Host {
             Arc::new(Registry::new()),
             Arc::new(Metrics::new()),
             config.limit_overrides.apply(config.limits),
+            config.data_dir.as_deref(),
         )?);
         let dispatcher = Dispatcher::new(deployer, config.max_call_depth);
         let inner = Arc::new(Inner {
             config,
+            services_dir,
             dispatcher,
             watcher: AsyncMutex::new(None),
             load_report: OnceLock::new(),
@@ -96,7 +112,7 @@ impl Host {
     /// watching it. Without a directory it just marks the host ready.
     pub async fn load(&self) -> Result<LoadReport> {
         let config = &self.inner.config;
-        let (report, watcher) = match &config.services_dir {
+        let (report, watcher) = match &self.inner.services_dir {
             Some(dir) => {
                 let options = WatchOptions {
                     source: SourceOptions {
@@ -138,6 +154,12 @@ impl Host {
     /// The configuration the host was built with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The services directory, absolute and canonical (symlinks resolved),
+    /// if the host has one.
+    pub fn services_dir(&self) -> Option<PathBuf> {
+        self.inner.services_dir.clone()
     }
 
     /// How the initial load of the services directory went (empty before
@@ -193,6 +215,7 @@ impl Host {
             config: ServiceConfig::defaults(name, self.inner.dispatcher.deployer().defaults()),
             source: None,
             digest: None,
+            manifest: None,
         };
         self.inner.dispatcher.deployer().deploy(spec).await
     }
@@ -322,6 +345,13 @@ impl Host {
             watcher.stop().await;
         }
     }
+}
+
+/// `dir` as an absolute, canonical path; if it cannot be resolved (it does
+/// not exist yet), at least absolute, so later errors name a full path.
+fn resolve_dir(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()))
 }
 
 /// Every second, drops warm instances that have idled past

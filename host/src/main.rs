@@ -43,8 +43,8 @@ enum LogFormat {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// The services directory: each NAME.wasm in it is served at /NAME.
-    #[arg(default_value = "services")]
-    dir: PathBuf,
+    /// [default: ./services, created if it does not exist]
+    dir: Option<PathBuf>,
 
     /// Address to listen on; port 0 picks a free port (the real address is
     /// printed as "listening on http://HOST:PORT").
@@ -96,6 +96,13 @@ struct ServeArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
 
+    /// Where Wharf keeps its own state: the last version of each service
+    /// that deployed, served at start if the service's file is broken
+    /// [default: the platform data directory, one per services directory,
+    /// e.g. ~/.local/share/wharf/services-1a2b3c4d]. Not inside DIR.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
     /// Compile every component at load, without reading or writing the
     /// compiled-code cache.
     #[arg(long)]
@@ -145,7 +152,21 @@ struct ServeArgs {
     log: Option<String>,
 }
 
+/// The services directory when none is given.
+const DEFAULT_DIR: &str = "services";
+
 fn main() -> Result<()> {
+    // Errors that are expected on the request path (a client's malformed
+    // body, a guest's failed read) must not capture a backtrace each: with
+    // RUST_BACKTRACE=1, anyhow and wasmtime errors did, and the first one
+    // formatted loaded the debug info for good (175 MiB of RSS). Panics keep
+    // their backtraces (they follow RUST_BACKTRACE alone); set
+    // RUST_LIB_BACKTRACE=1 to have error backtraces too.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: no other thread exists yet, so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
@@ -177,7 +198,27 @@ fn init_logging(filter: Option<&str>, format: LogFormat) -> Result<()> {
     Ok(())
 }
 
+/// The services directory to serve: the one given, or `./services`, which
+/// is created if it does not exist (a given one must exist: a typo should
+/// not silently serve an empty new directory).
+fn services_dir(given: Option<&PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir.clone());
+    }
+    let dir = PathBuf::from(DEFAULT_DIR);
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the services directory ./{DEFAULT_DIR}"))?;
+        tracing::info!(
+            dir = %std::path::absolute(&dir).unwrap_or_else(|_| dir.clone()).display(),
+            "created the services directory; drop NAME.wasm files into it to serve them"
+        );
+    }
+    Ok(dir)
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
+    let dir = services_dir(args.dir.as_ref())?;
     let cache_dir = if args.no_cache {
         None
     } else {
@@ -186,7 +227,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .or_else(wharf::deploy::cache::default_dir)
     };
     let config = Config {
-        services_dir: Some(args.dir.clone()),
+        services_dir: Some(dir.clone()),
+        data_dir: args
+            .data_dir
+            .clone()
+            .or_else(|| wharf::config::default_data_dir(&dir)),
         watch: !args.no_watch,
         allow_external_symlinks: args.allow_external_symlinks,
         limits: Limits::default(),
@@ -205,7 +250,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         client_timeout: args.client_timeout,
         max_call_depth: args.max_call_depth,
     };
-    let host = Host::create(config).await.context("starting the engine")?;
+    if let Some(data_dir) = &config.data_dir {
+        tracing::info!(dir = %data_dir.display(), "data directory");
+    }
+    let host = Host::create(config).await.context("starting the host")?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(wharf::serve::tls::acceptor(cert, key)?),
         _ => None,
@@ -252,7 +300,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
     host.load()
         .await
-        .with_context(|| format!("cannot serve {}", args.dir.display()))?;
+        .with_context(|| format!("cannot serve {}", dir.display()))?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))

@@ -175,3 +175,41 @@ async fn regression_a_second_wharf_on_a_used_port_fails_instead_of_sharing_it() 
         assert_eq!(get(&first.url("/hello")).await.unwrap().0, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_serve_without_a_directory_creates_the_default_one() {
+    // `wharf serve` with no directory failed when ./services did not exist,
+    // and so did the README's walkthrough.
+    let work = ServiceDir::new();
+    let wharf = WharfProcess::start_with(|command| {
+        command
+            .current_dir(work.path())
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+    });
+    assert!(work.path().join("services").is_dir());
+    wharf
+        .wait_for_log_line(&["created the services directory"], Duration::from_secs(5))
+        .await;
+    // It is watched like any other: a service dropped in is served.
+    let bytes = crate::support::guest_bytes("hello");
+    std::fs::write(work.path().join("services").join(".hello.tmp"), &bytes).unwrap();
+    std::fs::rename(
+        work.path().join("services").join(".hello.tmp"),
+        work.path().join("services").join("hello.wasm"),
+    )
+    .unwrap();
+    crate::support::eventually(Duration::from_secs(10), "hello to be served", || async {
+        get(&wharf.url("/hello"))
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    // A directory given explicitly must exist: a typo is an error.
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .current_dir(work.path())
+        .args(["serve", "no-such-dir", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(!work.path().join("no-such-dir").exists());
+}

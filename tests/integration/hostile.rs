@@ -423,3 +423,44 @@ async fn a_huge_response_does_not_need_its_size_in_host_memory() {
         "streaming 200 MiB raised peak RSS by {growth} KiB"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_malformed_bodies_with_rust_backtrace_keep_rss_flat() {
+    // With RUST_BACKTRACE=1 every request-path error captured a backtrace,
+    // and the first one a guest formatted loaded the debug info for good:
+    // 175 MiB of RSS after one bad chunk size.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = ServiceDir::new();
+    dir.install("echo", "echo");
+    let wharf = crate::support::WharfProcess::start_with(|command| {
+        command
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .arg("serve")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--log", "error"]);
+    });
+    let addr = wharf.base.trim_start_matches("http://").to_string();
+    let malformed = async || {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz-not-hex\r\n")
+            .await
+            .unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
+    };
+    for _ in 0..20 {
+        malformed().await;
+    }
+    let before = wharf.memory_kib("VmRSS");
+    for _ in 0..1000 {
+        malformed().await;
+    }
+    let after = wharf.memory_kib("VmRSS");
+    let grew_mib = after.saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 32,
+        "RSS grew by {grew_mib} MiB over 1000 malformed bodies"
+    );
+}

@@ -14,3 +14,4 @@ mod observability;
 mod reload;
 mod reuse;
 mod serving;
+mod uploads;

@@ -405,3 +405,87 @@ async fn the_directory_deleted_and_recreated_is_followed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_wharf_toml_reloads_with_a_relative_services_dir() {
+    // With the directory given as a relative path (the default, `services`)
+    // file events carried absolute paths that never matched it: wharf.toml
+    // was not reloaded, and service changes waited for the periodic rescan.
+    for relative in [true, false] {
+        let parent = ServiceDir::new();
+        let dir = parent.path().join("services");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(crate::support::guest("hello"), dir.join("hello.wasm")).unwrap();
+        let wharf = crate::support::WharfProcess::start_with(|command| {
+            command.current_dir(parent.path()).arg("serve");
+            if relative {
+                command.arg("services");
+            } else {
+                command.arg(&dir);
+            }
+            command.args(["--listen", "127.0.0.1:0"]);
+        });
+        std::fs::write(dir.join("wharf.toml"), "[limits]\ntimeout = \"7s\"\n").unwrap();
+        wharf
+            .wait_for_log_line(&["default limits changed"], Duration::from_secs(10))
+            .await;
+        assert_eq!(
+            status_of(&wharf.url("/hello")).await,
+            Some(200),
+            "relative: {relative}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_file_broken_across_a_restart_serves_the_last_good_version() {
+    // A file truncated while the host was down (its writer died mid-copy)
+    // made the service vanish at the next start: 404.
+    use crate::support::WharfProcess;
+    let dir = ServiceDir::new();
+    let data = ServiceDir::new();
+    dir.install("greeter", "hello");
+    dir.write("greeter.toml", b"route = \"/hi\"\n");
+    dir.install("gone", "hello");
+    let args = ["--data-dir", data.path().to_str().unwrap()];
+    let mut wharf = WharfProcess::start(dir.path(), &args);
+    assert_eq!(status_of(&wharf.url("/hi")).await, Some(200));
+    assert_eq!(status_of(&wharf.url("/gone")).await, Some(200));
+    wharf.terminate();
+    assert!(wharf.wait_exit(Duration::from_secs(20)).await.success());
+
+    let bytes = guest_bytes("hello");
+    dir.write("greeter.wasm", &bytes[..bytes.len() / 2]);
+    dir.remove("gone.wasm");
+    let wharf = WharfProcess::start(dir.path(), &args);
+    // The last good version serves, at its route, and the log says why.
+    let (status, body) = get(&wharf.url("/hi")).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Hello from the microservice!"));
+    wharf
+        .wait_for_log_line(
+            &[
+                "greeter.wasm is broken",
+                "serving the last version that deployed",
+            ],
+            Duration::from_secs(5),
+        )
+        .await;
+    // A service whose file was removed stays removed.
+    assert_eq!(status_of(&wharf.url("/gone")).await, Some(404));
+    assert!(!data.path().join("last-good").join("gone.wasm").exists());
+
+    // Fixing the file deploys the fix.
+    dir.install("greeter", "echo");
+    eventually(
+        Duration::from_secs(10),
+        "the repaired file to serve",
+        || async {
+            match get(&wharf.url("/hi/x")).await {
+                Some((200, body)) => body.contains("\"path\""),
+                _ => false,
+            }
+        },
+    )
+    .await;
+}

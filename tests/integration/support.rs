@@ -235,22 +235,41 @@ pub struct WharfProcess {
     child: Child,
     pub base: String,
     log: Arc<Mutex<String>>,
+    /// The temporary data directory, if the helper made one.
+    _data: Option<TempDir>,
 }
 
 impl WharfProcess {
     /// Runs `wharf serve DIR --listen 127.0.0.1:0 ARGS...` and waits until it
     /// prints its address.
     pub fn start(dir: &Path, args: &[&str]) -> WharfProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-            .arg("serve")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
+        WharfProcess::start_with(|command| {
+            command
+                .arg("serve")
+                .arg(dir)
+                .args(["--listen", "127.0.0.1:0"])
+                .args(args);
+        })
+    }
+
+    /// Runs the `wharf` binary with the arguments, environment and working
+    /// directory `configure` gives it, and waits until it prints its address.
+    /// Unless the arguments name a `--data-dir`, the host gets a temporary
+    /// one, removed with the process (tests never write to the user's data
+    /// directory).
+    pub fn start_with(configure: impl FnOnce(&mut Command)) -> WharfProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
+        command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start wharf");
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let data = (!command.get_args().any(|arg| arg == "--data-dir"))
+            .then(|| TempDir::new().expect("a temporary data directory"));
+        if let Some(data) = &data {
+            command.arg("--data-dir").arg(data.path());
+        }
+        let mut child = command.spawn().expect("start wharf");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -280,7 +299,12 @@ impl WharfProcess {
                 );
             }
         };
-        WharfProcess { child, base, log }
+        WharfProcess {
+            child,
+            base,
+            log,
+            _data: data,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -323,6 +347,11 @@ impl WharfProcess {
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")
@@ -353,5 +382,27 @@ impl Drop for WharfProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Limits the size of any file a command (and its children) may write to
+/// `bytes`, the way a full disk would: writes past it fail with "File too
+/// large" (SIGXFSZ, which would kill the process instead, is ignored).
+pub fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (setrlimit and signal), and nothing is allocated.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
     }
 }

@@ -12,6 +12,7 @@ use crate::base::metrics::{DeployEvent, Metrics};
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::compiler::Compiler;
 use crate::deploy::deployment::{self, Deployment, ServiceSpec};
+use crate::deploy::last_good::{LastGood, Saved};
 use crate::deploy::registry::Registry;
 use crate::guest::engine::Runtime;
 use crate::guest::invoke;
@@ -40,6 +41,15 @@ pub(crate) struct Deployer {
     /// them alone until the write is deployed, so it never deploys the
     /// half-written state (a new component with the old manifest).
     held: Mutex<HashMap<String, usize>>,
+    /// One lock per service whose files a writer (the admin API) changes:
+    /// writes to one service take turns, so the last complete one wins
+    /// whole, never half of one and half of another.
+    file_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last version of each service that deployed from a file, kept
+    /// across restarts (with a data directory).
+    last_good: Option<LastGood>,
+    /// Saves to `last_good` take turns, each checking it is still current.
+    saving: tokio::sync::Mutex<()>,
 }
 
 /// Keeps the watcher off one service while it lives; see
@@ -68,6 +78,7 @@ impl Deployer {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         defaults: Limits,
+        data_dir: Option<&std::path::Path>,
     ) -> Result<Deployer> {
         Ok(Deployer {
             runtime,
@@ -78,6 +89,9 @@ impl Deployer {
             attempts: Mutex::new(HashMap::new()),
             defaults: Mutex::new(defaults),
             held: Mutex::new(HashMap::new()),
+            file_locks: Mutex::new(HashMap::new()),
+            last_good: data_dir.map(LastGood::new),
+            saving: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -95,6 +109,22 @@ impl Deployer {
             deployer: self,
             name: name.to_string(),
         }
+    }
+
+    /// Remembers why the files of `name` are not what serves, without
+    /// logging again (the rejection was logged when it happened).
+    pub(crate) fn note_rejection(&self, name: &str, reason: String) {
+        self.registry.record_rejection(name, reason);
+    }
+
+    /// Waits for the turn to change service `name`'s files; the turn lasts
+    /// as long as the guard.
+    pub(crate) async fn lock_files(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.file_locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     /// Whether a writer holds `name` (see [`hold`](Deployer::hold)).
@@ -180,57 +210,65 @@ impl Deployer {
             .map(|path| path.display().to_string())
             .unwrap_or_else(|| "<api>".to_string());
         let source_path = spec.source.clone();
+        // What the last-good store keeps if this version deploys from a file.
+        let keep = spec
+            .source
+            .is_some()
+            .then(|| (spec.wasm.clone(), spec.manifest.clone()));
         let attempt = self.begin(&name);
         let built = self.build(spec).await;
 
-        let attempts = self.attempts();
-        let same_as_current = |built: &Result<Deployment>| {
-            let snapshot = self.registry.snapshot();
-            match (built, snapshot.service(&name)) {
-                (Ok(new), Some(current))
-                    if new.digest() == current.digest() && new.config() == current.config() =>
-                {
-                    Some(current.clone())
+        // Decided under the attempts lock, so no newer change can slip in
+        // between the check and the install.
+        let installed = {
+            let attempts = self.attempts();
+            let same_as_current = |built: &Result<Deployment>| {
+                let snapshot = self.registry.snapshot();
+                match (built, snapshot.service(&name)) {
+                    (Ok(new), Some(current))
+                        if new.digest() == current.digest() && new.config() == current.config() =>
+                    {
+                        Some(current.clone())
+                    }
+                    _ => None,
                 }
-                _ => None,
+            };
+            // The same version arrived twice (say through the admin API and then
+            // its file): nothing to replace.
+            if let Some(current) = same_as_current(&built) {
+                return Ok(current);
             }
+            if attempts.get(&name) != Some(&attempt) {
+                tracing::info!(
+                    target: EVENTS,
+                    event = "superseded",
+                    service = %name,
+                    file = %source,
+                    "a newer change to this service arrived while it compiled; discarding this version"
+                );
+                return Err(anyhow!("superseded by a newer change to service {name:?}"));
+            }
+            // The file was removed while it compiled (its removal may already
+            // have been applied): installing it now would bring back a deleted
+            // service.
+            if let Some(path) = &source_path
+                && !path.exists()
+            {
+                tracing::info!(
+                    target: EVENTS,
+                    event = "superseded",
+                    service = %name,
+                    file = %source,
+                    "the file was removed while it compiled; discarding this version"
+                );
+                return Err(anyhow!("{} was removed while it compiled", path.display()));
+            }
+            built.and_then(|deployment| {
+                let compile = deployment.compile_info();
+                let (new, old) = self.registry.install(deployment)?;
+                Ok((new, old, compile))
+            })
         };
-        // The same version arrived twice (say through the admin API and then
-        // its file): nothing to replace.
-        if let Some(current) = same_as_current(&built) {
-            return Ok(current);
-        }
-        if attempts.get(&name) != Some(&attempt) {
-            tracing::info!(
-                target: EVENTS,
-                event = "superseded",
-                service = %name,
-                file = %source,
-                "a newer change to this service arrived while it compiled; discarding this version"
-            );
-            return Err(anyhow!("superseded by a newer change to service {name:?}"));
-        }
-        // The file was removed while it compiled (its removal may already
-        // have been applied): installing it now would bring back a deleted
-        // service.
-        if let Some(path) = &source_path
-            && !path.exists()
-        {
-            tracing::info!(
-                target: EVENTS,
-                event = "superseded",
-                service = %name,
-                file = %source,
-                "the file was removed while it compiled; discarding this version"
-            );
-            return Err(anyhow!("{} was removed while it compiled", path.display()));
-        }
-        let installed = built.and_then(|deployment| {
-            let compile = deployment.compile_info();
-            let (new, old) = self.registry.install(deployment)?;
-            Ok((new, old, compile))
-        });
-        drop(attempts);
         match installed {
             Ok((new, old, compile)) => {
                 let compile_ms = compile.duration.as_secs_f64() * 1000.0;
@@ -273,6 +311,9 @@ impl Deployer {
                         file = %source,
                         "service deployed"
                     ),
+                }
+                if let Some((wasm, manifest)) = keep {
+                    self.save_last_good(&new, wasm, manifest).await;
                 }
                 Ok(new)
             }
@@ -321,6 +362,78 @@ impl Deployer {
         tracing::debug!(service = %deployment.name(), "compiled; probing");
         invoke::probe(&self.runtime, deployment.guest()).await?;
         Ok(deployment)
+    }
+
+    /// Saves `deployment` (whose component is `wasm`, its manifest
+    /// `manifest`) as its service's last good version, if it is still the
+    /// one serving once its turn comes. A failure is logged: the store is a
+    /// safety net, not a reason to fail a deploy.
+    async fn save_last_good(
+        &self,
+        deployment: &Arc<Deployment>,
+        wasm: Arc<[u8]>,
+        manifest: Option<Arc<str>>,
+    ) {
+        let Some(store) = self.last_good.clone() else {
+            return;
+        };
+        let _turn = self.saving.lock().await;
+        let name = deployment.name().to_string();
+        let digest = deployment.digest().to_string();
+        let current = self
+            .registry
+            .snapshot()
+            .service(&name)
+            .is_some_and(|d| Arc::ptr_eq(d, deployment));
+        if !current {
+            return;
+        }
+        let saved = tokio::task::spawn_blocking(move || {
+            store.save(&name, &wasm, &digest, manifest.as_deref())
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(
+                service = %deployment.name(),
+                error = %format!("{err:#}"),
+                "cannot save the last good version"
+            ),
+            Err(join) => tracing::warn!(error = %join, "saving the last good version failed"),
+        }
+    }
+
+    /// The last good version saved for `name`, if any.
+    pub(crate) async fn last_good(&self, name: &str) -> Option<Saved> {
+        let store = self.last_good.clone()?;
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || store.load(&name))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Forgets the last good versions of services not in `present`.
+    pub(crate) async fn prune_last_good(&self, present: std::collections::HashSet<String>) {
+        let Some(store) = self.last_good.clone() else {
+            return;
+        };
+        let _turn = self.saving.lock().await;
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || store.prune(&present)).await {
+            tracing::warn!(error = %format!("{err:#}"), "cannot prune the last good versions");
+        }
+    }
+
+    /// Forgets the last good version of `name` (its files were removed).
+    pub(crate) async fn forget_last_good(&self, name: &str) {
+        let Some(store) = self.last_good.clone() else {
+            return;
+        };
+        let _turn = self.saving.lock().await;
+        let owned = name.to_string();
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || store.remove(&owned)).await {
+            tracing::warn!(service = %name, error = %format!("{err:#}"), "cannot forget the last good version");
+        }
     }
 
     /// Removes a service; requests already running finish on it.

@@ -102,6 +102,9 @@ pub struct ServiceSpec {
     pub source: Option<PathBuf>,
     /// `sha256:<hex>` of `wasm`, if already known (computed otherwise).
     pub digest: Option<String>,
+    /// The manifest's text, if the service has one: kept so that a version
+    /// deployed from the directory can be saved as its last good one.
+    pub manifest: Option<Arc<str>>,
 }
 
 /// How the compiled code was obtained.
@@ -232,8 +235,12 @@ impl Deployment {
 
 /// `sha256:<hex>` of some bytes.
 pub fn digest_of(bytes: &[u8]) -> String {
+    hex_digest(Sha256::digest(bytes).as_slice())
+}
+
+/// `sha256:<hex>` for a SHA-256 hash already computed.
+pub(crate) fn hex_digest(hash: &[u8]) -> String {
     use std::fmt::Write as _;
-    let hash = Sha256::digest(bytes);
     let mut text = String::with_capacity(7 + 64);
     text.push_str("sha256:");
     for byte in hash {

@@ -10,11 +10,13 @@
 pub mod cache;
 mod compiler;
 pub(crate) mod deployer;
-mod deployment;
+pub(crate) mod deployment;
+mod last_good;
 pub mod manifest;
 pub mod registry;
 pub mod router;
 pub(crate) mod source;
+pub(crate) mod upload;
 pub mod watcher;
 
 pub use compiler::CompileTimes;

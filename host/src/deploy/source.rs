@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -16,7 +17,7 @@ use crate::deploy::{ServiceSpec, digest_of};
 /// Largest component file read.
 pub const MAX_COMPONENT_FILE: u64 = 1 << 30;
 /// Largest manifest or `wharf.toml` read.
-const MAX_TOML_FILE: u64 = 1 << 20;
+pub(crate) const MAX_TOML_FILE: u64 = 1 << 20;
 /// Name of the host-wide settings file in the services directory.
 pub const HOST_FILE: &str = "wharf.toml";
 
@@ -218,33 +219,63 @@ pub(crate) fn load(
                 component.1.len(),
             )));
         }
-        let config = match &manifest {
+        let (config, manifest_text) = match &manifest {
             Some((link_meta, meta)) => {
                 if link_meta.file_type().is_symlink() {
                     check_symlink(options, &manifest_path).map_err(manifest_error)?;
                 }
                 let text = read_toml(&manifest_path, meta).map_err(manifest_error)?;
-                Manifest::parse(&text)
+                let config = Manifest::parse(&text)
                     .map_err(|why| manifest_error(anyhow!("{}: {why}", manifest_path.display())))?
-                    .service_config(name, defaults)
+                    .service_config(name, defaults);
+                (config, Some(Arc::from(text)))
             }
-            None => Manifest::default().service_config(name, defaults),
+            None => (Manifest::default().service_config(name, defaults), None),
         };
-        let wasm = std::fs::read(&component_path)
+        let wasm = read_shared(&component_path)
             .with_context(|| format!("cannot read {}", component_path.display()))
             .map_err(component_error)?;
         Ok(ServiceSpec {
             name: name.to_string(),
             digest: Some(digest_of(&wasm)),
-            wasm: wasm.into(),
+            wasm,
             config,
             source: Some(component_path.clone()),
+            manifest: manifest_text,
         })
     };
     match read() {
         Ok(spec) => Load::Changed(Box::new(spec), fingerprint),
         Err((err, file)) => Load::Bad(err, file, Some(fingerprint)),
     }
+}
+
+/// Reads a whole file into shared memory in one allocation (collecting into
+/// a `Vec` and converting would hold two copies at once: a 100 MiB upload
+/// cost 200 MiB). Fails if the file changes length while it is read.
+pub(crate) fn read_shared(path: &Path) -> std::io::Result<Arc<[u8]>> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len())
+        .map_err(|_| std::io::Error::other("the file is too large to read"))?;
+    let mut buffer = Arc::<[u8]>::new_uninit_slice(len);
+    // A fresh Arc has no other owner.
+    let Some(slots) = Arc::get_mut(&mut buffer) else {
+        return Err(std::io::Error::other("a fresh buffer was shared"));
+    };
+    for slot in slots.iter_mut() {
+        slot.write(0);
+    }
+    // SAFETY: every element was just initialised.
+    let mut buffer = unsafe { buffer.assume_init() };
+    let Some(bytes) = Arc::get_mut(&mut buffer) else {
+        return Err(std::io::Error::other("a fresh buffer was shared"));
+    };
+    file.read_exact(bytes)?;
+    if file.read(&mut [0u8; 1])? != 0 {
+        return Err(std::io::Error::other("the file grew while it was read"));
+    }
+    Ok(buffer)
 }
 
 fn read_toml(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
@@ -287,44 +318,9 @@ pub(crate) fn read_host_file(dir: &Path) -> Result<Option<PartialLimits>> {
     Ok(Some(limits))
 }
 
-/// Writes a service's files into the directory atomically (each written to
-/// a dotfile, which the watcher ignores, then renamed into place): the
-/// manifest first, then the component. Without a manifest, an existing
-/// `NAME.toml` is removed, so the directory holds exactly what was given.
-pub(crate) fn write_service(
-    dir: &Path,
-    name: &str,
-    wasm: &[u8],
-    manifest: Option<&str>,
-) -> Result<()> {
-    let manifest_path = dir.join(format!("{name}.toml"));
-    match manifest {
-        Some(text) => write_atomically(dir, &manifest_path, text.as_bytes())?,
-        None => match std::fs::remove_file(&manifest_path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(err).with_context(|| format!("removing {}", manifest_path.display()));
-            }
-        },
-    }
-    write_atomically(dir, &dir.join(format!("{name}.wasm")), wasm)
-}
-
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write as _;
-    let mut temp = tempfile::Builder::new()
-        .prefix(".wharf-upload-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    temp.write_all(bytes)
-        .with_context(|| format!("writing {}", temp.path().display()))?;
-    temp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
-}
-
-/// Removes a service's files; whether there was a component file.
+/// Removes a service's files, the component first (so the service is gone
+/// at once, whatever happens to the manifest); whether there was a
+/// component file.
 pub(crate) fn remove_service(dir: &Path, name: &str) -> Result<bool> {
     let mut removed_component = false;
     for (file, is_component) in [

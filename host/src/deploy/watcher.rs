@@ -17,10 +17,13 @@ use tokio::task::JoinHandle;
 
 use crate::base::limits::{Limits, PartialLimits};
 use crate::deploy::deployer::Deployer;
+use crate::deploy::deployer::EVENTS;
+use crate::deploy::manifest::Manifest;
 use crate::deploy::source::{
     self, FileRole, HOST_FILE, Load, ServiceFingerprint, SourceOptions, file_role, scan_names,
 };
-use crate::deploy::validate_name;
+use crate::deploy::upload;
+use crate::deploy::{ServiceSpec, validate_name};
 
 /// Quiet time after a "file complete" event (close after write, rename into
 /// place, removal) before the file is read: coalesces the events of one
@@ -88,6 +91,9 @@ struct DirState {
     dir_missing: bool,
     /// Changes waiting to settle before their files are read.
     pending: HashMap<String, Pending>,
+    /// Set during the initial load: a service whose files are broken is
+    /// then served from its last good version, if one was saved.
+    initial: bool,
 }
 
 impl DirState {
@@ -138,6 +144,7 @@ impl DirState {
     /// settle first, as is any file with events still settling.
     async fn rescan(&mut self, initial: bool) -> LoadReport {
         let started = Instant::now();
+        self.initial = initial;
         let names = match scan_names(self.dir()) {
             Ok(names) => {
                 if self.dir_missing {
@@ -182,6 +189,7 @@ impl DirState {
                 deploys.push(task);
             }
         }
+        self.initial = false;
         let mut report = LoadReport::default();
         if initial {
             for task in deploys {
@@ -244,6 +252,7 @@ impl DirState {
             Load::Gone => {
                 self.applied.remove(name);
                 self.deployer.undeploy(name, "its file was removed");
+                self.deployer.forget_last_good(name).await;
                 None
             }
             Load::Changed(_, _) if self.deployer.is_held(name) => {
@@ -268,19 +277,101 @@ impl DirState {
                     return None;
                 }
                 let deployer = self.deployer.clone();
-                Some(tokio::spawn(
-                    async move { deployer.deploy(*spec).await.is_ok() },
-                ))
+                let fallback = self.initial.then(|| self.fallback(name));
+                Some(tokio::spawn(async move {
+                    match deployer.deploy(*spec).await {
+                        Ok(_) => true,
+                        Err(err) => match fallback {
+                            Some(fallback) => fallback.deploy(format!("{err:#}")).await,
+                            None => false,
+                        },
+                    }
+                }))
             }
             Load::Bad(err, file, fingerprint) => {
+                let reason = format!("{err:#}");
                 self.deployer
-                    .reject(name, &file.display().to_string(), format!("{err:#}"));
+                    .reject(name, &file.display().to_string(), reason.clone());
                 match fingerprint {
                     Some(fingerprint) => self.applied.insert(name.to_string(), fingerprint),
                     None => self.applied.remove(name),
                 };
+                if self.initial {
+                    let fallback = self.fallback(name);
+                    return Some(tokio::spawn(fallback.deploy(reason)));
+                }
                 None
             }
+        }
+    }
+}
+
+impl DirState {
+    /// What serving `name` from its last good version needs.
+    fn fallback(&self, name: &str) -> Fallback {
+        Fallback {
+            deployer: self.deployer.clone(),
+            name: name.to_string(),
+            component_path: self.dir().join(format!("{name}.wasm")),
+            defaults: self.defaults(),
+        }
+    }
+}
+
+/// Serves a service from its last good version when its files are broken at
+/// start.
+struct Fallback {
+    deployer: Arc<Deployer>,
+    name: String,
+    component_path: std::path::PathBuf,
+    defaults: Limits,
+}
+
+impl Fallback {
+    /// Deploys the last good version, if one is saved; `broken` says what is
+    /// wrong with the files. Returns whether the service now serves.
+    async fn deploy(self, broken: String) -> bool {
+        let Some(saved) = self.deployer.last_good(&self.name).await else {
+            return false;
+        };
+        let config = match saved.manifest.as_deref().map(Manifest::parse).transpose() {
+            Ok(manifest) => manifest
+                .unwrap_or_default()
+                .service_config(&self.name, self.defaults),
+            Err(why) => {
+                tracing::warn!(service = %self.name, "the saved last good manifest no longer parses: {why}");
+                return false;
+            }
+        };
+        let spec = ServiceSpec {
+            name: self.name.clone(),
+            wasm: saved.wasm,
+            config,
+            source: Some(self.component_path.clone()),
+            digest: Some(saved.digest.clone()),
+            manifest: saved.manifest.map(Arc::from),
+        };
+        match self.deployer.deploy(spec).await {
+            Ok(deployment) => {
+                tracing::warn!(
+                    target: EVENTS,
+                    event = "last-good",
+                    service = %self.name,
+                    generation = deployment.generation(),
+                    digest = %saved.digest,
+                    saved_at = %humantime::format_rfc3339_seconds(saved.saved_at),
+                    file = %self.component_path.display(),
+                    "{} is broken ({broken}); serving the last version that deployed, saved at {}",
+                    self.component_path.display(),
+                    humantime::format_rfc3339_seconds(saved.saved_at)
+                );
+                self.deployer.note_rejection(
+                    &self.name,
+                    format!("{broken} (serving the last good version, {})", saved.digest),
+                );
+                true
+            }
+            Err(_) => false,
         }
     }
 }
@@ -380,6 +471,18 @@ pub(crate) async fn load_and_watch(
             dir.display()
         ));
     }
+    // Uploads a crash interrupted are completed (or their leftovers
+    // removed) before anything in the directory is read.
+    let recover_dir = dir.clone();
+    match tokio::task::spawn_blocking(move || upload::recover(&recover_dir)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => tracing::error!(
+            dir = %dir.display(),
+            error = %format!("{err:#}"),
+            "cannot clean up interrupted uploads"
+        ),
+        Err(join) => tracing::error!(error = %join, "cleaning up interrupted uploads failed"),
+    }
     let host_file = source::read_host_file(&dir)?.unwrap_or_default();
     let (events_tx, events_rx) = mpsc::channel(1024);
     // Watch before the initial scan, so nothing written during the load is
@@ -397,8 +500,12 @@ pub(crate) async fn load_and_watch(
         invalid_names: HashSet::new(),
         dir_missing: false,
         pending: HashMap::new(),
+        initial: false,
     };
     state.deployer.set_defaults(state.defaults());
+    if let Ok(present) = scan_names(&state.options.source.dir) {
+        state.deployer.prune_last_good(present).await;
+    }
     let report = state.rescan(true).await;
     if !watch {
         return Ok((report, None));

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,8 +29,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::deploy::manifest::Manifest;
-use crate::deploy::source::{self, MAX_COMPONENT_FILE};
-use crate::deploy::{ServiceSpec, digest_of, validate_name};
+use crate::deploy::source::{self, MAX_COMPONENT_FILE, MAX_TOML_FILE};
+use crate::deploy::upload::{self, AsyncStaging, Staged};
+use crate::deploy::{ServiceSpec, check_header, validate_name};
 use crate::host::Host;
 
 /// How long a PUT waits for its version to be serving.
@@ -260,82 +261,186 @@ fn services_json(host: &Host) -> Value {
     json!({ "ready": host.is_ready(), "services": services })
 }
 
-/// The component and optional manifest of a PUT.
-async fn read_upload(
+/// Why an upload could not be received.
+struct UploadError {
+    status: StatusCode,
+    reason: String,
+}
+
+impl UploadError {
+    fn bad_request(reason: impl Into<String>) -> UploadError {
+        UploadError {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+
+    /// A failure to store what was received: over a limit (413) or the
+    /// disk refusing it (500).
+    fn storing(err: anyhow::Error) -> UploadError {
+        let reason = format!("{err:#}");
+        let status = if reason.contains("larger than the limit") {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        UploadError {
+            status,
+            reason: format!("cannot store the upload: {reason}"),
+        }
+    }
+}
+
+/// A PUT's files, received whole into temporary files in the services
+/// directory, and the manifest's text.
+struct Upload {
+    component: Staged,
+    manifest: Option<(Staged, String)>,
+}
+
+/// Streams `body`'s data into `staging`.
+async fn stream_into<B>(mut body: B, staging: &mut AsyncStaging) -> Result<(), UploadError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|err| UploadError::bad_request(format!("reading the body: {err}")))?;
+        if let Ok(data) = frame.into_data() {
+            staging.write(&data).await.map_err(UploadError::storing)?;
+        }
+    }
+    Ok(())
+}
+
+/// Receives a PUT: the body is the component, or `multipart/form-data` with
+/// `component` and `manifest` parts. Each is streamed to disk as it
+/// arrives, its size limit enforced on the way; nothing is held in memory.
+async fn receive_upload(
+    dir: &std::path::Path,
+    name: &str,
     request: http::Request<Incoming>,
-) -> Result<(Vec<u8>, Option<String>), String> {
+) -> Result<Upload, UploadError> {
     let content_type = request
         .headers()
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let body = Limited::new(request.into_body(), MAX_COMPONENT_FILE as usize + (1 << 20));
-    if content_type.starts_with("multipart/form-data") {
-        let boundary = multer::parse_boundary(&content_type)
-            .map_err(|err| format!("bad multipart content type: {err}"))?;
-        let stream = http_body_util::BodyDataStream::new(body);
-        let mut multipart = multer::Multipart::new(stream, boundary);
-        let (mut component, mut manifest) = (None, None);
-        while let Some(field) = multipart
-            .next_field()
-            .await
-            .map_err(|err| format!("reading the multipart body: {err}"))?
-        {
-            match field.name() {
-                Some("component") => {
-                    component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec())
-                }
-                Some("manifest") => manifest = Some(field.text().await.map_err(|e| e.to_string())?),
-                other => {
-                    return Err(format!(
-                        "unexpected multipart field {other:?}; use component and manifest"
-                    ));
-                }
+    let staging = |what| AsyncStaging::create(dir, name, what, limit_of(what));
+    if !content_type.starts_with("multipart/form-data") {
+        let mut component = staging("component").await.map_err(UploadError::storing)?;
+        stream_into(request.into_body(), &mut component).await?;
+        let component = component.finish().await.map_err(UploadError::storing)?;
+        return Ok(Upload {
+            component,
+            manifest: None,
+        });
+    }
+    let boundary = multer::parse_boundary(&content_type)
+        .map_err(|err| UploadError::bad_request(format!("bad multipart content type: {err}")))?;
+    let stream = http_body_util::BodyDataStream::new(request.into_body());
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let (mut component, mut manifest) = (None, None);
+    let multipart_error =
+        |err: multer::Error| UploadError::bad_request(format!("reading the multipart body: {err}"));
+    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
+        let what = match field.name() {
+            Some("component") => "component",
+            Some("manifest") => "manifest",
+            other => {
+                return Err(UploadError::bad_request(format!(
+                    "unexpected multipart field {other:?}; use component and manifest"
+                )));
+            }
+        };
+        let mut file = staging(what).await.map_err(UploadError::storing)?;
+        let mut text = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+            file.write(&chunk).await.map_err(UploadError::storing)?;
+            if what == "manifest" {
+                text.extend_from_slice(&chunk);
             }
         }
-        let component = component.ok_or("the multipart body has no component field")?;
-        Ok((component, manifest))
+        let file = file.finish().await.map_err(UploadError::storing)?;
+        if what == "component" {
+            component = Some(file);
+        } else {
+            let text = String::from_utf8(text)
+                .map_err(|_| UploadError::bad_request("the manifest is not UTF-8 text"))?;
+            manifest = Some((file, text));
+        }
+    }
+    let component = component
+        .ok_or_else(|| UploadError::bad_request("the multipart body has no component field"))?;
+    Ok(Upload {
+        component,
+        manifest,
+    })
+}
+
+/// The size limit of an uploaded part.
+fn limit_of(what: &str) -> u64 {
+    if what == "manifest" {
+        MAX_TOML_FILE
     } else {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|err| format!("reading the body: {err}"))?
-            .to_bytes();
-        Ok((bytes.to_vec(), None))
+        MAX_COMPONENT_FILE
     }
 }
 
-/// Validates (compiles and probes) the upload; only a good one is written
-/// into the directory and deployed.
+/// Receives the upload into temporary files, validates it (compiles and
+/// probes it), and only then puts both files in place at once and deploys
+/// them. Uploads of one service take turns; whatever fails, the previous
+/// version's files and deployment stay as they were.
 async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) -> AdminResponse {
-    let Some(dir) = host.config().services_dir.clone() else {
+    let Some(dir) = host.services_dir() else {
         return text(
             StatusCode::CONFLICT,
             "this host has no services directory to deploy into",
         );
     };
-    let (wasm, manifest_text) = match read_upload(request).await {
+    let deployer = host.deployer();
+    let _turn = deployer.lock_files(name).await;
+    let upload = match receive_upload(&dir, name, request).await {
         Ok(upload) => upload,
-        Err(reason) => return text(StatusCode::BAD_REQUEST, &reason),
+        Err(err) => {
+            tracing::warn!(service = %name, reason = %err.reason, "admin upload refused; nothing was changed");
+            return text(err.status, &err.reason);
+        }
     };
-    let manifest = match manifest_text.as_deref().map(Manifest::parse).transpose() {
-        Ok(manifest) => manifest.unwrap_or_default(),
-        Err(reason) => {
+    let manifest = match upload
+        .manifest
+        .as_ref()
+        .map(|(_, text)| Manifest::parse(text))
+    {
+        None => Manifest::default(),
+        Some(Ok(manifest)) => manifest,
+        Some(Err(reason)) => {
             return text(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &format!("{name}.toml: {reason}"),
             );
         }
     };
-    let deployer = host.deployer();
-    let digest = digest_of(&wasm);
+    // The one copy of the component in memory: what the compiler reads.
+    let path = upload.component.path().to_path_buf();
+    let wasm = match tokio::task::spawn_blocking(move || read_component(&path)).await {
+        Ok(Ok(wasm)) => wasm,
+        Ok(Err(err)) => return text(StatusCode::UNPROCESSABLE_ENTITY, &format!("{err:#}")),
+        Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
+    };
+    let digest = upload.component.digest.clone();
     let spec = ServiceSpec {
         name: name.to_string(),
         config: manifest.service_config(name, deployer.defaults()),
-        wasm: wasm.into(),
+        wasm,
         source: Some(dir.join(format!("{name}.wasm"))),
         digest: Some(digest.clone()),
+        manifest: upload
+            .manifest
+            .as_ref()
+            .map(|(_, text)| Arc::from(text.as_str())),
     };
     if let Err(err) = deployer.validate(spec.clone()).await {
         let reason = format!("{err:#}");
@@ -345,20 +450,30 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
     // The watcher stays off this service until this upload is deployed, so
     // it never deploys the new component with the old manifest in between.
     let _hold = deployer.hold(name);
-    let files = (
-        dir.clone(),
-        name.to_string(),
-        spec.wasm.clone(),
-        manifest_text,
-    );
-    let written = tokio::task::spawn_blocking(move || {
-        let (dir, name, wasm, manifest) = files;
-        source::write_service(&dir, &name, &wasm, manifest.as_deref())
+    let Upload {
+        component,
+        manifest,
+    } = upload;
+    let (commit_dir, commit_name) = (dir.clone(), name.to_string());
+    let committed = tokio::task::spawn_blocking(move || {
+        upload::commit(
+            &commit_dir,
+            &commit_name,
+            component,
+            manifest.map(|(file, _)| file),
+        )
     })
     .await;
-    match written {
+    match committed {
         Ok(Ok(())) => {}
-        Ok(Err(err)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),
+        Ok(Err(err)) => {
+            let reason = format!("{err:#}");
+            tracing::warn!(service = %name, reason = %reason, "admin upload could not be put in place; the previous files stay");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot store the upload: {reason}"),
+            );
+        }
         Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
     }
     let config = spec.config.clone();
@@ -394,10 +509,24 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
     }
 }
 
+/// Reads an uploaded component for compiling, checking its header first so
+/// a file that is not a component is refused without reading all of it.
+fn read_component(path: &std::path::Path) -> Result<Arc<[u8]>> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut header = [0u8; 8];
+    let read = file.read(&mut header)?;
+    check_header(&header[..read])?;
+    Ok(source::read_shared(path)?)
+}
+
 async fn delete_service(host: &Host, name: &str) -> AdminResponse {
-    let Some(dir) = host.config().services_dir.clone() else {
+    let Some(dir) = host.services_dir() else {
         return text(StatusCode::CONFLICT, "this host has no services directory");
     };
+    let deployer = host.deployer();
+    let _turn = deployer.lock_files(name).await;
+    let _hold = deployer.hold(name);
     let owned = name.to_string();
     let removed = tokio::task::spawn_blocking(move || source::remove_service(&dir, &owned)).await;
     let had_file = match removed {
