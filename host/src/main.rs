@@ -72,6 +72,12 @@ struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = limits::parse_concurrency)]
     concurrency: Option<u32>,
 
+    /// CPU time one request may use, for services whose manifest sets none
+    /// (e.g. 5s, 200ms); past it the guest is stopped and the client gets
+    /// 504. [default: 5s, or DIR/wharf.toml]
+    #[arg(long, value_name = "DURATION", value_parser = limits::parse_duration)]
+    cpu: Option<Duration>,
+
     /// Largest request body, for services whose manifest sets none; larger
     /// ones get 413. [default: 16MiB, or DIR/wharf.toml]
     #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
@@ -240,6 +246,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             memory: args.memory,
             concurrency: args.concurrency,
             body: args.body_limit,
+            cpu: args.cpu,
         },
         engine: EngineOptions {
             max_instances: args.max_instances,

@@ -78,6 +78,45 @@ async fn a_busy_loop_is_stopped_at_its_deadline_with_504() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn regression_a_busy_loop_is_stopped_at_its_cpu_budget_long_before_its_deadline() {
+    // A busy loop kept its share of the CPU until its 30 s wall-clock
+    // deadline: there was no CPU budget below it.
+    let (_dir, server) = server_with("[limits]\ntimeout = \"60s\"\ncpu = \"300ms\"\n").await;
+    let (status, body, _) = while_neighbour_answers(&server, "/hostile/busy-loop").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("CPU budget of 300ms"), "{body}");
+    let metrics = server.host.metrics_text();
+    assert!(
+        metrics.contains("wharf_cpu_limited_total{service=\"hostile\"} 1"),
+        "{metrics}"
+    );
+    let cpu_seconds: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wharf_cpu_seconds_total{service=\"hostile\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the hostile service's CPU seconds");
+    assert!((0.3..5.0).contains(&cpu_seconds), "{cpu_seconds}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_busy_loops_leave_a_neighbour_answering() {
+    // Sixteen long-running requests at once: the neighbour still gets every
+    // answer right (how fast is `cargo xtask bench isolation`'s to measure).
+    let (_dir, server) = server_with("[limits]\ntimeout = \"3s\"\n").await;
+    let busy: Vec<_> = (0..16)
+        .map(|_| {
+            let url = server.url("/hostile/busy-loop");
+            tokio::spawn(async move { get(&url).await.map(|(status, _)| status) })
+        })
+        .collect();
+    let (status, _, _) = while_neighbour_answers(&server, "/hostile/sleep?ms=1000").await;
+    assert_eq!(status, 200);
+    for request in busy {
+        assert_eq!(request.await.unwrap(), Some(504));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_guest_blocked_in_a_host_call_is_stopped_with_504() {
     let (_dir, server) = default_server().await;
     let (status, body, elapsed) = while_neighbour_answers(&server, "/hostile/never-responds").await;

@@ -1,8 +1,10 @@
-//! `cargo xtask bench isolation`: what a misbehaving neighbour costs a
-//! well-behaved service. The hello service is loaded with wrk alone, then
-//! while other clients keep busy-looping (CPU until the deadline) or
-//! memory-bombing (grow to the cap, trap) requests running against a hostile
-//! service on the same host. Rounds are interleaved.
+//! `cargo xtask bench isolation [--wharf BINARY]`: what a misbehaving
+//! neighbour costs a well-behaved service. The hello service is loaded with
+//! wrk alone, then while other clients keep 2 or 64 busy-looping requests
+//! (CPU until their deadline) or 2 memory-bombing ones (grow to the cap,
+//! trap) running against a hostile service on the same host. Rounds are
+//! interleaved. `--wharf` measures another build (an older one, say) with
+//! the same load.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,9 +17,23 @@ use anyhow::Result;
 use crate::load::{self, Load, LoadResult};
 use crate::process::WharfProcess;
 
-/// Hostile requests kept running at once during a noisy round.
-const NOISY_CLIENTS: usize = 2;
 const ROUNDS: usize = 3;
+
+/// The noisy rounds: a label, the hostile path, and how many requests to it
+/// are kept running at once.
+const NEIGHBOURS: &[(&str, &str, usize)] = &[
+    (
+        "2 busy loops (CPU until their 2 s deadline)",
+        "/hostile/busy-loop",
+        2,
+    ),
+    ("64 busy loops", "/hostile/busy-loop", 64),
+    (
+        "2 memory bombs (128 MiB, then a trap)",
+        "/hostile/memory-bomb",
+        2,
+    ),
+];
 
 /// Keeps `clients` requests to `url` running until dropped.
 struct Noise {
@@ -70,7 +86,14 @@ pub fn run(wharf_bin: &Path, guests: &Path, out: &Path) -> Result<()> {
         dir.path().join("hostile.toml"),
         "[limits]\ntimeout = \"2s\"\nmemory = \"128MiB\"\n",
     )?;
-    let wharf = WharfProcess::start(wharf_bin, dir.path(), &["--log", "error"])?;
+    let data = tempfile::tempdir()?;
+    let mut args = vec!["--log".to_string(), "error".to_string()];
+    if supports_data_dir(wharf_bin) {
+        args.push("--data-dir".to_string());
+        args.push(data.path().display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let wharf = WharfProcess::start(wharf_bin, dir.path(), &args)?;
     let hello = wharf.url("/hello");
     let load = Load {
         threads: 1,
@@ -86,20 +109,14 @@ pub fn run(wharf_bin: &Path, guests: &Path, out: &Path) -> Result<()> {
     )?;
 
     let mut alone = Vec::new();
-    let mut busy = Vec::new();
-    let mut bombs = Vec::new();
+    let mut noisy: Vec<Vec<LoadResult>> = vec![Vec::new(); NEIGHBOURS.len()];
     for round in 1..=ROUNDS {
         eprintln!("xtask: isolation round {round}/{ROUNDS}");
         alone.push(load::run(&hello, load)?);
-        {
-            let _noise = Noise::start(&wharf.url("/hostile/busy-loop"), NOISY_CLIENTS);
-            std::thread::sleep(Duration::from_millis(200));
-            busy.push(load::run(&hello, load)?);
-        }
-        {
-            let _noise = Noise::start(&wharf.url("/hostile/memory-bomb"), NOISY_CLIENTS);
-            std::thread::sleep(Duration::from_millis(200));
-            bombs.push(load::run(&hello, load)?);
+        for (results, (_, path, clients)) in noisy.iter_mut().zip(NEIGHBOURS) {
+            let _noise = Noise::start(&wharf.url(path), *clients);
+            std::thread::sleep(Duration::from_millis(500));
+            results.push(load::run(&hello, load)?);
         }
     }
 
@@ -107,18 +124,21 @@ pub fn run(wharf_bin: &Path, guests: &Path, out: &Path) -> Result<()> {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "## Isolation: hello under `wrk -t1 -c32 -d10s`, {ROUNDS} interleaved rounds, {NOISY_CLIENTS} hostile requests always running beside it\n"
+        "## Isolation: hello under `wrk -t1 -c32 -d10s`, {ROUNDS} interleaved rounds, hostile requests always running beside it\n\nBinary: `{}`\n",
+        wharf_bin.display()
     );
     let _ = writeln!(
         report,
         "| neighbour | requests/s | vs alone | p50 ms | p99 ms | errors |"
     );
     let _ = writeln!(report, "| --- | --- | --- | --- | --- | --- |");
-    for (label, results) in [
-        ("none", &alone),
-        ("busy loop (CPU until its 2s deadline)", &busy),
-        ("memory bomb (128 MiB, then trap)", &bombs),
-    ] {
+    let rows = std::iter::once(("none", &alone)).chain(
+        NEIGHBOURS
+            .iter()
+            .map(|(label, _, _)| *label)
+            .zip(noisy.iter()),
+    );
+    for (label, results) in rows {
         let rps = mean(results, |r| r.rps);
         let _ = writeln!(
             report,
@@ -134,4 +154,12 @@ pub fn run(wharf_bin: &Path, guests: &Path, out: &Path) -> Result<()> {
     std::fs::write(out, &report)?;
     eprintln!("xtask: report written to {}", out.display());
     Ok(())
+}
+
+/// Whether `wharf_bin` knows `--data-dir` (older builds do not).
+fn supports_data_dir(wharf_bin: &Path) -> bool {
+    std::process::Command::new(wharf_bin)
+        .args(["serve", "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--data-dir"))
 }

@@ -199,7 +199,11 @@ fn bench(args: &[String]) -> Result<()> {
         }
         Some("isolation") => {
             let guests = guests::build(&[guests::Lang::Rust])?.rust;
-            let wharf = build_release_wharf()?;
+            let wharf = match args.get(1..) {
+                Some([flag, path]) if flag == "--wharf" => PathBuf::from(path),
+                Some([]) | None => build_release_wharf()?,
+                _ => bail!("usage: cargo xtask bench isolation [--wharf BINARY]"),
+            };
             isolation::run(&wharf, &guests, &out_dir.join("isolation.md"))
         }
         Some("http") => {

@@ -13,6 +13,10 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 pub const DEFAULT_CONCURRENCY: u32 = 64;
 /// Default largest request body a service accepts: 16 MiB.
 pub const DEFAULT_BODY: u64 = 16 << 20;
+/// Default CPU time a request may use: 5 seconds, far below the wall-clock
+/// timeout, so a busy loop is stopped long before its deadline on an idle
+/// host.
+pub const DEFAULT_CPU: Duration = Duration::from_secs(5);
 
 /// The largest memory cap a service may ask for. Every pooled memory slot
 /// reserves address space for this much, so it is a host-wide ceiling.
@@ -31,6 +35,9 @@ pub struct Limits {
     pub concurrency: u32,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub body: u64,
+    /// CPU time a request may use; past it the guest is stopped and the
+    /// client gets 504.
+    pub cpu: Duration,
 }
 
 impl Default for Limits {
@@ -40,6 +47,7 @@ impl Default for Limits {
             memory: DEFAULT_MEMORY,
             concurrency: DEFAULT_CONCURRENCY,
             body: DEFAULT_BODY,
+            cpu: DEFAULT_CPU,
         }
     }
 }
@@ -56,6 +64,8 @@ pub struct PartialLimits {
     pub concurrency: Option<u32>,
     /// See [`Limits::body`].
     pub body: Option<u64>,
+    /// See [`Limits::cpu`].
+    pub cpu: Option<Duration>,
 }
 
 impl PartialLimits {
@@ -66,6 +76,7 @@ impl PartialLimits {
             memory: self.memory.unwrap_or(base.memory),
             concurrency: self.concurrency.unwrap_or(base.concurrency),
             body: self.body.unwrap_or(base.body),
+            cpu: self.cpu.unwrap_or(base.cpu),
         }
     }
 }
@@ -78,6 +89,7 @@ pub struct LimitsTable {
     memory: Option<String>,
     concurrency: Option<i64>,
     body: Option<String>,
+    cpu: Option<String>,
 }
 
 impl LimitsTable {
@@ -106,6 +118,11 @@ impl LimitsTable {
                 .body
                 .as_deref()
                 .map(|b| key("body", parse_size(b)))
+                .transpose()?,
+            cpu: self
+                .cpu
+                .as_deref()
+                .map(|c| key("cpu", parse_duration(c)))
                 .transpose()?,
         })
     }

@@ -138,6 +138,8 @@ pub struct ServiceMetrics {
     latency: Histogram,
     in_flight: Gauge,
     timeouts: Counter,
+    cpu_limited: Counter,
+    cpu: Counter<f64, std::sync::atomic::AtomicU64>,
     traps: Counter,
     busy: Counter,
     overloaded: Counter,
@@ -161,6 +163,16 @@ impl ServiceMetrics {
     /// Counts a guest stopped at its deadline.
     pub fn timed_out(&self) {
         self.timeouts.inc();
+    }
+
+    /// Counts a guest stopped for using up its CPU budget.
+    pub fn cpu_limited(&self) {
+        self.cpu_limited.inc();
+    }
+
+    /// Adds the CPU time one request's guest used.
+    pub fn used_cpu(&self, cpu: Duration) {
+        self.cpu.inc_by(cpu.as_secs_f64());
     }
 
     /// Counts a guest that crashed (trap, memory limit, exit, no response).
@@ -195,6 +207,8 @@ pub struct Metrics {
     latency: HistogramFamily<ServiceLabels>,
     in_flight: Family<ServiceLabels, Gauge>,
     timeouts: Family<ServiceLabels, Counter>,
+    cpu_limited: Family<ServiceLabels, Counter>,
+    cpu: Family<ServiceLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     traps: Family<ServiceLabels, Counter>,
     rejected: Family<RejectLabels, Counter>,
     deploy_events: Family<DeployLabels, Counter>,
@@ -229,6 +243,8 @@ impl Metrics {
             latency: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
             timeouts: Family::default(),
+            cpu_limited: Family::default(),
+            cpu: Family::default(),
             traps: Family::default(),
             rejected: Family::default(),
             deploy_events: Family::default(),
@@ -261,6 +277,16 @@ impl Metrics {
             "timeouts",
             "Requests stopped at their time limit, by service",
             metrics.timeouts.clone(),
+        );
+        registry.register(
+            "cpu_limited",
+            "Requests stopped for using up their CPU budget, by service",
+            metrics.cpu_limited.clone(),
+        );
+        registry.register(
+            "cpu_seconds",
+            "CPU time guests used running requests, by service",
+            metrics.cpu.clone(),
         );
         registry.register(
             "traps",
@@ -343,6 +369,8 @@ impl Metrics {
                     latency: self.latency.get_or_create(&labels).clone(),
                     in_flight: self.in_flight.get_or_create(&labels).clone(),
                     timeouts: self.timeouts.get_or_create(&labels).clone(),
+                    cpu_limited: self.cpu_limited.get_or_create(&labels).clone(),
+                    cpu: self.cpu.get_or_create(&labels).clone(),
                     traps: self.traps.get_or_create(&labels).clone(),
                     busy: reject(RejectReason::Busy),
                     overloaded: reject(RejectReason::Overloaded),

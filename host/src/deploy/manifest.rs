@@ -226,7 +226,12 @@ mod tests {
             ("[limits]\ntimeout = \"forever\"", "limits.timeout:"),
             ("[limits]\nmemory = \"10GiB\"", "limits.memory:"),
             ("[limits]\nconcurrency = -1", "limits.concurrency:"),
-            ("[limits]\ncpu = 1", "line 2: unknown field `cpu`"),
+            ("[limits]\ngpu = 1", "line 2: unknown field `gpu`"),
+            (
+                "[limits]\ncpu = 1",
+                "line 2: invalid type: integer `1`, expected a string",
+            ),
+            ("[limits]\ncpu = \"lots\"", "limits.cpu:"),
             (
                 "[env]\nPORT = 80",
                 "line 2: invalid type: integer `80`, expected a string",

@@ -15,6 +15,7 @@ use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use crate::capabilities::outbound::{CallContext, InternalCalls, OutboundHooks};
 use crate::guest::Guest;
 use crate::guest::engine::Runtime;
+use crate::guest::scheduler::{self, CpuMeter, Verdict};
 use crate::guest::state::HostState;
 use crate::guest::stdio::{GuestOutput, Stream};
 
@@ -60,8 +61,9 @@ impl Instance {
     /// Prepares a warm instance for its next request.
     pub(crate) fn begin_request(&mut self, context: CallContext) {
         let deadline = context.deadline;
-        self.store.data_mut().begin_request(context);
-        arm_deadline(&mut self.store, deadline);
+        let meter = CpuMeter::new(self.store.data().cpu().budget());
+        self.store.data_mut().begin_request(context, meter.clone());
+        arm_deadline(&mut self.store, deadline, meter);
     }
 
     /// Whether this instance has served a request before.
@@ -117,7 +119,13 @@ fn new_store(
         .stdout(stdout.clone())
         .stderr(stderr.clone());
     let hooks = OutboundHooks::new(guest.outbound().clone(), service.clone(), context, internal);
-    let state = HostState::new(wasi.build(), guest.limits().memory, hooks, [stdout, stderr]);
+    let state = HostState::new(
+        wasi.build(),
+        guest.limits().memory,
+        hooks,
+        [stdout, stderr],
+        CpuMeter::new(guest.limits().cpu),
+    );
     let engine = runtime.flavour(guest.memory_init()).engine();
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
@@ -133,23 +141,25 @@ pub(crate) fn armed_store(
 ) -> Store<HostState> {
     let deadline = context.deadline;
     let mut store = new_store(runtime, guest, context, internal);
-    arm_deadline(&mut store, deadline);
+    let meter = store.data().cpu().clone();
+    arm_deadline(&mut store, deadline, meter);
     store
 }
 
-/// Makes the guest stop at `deadline`; until then it yields to other tasks
-/// every epoch tick, so a busy guest cannot hold a thread.
-fn arm_deadline(store: &mut Store<HostState>, deadline: Instant) {
+/// Makes the guest stop at `deadline` or when `meter` says its CPU budget
+/// is spent; until then, at every epoch tick it yields as the
+/// [`scheduler`](crate::guest::scheduler) decides, so a busy guest can hold
+/// neither a thread nor more than its share of one.
+fn arm_deadline(store: &mut Store<HostState>, deadline: Instant, meter: Arc<CpuMeter>) {
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            ))
+            return Ok(UpdateDeadline::Interrupt);
         }
+        Ok(match scheduler::at_yield_point(&meter) {
+            Verdict::Stop => UpdateDeadline::Interrupt,
+            Verdict::Yield(turn) => UpdateDeadline::YieldCustom(1, turn),
+        })
     });
 }
 

@@ -25,6 +25,7 @@ use crate::guest::Guest;
 use crate::guest::body::{GuestBody, LimitedBody};
 use crate::guest::engine::Runtime;
 use crate::guest::instance::{Instance, armed_store};
+use crate::guest::scheduler;
 use crate::guest::state::HostState;
 
 /// Why a request did not get a response from its guest.
@@ -32,6 +33,8 @@ use crate::guest::state::HostState;
 pub enum Failure {
     /// The guest ran past its time limit and was stopped.
     Timeout(Duration),
+    /// The guest used up its CPU budget and was stopped.
+    CpuLimit(Duration),
     /// The guest tried to grow its memory past the cap and then trapped.
     MemoryLimit(u64),
     /// The guest overflowed its stack.
@@ -59,7 +62,7 @@ impl Failure {
     /// The status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Timeout(_) | Failure::CpuLimit(_) => StatusCode::GATEWAY_TIMEOUT,
             Failure::Busy(_) | Failure::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Failure::BodyTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -72,6 +75,10 @@ impl Failure {
             Failure::Timeout(limit) => format!(
                 "the service exceeded its time limit of {}",
                 humantime::format_duration(*limit)
+            ),
+            Failure::CpuLimit(budget) => format!(
+                "the service exceeded its CPU budget of {}",
+                humantime::format_duration(*budget)
             ),
             Failure::MemoryLimit(cap) => format!(
                 "the service exceeded its memory limit of {}",
@@ -113,6 +120,7 @@ impl Failure {
     fn record(&self, metrics: &ServiceMetrics) {
         match self {
             Failure::Timeout(_) => metrics.timed_out(),
+            Failure::CpuLimit(_) => metrics.cpu_limited(),
             Failure::MemoryLimit(_)
             | Failure::StackOverflow
             | Failure::Trap(_)
@@ -141,6 +149,7 @@ impl Failure {
 fn classify(err: &wasmtime::Error, state: &HostState, timeout: Duration) -> Failure {
     if let Some(trap) = err.downcast_ref::<Trap>() {
         return match trap {
+            Trap::Interrupt if state.cpu().exceeded() => Failure::CpuLimit(state.cpu().budget()),
             Trap::Interrupt => Failure::Timeout(timeout),
             Trap::StackOverflow => Failure::StackOverflow,
             _ if state.limiter.memory_denied() => Failure::MemoryLimit(state.limiter.memory_cap()),
@@ -409,6 +418,8 @@ impl Attempt {
         let timeout = self.timeout;
         let deadline = Instant::now() + timeout;
         let in_flight = guest.metrics().in_flight();
+        let meter = instance.store.data().cpu().clone();
+        let metrics = guest.metrics().clone();
         let (failure_tx, failure_rx) = oneshot::channel();
         // The guest's response goes through the task, which so knows whether
         // one was sent before the guest returned.
@@ -466,7 +477,14 @@ impl Attempt {
             }
             failure
         };
-        let mut task = AbortOnDrop(Some(tokio::spawn(guest_task)));
+        // Every poll of the guest is timed: the scheduler's and the CPU
+        // budget's view of how much CPU this request has used.
+        let metered = async move {
+            let failure = scheduler::metered(guest_task, meter.clone()).await;
+            metrics.used_cpu(meter.used());
+            failure
+        };
+        let mut task = AbortOnDrop(Some(tokio::spawn(metered)));
 
         let response = match relay_rx.await {
             Ok(Ok(response)) => {

@@ -12,6 +12,7 @@ mod compiled;
 pub mod engine;
 pub(crate) mod instance;
 pub mod invoke;
+pub mod scheduler;
 pub mod state;
 pub mod stdio;
 

@@ -6,7 +6,10 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use std::sync::Arc;
+
 use crate::capabilities::outbound::{CallContext, OutboundHooks};
+use crate::guest::scheduler::CpuMeter;
 use crate::guest::stdio::GuestOutput;
 
 /// Largest table a guest may grow to, in elements. Tables are bounded by the
@@ -29,6 +32,8 @@ pub struct HostState {
     hooks: OutboundHooks,
     /// The guest's stdout and stderr, retagged per request.
     output: [GuestOutput; 2],
+    /// The CPU the current request has used, and its budget.
+    cpu: Arc<CpuMeter>,
 }
 
 impl HostState {
@@ -38,6 +43,7 @@ impl HostState {
         memory_cap: u64,
         hooks: OutboundHooks,
         output: [GuestOutput; 2],
+        cpu: Arc<CpuMeter>,
     ) -> HostState {
         HostState {
             wasi,
@@ -46,12 +52,19 @@ impl HostState {
             limiter: GuestLimiter::new(memory_cap),
             hooks,
             output,
+            cpu,
         }
+    }
+
+    /// The current request's CPU meter.
+    pub(crate) fn cpu(&self) -> &Arc<CpuMeter> {
+        &self.cpu
     }
 
     /// Prepares a reused instance for its next request: its logs, outgoing
     /// calls and limits belong to `context` from now on.
-    pub(crate) fn begin_request(&mut self, context: CallContext) {
+    pub(crate) fn begin_request(&mut self, context: CallContext, cpu: Arc<CpuMeter>) {
+        self.cpu = cpu;
         for output in &self.output {
             output.begin_request(context.request_id.clone());
         }

@@ -234,6 +234,7 @@ fn services_json(host: &Host) -> Value {
                     "memory_bytes": limits.memory,
                     "concurrency": limits.concurrency,
                     "body_bytes": limits.body,
+                    "cpu_ms": limits.cpu.as_millis() as u64,
                 },
                 "instance": {
                     "reuse": d.config().reuse,
