@@ -101,6 +101,18 @@ fn build_guests_for(args: &[String]) -> Result<guests::Built> {
 }
 
 fn demo(args: &[String]) -> Result<()> {
+    let listen = match args {
+        [] => "127.0.0.1:8080".to_string(),
+        [flag, addr] if flag == "--listen" => addr.clone(),
+        _ => bail!("usage: cargo xtask demo [--listen ADDR]"),
+    };
+    eprintln!(
+        "xtask: building the demo. The first run compiles Wharf in release mode and builds the \
+         Rust, JavaScript and Python services (about 15 minutes on a 2-core machine); later \
+         runs take seconds."
+    );
+    // Release: the demo is what people measure by hand.
+    let wharf = build_release_wharf()?;
     let built = guests::build(&guests::Lang::ALL)?;
     let services = root().join("examples").join("services");
     let demo = DEMO_RUST
@@ -121,25 +133,50 @@ fn demo(args: &[String]) -> Result<()> {
         std::fs::copy(&from, &to)
             .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     }
-    let listen = match args {
-        [] => "127.0.0.1:8080".to_string(),
-        [flag, addr] if flag == "--listen" => addr.clone(),
-        _ => bail!("usage: cargo xtask demo [--listen ADDR]"),
-    };
     eprintln!(
-        "xtask: serving {} — try: curl http://{listen}/hello",
+        "xtask: starting {} serve {} --listen {listen}; the first start compiles each service \
+         (the JavaScript and Python ones take several seconds: the log says which)",
+        wharf.display(),
         services.display()
     );
-    run(cargo().current_dir(root()).args([
-        "run",
-        "--package",
-        "wharf",
-        "--",
-        "serve",
-        &services.display().to_string(),
-        "--listen",
-        &listen,
-    ]))
+    serve_demo(&wharf, &services, &listen)
+}
+
+/// Runs `wharf serve` on the demo directory, passing its log through, and
+/// prints what to try once it is listening (not before: the first start
+/// compiles every service). Returns when the host exits (Ctrl-C).
+fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(wharf)
+        .arg("serve")
+        .arg(services)
+        .args(["--listen", listen])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", wharf.display()))?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        eprintln!("{line}");
+        if let Some(address) = line.strip_prefix("wharf: listening on ") {
+            let base = address.trim();
+            eprintln!(
+                "\nxtask: the demo is up. Try:\n  \
+                 curl {base}/hello\n  \
+                 curl -d 'hi' {base}/echo/x\n  \
+                 curl '{base}/gateway?user=1'\n  \
+                 curl {base}/hello-js\n  \
+                 curl {base}/hello-py\n  \
+                 curl {base}/team-js\n\
+                 Ctrl-C stops it.\n"
+            );
+        }
+    }
+    let status = child.wait().context("waiting for wharf")?;
+    if !status.success() {
+        bail!("wharf exited with {status}");
+    }
+    Ok(())
 }
 
 fn test() -> Result<()> {
