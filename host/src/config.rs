@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::base::limits::{Limits, PartialLimits};
+use crate::capabilities::keyvalue::backend::BackendChoice;
 use crate::guest::engine::EngineOptions;
 
 /// How long shutdown waits for in-flight requests by default.
@@ -34,9 +35,13 @@ pub struct Config {
     /// Engine and instance-pool sizing.
     pub engine: EngineOptions,
     /// Where the host keeps its own state: the last good version of each
-    /// service (served if its file is broken at start). `None` keeps none.
-    /// Must not be inside the services directory.
+    /// service (served if its file is broken at start) and the embedded
+    /// key-value store. `None` keeps none (the embedded store then lives in
+    /// memory). Must not be inside the services directory.
     pub data_dir: Option<PathBuf>,
+    /// The key-value backend; `None`: the one `wharf.toml` names, else the
+    /// embedded store.
+    pub keyvalue: Option<BackendChoice>,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a client may stall: sending its request headers, idling
@@ -57,6 +62,7 @@ impl Default for Config {
             limit_overrides: PartialLimits::default(),
             engine: EngineOptions::default(),
             data_dir: None,
+            keyvalue: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             max_call_depth: DEFAULT_MAX_CALL_DEPTH,

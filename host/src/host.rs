@@ -11,8 +11,10 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::base::metrics::Metrics;
+use crate::base::metrics::{BackendGauge, Metrics};
 use crate::base::respond::Body;
+use crate::capabilities::Backends;
+use crate::capabilities::keyvalue::backend::BackendStatus;
 use crate::config::Config;
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::deployer::Deployer;
@@ -79,6 +81,7 @@ impl Host {
                 services.display()
             );
         }
+        let backends = open_backends(&config, services_dir.as_deref()).await?;
         let engine_options = config.engine.clone();
         let (runtime, caches) = tokio::task::spawn_blocking(move || {
             let runtime = Runtime::new(&engine_options)?;
@@ -90,6 +93,7 @@ impl Host {
         let deployer = Arc::new(Deployer::new(
             Arc::new(runtime),
             caches,
+            backends,
             Arc::new(Registry::new()),
             Arc::new(Metrics::new()),
             config.limit_overrides.apply(config.limits),
@@ -193,8 +197,24 @@ impl Host {
         self.inner.dispatcher.deployer().metrics()
     }
 
+    /// Whether each of the host's backends (key-value, ...) is reachable,
+    /// with the capability it serves.
+    pub fn backend_statuses(&self) -> Vec<(&'static str, BackendStatus)> {
+        self.inner.dispatcher.deployer().backends().statuses()
+    }
+
     /// Every metric in the Prometheus text exposition format.
     pub fn metrics_text(&self) -> String {
+        let gauges: Vec<BackendGauge> = self
+            .backend_statuses()
+            .into_iter()
+            .map(|(capability, status)| BackendGauge {
+                capability,
+                backend: status.kind,
+                up: status.up,
+            })
+            .collect();
+        self.metrics().set_backends(&gauges);
         let instances = self.inner.dispatcher.deployer().runtime().instances();
         self.metrics().render(
             self.services().len(),
@@ -345,6 +365,34 @@ impl Host {
             watcher.stop().await;
         }
     }
+}
+
+/// Opens the host's capability backends: the key-value backend the
+/// configuration names, else the one `wharf.toml` in `services_dir` names,
+/// else the embedded store.
+async fn open_backends(config: &Config, services_dir: Option<&Path>) -> Result<Backends> {
+    let from_file = match (&config.keyvalue, services_dir) {
+        (None, Some(dir)) => {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || crate::deploy::source::read_host_file(&dir))
+                .await
+                .context("reading wharf.toml failed")?
+                .ok()
+                .flatten()
+                .and_then(|settings| settings.keyvalue)
+        }
+        _ => None,
+    };
+    let choice = config.keyvalue.clone().or(from_file).unwrap_or_default();
+    let defaults = config.limit_overrides.apply(config.limits);
+    let keyvalue = choice
+        .open(config.data_dir.as_deref(), defaults.kv_value_size)
+        .await
+        .context("opening the key-value backend")?;
+    tracing::info!(backend = keyvalue.kind(), detail = %keyvalue.status().detail, "key-value backend");
+    Ok(Backends {
+        keyvalue: Some(keyvalue),
+    })
 }
 
 /// `dir` as an absolute, canonical path; if it cannot be resolved (it does

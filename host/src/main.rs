@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wharf::admin::AdminToken;
 use wharf::base::limits::{self, Limits, PartialLimits};
+use wharf::capabilities::keyvalue::backend::BackendChoice;
 use wharf::guest::engine::EngineOptions;
 use wharf::{Config, Host};
 
@@ -108,6 +109,13 @@ struct ServeArgs {
     /// e.g. ~/.local/share/wharf/services-1a2b3c4d]. Not inside DIR.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+
+    /// The key-value backend guests' wasi:keyvalue buckets live in:
+    /// "embedded" (SQLite in the data directory), "redis://HOST:PORT" or
+    /// "nats://HOST:PORT". [default: keyvalue.backend in DIR/wharf.toml, else
+    /// embedded]
+    #[arg(long, value_name = "BACKEND")]
+    kv: Option<BackendChoice>,
 
     /// Compile every component at load, without reading or writing the
     /// compiled-code cache.
@@ -238,6 +246,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .data_dir
             .clone()
             .or_else(|| wharf::config::default_data_dir(&dir)),
+        keyvalue: args.kv.clone(),
         watch: !args.no_watch,
         allow_external_symlinks: args.allow_external_symlinks,
         limits: Limits::default(),
@@ -247,6 +256,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             concurrency: args.concurrency,
             body: args.body_limit,
             cpu: args.cpu,
+            ..PartialLimits::default()
         },
         engine: EngineOptions {
             max_instances: args.max_instances,

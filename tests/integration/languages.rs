@@ -145,3 +145,50 @@ async fn interpreted_services_under_instance_reuse() {
     assert!(!service("js-fetch").reuses_instances());
     assert_eq!(service("js-fetch").warm_instances(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn javascript_and_python_services_keep_state_in_wasi_keyvalue() {
+    // Built against the `stateful-service` world: wasi:keyvalue and
+    // wasi:config imported the way each language's toolchain does it.
+    let dir = ServiceDir::new();
+    let data = ServiceDir::new();
+    dir.install_from("visits-js", "js", "visits");
+    dir.install_from("visits-py", "python", "visits");
+    for (name, label) in [("visits-js", "js"), ("visits-py", "py")] {
+        dir.write(
+            &format!("{name}.toml"),
+            format!("[keyvalue]\nbuckets = [\"default\"]\n[config]\nservice_name = \"{label}\"\n")
+                .as_bytes(),
+        );
+    }
+    let server = TestServer::start(
+        wharf::Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf())),
+    )
+    .await;
+    for (prefix, label) in [("/visits-js", "js"), ("/visits-py", "py")] {
+        for expected in 1..=3 {
+            let (status, body) = get(&server.url(prefix)).await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            let doc: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(doc, json!({"service": label, "visits": expected}));
+        }
+    }
+    let response = client()
+        .post(server.url("/visits-py/notes"))
+        .body("buy milk")
+        .send()
+        .await
+        .unwrap();
+    let doc: Value = response.json().await.unwrap();
+    assert_eq!(doc["notes"], json!(["buy milk"]));
+    let (_, body) = get(&server.url("/visits-js/last")).await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["last"], "/");
+    // Without the grant, the store refuses and the service says so.
+    dir.write("visits-js.toml", b"");
+    eventually(APPLY, "the grant to be gone", || async {
+        get(&server.url("/visits-js"))
+            .await
+            .is_some_and(|(status, _)| status == 503)
+    })
+    .await;
+}

@@ -8,6 +8,7 @@ mod calls;
 mod cli;
 mod embed;
 mod hostile;
+mod keyvalue;
 mod languages;
 mod manifest;
 mod observability;

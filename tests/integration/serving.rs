@@ -245,5 +245,14 @@ async fn regression_idle_http2_connections_time_out_even_when_the_client_answers
     // the client timeout.
     let closed = tokio::time::timeout(std::time::Duration::from_secs(15), connection).await;
     assert!(closed.is_ok(), "the idle h2 connection was never closed");
-    assert_eq!(server.host.metrics().open_connections(), 0);
+    let host = server.host.clone();
+    crate::support::eventually(
+        std::time::Duration::from_secs(5),
+        "the server to count the connection closed",
+        || {
+            let host = host.clone();
+            async move { host.metrics().open_connections() == 0 }
+        },
+    )
+    .await;
 }

@@ -406,3 +406,166 @@ pub fn limit_file_size(command: &mut Command, bytes: u64) {
         });
     }
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released; a server started on it
+/// right after almost always gets it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before accepting connections");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Finds a server program on the PATH (or in /usr/sbin, where Debian puts
+/// some), with a clear failure if it is not installed.
+fn server_program(name: &str, package: &str) -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")]);
+    for dir in candidates {
+        let path = dir.join(name);
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!("{name} is not installed: `cargo xtask test` installs the Debian package {package}")
+}
+
+/// A `redis-server` of the test's own, on a free loopback port, with its
+/// data in a temporary directory; stopped on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = TempDir::new().expect("temp dir");
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        server.run();
+        server
+    }
+
+    fn run(&mut self) {
+        let mut child = Command::new(server_program("redis-server", "redis-server"))
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        wait_for_port(self.port, "redis-server", &mut child);
+        self.child = Some(child);
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (its data is gone: no persistence).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `nats-server` with JetStream of the test's own, on a free loopback
+/// port, storing in a temporary directory; stopped on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let dir = TempDir::new().expect("temp dir");
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        server.run();
+        server
+    }
+
+    fn run(&mut self) {
+        let mut child = Command::new(server_program("nats-server", "nats-server"))
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-sd")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        wait_for_port(self.port, "nats-server", &mut child);
+        self.child = Some(child);
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (JetStream data stays in its directory).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

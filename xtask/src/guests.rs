@@ -196,10 +196,14 @@ fn build_python(guests: &Path, out: &Path) -> Result<()> {
         let output = out.join(format!("{name}.wasm"));
         if stale(&output, &[dir.clone(), requirements.clone(), wit.clone()]) {
             std::fs::create_dir_all(out)?;
+            // The world is `service`, or the one named in NAME/world.
+            let world = std::fs::read_to_string(dir.join("world"))
+                .map(|w| w.trim().to_string())
+                .unwrap_or_else(|_| "service".to_string());
             run(Command::new(venv.join("bin").join("componentize-py"))
                 .arg("-d")
                 .arg(&wit)
-                .args(["-w", "service", "componentize", "-p"])
+                .args(["-w", &world, "componentize", "-p"])
                 .arg(&dir)
                 .arg("app")
                 .arg("-o")

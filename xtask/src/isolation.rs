@@ -112,11 +112,21 @@ pub fn run(wharf_bin: &Path, guests: &Path, out: &Path) -> Result<()> {
     let mut noisy: Vec<Vec<LoadResult>> = vec![Vec::new(); NEIGHBOURS.len()];
     for round in 1..=ROUNDS {
         eprintln!("xtask: isolation round {round}/{ROUNDS}");
-        alone.push(load::run(&hello, load)?);
-        for (results, (_, path, clients)) in noisy.iter_mut().zip(NEIGHBOURS) {
+        let result = load::run(&hello, load)?;
+        eprintln!(
+            "xtask:   none: {:.0}/s p99 {:.1} ms",
+            result.rps, result.p99_ms
+        );
+        alone.push(result);
+        for (results, (label, path, clients)) in noisy.iter_mut().zip(NEIGHBOURS) {
             let _noise = Noise::start(&wharf.url(path), *clients);
             std::thread::sleep(Duration::from_millis(500));
-            results.push(load::run(&hello, load)?);
+            let result = load::run(&hello, load)?;
+            eprintln!(
+                "xtask:   {label}: {:.0}/s p99 {:.1} ms",
+                result.rps, result.p99_ms
+            );
+            results.push(result);
         }
     }
 

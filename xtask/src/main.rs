@@ -9,6 +9,8 @@
 //!   test. This is what CI runs.
 //! - `bench reload`: reload and start-up times (see `reload.rs`).
 //! - `bench isolation`: what a hostile neighbour costs (see `isolation.rs`).
+//! - `bench kv`: a counter on each key-value backend against Express and
+//!   Redis (see `kv.rs`).
 //! - `bench http`: throughput, latency and memory against `wasmtime serve`,
 //!   Express and bare hyper (see `http.rs`).
 
@@ -20,6 +22,7 @@ use anyhow::{Context as _, Result, bail};
 mod guests;
 mod http;
 mod isolation;
+mod kv;
 mod load;
 mod process;
 mod reload;
@@ -27,11 +30,15 @@ mod stats;
 mod system;
 
 /// Rust guests copied into the demo directory.
-const DEMO_RUST: &[&str] = &["hello", "echo", "users", "orders", "gateway"];
+const DEMO_RUST: &[&str] = &["hello", "echo", "users", "orders", "gateway", "cart"];
 /// JavaScript guests copied into the demo directory, as (guest, service name).
-const DEMO_JS: &[(&str, &str)] = &[("hello", "hello-js"), ("team", "team-js")];
+const DEMO_JS: &[(&str, &str)] = &[
+    ("hello", "hello-js"),
+    ("team", "team-js"),
+    ("visits", "visits-js"),
+];
 /// Python guests copied into the demo directory, as (guest, service name).
-const DEMO_PYTHON: &[(&str, &str)] = &[("hello", "hello-py")];
+const DEMO_PYTHON: &[(&str, &str)] = &[("hello", "hello-py"), ("visits", "visits-py")];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
                  test                build the guests and run every check and test (CI)\n  \
                  bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
                  bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)\n  \
+                 bench kv            a counter on each key-value backend vs Express + Redis (writes target/bench/kv.md)\n  \
                  bench http          Wharf vs wasmtime serve, Express, bare hyper (writes target/bench/http.md, http.svg)"
             );
             return ExitCode::from(2);
@@ -167,7 +175,10 @@ fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
                  curl '{base}/gateway?user=1'\n  \
                  curl {base}/hello-js\n  \
                  curl {base}/hello-py\n  \
-                 curl {base}/team-js\n\
+                 curl {base}/team-js\n  \
+                 curl -d apple {base}/cart/ada   (state that survives restarts)\n  \
+                 curl {base}/visits-js\n  \
+                 curl {base}/visits-py\n\
                  Ctrl-C stops it.\n"
             );
         }
@@ -180,6 +191,8 @@ fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
 }
 
 fn test() -> Result<()> {
+    // The backend tests start servers of their own from these packages.
+    system::ensure(&[&system::REDIS, &system::NATS])?;
     guests::build(&guests::Lang::ALL)?;
     let root = root();
     run(cargo()
@@ -243,6 +256,11 @@ fn bench(args: &[String]) -> Result<()> {
             };
             isolation::run(&wharf, &guests, &out_dir.join("isolation.md"))
         }
+        Some("kv") => {
+            let guests = guests::build(&[guests::Lang::Rust])?.rust;
+            let wharf = build_release_wharf()?;
+            kv::run_bench(&wharf, &guests, &out_dir)
+        }
         Some("http") => {
             let mut options = http::Options {
                 rounds: 3,
@@ -271,7 +289,7 @@ fn bench(args: &[String]) -> Result<()> {
             http::run_bench(&wharf, &built, options, &out_dir)
         }
         _ => bail!(
-            "usage: cargo xtask bench reload | isolation | http [--rounds N] [--seconds S] [--connections C] [--no-js]"
+            "usage: cargo xtask bench reload | isolation [--wharf BINARY] | kv | http [--rounds N] [--seconds S] [--connections C] [--no-js]"
         ),
     }
 }

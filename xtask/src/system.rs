@@ -36,6 +36,18 @@ pub const PYTHON_VENV: Tool = Tool {
     packages: &["python3", "python3-venv"],
     hint: "install Python 3.9 or newer with the venv module",
 };
+/// Redis, for the key-value backend tests (each test starts its own server).
+pub const REDIS: Tool = Tool {
+    probe: &["redis-server", "--version"],
+    packages: &["redis-server"],
+    hint: "install Redis (redis-server)",
+};
+/// NATS with JetStream, for the key-value and messaging backend tests.
+pub const NATS: Tool = Tool {
+    probe: &["nats-server", "--version"],
+    packages: &["nats-server"],
+    hint: "install the NATS server (nats-server)",
+};
 /// The HTTP load generator the benchmarks drive.
 pub const WRK: Tool = Tool {
     probe: &["wrk", "--version"],
@@ -45,11 +57,16 @@ pub const WRK: Tool = Tool {
 
 fn present(tool: &Tool) -> bool {
     // wrk prints its version and exits 1; that it ran at all is enough.
+    // Debian puts some servers in /usr/sbin, which a user's PATH may lack.
     let (program, args) = (tool.probe[0], &tool.probe[1..]);
-    match Command::new(program).args(args).output() {
-        Ok(output) => output.status.success() || program == "wrk",
-        Err(_) => false,
-    }
+    [program.to_string(), format!("/usr/sbin/{program}")]
+        .iter()
+        .any(
+            |candidate| match Command::new(candidate).args(args).output() {
+                Ok(output) => output.status.success() || program == "wrk",
+                Err(_) => false,
+            },
+        )
 }
 
 /// Makes sure every tool in `tools` is there, installing the missing ones

@@ -57,6 +57,32 @@ pub fn query_param<'a>(path_with_query: &'a str, name: &str) -> Option<&'a str> 
     })
 }
 
+/// A query parameter, percent-decoded (`+` is a space); `None` if it is
+/// absent or does not decode to UTF-8.
+pub fn query_text(path_with_query: &str, name: &str) -> Option<String> {
+    let raw = query_param(path_with_query, name)?;
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut rest = raw.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        match byte {
+            b'%' if tail.len() >= 2 => {
+                let hex = std::str::from_utf8(&tail[..2]).ok()?;
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                rest = &tail[2..];
+            }
+            b'+' => {
+                bytes.push(b' ');
+                rest = tail;
+            }
+            _ => {
+                bytes.push(byte);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// A response body being written: the body resource and its one stream.
 pub struct BodyWriter {
     body: OutgoingBody,

@@ -18,6 +18,13 @@ pub const DEFAULT_BODY: u64 = 16 << 20;
 /// host.
 pub const DEFAULT_CPU: Duration = Duration::from_secs(5);
 
+/// Default longest key-value key: 1 KiB.
+pub const DEFAULT_KV_KEY_SIZE: u64 = 1 << 10;
+/// Default largest key-value value: 1 MiB.
+pub const DEFAULT_KV_VALUE_SIZE: u64 = 1 << 20;
+/// Default most bytes one key-value bucket may hold: 100 MiB.
+pub const DEFAULT_KV_BUCKET_QUOTA: u64 = 100 << 20;
+
 /// The largest memory cap a service may ask for. Every pooled memory slot
 /// reserves address space for this much, so it is a host-wide ceiling.
 pub const MAX_MEMORY: u64 = 4 << 30;
@@ -38,6 +45,13 @@ pub struct Limits {
     /// CPU time a request may use; past it the guest is stopped and the
     /// client gets 504.
     pub cpu: Duration,
+    /// Longest key-value key, in bytes.
+    pub kv_key_size: u64,
+    /// Largest key-value value, in bytes.
+    pub kv_value_size: u64,
+    /// Most bytes (keys and values) a bucket may hold when this service
+    /// writes to it.
+    pub kv_bucket_quota: u64,
 }
 
 impl Default for Limits {
@@ -48,6 +62,9 @@ impl Default for Limits {
             concurrency: DEFAULT_CONCURRENCY,
             body: DEFAULT_BODY,
             cpu: DEFAULT_CPU,
+            kv_key_size: DEFAULT_KV_KEY_SIZE,
+            kv_value_size: DEFAULT_KV_VALUE_SIZE,
+            kv_bucket_quota: DEFAULT_KV_BUCKET_QUOTA,
         }
     }
 }
@@ -66,6 +83,12 @@ pub struct PartialLimits {
     pub body: Option<u64>,
     /// See [`Limits::cpu`].
     pub cpu: Option<Duration>,
+    /// See [`Limits::kv_key_size`].
+    pub kv_key_size: Option<u64>,
+    /// See [`Limits::kv_value_size`].
+    pub kv_value_size: Option<u64>,
+    /// See [`Limits::kv_bucket_quota`].
+    pub kv_bucket_quota: Option<u64>,
 }
 
 impl PartialLimits {
@@ -77,6 +100,9 @@ impl PartialLimits {
             concurrency: self.concurrency.unwrap_or(base.concurrency),
             body: self.body.unwrap_or(base.body),
             cpu: self.cpu.unwrap_or(base.cpu),
+            kv_key_size: self.kv_key_size.unwrap_or(base.kv_key_size),
+            kv_value_size: self.kv_value_size.unwrap_or(base.kv_value_size),
+            kv_bucket_quota: self.kv_bucket_quota.unwrap_or(base.kv_bucket_quota),
         }
     }
 }
@@ -90,6 +116,9 @@ pub struct LimitsTable {
     concurrency: Option<i64>,
     body: Option<String>,
     cpu: Option<String>,
+    kv_key_size: Option<String>,
+    kv_value_size: Option<String>,
+    kv_bucket_quota: Option<String>,
 }
 
 impl LimitsTable {
@@ -123,6 +152,21 @@ impl LimitsTable {
                 .cpu
                 .as_deref()
                 .map(|c| key("cpu", parse_duration(c)))
+                .transpose()?,
+            kv_key_size: self
+                .kv_key_size
+                .as_deref()
+                .map(|s| key("kv_key_size", parse_size(s)))
+                .transpose()?,
+            kv_value_size: self
+                .kv_value_size
+                .as_deref()
+                .map(|s| key("kv_value_size", parse_size(s)))
+                .transpose()?,
+            kv_bucket_quota: self
+                .kv_bucket_quota
+                .as_deref()
+                .map(|s| key("kv_bucket_quota", parse_size(s)))
                 .transpose()?,
         })
     }

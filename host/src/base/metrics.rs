@@ -200,6 +200,65 @@ impl Drop for InFlight {
     }
 }
 
+/// Labels of a key-value operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyValueLabels {
+    service: String,
+    backend: &'static str,
+    op: &'static str,
+    result: &'static str,
+}
+
+/// Labels of a key-value operation's latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyValueLatencyLabels {
+    backend: &'static str,
+    op: &'static str,
+}
+
+/// Labels of a backend's reachability.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    capability: &'static str,
+    backend: &'static str,
+}
+
+/// The key-value counters of one service.
+#[derive(Debug)]
+pub struct KeyValueMetrics {
+    service: String,
+    operations: Family<KeyValueLabels, Counter>,
+    latency: HistogramFamily<KeyValueLatencyLabels>,
+}
+
+impl KeyValueMetrics {
+    /// Counts one operation on `backend` and records how long it took.
+    pub fn observe(&self, backend: &'static str, op: &'static str, ok: bool, elapsed: Duration) {
+        self.operations
+            .get_or_create(&KeyValueLabels {
+                service: self.service.clone(),
+                backend,
+                op,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        self.latency
+            .get_or_create(&KeyValueLatencyLabels { backend, op })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Whether one of the host's backends is reachable, for the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendGauge {
+    /// The capability it serves: `keyvalue`, `messaging`.
+    pub capability: &'static str,
+    /// Its kind: `embedded`, `redis`, `nats`, `rabbitmq`.
+    pub backend: &'static str,
+    /// Whether it is reachable.
+    pub up: bool,
+}
+
 /// The host's metrics registry.
 pub struct Metrics {
     registry: Registry,
@@ -219,6 +278,9 @@ pub struct Metrics {
     instances_capacity: Gauge,
     resident_memory: Gauge,
     open_connections: Gauge,
+    keyvalue_operations: Family<KeyValueLabels, Counter>,
+    keyvalue_latency: HistogramFamily<KeyValueLatencyLabels>,
+    backend_up: Family<BackendLabels, Gauge>,
     by_service: Mutex<HashMap<String, Arc<ServiceMetrics>>>,
 }
 
@@ -255,6 +317,9 @@ impl Metrics {
             instances_capacity: Gauge::default(),
             resident_memory: Gauge::default(),
             open_connections: Gauge::default(),
+            keyvalue_operations: Family::default(),
+            keyvalue_latency: Family::new_with_constructor(latency_histogram),
+            backend_up: Family::default(),
             by_service: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -330,6 +395,21 @@ impl Metrics {
             metrics.resident_memory.clone(),
         );
         registry.register(
+            "keyvalue_operations",
+            "Key-value operations, by service, backend, operation and result",
+            metrics.keyvalue_operations.clone(),
+        );
+        registry.register(
+            "keyvalue_operation_duration_seconds",
+            "Time key-value operations took, by backend and operation",
+            metrics.keyvalue_latency.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "Whether a backend is reachable (1) or not (0), by capability and backend",
+            metrics.backend_up.clone(),
+        );
+        registry.register(
             "open_connections",
             "Client connections open now",
             metrics.open_connections.clone(),
@@ -378,6 +458,27 @@ impl Metrics {
                 })
             })
             .clone()
+    }
+
+    /// The key-value counters of service `name`.
+    pub fn keyvalue(&self, name: &str) -> Arc<KeyValueMetrics> {
+        Arc::new(KeyValueMetrics {
+            service: name.to_string(),
+            operations: self.keyvalue_operations.clone(),
+            latency: self.keyvalue_latency.clone(),
+        })
+    }
+
+    /// Records whether the host's backends are reachable (at scrape time).
+    pub fn set_backends(&self, backends: &[BackendGauge]) {
+        for gauge in backends {
+            self.backend_up
+                .get_or_create(&BackendLabels {
+                    capability: gauge.capability,
+                    backend: gauge.backend,
+                })
+                .set(i64::from(gauge.up));
+        }
     }
 
     /// Records a change to a service.

@@ -168,6 +168,9 @@ impl Target {
         if let Some(bad) = host.chars().find(|c| !valid(*c)) {
             return Err(format!("the host contains the character {bad:?}"));
         }
+        if !host.contains(':') && host.split('.').any(str::is_empty) {
+            return Err(format!("the host {host:?} has an empty label"));
+        }
         let port = uri
             .port_u16()
             .unwrap_or(if scheme == "https" { 443 } else { 80 });

@@ -9,6 +9,7 @@ use anyhow::{Result, anyhow};
 
 use crate::base::limits::Limits;
 use crate::base::metrics::{DeployEvent, Metrics};
+use crate::capabilities::Backends;
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::compiler::Compiler;
 use crate::deploy::deployment::{self, Deployment, ServiceSpec};
@@ -26,6 +27,8 @@ pub(crate) struct Deployer {
     runtime: Arc<Runtime>,
     /// Compiled code of earlier deploys, per engine.
     caches: Arc<CodeCaches>,
+    /// The backends guests' capabilities use.
+    backends: Backends,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     /// Where compiles run: a lane for small components and one for large.
@@ -75,6 +78,7 @@ impl Deployer {
     pub(crate) fn new(
         runtime: Arc<Runtime>,
         caches: CodeCaches,
+        backends: Backends,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         defaults: Limits,
@@ -83,6 +87,7 @@ impl Deployer {
         Ok(Deployer {
             runtime,
             caches: Arc::new(caches),
+            backends,
             registry,
             metrics,
             compiler: Compiler::new()?,
@@ -146,6 +151,11 @@ impl Deployer {
         &self.runtime
     }
 
+    /// The backends guests' capabilities use.
+    pub(crate) fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
     pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
@@ -160,6 +170,12 @@ impl Deployer {
     /// counts it and remembers it for the service list. The previous
     /// version, if any, keeps serving.
     pub(crate) fn reject(&self, name: &str, file: &str, reason: String) {
+        // A reason that already starts with the file is not prefixed twice.
+        let what = if reason.starts_with(file) {
+            reason.clone()
+        } else {
+            format!("{file}: {reason}")
+        };
         let kept = self
             .registry
             .snapshot()
@@ -172,7 +188,7 @@ impl Deployer {
                 service = %name,
                 file = %file,
                 reason = %reason,
-                "rejected {file}: {reason}; generation {generation} keeps serving"
+                "rejected {what}; generation {generation} keeps serving"
             ),
             None => tracing::warn!(
                 target: EVENTS,
@@ -180,7 +196,7 @@ impl Deployer {
                 service = %name,
                 file = %file,
                 reason = %reason,
-                "rejected {file}: {reason}"
+                "rejected {what}"
             ),
         }
         self.metrics.deploy_event(name, DeployEvent::Reject);
@@ -349,13 +365,22 @@ impl Deployer {
     async fn build(&self, spec: ServiceSpec) -> Result<Deployment> {
         let runtime = self.runtime.clone();
         let caches = self.caches.clone();
+        let backends = self.backends.clone();
         let metrics = self.metrics.service(&spec.name);
+        let keyvalue_metrics = self.metrics.keyvalue(&spec.name);
         let name = spec.name.clone();
         let size = spec.wasm.len();
         let (mut deployment, times) = self
             .compiler
             .run(&name, size, move || {
-                deployment::build(&runtime, &caches, spec, metrics)
+                deployment::build(
+                    &runtime,
+                    &caches,
+                    &backends,
+                    spec,
+                    metrics,
+                    keyvalue_metrics,
+                )
             })
             .await?;
         deployment.set_queued(times.queued);

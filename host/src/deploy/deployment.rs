@@ -13,7 +13,11 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::base::admission::Gate;
 use crate::base::limits::Limits;
-use crate::base::metrics::ServiceMetrics;
+use crate::base::metrics::{KeyValueMetrics, ServiceMetrics};
+use crate::capabilities::Backends;
+use crate::capabilities::config::ConfigValues;
+use crate::capabilities::keyvalue::KeyValueGrant;
+use crate::capabilities::keyvalue::{KeyValueAccess, KeyValueLimits};
 use crate::capabilities::outbound::OutboundPolicy;
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::router::Route;
@@ -73,6 +77,10 @@ pub struct ServiceConfig {
     /// Requests one instance may serve in turn (1: a fresh instance for
     /// every request, the default).
     pub reuse: u32,
+    /// The key-value buckets it may open.
+    pub keyvalue: KeyValueGrant,
+    /// What `wasi:config` gives it (secrets resolved).
+    pub config: Arc<ConfigValues>,
 }
 
 impl ServiceConfig {
@@ -85,6 +93,8 @@ impl ServiceConfig {
             limits,
             outbound: OutboundPolicy::default(),
             reuse: 1,
+            keyvalue: KeyValueGrant::default(),
+            config: Arc::default(),
         }
     }
 }
@@ -277,8 +287,10 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
 pub(crate) fn build(
     runtime: &Runtime,
     caches: &CodeCaches,
+    backends: &Backends,
     spec: ServiceSpec,
     metrics: Arc<ServiceMetrics>,
+    keyvalue_metrics: Arc<KeyValueMetrics>,
 ) -> Result<Deployment> {
     check_header(&spec.wasm)?;
     let digest = spec.digest.unwrap_or_else(|| digest_of(&spec.wasm));
@@ -314,11 +326,27 @@ pub(crate) fn build(
     let pre = ProxyPre::new(instance_pre)
         .map_err(|err| anyhow!("{err:#}"))
         .context("the component does not export wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world)")?;
+    let limits = spec.config.limits;
+    let keyvalue = match (&backends.keyvalue, spec.config.keyvalue.is_empty()) {
+        (Some(backend), false) => Some(Arc::new(KeyValueAccess::new(
+            backend.clone(),
+            spec.config.keyvalue.clone(),
+            KeyValueLimits {
+                key_size: limits.kv_key_size,
+                value_size: limits.kv_value_size,
+                bucket_quota: limits.kv_bucket_quota,
+            },
+            keyvalue_metrics,
+        ))),
+        _ => None,
+    };
     let policy = GuestPolicy {
         name: spec.name.into(),
         env: spec.config.env.clone(),
-        limits: spec.config.limits,
+        limits,
         outbound: spec.config.outbound.clone(),
+        keyvalue,
+        config: spec.config.config.clone(),
         reuse: spec.config.reuse,
     };
     Ok(Deployment {

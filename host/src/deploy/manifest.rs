@@ -15,13 +15,25 @@
 //! allow = ["http://127.0.0.1:9000", "https://api.example.com"]
 //! [instance]
 //! reuse = 1                      # requests per instance; 1 = fresh each time
+//! [keyvalue]
+//! buckets = ["default"]          # the buckets it may open; "*" = any
+//! [config]                       # wasi:config values
+//! api_url = "https://api.example.com"
+//! [secrets]                      # wasi:config values read at deploy time
+//! db_password = { env = "ORDERS_DB_PASSWORD" }
+//! signing_key = { file = "/run/secrets/signing" }
 //! ```
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use std::sync::Arc;
+
 use crate::base::limits::{Limits, LimitsTable, PartialLimits};
+use crate::capabilities::config::{ConfigValues, SecretSource};
+use crate::capabilities::keyvalue::KeyValueGrant;
+use crate::capabilities::keyvalue::backend::BackendChoice;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
 use crate::deploy::ServiceConfig;
 use crate::deploy::router::Route;
@@ -39,6 +51,27 @@ struct ManifestFile {
     outbound: OutboundTable,
     #[serde(default)]
     instance: InstanceTable,
+    #[serde(default)]
+    keyvalue: KeyValueTable,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: BTreeMap<String, SecretTable>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyValueTable {
+    #[serde(default)]
+    buckets: Vec<String>,
+}
+
+/// Where one secret comes from: exactly one of the two keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretTable {
+    env: Option<String>,
+    file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +103,12 @@ pub struct Manifest {
     pub outbound: OutboundPolicy,
     /// Requests one instance may serve in turn, if set.
     pub reuse: Option<u32>,
+    /// The key-value buckets the service may open.
+    pub keyvalue: KeyValueGrant,
+    /// Plain `wasi:config` values.
+    pub config: BTreeMap<String, String>,
+    /// `wasi:config` secrets: where each is read from at deploy time.
+    pub secrets: BTreeMap<String, SecretSource>,
 }
 
 /// Renders a TOML error as one line: `line N: message`.
@@ -120,19 +159,51 @@ impl Manifest {
                 )),
             })
             .transpose()?;
+        let keyvalue = KeyValueGrant::parse(&file.keyvalue.buckets)
+            .map_err(|why| format!("keyvalue.buckets: {why}"))?;
+        let mut secrets = BTreeMap::new();
+        for (name, source) in file.secrets {
+            if file.config.contains_key(&name) {
+                return Err(format!(
+                    "secrets.{name}: {name:?} is also in [config]; a key is either plain or secret"
+                ));
+            }
+            let source = match (source.env, source.file) {
+                (Some(env), None) if !env.is_empty() => SecretSource::Env(env),
+                (None, Some(file)) if !file.is_empty() => SecretSource::File(file.into()),
+                _ => {
+                    return Err(format!(
+                        "secrets.{name}: give exactly one of env = \"VARIABLE\" or file = \"/path\""
+                    ));
+                }
+            };
+            secrets.insert(name, source);
+        }
         Ok(Manifest {
             route,
             env: file.env.into_iter().collect(),
             limits,
             outbound: OutboundPolicy::new(rules),
             reuse,
+            keyvalue,
+            config: file.config,
+            secrets,
         })
     }
 
     /// The service configuration this manifest gives service `name`, over
-    /// the host's default limits.
-    pub fn service_config(&self, name: &str, defaults: Limits) -> ServiceConfig {
-        ServiceConfig {
+    /// the host's default limits. Reads the secrets (blocking: a secret may
+    /// be a file); a missing one is an error naming it, and nothing else of
+    /// it.
+    pub fn service_config(&self, name: &str, defaults: Limits) -> Result<ServiceConfig, String> {
+        let mut secrets = BTreeMap::new();
+        for (key, source) in &self.secrets {
+            let value = source
+                .resolve()
+                .map_err(|why| format!("secrets.{key}: {why}"))?;
+            secrets.insert(key.clone(), value);
+        }
+        Ok(ServiceConfig {
             route: self
                 .route
                 .clone()
@@ -141,12 +212,14 @@ impl Manifest {
             limits: self.limits.apply(defaults),
             outbound: self.outbound.clone(),
             reuse: self.reuse.unwrap_or(1),
-        }
+            keyvalue: self.keyvalue.clone(),
+            config: Arc::new(ConfigValues::new(self.config.clone(), secrets)),
+        })
     }
 }
 
 /// The host-wide settings file, `wharf.toml` in the services directory:
-/// defaults for every service.
+/// defaults for every service, and the host's backends.
 ///
 /// ```toml
 /// [limits]
@@ -154,19 +227,47 @@ impl Manifest {
 /// memory = "256MiB"
 /// concurrency = 32
 /// body = "4MiB"
+/// [keyvalue]
+/// backend = "redis://127.0.0.1:6379"   # or "embedded" (default), "nats://…"
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HostFile {
     #[serde(default)]
     limits: LimitsTable,
+    #[serde(default)]
+    keyvalue: HostKeyValueTable,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostKeyValueTable {
+    backend: Option<String>,
+}
+
+/// What `wharf.toml` sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSettings {
+    /// Default limits.
+    pub limits: PartialLimits,
+    /// The key-value backend, if chosen here.
+    pub keyvalue: Option<BackendChoice>,
 }
 
 impl HostFile {
-    /// Parses and validates the file's text into default limits.
-    pub(crate) fn parse(text: &str) -> Result<PartialLimits, String> {
+    /// Parses and validates the file's text.
+    pub(crate) fn parse(text: &str) -> Result<HostSettings, String> {
         let file: HostFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
-        file.limits.validate()
+        let keyvalue = file
+            .keyvalue
+            .backend
+            .as_deref()
+            .map(|b| b.parse().map_err(|why| format!("keyvalue.backend: {why}")))
+            .transpose()?;
+        Ok(HostSettings {
+            limits: file.limits.validate()?,
+            keyvalue,
+        })
     }
 }
 
@@ -195,7 +296,9 @@ mod tests {
             "#,
         )
         .unwrap();
-        let config = manifest.service_config("orders", Limits::default());
+        let config = manifest
+            .service_config("orders", Limits::default())
+            .unwrap();
         assert_eq!(config.route.as_str(), "/api/orders");
         assert_eq!(config.env, [("GREETING".to_string(), "hello".to_string())]);
         assert_eq!(config.limits.timeout, Duration::from_secs(5));
@@ -210,7 +313,8 @@ mod tests {
     fn empty_manifest_means_defaults() {
         let config = Manifest::parse("")
             .unwrap()
-            .service_config("svc", Limits::default());
+            .service_config("svc", Limits::default())
+            .unwrap();
         assert_eq!(config, ServiceConfig::defaults("svc", Limits::default()));
     }
 
@@ -259,8 +363,18 @@ mod tests {
     }
     #[test]
     fn host_file_sets_default_limits() {
-        let limits = HostFile::parse("[limits]\ntimeout = \"10s\"").unwrap();
-        assert_eq!(limits.timeout, Some(Duration::from_secs(10)));
+        let settings = HostFile::parse("[limits]\ntimeout = \"10s\"").unwrap();
+        assert_eq!(settings.limits.timeout, Some(Duration::from_secs(10)));
+        let settings = HostFile::parse("[keyvalue]\nbackend = \"redis://127.0.0.1:1\"").unwrap();
+        assert_eq!(
+            settings.keyvalue,
+            Some(BackendChoice::Redis("redis://127.0.0.1:1".into()))
+        );
+        assert!(
+            HostFile::parse("[keyvalue]\nbackend = \"mongo://x\"")
+                .unwrap_err()
+                .contains("keyvalue.backend")
+        );
         assert!(
             HostFile::parse("[limit]\n")
                 .unwrap_err()

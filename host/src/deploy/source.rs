@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::base::limits::{Limits, PartialLimits};
-use crate::deploy::manifest::{HostFile, Manifest};
+use crate::base::limits::Limits;
+use crate::deploy::manifest::{HostFile, HostSettings, Manifest};
 use crate::deploy::{ServiceSpec, digest_of};
 
 /// Largest component file read.
@@ -226,11 +226,16 @@ pub(crate) fn load(
                 }
                 let text = read_toml(&manifest_path, meta).map_err(manifest_error)?;
                 let config = Manifest::parse(&text)
-                    .map_err(|why| manifest_error(anyhow!("{}: {why}", manifest_path.display())))?
-                    .service_config(name, defaults);
+                    .and_then(|manifest| manifest.service_config(name, defaults))
+                    .map_err(|why| manifest_error(anyhow!("{}: {why}", manifest_path.display())))?;
                 (config, Some(Arc::from(text)))
             }
-            None => (Manifest::default().service_config(name, defaults), None),
+            None => (
+                Manifest::default()
+                    .service_config(name, defaults)
+                    .map_err(|why| component_error(anyhow!(why)))?,
+                None,
+            ),
         };
         let wasm = read_shared(&component_path)
             .with_context(|| format!("cannot read {}", component_path.display()))
@@ -306,16 +311,16 @@ fn check_symlink(options: &SourceOptions, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads the host-wide defaults from `DIR/wharf.toml`; `None` if there is
+/// Reads the host-wide settings from `DIR/wharf.toml`; `None` if there is
 /// no such file.
-pub(crate) fn read_host_file(dir: &Path) -> Result<Option<PartialLimits>> {
+pub(crate) fn read_host_file(dir: &Path) -> Result<Option<HostSettings>> {
     let path = dir.join(HOST_FILE);
     let Some((_, meta)) = stat(&path)? else {
         return Ok(None);
     };
     let text = read_toml(&path, &meta)?;
-    let limits = HostFile::parse(&text).map_err(|why| anyhow!("{}: {why}", path.display()))?;
-    Ok(Some(limits))
+    let settings = HostFile::parse(&text).map_err(|why| anyhow!("{}: {why}", path.display()))?;
+    Ok(Some(settings))
 }
 
 /// Removes a service's files, the component first (so the service is gone

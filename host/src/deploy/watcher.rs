@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::base::limits::{Limits, PartialLimits};
+use crate::capabilities::keyvalue::backend::BackendChoice;
 use crate::deploy::deployer::Deployer;
 use crate::deploy::deployer::EVENTS;
 use crate::deploy::manifest::Manifest;
@@ -82,6 +83,9 @@ struct DirState {
     deployer: Arc<Deployer>,
     /// The defaults from `wharf.toml`, if it exists and is valid.
     host_file: PartialLimits,
+    /// The key-value backend `wharf.toml` named when the host started
+    /// (switching backends needs a restart).
+    started_keyvalue: Option<BackendChoice>,
     /// Fingerprints of each service's files when last applied (deployed,
     /// rejected or found unchanged): the same files are not read again.
     applied: HashMap<String, ServiceFingerprint>,
@@ -117,8 +121,15 @@ impl DirState {
             .await
             .unwrap_or_else(|join| Err(anyhow!("reading {HOST_FILE} failed: {join}")));
         match read {
-            Ok(limits) => {
-                let limits = limits.unwrap_or_default();
+            Ok(settings) => {
+                let settings = settings.unwrap_or_default();
+                if settings.keyvalue != self.started_keyvalue {
+                    tracing::warn!(
+                        file = HOST_FILE,
+                        "the key-value backend in {HOST_FILE} changed; restart the host to switch backends"
+                    );
+                }
+                let limits = settings.limits;
                 if limits != self.host_file {
                     tracing::info!(
                         file = HOST_FILE,
@@ -334,12 +345,20 @@ impl Fallback {
         let Some(saved) = self.deployer.last_good(&self.name).await else {
             return false;
         };
-        let config = match saved.manifest.as_deref().map(Manifest::parse).transpose() {
-            Ok(manifest) => manifest
-                .unwrap_or_default()
-                .service_config(&self.name, self.defaults),
+        let config = saved
+            .manifest
+            .as_deref()
+            .map(Manifest::parse)
+            .transpose()
+            .and_then(|manifest| {
+                manifest
+                    .unwrap_or_default()
+                    .service_config(&self.name, self.defaults)
+            });
+        let config = match config {
+            Ok(config) => config,
             Err(why) => {
-                tracing::warn!(service = %self.name, "the saved last good manifest no longer parses: {why}");
+                tracing::warn!(service = %self.name, "the saved last good manifest no longer applies: {why}");
                 return false;
             }
         };
@@ -483,7 +502,7 @@ pub(crate) async fn load_and_watch(
         ),
         Err(join) => tracing::error!(error = %join, "cleaning up interrupted uploads failed"),
     }
-    let host_file = source::read_host_file(&dir)?.unwrap_or_default();
+    let settings = source::read_host_file(&dir)?.unwrap_or_default();
     let (events_tx, events_rx) = mpsc::channel(1024);
     // Watch before the initial scan, so nothing written during the load is
     // missed; early events just cause a redundant, idempotent sync.
@@ -495,7 +514,8 @@ pub(crate) async fn load_and_watch(
     let mut state = DirState {
         options,
         deployer,
-        host_file,
+        host_file: settings.limits,
+        started_keyvalue: settings.keyvalue,
         applied: HashMap::new(),
         invalid_names: HashSet::new(),
         dir_missing: false,

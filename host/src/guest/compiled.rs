@@ -8,9 +8,12 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use crate::base::admission::Gate;
 use crate::base::limits::Limits;
 use crate::base::metrics::ServiceMetrics;
+use crate::capabilities::config::ConfigValues;
+use crate::capabilities::keyvalue::KeyValueAccess;
 use crate::capabilities::outbound::OutboundPolicy;
 use crate::guest::engine::MemoryInit;
 use crate::guest::instance::WarmPool;
+use crate::guest::scheduler::ServiceCpu;
 use crate::guest::state::HostState;
 
 /// One compiled, linked version of a service and what its requests may do:
@@ -26,6 +29,10 @@ pub struct Guest {
     limits: Limits,
     /// Where the guest may send HTTP requests.
     outbound: Arc<OutboundPolicy>,
+    /// What it may do with the key-value store (`None`: nothing).
+    keyvalue: Option<Arc<KeyValueAccess>>,
+    /// What `wasi:config` gives it.
+    config: Arc<ConfigValues>,
     /// Requests one instance may serve in turn (1: always fresh).
     reuse: u32,
     /// Which engine runs it (chosen by its size).
@@ -38,6 +45,8 @@ pub struct Guest {
     metrics: Arc<ServiceMetrics>,
     /// Idle instances kept for reuse (empty unless `reuse` > 1).
     warm: WarmPool,
+    /// What the CPU scheduler remembers about this service.
+    cpu: Arc<ServiceCpu>,
 }
 
 /// What a [`Guest`] is built from, besides its compiled component.
@@ -50,6 +59,10 @@ pub struct GuestPolicy {
     pub limits: Limits,
     /// See [`Guest::outbound`].
     pub outbound: OutboundPolicy,
+    /// Key-value access, if the service is granted any bucket.
+    pub keyvalue: Option<Arc<KeyValueAccess>>,
+    /// The service's configuration.
+    pub config: Arc<ConfigValues>,
     /// See [`Guest::reuse`].
     pub reuse: u32,
 }
@@ -68,11 +81,14 @@ impl Guest {
             env: policy.env,
             limits: policy.limits,
             outbound: Arc::new(policy.outbound),
+            keyvalue: policy.keyvalue,
+            config: policy.config,
             reuse: policy.reuse,
             memory_init,
             pre,
             metrics,
             warm: WarmPool::default(),
+            cpu: Arc::default(),
         }
     }
 
@@ -99,6 +115,16 @@ impl Guest {
     /// Where the guest may send HTTP requests.
     pub(crate) fn outbound(&self) -> &Arc<OutboundPolicy> {
         &self.outbound
+    }
+
+    /// Its key-value access, if granted any bucket.
+    pub(crate) fn keyvalue(&self) -> Option<&Arc<KeyValueAccess>> {
+        self.keyvalue.as_ref()
+    }
+
+    /// Its configuration.
+    pub(crate) fn config(&self) -> &Arc<ConfigValues> {
+        &self.config
     }
 
     /// Requests one instance may serve in turn.
@@ -139,6 +165,11 @@ impl Guest {
     /// Instances kept idle for reuse right now.
     pub fn warm_instances(&self) -> usize {
         self.warm.len()
+    }
+
+    /// What the CPU scheduler remembers about this service.
+    pub(crate) fn cpu(&self) -> &Arc<ServiceCpu> {
+        &self.cpu
     }
 
     /// Drops warm instances that have idled too long.

@@ -15,6 +15,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::base::admission::Gate;
 use crate::base::limits::MAX_MEMORY;
+use crate::capabilities::{config, keyvalue};
 use crate::guest::state::HostState;
 
 /// How often the epoch advances. A guest running wasm code notices its
@@ -261,6 +262,15 @@ fn build_linker(engine: &Engine) -> Result<Linker<HostState>> {
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(anyhow::Error::from)
         .context("linking wasi:http")?;
+    // Key-value and configuration: linked for every guest (so components
+    // built for Spin, wasmCloud or `wasmtime serve` instantiate); what a
+    // guest may reach is its manifest's grant, checked per call.
+    keyvalue::add_to_linker(&mut linker, HostState::keyvalue)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:keyvalue")?;
+    config::add_to_linker(&mut linker, HostState::config)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:config")?;
     Ok(linker)
 }
 

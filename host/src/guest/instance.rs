@@ -12,6 +12,8 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
+use crate::capabilities::config::ConfigCtx;
+use crate::capabilities::keyvalue::KeyValueCtx;
 use crate::capabilities::outbound::{CallContext, InternalCalls, OutboundHooks};
 use crate::guest::Guest;
 use crate::guest::engine::Runtime;
@@ -61,7 +63,8 @@ impl Instance {
     /// Prepares a warm instance for its next request.
     pub(crate) fn begin_request(&mut self, context: CallContext) {
         let deadline = context.deadline;
-        let meter = CpuMeter::new(self.store.data().cpu().budget());
+        let previous = self.store.data().cpu();
+        let meter = CpuMeter::new(previous.budget(), previous.service().clone());
         self.store.data_mut().begin_request(context, meter.clone());
         arm_deadline(&mut self.store, deadline, meter);
     }
@@ -112,6 +115,7 @@ fn new_store(
     internal: Option<Arc<dyn InternalCalls>>,
 ) -> Store<HostState> {
     let service = guest.name_arc();
+    let deadline = context.deadline;
     let stdout = GuestOutput::new(Stream::Stdout, service.clone(), context.request_id.clone());
     let stderr = GuestOutput::new(Stream::Stderr, service.clone(), context.request_id.clone());
     let mut wasi = WasiCtx::builder();
@@ -124,7 +128,9 @@ fn new_store(
         guest.limits().memory,
         hooks,
         [stdout, stderr],
-        CpuMeter::new(guest.limits().cpu),
+        CpuMeter::new(guest.limits().cpu, guest.cpu().clone()),
+        KeyValueCtx::new(guest.keyvalue().cloned(), deadline),
+        ConfigCtx::new(guest.config().clone()),
     );
     let engine = runtime.flavour(guest.memory_init()).engine();
     let mut store = Store::new(engine, state);

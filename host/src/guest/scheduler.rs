@@ -16,6 +16,12 @@
 //!   the order they yielded; when no interactive work is around, they run
 //!   flat out.
 //!
+//! A service whose requests ran long in the last [`SUSPECT_FOR`] is
+//! suspect: its requests count as long-running after a single tick, and
+//! while its thread has interactive work they wait for a background turn
+//! before they start ([`admit`]), so a burst of new busy requests cannot
+//! crowd out ordinary ones either.
+//!
 //! This is a two-level feedback queue: a request is judged by what it has
 //! done, not by the service it belongs to, so a service whose requests are
 //! short keeps its latency however many busy loops run beside it, and a
@@ -38,6 +44,12 @@ use crate::guest::engine::EPOCH_TICK;
 
 /// CPU time after which a request counts as long-running.
 pub const DEMOTE_AFTER: Duration = Duration::from_millis(10);
+
+/// How long a service that had a long-running request stays suspect: its
+/// requests count as long-running after one tick, not [`DEMOTE_AFTER`].
+/// Without this memory, a burst of new busy requests (say 64 arriving at
+/// once, as a timed-out batch retries) would each get 10 ms of priority.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 /// The most of a server thread that long-running requests get together
 /// while interactive requests are running on it: one part in
@@ -65,28 +77,78 @@ fn now_ns() -> u64 {
     epoch().elapsed().as_nanos() as u64
 }
 
+/// CPU time the calling thread has used, in nanoseconds. A guest is
+/// charged what its polls cost in CPU, not in wall time: a poll during
+/// which the operating system ran something else (the load generator on
+/// the same cores, say) must not make an ordinary request look long-running.
+fn thread_cpu_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write into, and the thread CPU
+    // clock exists on every platform Wharf supports (Linux, macOS).
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if status != 0 {
+        return 0;
+    }
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
+/// What the scheduler remembers about one service (one deployed version):
+/// when one of its requests last ran long.
+#[derive(Debug, Default)]
+pub struct ServiceCpu {
+    /// `now_ns()` when a request of this service was last long-running (0:
+    /// never).
+    last_long: AtomicU64,
+}
+
+impl ServiceCpu {
+    /// Whether a request of this service ran long within [`SUSPECT_FOR`].
+    fn suspect(&self, now: u64) -> bool {
+        let last = self.last_long.load(Ordering::Relaxed);
+        last != 0 && now.saturating_sub(last) < SUSPECT_FOR.as_nanos() as u64
+    }
+
+    fn note_long(&self, now: u64) {
+        self.last_long.store(now, Ordering::Relaxed);
+    }
+}
+
 /// The CPU one request's guest has used, and its budget.
 #[derive(Debug)]
 pub struct CpuMeter {
     /// CPU used in finished polls, in nanoseconds.
     used_ns: AtomicU64,
-    /// When the current poll began (`now_ns() + 1`), or 0 between polls.
+    /// The thread's CPU clock when the current poll began (`thread_cpu_ns()
+    /// + 1`), or 0 between polls.
     running_since: AtomicU64,
     /// The budget; past it the guest is stopped.
     budget: Duration,
     /// Set when the guest was stopped for going over its budget.
     exceeded: AtomicBool,
+    /// Its service's history.
+    service: Arc<ServiceCpu>,
 }
 
 impl CpuMeter {
-    /// A meter for a request allowed `budget` of CPU.
-    pub fn new(budget: Duration) -> Arc<CpuMeter> {
+    /// A meter for a request of `service` allowed `budget` of CPU.
+    pub fn new(budget: Duration, service: Arc<ServiceCpu>) -> Arc<CpuMeter> {
         Arc::new(CpuMeter {
             used_ns: AtomicU64::new(0),
             running_since: AtomicU64::new(0),
             budget,
             exceeded: AtomicBool::new(false),
+            service,
         })
+    }
+
+    /// Its service's history, for the next request's meter.
+    pub fn service(&self) -> &Arc<ServiceCpu> {
+        &self.service
     }
 
     /// The CPU used so far, the current slice included.
@@ -94,11 +156,12 @@ impl CpuMeter {
         Duration::from_nanos(self.used_ns.load(Ordering::Relaxed)) + self.current_slice()
     }
 
-    /// How long the guest has been running in the current poll.
+    /// The CPU the guest has used in the current poll (called from the
+    /// thread running the poll).
     fn current_slice(&self) -> Duration {
         match self.running_since.load(Ordering::Relaxed) {
             0 => Duration::ZERO,
-            since => Duration::from_nanos(now_ns().saturating_sub(since - 1)),
+            since => Duration::from_nanos(thread_cpu_ns().saturating_sub(since - 1)),
         }
     }
 
@@ -112,13 +175,16 @@ impl CpuMeter {
         self.exceeded.load(Ordering::Relaxed)
     }
 
-    /// Whether the request has used enough CPU to count as long-running.
+    /// Whether the request has used enough CPU to count as long-running:
+    /// [`DEMOTE_AFTER`], or a single tick if its service ran long lately.
     pub fn is_long_running(&self) -> bool {
-        self.used() >= DEMOTE_AFTER
+        let used = self.used();
+        used >= DEMOTE_AFTER || (used >= EPOCH_TICK && self.service.suspect(now_ns()))
     }
 
     fn begin_poll(&self) {
-        self.running_since.store(now_ns() + 1, Ordering::Relaxed);
+        self.running_since
+            .store(thread_cpu_ns() + 1, Ordering::Relaxed);
     }
 
     fn end_poll(&self) {
@@ -148,9 +214,22 @@ pub fn at_yield_point(meter: &CpuMeter) -> Verdict {
     if !meter.is_long_running() {
         return Verdict::Yield(Box::pin(tokio::task::yield_now()));
     }
+    meter.service.note_long(now_ns());
     let lane = Lane::current();
     let slice = meter.current_slice().min(MAX_SLICE).max(EPOCH_TICK);
     Verdict::Yield(Box::pin(lane.background_turn(slice)))
+}
+
+/// Waits, before a request's guest starts, if its service ran long lately
+/// and the thread has interactive work: such a request takes its turn with
+/// the long-running ones instead of going ahead of ordinary requests (a
+/// burst of new busy requests would otherwise each run first for a tick).
+pub async fn admit(meter: &CpuMeter) {
+    let now = now_ns();
+    let lane = Lane::current();
+    if meter.service.suspect(now) && lane.contended(now) {
+        lane.background_turn(EPOCH_TICK).await;
+    }
 }
 
 /// One server thread's view of its CPU: when interactive work last ran, and
@@ -229,15 +308,18 @@ pub async fn metered<F: Future>(guest: F, meter: Arc<CpuMeter>) -> F::Output {
 mod tests {
     use super::*;
 
+    /// Burns `ms` of this thread's CPU time (not wall time: a busy test
+    /// machine may take the CPU away meanwhile).
+    fn spin(ms: u64) {
+        let until = thread_cpu_ns() + ms * 1_000_000;
+        while thread_cpu_ns() < until {
+            std::hint::spin_loop();
+        }
+    }
+
     #[tokio::test]
     async fn polls_are_metered_and_budgets_enforced() {
-        let meter = CpuMeter::new(Duration::from_millis(30));
-        let spin = |ms| {
-            let until = Instant::now() + Duration::from_millis(ms);
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
-        };
+        let meter = CpuMeter::new(Duration::from_millis(30), Arc::default());
         metered(async { spin(5) }, meter.clone()).await;
         assert!(meter.used() >= Duration::from_millis(5));
         assert!(!meter.is_long_running());
@@ -250,8 +332,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_service_that_ran_long_is_suspect_for_a_while() {
+        let service = Arc::new(ServiceCpu::default());
+        let first = CpuMeter::new(Duration::from_secs(1), service.clone());
+        metered(async { spin(2) }, first.clone()).await;
+        assert!(!first.is_long_running(), "2 ms is ordinary");
+        metered(async { spin(10) }, first.clone()).await;
+        assert!(matches!(at_yield_point(&first), Verdict::Yield(_)));
+        // The next request of the same service is long-running after a tick.
+        let next = CpuMeter::new(Duration::from_secs(1), service);
+        metered(async { spin(2) }, next.clone()).await;
+        assert!(next.is_long_running());
+    }
+
+    #[test]
+    fn time_the_thread_does_not_run_is_not_charged() {
+        let meter = CpuMeter::new(Duration::from_secs(1), Arc::default());
+        meter.begin_poll();
+        // Off the CPU, as when the operating system runs another thread.
+        std::thread::sleep(Duration::from_millis(30));
+        meter.end_poll();
+        assert!(
+            meter.used() < Duration::from_millis(5),
+            "{:?}",
+            meter.used()
+        );
+    }
+
+    #[tokio::test]
     async fn waiting_is_not_charged() {
-        let meter = CpuMeter::new(Duration::from_secs(1));
+        let meter = CpuMeter::new(Duration::from_secs(1), Arc::default());
         metered(tokio::time::sleep(Duration::from_millis(30)), meter.clone()).await;
         assert!(
             meter.used() < Duration::from_millis(10),

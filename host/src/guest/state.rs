@@ -8,6 +8,8 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use std::sync::Arc;
 
+use crate::capabilities::config::ConfigCtx;
+use crate::capabilities::keyvalue::{KeyValueCtx, KeyValueView};
 use crate::capabilities::outbound::{CallContext, OutboundHooks};
 use crate::guest::scheduler::CpuMeter;
 use crate::guest::stdio::GuestOutput;
@@ -34,6 +36,10 @@ pub struct HostState {
     output: [GuestOutput; 2],
     /// The CPU the current request has used, and its budget.
     cpu: Arc<CpuMeter>,
+    /// What the guest may do with the key-value store.
+    keyvalue: KeyValueCtx,
+    /// The guest's configuration.
+    config: ConfigCtx,
 }
 
 impl HostState {
@@ -44,6 +50,8 @@ impl HostState {
         hooks: OutboundHooks,
         output: [GuestOutput; 2],
         cpu: Arc<CpuMeter>,
+        keyvalue: KeyValueCtx,
+        config: ConfigCtx,
     ) -> HostState {
         HostState {
             wasi,
@@ -53,7 +61,22 @@ impl HostState {
             hooks,
             output,
             cpu,
+            keyvalue,
+            config,
         }
+    }
+
+    /// The key-value context with the resource table, for the host functions.
+    pub(crate) fn keyvalue(&mut self) -> KeyValueView<'_> {
+        KeyValueView {
+            ctx: &mut self.keyvalue,
+            table: &mut self.table,
+        }
+    }
+
+    /// The configuration, for the host functions.
+    pub(crate) fn config(&mut self) -> &ConfigCtx {
+        &self.config
     }
 
     /// The current request's CPU meter.
@@ -65,6 +88,7 @@ impl HostState {
     /// calls and limits belong to `context` from now on.
     pub(crate) fn begin_request(&mut self, context: CallContext, cpu: Arc<CpuMeter>) {
         self.cpu = cpu;
+        self.keyvalue.begin_request(context.deadline);
         for output in &self.output {
             output.begin_request(context.request_id.clone());
         }

@@ -160,8 +160,21 @@ async fn route(
     match (request.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET, "/readyz") => {
+            // Backends are reported, not gating: a host whose Redis is down
+            // still serves every service that does not use it.
+            let backends: String = host
+                .backend_statuses()
+                .iter()
+                .map(|(capability, status)| {
+                    format!(
+                        "\n{capability} backend {}: {}",
+                        status.kind,
+                        if status.up { "up" } else { "down" }
+                    )
+                })
+                .collect();
             if host.is_ready() {
-                text(StatusCode::OK, "ready")
+                text(StatusCode::OK, &format!("ready{backends}"))
             } else if host.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down")
             } else {
@@ -242,6 +255,9 @@ fn services_json(host: &Host) -> Value {
                     "warm": d.warm_instances(),
                 },
                 "outbound": d.config().outbound.rules().iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+                "keyvalue": { "buckets": d.config().keyvalue.entries() },
+                "config": d.config().config.plain(),
+                "secrets": d.config().config.secret_names(),
                 "compile_ms": d.compile_info().duration.as_secs_f64() * 1000.0,
                 "cache_hit": d.compile_info().cache_hit,
                 "memory_init": d.compile_info().memory_init.as_str(),
@@ -259,7 +275,19 @@ fn services_json(host: &Host) -> Value {
             }));
         }
     }
-    json!({ "ready": host.is_ready(), "services": services })
+    let backends: Vec<Value> = host
+        .backend_statuses()
+        .into_iter()
+        .map(|(capability, status)| {
+            json!({
+                "capability": capability,
+                "backend": status.kind,
+                "up": status.up,
+                "detail": status.detail,
+            })
+        })
+        .collect();
+    json!({ "ready": host.is_ready(), "services": services, "backends": backends })
 }
 
 /// Why an upload could not be received.
@@ -424,6 +452,22 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
             );
         }
     };
+    let defaults = deployer.defaults();
+    let config_name = name.to_string();
+    // Secrets may be files: read them off the async threads.
+    let config =
+        match tokio::task::spawn_blocking(move || manifest.service_config(&config_name, defaults))
+            .await
+        {
+            Ok(Ok(config)) => config,
+            Ok(Err(reason)) => {
+                return text(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("{name}.toml: {reason}"),
+                );
+            }
+            Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
+        };
     // The one copy of the component in memory: what the compiler reads.
     let path = upload.component.path().to_path_buf();
     let wasm = match tokio::task::spawn_blocking(move || read_component(&path)).await {
@@ -434,7 +478,7 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
     let digest = upload.component.digest.clone();
     let spec = ServiceSpec {
         name: name.to_string(),
-        config: manifest.service_config(name, deployer.defaults()),
+        config,
         wasm,
         source: Some(dir.join(format!("{name}.wasm"))),
         digest: Some(digest.clone()),

@@ -1,0 +1,501 @@
+//! The NATS JetStream key-value backend (`nats://…`), for clusters: a NATS
+//! server is a Wharf cluster's backbone, and its KV buckets are replicated
+//! streams.
+//!
+//! A Wharf bucket `NAME` is the JetStream KV bucket `wharf-kv-NAME`,
+//! created on first write with one version per key and the service's
+//! value-size limit (which the server enforces). The byte quota is Wharf's
+//! to enforce: a stream's own `max_bytes` makes NATS 2.9 silently drop the
+//! oldest keys once it is full, whatever the discard policy — an
+//! acknowledged write must never vanish, so the stream has no byte limit and
+//! a write is refused when the bucket's stored size (JetStream's count,
+//! message overhead included, read at most every [`SIZE_FRESH_FOR`]) plus
+//! the new value would pass the quota. Concurrent writers can overshoot it
+//! by what they write within that interval. JetStream keys allow only `[-/_=.a-zA-Z0-9]`, so
+//! keys are escaped: letters, digits, `-` and `_` stay, every other byte is
+//! `=XX` in hex (`a.b` is stored as `a=2Eb`) — unambiguous, and listed keys
+//! are unescaped. `increment` and compare-and-swap use the key's revision:
+//! an update that names the revision it read fails if another host wrote in
+//! between, and `increment` retries then, so it is atomic across hosts.
+//!
+//! The client connects in the background and reconnects by itself: a host
+//! whose NATS is down at start still starts, and operations fail with
+//! "unavailable" until NATS is back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use async_nats::jetstream;
+use async_nats::jetstream::kv;
+use futures_util::StreamExt as _;
+
+use crate::capabilities::keyvalue::backend::{
+    BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version, add_checked,
+    parse_counter,
+};
+
+/// Attempts at an increment before giving up under contention (from other
+/// hosts: this host's increments of one key take turns).
+const INCREMENT_ATTEMPTS: usize = 64;
+
+/// Locks the increments of this host are spread over, by key.
+const INCREMENT_STRIPES: usize = 64;
+
+/// How long an operation waits for the client to be connected.
+const CONNECT_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a bucket's stored size is trusted before it is read again.
+pub const SIZE_FRESH_FOR: Duration = Duration::from_millis(250);
+
+/// The NATS JetStream KV backend.
+pub struct NatsKv {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    /// Buckets opened so far.
+    buckets: Mutex<HashMap<String, kv::Store>>,
+    /// Each bucket's stored size as last read, written to since, and when.
+    sizes: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// Increments of one key on this host take turns (a striped lock by
+    /// key), so optimistic retries only ever race other hosts.
+    increment_turns: Vec<tokio::sync::Mutex<()>>,
+    /// The limits buckets are created with.
+    max_value_size: i32,
+    shown_url: String,
+}
+
+/// A JetStream key for a guest's key.
+pub(crate) fn escape_key(key: &str) -> String {
+    let mut escaped = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            escaped.push(byte as char);
+        } else {
+            escaped.push_str(&format!("={byte:02X}"));
+        }
+    }
+    escaped
+}
+
+/// The guest's key for a JetStream key; `None` if it is not one Wharf made.
+pub(crate) fn unescape_key(escaped: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(escaped.len());
+    let mut rest = escaped.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'=' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+fn other(err: impl std::fmt::Display) -> BackendError {
+    let text = err.to_string();
+    if text.contains("maximum bytes") || text.contains("insufficient resources") {
+        BackendError::Quota(format!("nats: {text}"))
+    } else if text.contains("timed out")
+        || text.contains("no responders")
+        || text.contains("disconnected")
+    {
+        BackendError::Unavailable(format!("nats: {text}"))
+    } else {
+        BackendError::Other(format!("nats: {text}"))
+    }
+}
+
+impl NatsKv {
+    /// A backend on the NATS server(s) at `url` (comma-separated), buckets
+    /// created with values up to `max_value_size` bytes. Connects in the
+    /// background; must be called inside a Tokio runtime.
+    pub async fn connect(url: &str, max_value_size: u64) -> Result<Arc<NatsKv>> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .name("wharf")
+            .connect(url)
+            .await?;
+        let jetstream = jetstream::new(client.clone());
+        Ok(Arc::new(NatsKv {
+            client,
+            jetstream,
+            buckets: Mutex::new(HashMap::new()),
+            sizes: Mutex::new(HashMap::new()),
+            increment_turns: (0..INCREMENT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
+            shown_url: url.to_string(),
+        }))
+    }
+
+    /// Whether the client is connected now.
+    pub fn status(&self) -> BackendStatus {
+        let state = self.client.connection_state();
+        BackendStatus {
+            kind: "nats",
+            up: state == async_nats::connection::State::Connected,
+            detail: format!("{}: {state}", self.shown_url),
+        }
+    }
+
+    /// Waits a moment for the client to be connected (it connects in the
+    /// background, and a request may come first); fails clearly if it is
+    /// not, rather than holding the request.
+    async fn connected(&self) -> BackendResult<()> {
+        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+        while self.client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::Unavailable(format!(
+                    "nats: not connected to {}",
+                    self.shown_url
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    fn cached(&self, bucket: &str) -> Option<kv::Store> {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bucket)
+            .cloned()
+    }
+
+    fn remember(&self, bucket: &str, store: &kv::Store) {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bucket.to_string(), store.clone());
+    }
+
+    /// The store for `bucket`, if it exists (reads of a bucket nobody wrote
+    /// to find nothing, and create nothing).
+    async fn lookup(&self, bucket: &str) -> BackendResult<Option<kv::Store>> {
+        if let Some(store) = self.cached(bucket) {
+            return Ok(Some(store));
+        }
+        self.connected().await?;
+        match self
+            .jetstream
+            .get_key_value(format!("wharf-kv-{bucket}"))
+            .await
+        {
+            Ok(store) => {
+                self.remember(bucket, &store);
+                Ok(Some(store))
+            }
+            Err(err) if format!("{err:?}").contains("not found") => Ok(None),
+            Err(err) => Err(other(format!("{err}: {err:?}"))),
+        }
+    }
+
+    /// The store for `bucket`, created (with the value limit) if it does
+    /// not exist.
+    async fn bucket(&self, bucket: &str) -> BackendResult<kv::Store> {
+        if let Some(store) = self.lookup(bucket).await? {
+            return Ok(store);
+        }
+        // The stream behind a KV bucket, as JetStream's KV layer defines it.
+        // Created directly rather than with `create_key_value`, which first
+        // asks for account details in a form only servers from 2.10 give
+        // (Debian's NATS is 2.9).
+        let name = format!("wharf-kv-{bucket}");
+        let created = self
+            .jetstream
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("KV_{name}"),
+                subjects: vec![format!("$KV.{name}.>")],
+                max_messages_per_subject: 1,
+                // No byte limit: see the module docs (quota checked by Wharf).
+                max_bytes: -1,
+                max_message_size: self.max_value_size,
+                storage: jetstream::stream::StorageType::File,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await;
+        if let Err(err) = created {
+            return Err(other(format!("{err}: {err:?}")));
+        }
+        let store = self
+            .jetstream
+            .get_key_value(&name)
+            .await
+            .map_err(|err| other(format!("{err}: {err:?}")))?;
+        self.remember(bucket, &store);
+        Ok(store)
+    }
+
+    /// Refuses a write of `adding` bytes that would take `bucket` past
+    /// `quota`, then counts it.
+    async fn check_quota(&self, bucket: &str, adding: usize, quota: u64) -> BackendResult<()> {
+        let cached = self
+            .sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bucket)
+            .copied()
+            .filter(|(_, at)| at.elapsed() < SIZE_FRESH_FOR);
+        let stored = match cached {
+            Some((size, _)) => size,
+            None => {
+                let mut stream = self
+                    .jetstream
+                    .get_stream(format!("KV_wharf-kv-{bucket}"))
+                    .await
+                    .map_err(other)?;
+                let size = stream.info().await.map_err(other)?.state.bytes;
+                self.sizes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(bucket.to_string(), (size, std::time::Instant::now()));
+                size
+            }
+        };
+        let after = stored.saturating_add(adding as u64);
+        if after > quota {
+            return Err(BackendError::Quota(format!(
+                "bucket {bucket:?} holds about {stored} bytes; {adding} more would pass its quota of {quota}"
+            )));
+        }
+        if let Some(entry) = self
+            .sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(bucket)
+        {
+            entry.0 = after;
+        }
+        Ok(())
+    }
+
+    pub async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+        let Some(store) = self.lookup(bucket).await? else {
+            return Ok(None);
+        };
+        store
+            .get(escape_key(key))
+            .await
+            .map(|value| value.map(|bytes| bytes.to_vec()))
+            .map_err(other)
+    }
+
+    pub async fn set(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        quota: u64,
+    ) -> BackendResult<()> {
+        let store = self.bucket(bucket).await?;
+        self.check_quota(bucket, key.len() + value.len(), quota)
+            .await?;
+        store
+            .put(escape_key(key), value.to_vec().into())
+            .await
+            .map(drop)
+            .map_err(other)
+    }
+
+    pub async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+        let Some(store) = self.lookup(bucket).await? else {
+            return Ok(());
+        };
+        store.delete(escape_key(key)).await.map_err(other)
+    }
+
+    pub async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
+        Ok(self.get(bucket, key).await?.is_some())
+    }
+
+    /// Every key, sorted, paged by offset (numeric cursors) or by the last
+    /// key of the previous page (text cursors).
+    pub async fn list_keys(
+        &self,
+        bucket: &str,
+        cursor: KeyCursor,
+        limit: usize,
+    ) -> BackendResult<KeyPage> {
+        let Some(store) = self.lookup(bucket).await? else {
+            return Ok(KeyPage::default());
+        };
+        let mut keys: Vec<String> = match store.keys().await {
+            Ok(stream) => {
+                stream
+                    .filter_map(|key| async move { key.ok().and_then(|k| unescape_key(&k)) })
+                    .collect()
+                    .await
+            }
+            // A bucket with no keys has nothing to list.
+            Err(err) if err.to_string().contains("no keys") => Vec::new(),
+            Err(err) => return Err(other(err)),
+        };
+        keys.sort();
+        let start = match &cursor {
+            KeyCursor::Number(offset) => usize::try_from(*offset).unwrap_or(usize::MAX),
+            KeyCursor::Text(after) => keys.partition_point(|key| key <= after),
+        };
+        let page: Vec<String> = keys.iter().skip(start).take(limit).cloned().collect();
+        let more = start + page.len() < keys.len();
+        let next = match (more, &cursor) {
+            (false, _) => None,
+            (true, KeyCursor::Text(_)) => page.last().cloned().map(KeyCursor::Text),
+            (true, KeyCursor::Number(_)) => Some(KeyCursor::Number((start + page.len()) as u64)),
+        };
+        Ok(KeyPage { keys: page, next })
+    }
+
+    /// Reads the counter with its revision and writes the sum naming that
+    /// revision; a write from elsewhere in between makes the update fail,
+    /// and the increment starts over.
+    pub async fn increment(
+        &self,
+        bucket: &str,
+        key: &str,
+        delta: i64,
+        quota: u64,
+    ) -> BackendResult<i64> {
+        let store = self.bucket(bucket).await?;
+        self.check_quota(bucket, key.len() + 20, quota).await?;
+        let escaped = escape_key(key);
+        let stripe = {
+            use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one((bucket, key)) as usize
+                % INCREMENT_STRIPES
+        };
+        let _turn = self.increment_turns[stripe].lock().await;
+        for attempt in 0..INCREMENT_ATTEMPTS {
+            if attempt > 0 {
+                // Another host won the race: back off a little, at random.
+                let pause = fastrand::u64(0..=(attempt as u64).min(10));
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            let entry = store.entry(escaped.clone()).await.map_err(other)?;
+            let (current, revision) = match &entry {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    (parse_counter(&entry.value)?, Some(entry.revision))
+                }
+                Some(entry) => (0, Some(entry.revision)),
+                None => (0, None),
+            };
+            let next = add_checked(current, delta)?;
+            let value: bytes::Bytes = next.to_string().into_bytes().into();
+            let written = match revision {
+                Some(revision) => store
+                    .update(&escaped, value, revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                None => store
+                    .create(&escaped, value)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(()) => return Ok(next),
+                Err(text) if lost_race(&text) => continue,
+                Err(text) => return Err(other(text)),
+            }
+        }
+        Err(BackendError::Other(format!(
+            "the counter changed under {INCREMENT_ATTEMPTS} attempts in a row; try again"
+        )))
+    }
+
+    pub async fn read_versioned(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> BackendResult<(Option<Vec<u8>>, Version)> {
+        let Some(store) = self.lookup(bucket).await? else {
+            return Ok((None, Version::Revision(0)));
+        };
+        let entry = store.entry(escape_key(key)).await.map_err(other)?;
+        Ok(match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => (
+                Some(entry.value.to_vec()),
+                Version::Revision(entry.revision),
+            ),
+            Some(entry) => (None, Version::Revision(entry.revision)),
+            None => (None, Version::Revision(0)),
+        })
+    }
+
+    pub async fn swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        expected: &Version,
+        value: &[u8],
+        quota: u64,
+    ) -> BackendResult<bool> {
+        let Version::Revision(revision) = expected else {
+            return Err(BackendError::Other(
+                "a value version from another backend".into(),
+            ));
+        };
+        let store = self.bucket(bucket).await?;
+        self.check_quota(bucket, key.len() + value.len(), quota)
+            .await?;
+        let escaped = escape_key(key);
+        let value: bytes::Bytes = value.to_vec().into();
+        let written = if *revision == 0 {
+            store
+                .create(&escaped, value)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        } else {
+            store
+                .update(&escaped, value, *revision)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        match written {
+            Ok(()) => Ok(true),
+            Err(text) if lost_race(&text) => Ok(false),
+            Err(text) => Err(other(text)),
+        }
+    }
+}
+
+/// Whether a failed create or update failed because another writer got
+/// there first (the key exists, or its revision moved on).
+fn lost_race(error: &str) -> bool {
+    error.contains("wrong last sequence") || error.contains("exists")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_escape_and_unescape() {
+        for key in ["plain", "a.b", "cart/42", "a=b", "ünïcode", "sp ace", "-_"] {
+            let escaped = escape_key(key);
+            assert!(
+                escaped
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)),
+                "{escaped}"
+            );
+            assert_eq!(unescape_key(&escaped).as_deref(), Some(key));
+        }
+        assert_eq!(escape_key("a.b"), "a=2Eb");
+        assert_eq!(unescape_key("bad=Z"), None);
+    }
+}
