@@ -223,28 +223,71 @@ struct BackendLabels {
     backend: &'static str,
 }
 
-/// The key-value counters of one service.
+/// A key-value operation, as counted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum KeyValueOp {
+    /// `get` (and each key of `get-many`).
+    Get,
+    /// `set` (and each pair of `set-many`).
+    Set,
+    /// `delete` (and each key of `delete-many`).
+    Delete,
+    /// `exists`.
+    Exists,
+    /// One page of `list-keys`.
+    ListKeys,
+    /// `increment`.
+    Increment,
+    /// Reading a value for a compare-and-swap.
+    CasRead,
+    /// `swap`.
+    Swap,
+}
+
+impl KeyValueOp {
+    /// Every operation, in label order.
+    pub const ALL: [KeyValueOp; 8] = [
+        KeyValueOp::Get,
+        KeyValueOp::Set,
+        KeyValueOp::Delete,
+        KeyValueOp::Exists,
+        KeyValueOp::ListKeys,
+        KeyValueOp::Increment,
+        KeyValueOp::CasRead,
+        KeyValueOp::Swap,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyValueOp::Get => "get",
+            KeyValueOp::Set => "set",
+            KeyValueOp::Delete => "delete",
+            KeyValueOp::Exists => "exists",
+            KeyValueOp::ListKeys => "list-keys",
+            KeyValueOp::Increment => "increment",
+            KeyValueOp::CasRead => "cas-read",
+            KeyValueOp::Swap => "swap",
+        }
+    }
+}
+
+/// The key-value counters of one service on one backend, created once so an
+/// operation only touches atomics.
 #[derive(Debug)]
 pub struct KeyValueMetrics {
-    service: String,
-    operations: Family<KeyValueLabels, Counter>,
-    latency: HistogramFamily<KeyValueLatencyLabels>,
+    /// Per operation: the ok and error counters.
+    counts: [[Counter; 2]; 8],
+    /// Per operation: the latency histogram.
+    latency: [Histogram; 8],
 }
 
 impl KeyValueMetrics {
-    /// Counts one operation on `backend` and records how long it took.
-    pub fn observe(&self, backend: &'static str, op: &'static str, ok: bool, elapsed: Duration) {
-        self.operations
-            .get_or_create(&KeyValueLabels {
-                service: self.service.clone(),
-                backend,
-                op,
-                result: if ok { "ok" } else { "error" },
-            })
-            .inc();
-        self.latency
-            .get_or_create(&KeyValueLatencyLabels { backend, op })
-            .observe(elapsed.as_secs_f64());
+    /// Counts one operation and records how long it took.
+    pub fn observe(&self, op: KeyValueOp, ok: bool, elapsed: Duration) {
+        let index = op as usize;
+        self.counts[index][usize::from(!ok)].inc();
+        self.latency[index].observe(elapsed.as_secs_f64());
     }
 }
 
@@ -460,12 +503,28 @@ impl Metrics {
             .clone()
     }
 
-    /// The key-value counters of service `name`.
-    pub fn keyvalue(&self, name: &str) -> Arc<KeyValueMetrics> {
+    /// The key-value counters of service `name` on `backend`.
+    pub fn keyvalue(&self, name: &str, backend: &'static str) -> Arc<KeyValueMetrics> {
+        let count = |op: KeyValueOp, result| {
+            self.keyvalue_operations
+                .get_or_create(&KeyValueLabels {
+                    service: name.to_string(),
+                    backend,
+                    op: op.as_str(),
+                    result,
+                })
+                .clone()
+        };
         Arc::new(KeyValueMetrics {
-            service: name.to_string(),
-            operations: self.keyvalue_operations.clone(),
-            latency: self.keyvalue_latency.clone(),
+            counts: KeyValueOp::ALL.map(|op| [count(op, "ok"), count(op, "error")]),
+            latency: KeyValueOp::ALL.map(|op| {
+                self.keyvalue_latency
+                    .get_or_create(&KeyValueLatencyLabels {
+                        backend,
+                        op: op.as_str(),
+                    })
+                    .clone()
+            }),
         })
     }
 

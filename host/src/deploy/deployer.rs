@@ -367,7 +367,12 @@ impl Deployer {
         let caches = self.caches.clone();
         let backends = self.backends.clone();
         let metrics = self.metrics.service(&spec.name);
-        let keyvalue_metrics = self.metrics.keyvalue(&spec.name);
+        // Created only for services granted a bucket: the others would
+        // fill /metrics with zeros.
+        let keyvalue_metrics = match (&self.backends.keyvalue, spec.config.keyvalue.is_empty()) {
+            (Some(backend), false) => Some(self.metrics.keyvalue(&spec.name, backend.kind())),
+            _ => None,
+        };
         let name = spec.name.clone();
         let size = spec.wasm.len();
         let (mut deployment, times) = self

@@ -290,7 +290,7 @@ pub(crate) fn build(
     backends: &Backends,
     spec: ServiceSpec,
     metrics: Arc<ServiceMetrics>,
-    keyvalue_metrics: Arc<KeyValueMetrics>,
+    keyvalue_metrics: Option<Arc<KeyValueMetrics>>,
 ) -> Result<Deployment> {
     check_header(&spec.wasm)?;
     let digest = spec.digest.unwrap_or_else(|| digest_of(&spec.wasm));
@@ -327,8 +327,8 @@ pub(crate) fn build(
         .map_err(|err| anyhow!("{err:#}"))
         .context("the component does not export wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world)")?;
     let limits = spec.config.limits;
-    let keyvalue = match (&backends.keyvalue, spec.config.keyvalue.is_empty()) {
-        (Some(backend), false) => Some(Arc::new(KeyValueAccess::new(
+    let keyvalue = match (&backends.keyvalue, keyvalue_metrics) {
+        (Some(backend), Some(keyvalue_metrics)) => Some(Arc::new(KeyValueAccess::new(
             backend.clone(),
             spec.config.keyvalue.clone(),
             KeyValueLimits {

@@ -352,21 +352,15 @@ fn footprint(key: &str, value_len: usize) -> i64 {
 
 fn stored_len(connection: &Connection, bucket: &str, key: &str) -> rusqlite::Result<Option<i64>> {
     connection
-        .query_row(
-            "SELECT length(value) FROM kv WHERE bucket = ?1 AND key = ?2",
-            params![bucket, key],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT length(value) FROM kv WHERE bucket = ?1 AND key = ?2")?
+        .query_row(params![bucket, key], |row| row.get(0))
         .optional()
 }
 
 fn bucket_bytes(connection: &Connection, bucket: &str) -> rusqlite::Result<i64> {
     Ok(connection
-        .query_row(
-            "SELECT bytes FROM buckets WHERE bucket = ?1",
-            params![bucket],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT bytes FROM buckets WHERE bucket = ?1")?
+        .query_row(params![bucket], |row| row.get(0))
         .optional()?
         .unwrap_or(0))
 }
@@ -390,11 +384,12 @@ fn write(
         )));
     }
     connection
-        .execute(
+        .prepare_cached(
             "INSERT INTO kv (bucket, key, value) VALUES (?1, ?2, ?3)
              ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value",
-            params![bucket, key, value],
         )
+        .map_err(sql)?
+        .execute(params![bucket, key, value])
         .map_err(sql)?;
     adjust(connection, bucket, delta)
 }
@@ -404,22 +399,21 @@ fn adjust(connection: &Connection, bucket: &str, delta: i64) -> BackendResult<()
         return Ok(());
     }
     connection
-        .execute(
+        .prepare_cached(
             "INSERT INTO buckets (bucket, bytes) VALUES (?1, ?2)
              ON CONFLICT (bucket) DO UPDATE SET bytes = bytes + excluded.bytes",
-            params![bucket, delta],
         )
+        .map_err(sql)?
+        .execute(params![bucket, delta])
         .map_err(sql)
         .map(drop)
 }
 
 fn read(connection: &Connection, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
     connection
-        .query_row(
-            "SELECT value FROM kv WHERE bucket = ?1 AND key = ?2",
-            params![bucket, key],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT value FROM kv WHERE bucket = ?1 AND key = ?2")
+        .map_err(sql)?
+        .query_row(params![bucket, key], |row| row.get(0))
         .optional()
         .map_err(sql)
 }
@@ -441,10 +435,9 @@ fn apply(connection: &Connection, op: &Op) -> BackendResult<Reply> {
                 return Ok(Reply::Done);
             };
             connection
-                .execute(
-                    "DELETE FROM kv WHERE bucket = ?1 AND key = ?2",
-                    params![bucket, key],
-                )
+                .prepare_cached("DELETE FROM kv WHERE bucket = ?1 AND key = ?2")
+                .map_err(sql)?
+                .execute(params![bucket, key])
                 .map_err(sql)?;
             adjust(connection, bucket, -footprint(key, len as usize)).map(|()| Reply::Done)
         }

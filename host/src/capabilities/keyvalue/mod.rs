@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
-use crate::base::metrics::KeyValueMetrics;
+use crate::base::metrics::{KeyValueMetrics, KeyValueOp};
 use crate::capabilities::keyvalue::backend::{Backend, BackendError, KeyCursor, KeyPage, Version};
 
 /// Keys a `list-keys` call returns at most per page.
@@ -215,7 +215,7 @@ pub(crate) enum Refusal {
 /// (never logging keys or values).
 async fn run<T>(
     (access, deadline): (Arc<KeyValueAccess>, Instant),
-    op: &'static str,
+    op: KeyValueOp,
     work: impl Future<Output = Result<T, BackendError>>,
 ) -> Result<T, Refusal> {
     let started = Instant::now();
@@ -227,7 +227,7 @@ async fn run<T>(
     };
     access
         .metrics
-        .observe(access.backend.kind(), op, result.is_ok(), started.elapsed());
+        .observe(op, result.is_ok(), started.elapsed());
     result.map_err(|err| Refusal::Other(err.to_string()))
 }
 
@@ -296,7 +296,7 @@ impl<'a> KeyValueView<'a> {
         self.check_key(&key)?;
         let session = self.session()?;
         let backend = session.0.backend.clone();
-        run(session, "get", backend.get(&name, &key)).await
+        run(session, KeyValueOp::Get, backend.get(&name, &key)).await
     }
 
     pub(crate) async fn set(
@@ -310,7 +310,12 @@ impl<'a> KeyValueView<'a> {
         self.check_value(&value)?;
         let session = self.session()?;
         let (backend, quota) = (session.0.backend.clone(), session.0.limits.bucket_quota);
-        run(session, "set", backend.set(&name, &key, &value, quota)).await
+        run(
+            session,
+            KeyValueOp::Set,
+            backend.set(&name, &key, &value, quota),
+        )
+        .await
     }
 
     pub(crate) async fn delete(
@@ -322,7 +327,7 @@ impl<'a> KeyValueView<'a> {
         self.check_key(&key)?;
         let session = self.session()?;
         let backend = session.0.backend.clone();
-        run(session, "delete", backend.delete(&name, &key)).await
+        run(session, KeyValueOp::Delete, backend.delete(&name, &key)).await
     }
 
     pub(crate) async fn exists(
@@ -334,7 +339,7 @@ impl<'a> KeyValueView<'a> {
         self.check_key(&key)?;
         let session = self.session()?;
         let backend = session.0.backend.clone();
-        run(session, "exists", backend.exists(&name, &key)).await
+        run(session, KeyValueOp::Exists, backend.exists(&name, &key)).await
     }
 
     pub(crate) async fn list_keys(
@@ -347,7 +352,7 @@ impl<'a> KeyValueView<'a> {
         let backend = session.0.backend.clone();
         run(
             session,
-            "list-keys",
+            KeyValueOp::ListKeys,
             backend.list_keys(&name, cursor, PAGE_SIZE),
         )
         .await
@@ -365,7 +370,7 @@ impl<'a> KeyValueView<'a> {
         let (backend, quota) = (session.0.backend.clone(), session.0.limits.bucket_quota);
         run(
             session,
-            "increment",
+            KeyValueOp::Increment,
             backend.increment(&name, &key, delta, quota),
         )
         .await
@@ -380,8 +385,12 @@ impl<'a> KeyValueView<'a> {
         self.check_key(&key)?;
         let session = self.session()?;
         let backend = session.0.backend.clone();
-        let (current, version) =
-            run(session, "cas-read", backend.read_versioned(&name, &key)).await?;
+        let (current, version) = run(
+            session,
+            KeyValueOp::CasRead,
+            backend.read_versioned(&name, &key),
+        )
+        .await?;
         Ok(CasHandle {
             bucket: name,
             key,
@@ -398,7 +407,7 @@ impl<'a> KeyValueView<'a> {
         let (backend, quota) = (session.0.backend.clone(), session.0.limits.bucket_quota);
         run(
             session,
-            "swap",
+            KeyValueOp::Swap,
             backend.swap(&cas.bucket, &cas.key, &cas.version, &value, quota),
         )
         .await

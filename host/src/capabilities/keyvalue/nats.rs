@@ -37,11 +37,17 @@ use crate::capabilities::keyvalue::backend::{
 };
 
 /// Attempts at an increment before giving up under contention (from other
-/// hosts: this host's increments of one key take turns).
+/// hosts: this host's increments of one key are coalesced).
 const INCREMENT_ATTEMPTS: usize = 64;
 
-/// Locks the increments of this host are spread over, by key.
-const INCREMENT_STRIPES: usize = 64;
+/// Increments of one key queued behind the swap in flight.
+#[derive(Default)]
+struct PendingIncrements {
+    /// Each waiting increment's delta and where its result goes.
+    waiting: Vec<(i64, tokio::sync::oneshot::Sender<BackendResult<i64>>)>,
+    /// Whether a task is applying them.
+    flushing: bool,
+}
 
 /// How long an operation waits for the client to be connected.
 const CONNECT_WAIT: Duration = Duration::from_secs(1);
@@ -57,9 +63,8 @@ pub struct NatsKv {
     buckets: Mutex<HashMap<String, kv::Store>>,
     /// Each bucket's stored size as last read, written to since, and when.
     sizes: Mutex<HashMap<String, (u64, std::time::Instant)>>,
-    /// Increments of one key on this host take turns (a striped lock by
-    /// key), so optimistic retries only ever race other hosts.
-    increment_turns: Vec<tokio::sync::Mutex<()>>,
+    /// Increments waiting, per (bucket, key), for the swap in flight.
+    increments: Mutex<HashMap<(String, String), PendingIncrements>>,
     /// The limits buckets are created with.
     max_value_size: i32,
     shown_url: String,
@@ -126,9 +131,7 @@ impl NatsKv {
             jetstream,
             buckets: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
-            increment_turns: (0..INCREMENT_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            increments: Mutex::new(HashMap::new()),
             max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
             shown_url: url.to_string(),
         }))
@@ -360,8 +363,14 @@ impl NatsKv {
     /// Reads the counter with its revision and writes the sum naming that
     /// revision; a write from elsewhere in between makes the update fail,
     /// and the increment starts over.
+    /// Adds `delta` atomically. Increments of one key on this host are
+    /// coalesced: while one compare-and-swap is in flight, later increments
+    /// queue, and the next swap applies all of them at once, giving each
+    /// caller the value it would have seen had they run one by one. The
+    /// swap names the revision it read, so hosts never lose an update; it
+    /// retries (with jittered backoff) when another host wrote first.
     pub async fn increment(
-        &self,
+        self: &Arc<Self>,
         bucket: &str,
         key: &str,
         delta: i64,
@@ -369,13 +378,65 @@ impl NatsKv {
     ) -> BackendResult<i64> {
         let store = self.bucket(bucket).await?;
         self.check_quota(bucket, key.len() + 20, quota).await?;
-        let escaped = escape_key(key);
-        let stripe = {
-            use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
-            BuildHasherDefault::<DefaultHasher>::default().hash_one((bucket, key)) as usize
-                % INCREMENT_STRIPES
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let id = (bucket.to_string(), key.to_string());
+        let lead = {
+            let mut pending = self.increments.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = pending.entry(id.clone()).or_default();
+            queue.waiting.push((delta, reply));
+            !std::mem::replace(&mut queue.flushing, true)
         };
-        let _turn = self.increment_turns[stripe].lock().await;
+        if lead {
+            let this = self.clone();
+            tokio::spawn(async move { this.flush_increments(store, id).await });
+        }
+        answer
+            .await
+            .map_err(|_| BackendError::Other("the increment was abandoned".into()))?
+    }
+
+    /// Applies queued increments of one key, a batch per swap, until none
+    /// are left.
+    async fn flush_increments(&self, store: kv::Store, id: (String, String)) {
+        loop {
+            let batch = {
+                let mut pending = self.increments.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = pending.get_mut(&id) else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    pending.remove(&id);
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let deltas: Vec<i64> = batch.iter().map(|(delta, _)| *delta).collect();
+            match self.swap_increments(&store, &id.1, &deltas).await {
+                Ok(base) => {
+                    let mut value = base;
+                    for (delta, reply) in batch {
+                        value = value.saturating_add(delta);
+                        let _ = reply.send(Ok(value));
+                    }
+                }
+                Err(err) => {
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One compare-and-swap adding all of `deltas` to `key`; the value
+    /// before them.
+    async fn swap_increments(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        deltas: &[i64],
+    ) -> BackendResult<i64> {
+        let escaped = escape_key(key);
         for attempt in 0..INCREMENT_ATTEMPTS {
             if attempt > 0 {
                 // Another host won the race: back off a little, at random.
@@ -390,7 +451,10 @@ impl NatsKv {
                 Some(entry) => (0, Some(entry.revision)),
                 None => (0, None),
             };
-            let next = add_checked(current, delta)?;
+            let mut next = current;
+            for delta in deltas {
+                next = add_checked(next, *delta)?;
+            }
             let value: bytes::Bytes = next.to_string().into_bytes().into();
             let written = match revision {
                 Some(revision) => store
@@ -405,7 +469,7 @@ impl NatsKv {
                     .map_err(|e| e.to_string()),
             };
             match written {
-                Ok(()) => return Ok(next),
+                Ok(()) => return Ok(current),
                 Err(text) if lost_race(&text) => continue,
                 Err(text) => return Err(other(text)),
             }
