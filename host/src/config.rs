@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use crate::base::limits::{Limits, PartialLimits};
 use crate::capabilities::keyvalue::backend::BackendChoice;
+use crate::capabilities::messaging::broker::BrokerChoice;
 use crate::guest::engine::EngineOptions;
 
 /// How long shutdown waits for in-flight requests by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most service-to-service hops by default.
 pub const DEFAULT_MAX_CALL_DEPTH: u32 = 10;
+/// Messages the broker holds undelivered by default before refusing more.
+pub const DEFAULT_MAX_PENDING_MESSAGES: u64 = 1_000_000;
 /// How long a client may stall by default.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -36,12 +39,18 @@ pub struct Config {
     pub engine: EngineOptions,
     /// Where the host keeps its own state: the last good version of each
     /// service (served if its file is broken at start) and the embedded
-    /// key-value store. `None` keeps none (the embedded store then lives in
+    /// key-value store and message queue. `None` keeps none (the embedded store then lives in
     /// memory). Must not be inside the services directory.
     pub data_dir: Option<PathBuf>,
     /// The key-value backend; `None`: the one `wharf.toml` names, else the
     /// embedded store.
     pub keyvalue: Option<BackendChoice>,
+    /// The message broker; `None`: the one `wharf.toml` names, else the
+    /// embedded broker.
+    pub messaging: Option<BrokerChoice>,
+    /// Messages the broker may hold undelivered (per group on RabbitMQ)
+    /// before it refuses publishes.
+    pub max_pending_messages: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a client may stall: sending its request headers, idling
@@ -63,6 +72,8 @@ impl Default for Config {
             engine: EngineOptions::default(),
             data_dir: None,
             keyvalue: None,
+            messaging: None,
+            max_pending_messages: DEFAULT_MAX_PENDING_MESSAGES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             max_call_depth: DEFAULT_MAX_CALL_DEPTH,

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
@@ -15,15 +16,18 @@ use crate::base::metrics::{BackendGauge, Metrics};
 use crate::base::respond::Body;
 use crate::capabilities::Backends;
 use crate::capabilities::keyvalue::backend::BackendStatus;
+use crate::capabilities::messaging::MessagingHub;
 use crate::config::Config;
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::deployer::Deployer;
+use crate::deploy::manifest::HostSettings;
 use crate::deploy::registry::{Registry, Snapshot};
 use crate::deploy::source::SourceOptions;
 use crate::deploy::watcher::{self, DirWatcher, LoadReport, WatchOptions};
 use crate::deploy::{Deployment, ServiceConfig, ServiceSpec, validate_name};
 use crate::guest::engine::Runtime;
 use crate::serve::dispatch::Dispatcher;
+use crate::serve::triggers::TriggerProgress;
 
 /// A Wharf host: services deployed from a directory (and kept in step with
 /// it), served over HTTP or called in-process. Cheap to clone; all clones
@@ -42,7 +46,12 @@ pub struct Host {
     inner: Arc<Inner>,
 }
 
+/// Longest wait in [`Host::load`] for message triggers to join their groups.
+const TRIGGER_JOIN_WAIT: Duration = Duration::from_secs(15);
+
 struct Inner {
+    /// How far the message triggers have got joining their groups.
+    triggers: TriggerProgress,
     config: Config,
     /// The services directory as an absolute, canonical path, resolved once
     /// at creation: file events, symlink checks and admin writes all compare
@@ -81,7 +90,8 @@ impl Host {
                 services.display()
             );
         }
-        let backends = open_backends(&config, services_dir.as_deref()).await?;
+        let metrics = Arc::new(Metrics::new());
+        let backends = open_backends(&config, services_dir.as_deref(), &metrics).await?;
         let engine_options = config.engine.clone();
         let (runtime, caches) = tokio::task::spawn_blocking(move || {
             let runtime = Runtime::new(&engine_options)?;
@@ -95,12 +105,15 @@ impl Host {
             caches,
             backends,
             Arc::new(Registry::new()),
-            Arc::new(Metrics::new()),
+            metrics,
             config.limit_overrides.apply(config.limits),
             config.data_dir.as_deref(),
         )?);
         let dispatcher = Dispatcher::new(deployer, config.max_call_depth);
+        let broker = dispatcher.deployer().backends().messaging.clone();
+        let triggers = crate::serve::triggers::start(&dispatcher, broker);
         let inner = Arc::new(Inner {
+            triggers,
             config,
             services_dir,
             dispatcher,
@@ -143,6 +156,26 @@ impl Host {
             }
             None => (LoadReport::default(), None),
         };
+        // A group gets the messages published after it joined: loaded
+        // means the triggers have joined (or found the broker down).
+        let version = *self
+            .inner
+            .dispatcher
+            .deployer()
+            .registry()
+            .watch_changes()
+            .borrow();
+        if !self
+            .inner
+            .triggers
+            .settled(version, TRIGGER_JOIN_WAIT)
+            .await
+        {
+            tracing::warn!(
+                "message triggers are still joining their groups after {}s; serving anyway",
+                TRIGGER_JOIN_WAIT.as_secs()
+            );
+        }
         *self.inner.watcher.lock().await = watcher;
         if self.inner.load_report.set(report.clone()).is_err() {
             anyhow::bail!("the host was already loaded");
@@ -201,6 +234,16 @@ impl Host {
     /// with the capability it serves.
     pub fn backend_statuses(&self) -> Vec<(&'static str, BackendStatus)> {
         self.inner.dispatcher.deployer().backends().statuses()
+    }
+
+    /// The host's messaging (its broker, reply inboxes and metrics).
+    pub fn messaging(&self) -> Option<&Arc<MessagingHub>> {
+        self.inner
+            .dispatcher
+            .deployer()
+            .backends()
+            .messaging
+            .as_ref()
     }
 
     /// Every metric in the Prometheus text exposition format.
@@ -367,31 +410,50 @@ impl Host {
     }
 }
 
-/// Opens the host's capability backends: the key-value backend the
-/// configuration names, else the one `wharf.toml` in `services_dir` names,
-/// else the embedded store.
-async fn open_backends(config: &Config, services_dir: Option<&Path>) -> Result<Backends> {
-    let from_file = match (&config.keyvalue, services_dir) {
-        (None, Some(dir)) => {
+/// Opens the host's capability backends: each the one the configuration
+/// names, else the one `wharf.toml` in `services_dir` names, else the
+/// embedded one.
+async fn open_backends(
+    config: &Config,
+    services_dir: Option<&Path>,
+    metrics: &Arc<Metrics>,
+) -> Result<Backends> {
+    let from_file = match services_dir {
+        Some(dir) if config.keyvalue.is_none() || config.messaging.is_none() => {
             let dir = dir.to_path_buf();
             tokio::task::spawn_blocking(move || crate::deploy::source::read_host_file(&dir))
                 .await
                 .context("reading wharf.toml failed")?
                 .ok()
                 .flatten()
-                .and_then(|settings| settings.keyvalue)
+                .unwrap_or_default()
         }
-        _ => None,
+        _ => HostSettings::default(),
     };
-    let choice = config.keyvalue.clone().or(from_file).unwrap_or_default();
+    let choice = config
+        .keyvalue
+        .clone()
+        .or(from_file.keyvalue)
+        .unwrap_or_default();
     let defaults = config.limit_overrides.apply(config.limits);
     let keyvalue = choice
         .open(config.data_dir.as_deref(), defaults.kv_value_size)
         .await
         .context("opening the key-value backend")?;
     tracing::info!(backend = keyvalue.kind(), detail = %keyvalue.status().detail, "key-value backend");
+    let choice = config
+        .messaging
+        .clone()
+        .or(from_file.messaging)
+        .unwrap_or_default();
+    let broker = choice
+        .open(config.data_dir.as_deref(), config.max_pending_messages)
+        .await
+        .context("opening the message broker")?;
+    tracing::info!(broker = broker.kind(), detail = %broker.status().detail, "message broker");
     Ok(Backends {
         keyvalue: Some(keyvalue),
+        messaging: Some(MessagingHub::new(broker, metrics.clone())),
     })
 }
 

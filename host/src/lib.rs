@@ -36,10 +36,10 @@
 //! | `main.rs` | the `wharf` command line |
 //! | [`ops`] | the admin API over a [`Host`]: health, readiness, metrics, the service list, deploys |
 //! | `host.rs`, `config.rs` | the embedding API: [`Host`], [`Config`], [`Serving`] |
-//! | [`serve`] | the front door: listener, connections, TLS, slow clients, routing a request to its service |
-//! | [`deploy`] | from files to deployments: watcher, sources, manifests, compile, code cache, registry, routes |
+//! | [`serve`] | the front door: listener, connections, TLS, slow clients, routing a request to its service; the other doors: message triggers and schedules |
+//! | [`deploy`] | from files to deployments: watcher, sources, manifests and triggers, compile, code cache, registry, routes |
 //! | [`guest`] | running a request in a guest: engine, store state, instances and reuse, invocation, bodies, stdio |
-//! | [`capabilities`] | what a guest may reach, each behind its manifest grant: outbound HTTP and `NAME.internal` calls |
+//! | [`capabilities`] | what a guest may reach, each behind its manifest grant: outbound HTTP and `NAME.internal` calls, key-value, config, messaging — each with its backends |
 //! | [`base`] | the vocabulary every layer shares: body and host responses, header names, limits, admission gates, trace context, metrics |
 //!
 //! Two choices differ from a plain "front to back" order, on purpose:

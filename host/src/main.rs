@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 use wharf::admin::AdminToken;
 use wharf::base::limits::{self, Limits, PartialLimits};
 use wharf::capabilities::keyvalue::backend::BackendChoice;
+use wharf::capabilities::messaging::broker::BrokerChoice;
 use wharf::guest::engine::EngineOptions;
 use wharf::{Config, Host};
 
@@ -117,6 +118,18 @@ struct ServeArgs {
     #[arg(long, value_name = "BACKEND")]
     kv: Option<BackendChoice>,
 
+    /// The message broker services publish to and are triggered from:
+    /// "embedded" (SQLite in the data directory), "nats://HOST:PORT"
+    /// (JetStream) or "amqp://USER:PASSWORD@HOST:PORT/VHOST" (RabbitMQ).
+    /// [default: messaging.backend in DIR/wharf.toml, else embedded]
+    #[arg(long, value_name = "BROKER")]
+    broker: Option<BrokerChoice>,
+
+    /// Messages the broker holds undelivered before it refuses publishes
+    /// (per consumer group on RabbitMQ).
+    #[arg(long, value_name = "N", default_value_t = wharf::config::DEFAULT_MAX_PENDING_MESSAGES)]
+    max_pending_messages: u64,
+
     /// Compile every component at load, without reading or writing the
     /// compiled-code cache.
     #[arg(long)]
@@ -186,15 +199,25 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             init_logging(args.log.as_deref(), args.log_format)?;
             // Requests are served on their own threads (--threads); this
-            // runtime runs loading, the watcher and the admin endpoint.
+            // runtime runs loading, the watcher, the admin endpoint and the
+            // message triggers and schedules, whose handlers are guests
+            // too: as many workers as server threads, so a flood of
+            // messages can use every core the way a flood of requests does.
+            let workers = server_threads(args.threads);
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+                .worker_threads(workers)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(serve(args))
         }
     }
+}
+
+/// The server threads to run: `--threads`, else one per core.
+fn server_threads(flag: Option<usize>) -> usize {
+    flag.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
 }
 
 fn init_logging(filter: Option<&str>, format: LogFormat) -> Result<()> {
@@ -247,6 +270,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .clone()
             .or_else(|| wharf::config::default_data_dir(&dir)),
         keyvalue: args.kv.clone(),
+        messaging: args.broker.clone(),
+        max_pending_messages: args.max_pending_messages,
         watch: !args.no_watch,
         allow_external_symlinks: args.allow_external_symlinks,
         limits: Limits::default(),
@@ -318,10 +343,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     host.load()
         .await
         .with_context(|| format!("cannot serve {}", dir.display()))?;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let threads = server_threads(args.threads);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let serving = host.serve_threads(args.listen, threads, tls)?;
     eprintln!("wharf: listening on {scheme}://{}", serving.local_addr());

@@ -11,6 +11,7 @@ mod hostile;
 mod keyvalue;
 mod languages;
 mod manifest;
+mod messaging;
 mod observability;
 mod reload;
 mod reuse;

@@ -418,7 +418,12 @@ pub fn free_port() -> u16 {
 
 /// Waits until something accepts TCP connections on `port`.
 fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_for_port_within(port, what, child, Duration::from_secs(30));
+}
+
+/// Waits up to `limit` until something accepts TCP connections on `port`.
+fn wait_for_port_within(port: u16, what: &str, child: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
     loop {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;
@@ -521,10 +526,15 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_on(free_port())
+    }
+
+    /// Starts one on `port` (for a host configured before its broker).
+    pub fn start_on(port: u16) -> NatsServer {
         let dir = TempDir::new().expect("temp dir");
         let mut server = NatsServer {
             child: None,
-            port: free_port(),
+            port,
             dir,
         };
         server.run();
@@ -567,5 +577,157 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A RabbitMQ broker of the test's own: `epmd` and the broker on free
+/// loopback ports, its data in a temporary directory. Both die with the
+/// thread that started them (`PR_SET_PDEATHSIG`), so a test binary that
+/// exits or crashes never leaves a broker behind.
+pub struct RabbitServer {
+    beam: Option<Child>,
+    epmd: Option<Child>,
+    pub port: u16,
+    epmd_port: u16,
+    dist_port: u16,
+    node: String,
+    dir: TempDir,
+}
+
+/// Where the shared broker listens, once it is up.
+static SHARED_RABBIT: OnceLock<u16> = OnceLock::new();
+
+impl RabbitServer {
+    /// Starts a broker for one test (about 15 s on this machine).
+    pub fn start() -> RabbitServer {
+        let dir = TempDir::new().expect("temp dir");
+        std::fs::write(dir.path().join("plugins"), "[].").expect("write the plugins file");
+        let port = free_port();
+        let mut server = RabbitServer {
+            beam: None,
+            epmd: None,
+            port,
+            epmd_port: free_port(),
+            dist_port: free_port(),
+            node: format!("wharf-test-{port}@localhost"),
+            dir,
+        };
+        server.run();
+        server
+    }
+
+    /// The URL of one broker the whole test binary shares (started on
+    /// first use; tests on it keep to topics and groups of their own).
+    pub fn shared_url() -> String {
+        let port = *SHARED_RABBIT.get_or_init(|| {
+            // Started on a thread that lives as long as the process, so
+            // the broker lives that long too, and no longer.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("shared-rabbitmq".into())
+                .spawn(move || {
+                    let server = RabbitServer::start();
+                    tx.send(server.port).expect("report the port");
+                    loop {
+                        std::thread::park();
+                        let _ = &server;
+                    }
+                })
+                .expect("spawn the rabbitmq thread");
+            rx.recv().expect("the shared rabbitmq started")
+        });
+        amqp_url(port)
+    }
+
+    fn run(&mut self) {
+        let program = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        assert!(
+            program.is_file(),
+            "RabbitMQ is not installed: `cargo xtask test` installs the Debian package rabbitmq-server"
+        );
+        if self.epmd.is_none() {
+            let mut epmd = Command::new(server_program("epmd", "erlang-base"));
+            epmd.args(["-port", &self.epmd_port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            die_with_parent(&mut epmd);
+            let mut child = epmd.spawn().expect("start epmd");
+            wait_for_port(self.epmd_port, "epmd", &mut child);
+            self.epmd = Some(child);
+        }
+        let dir = self.dir.path();
+        let mut broker = Command::new(program);
+        broker
+            // Run the broker in the foreground, replacing the script: the
+            // child is the Erlang VM itself.
+            .env("RUNNING_UNDER_SYSTEMD", "true")
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("none"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut broker);
+        let mut child = broker.spawn().expect("start rabbitmq-server");
+        wait_for_port_within(
+            self.port,
+            "rabbitmq-server",
+            &mut child,
+            Duration::from_secs(120),
+        );
+        self.beam = Some(child);
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
+    pub fn url(&self) -> String {
+        amqp_url(self.port)
+    }
+
+    /// Kills the broker (its durable queues stay in its directory).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.beam.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+}
+
+impl Drop for RabbitServer {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(mut child) = self.epmd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn amqp_url(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// Makes the child get SIGKILL when the thread that spawned it ends.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

@@ -11,6 +11,8 @@
 //! - `bench isolation`: what a hostile neighbour costs (see `isolation.rs`).
 //! - `bench kv`: a counter on each key-value backend against Express and
 //!   Redis (see `kv.rs`).
+//! - `bench messaging`: publish → handler on each broker against a Node.js
+//!   amqplib consumer on the same RabbitMQ (see `messaging.rs`).
 //! - `bench http`: throughput, latency and memory against `wasmtime serve`,
 //!   Express and bare hyper (see `http.rs`).
 
@@ -24,21 +26,30 @@ mod http;
 mod isolation;
 mod kv;
 mod load;
+mod messaging;
 mod process;
 mod reload;
 mod stats;
 mod system;
 
-/// Rust guests copied into the demo directory.
-const DEMO_RUST: &[&str] = &["hello", "echo", "users", "orders", "gateway", "cart"];
+/// Rust guests copied into the demo directory. (The demo's `orders` is the
+/// JavaScript one, which publishes `orders.created`.)
+const DEMO_RUST: &[&str] = &[
+    "hello", "echo", "users", "gateway", "cart", "billing", "report",
+];
 /// JavaScript guests copied into the demo directory, as (guest, service name).
 const DEMO_JS: &[(&str, &str)] = &[
     ("hello", "hello-js"),
     ("team", "team-js"),
     ("visits", "visits-js"),
+    ("orders", "orders"),
 ];
 /// Python guests copied into the demo directory, as (guest, service name).
-const DEMO_PYTHON: &[(&str, &str)] = &[("hello", "hello-py"), ("visits", "visits-py")];
+const DEMO_PYTHON: &[(&str, &str)] = &[
+    ("hello", "hello-py"),
+    ("visits", "visits-py"),
+    ("email", "email"),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,6 +70,7 @@ fn main() -> ExitCode {
                  bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
                  bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)\n  \
                  bench kv            a counter on each key-value backend vs Express + Redis (writes target/bench/kv.md)\n  \
+                 bench messaging     publish -> handler on each broker vs Node.js + amqplib (writes target/bench/messaging.md)\n  \
                  bench http          Wharf vs wasmtime serve, Express, bare hyper (writes target/bench/http.md, http.svg)"
             );
             return ExitCode::from(2);
@@ -178,7 +190,9 @@ fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
                  curl {base}/team-js\n  \
                  curl -d apple {base}/cart/ada   (state that survives restarts)\n  \
                  curl {base}/visits-js\n  \
-                 curl {base}/visits-py\n\
+                 curl {base}/visits-py\n  \
+                 curl -d '{{\"user_id\":1,\"item\":\"coffee\",\"amount_cents\":450}}' {base}/orders\n  \
+                 curl {base}/billing   curl {base}/email   curl {base}/report   (triggered by the order)\n\
                  Ctrl-C stops it.\n"
             );
         }
@@ -192,7 +206,7 @@ fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
 
 fn test() -> Result<()> {
     // The backend tests start servers of their own from these packages.
-    system::ensure(&[&system::REDIS, &system::NATS])?;
+    system::ensure(&[&system::REDIS, &system::NATS, &system::RABBITMQ])?;
     guests::build(&guests::Lang::ALL)?;
     let root = root();
     run(cargo()
@@ -255,6 +269,11 @@ fn bench(args: &[String]) -> Result<()> {
                 _ => bail!("usage: cargo xtask bench isolation [--wharf BINARY]"),
             };
             isolation::run(&wharf, &guests, &out_dir.join("isolation.md"))
+        }
+        Some("messaging") => {
+            let guests = guests::build(&[guests::Lang::Rust])?.rust;
+            let wharf = build_release_wharf()?;
+            messaging::run_bench(&wharf, &guests, &out_dir)
         }
         Some("kv") => {
             let guests = guests::build(&[guests::Lang::Rust])?.rust;

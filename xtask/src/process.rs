@@ -14,6 +14,8 @@ use anyhow::{Context as _, Result, bail};
 pub struct WharfProcess {
     child: Child,
     base: String,
+    /// The admin endpoint's `http://HOST:PORT`, when started with `--admin`.
+    admin: Option<String>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -33,6 +35,7 @@ impl WharfProcess {
         let stderr = child.stderr.take().context("no stderr pipe")?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (admin_tx, admin_rx) = std::sync::mpsc::channel();
         std::thread::spawn({
             let log = log.clone();
             move || {
@@ -41,12 +44,24 @@ impl WharfProcess {
                     if let Some(addr) = line.strip_prefix("wharf: listening on ") {
                         let _ = addr_tx.send(addr.trim().to_string());
                     }
+                    if let Some(addr) = line.strip_prefix("wharf: admin listening on ") {
+                        let _ = admin_tx.send(addr.trim().to_string());
+                    }
                     log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
             }
         });
         match addr_rx.recv_timeout(Duration::from_secs(600)) {
-            Ok(base) => Ok(WharfProcess { child, base, log }),
+            Ok(base) => {
+                // The admin line comes before the public one.
+                let admin = admin_rx.try_recv().ok();
+                Ok(WharfProcess {
+                    child,
+                    base,
+                    admin,
+                    log,
+                })
+            }
             Err(_) => {
                 let _ = child.kill();
                 let log = log.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
@@ -58,6 +73,25 @@ impl WharfProcess {
     /// `http://HOST:PORT` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// `http://ADMIN` + `path` (the host must run with `--admin`).
+    pub fn admin_url(&self, path: &str) -> Result<String> {
+        match &self.admin {
+            Some(admin) => Ok(format!("{admin}{path}")),
+            None => bail!("this wharf has no admin endpoint (start it with --admin)"),
+        }
+    }
+
+    /// Every log line containing `needle`.
+    pub fn log_lines_containing(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|line| line.contains(needle))
+            .cloned()
+            .collect()
     }
 
     /// The first log line containing `needle`.

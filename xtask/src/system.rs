@@ -48,6 +48,14 @@ pub const NATS: Tool = Tool {
     packages: &["nats-server"],
     hint: "install the NATS server (nats-server)",
 };
+/// RabbitMQ, for the messaging backend tests and the messaging benchmark.
+/// The tests run the broker script directly (not the service wrapper), so
+/// the probe is that script being there.
+pub const RABBITMQ: Tool = Tool {
+    probe: &["test", "-x", "/usr/lib/rabbitmq/bin/rabbitmq-server"],
+    packages: &["rabbitmq-server"],
+    hint: "install RabbitMQ (rabbitmq-server)",
+};
 /// The HTTP load generator the benchmarks drive.
 pub const WRK: Tool = Tool {
     probe: &["wrk", "--version"],

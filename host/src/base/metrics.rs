@@ -64,6 +64,74 @@ label_values! {
     RejectReason { Busy => "busy", Overloaded => "overloaded", BodyTooLarge => "body_too_large" }
     DeployEvent { Deploy => "deploy", Replace => "replace", Reject => "reject", Remove => "remove" }
     CacheResult { Hit => "hit", Miss => "miss" }
+    PublishResult {
+        Ok => "ok",
+        Invalid => "invalid",
+        Denied => "denied",
+        Full => "full",
+        Unavailable => "unavailable",
+        Error => "error",
+    }
+    HandledOutcome { Acked => "acked", Retried => "retried", DeadLettered => "dead_lettered" }
+    ScheduleOutcome { Ok => "ok", Failed => "failed", Skipped => "skipped" }
+}
+
+/// How a publish ended, for the metrics.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PublishResult {
+    /// The broker accepted the message.
+    Ok,
+    /// Not a valid topic or message.
+    Invalid,
+    /// The service may not publish to the topic.
+    Denied,
+    /// The broker is full.
+    Full,
+    /// The broker cannot be reached.
+    Unavailable,
+    /// Anything else.
+    Error,
+}
+
+/// What became of one delivery of a message to a trigger.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum HandledOutcome {
+    /// The handler succeeded; the message is done.
+    Acked,
+    /// The handler failed; the message comes again later.
+    Retried,
+    /// The handler failed its last attempt; the message is a dead letter.
+    DeadLettered,
+}
+
+/// How one scheduled run went.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ScheduleOutcome {
+    /// The handler answered 2xx.
+    Ok,
+    /// It failed.
+    Failed,
+    /// The tick was skipped: the previous run was still going.
+    Skipped,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PublishLabels {
+    service: String,
+    result: PublishResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    service: String,
+    group: String,
+    outcome: HandledOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScheduleLabels {
+    service: String,
+    outcome: ScheduleOutcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -324,6 +392,10 @@ pub struct Metrics {
     keyvalue_operations: Family<KeyValueLabels, Counter>,
     keyvalue_latency: HistogramFamily<KeyValueLatencyLabels>,
     backend_up: Family<BackendLabels, Gauge>,
+    messages_published: Family<PublishLabels, Counter>,
+    messages_handled: Family<HandledLabels, Counter>,
+    message_latency: HistogramFamily<ServiceLabels>,
+    schedule_runs: Family<ScheduleLabels, Counter>,
     by_service: Mutex<HashMap<String, Arc<ServiceMetrics>>>,
 }
 
@@ -363,6 +435,10 @@ impl Metrics {
             keyvalue_operations: Family::default(),
             keyvalue_latency: Family::new_with_constructor(latency_histogram),
             backend_up: Family::default(),
+            messages_published: Family::default(),
+            messages_handled: Family::default(),
+            message_latency: Family::new_with_constructor(latency_histogram),
+            schedule_runs: Family::default(),
             by_service: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -451,6 +527,26 @@ impl Metrics {
             "backend_up",
             "Whether a backend is reachable (1) or not (0), by capability and backend",
             metrics.backend_up.clone(),
+        );
+        registry.register(
+            "messages_published",
+            "Messages services published, by service and result",
+            metrics.messages_published.clone(),
+        );
+        registry.register(
+            "messages_handled",
+            "Deliveries of messages to triggered services, by service, group and outcome",
+            metrics.messages_handled.clone(),
+        );
+        registry.register(
+            "message_delivery_seconds",
+            "Time from publish to a handler's success, by service",
+            metrics.message_latency.clone(),
+        );
+        registry.register(
+            "schedule_runs",
+            "Scheduled runs, by service and outcome",
+            metrics.schedule_runs.clone(),
         );
         registry.register(
             "open_connections",
@@ -563,6 +659,51 @@ impl Metrics {
             CacheResult::Miss
         };
         self.cache.get_or_create(&CacheLabels { result }).inc();
+    }
+
+    /// Counts a publish by service `service`.
+    pub fn message_published(&self, service: &str, result: PublishResult) {
+        self.messages_published
+            .get_or_create(&PublishLabels {
+                service: service.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Counts a delivery to service `service` in `group`; `latency` is the
+    /// time since the message was published, for a handled one.
+    pub fn message_handled(
+        &self,
+        service: &str,
+        group: &str,
+        outcome: HandledOutcome,
+        latency: Option<Duration>,
+    ) {
+        self.messages_handled
+            .get_or_create(&HandledLabels {
+                service: service.to_string(),
+                group: group.to_string(),
+                outcome,
+            })
+            .inc();
+        if let Some(latency) = latency {
+            self.message_latency
+                .get_or_create(&ServiceLabels {
+                    service: service.to_string(),
+                })
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Counts a scheduled run of service `service`.
+    pub fn schedule_run(&self, service: &str, outcome: ScheduleOutcome) {
+        self.schedule_runs
+            .get_or_create(&ScheduleLabels {
+                service: service.to_string(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts an opened client connection until the guard is dropped.

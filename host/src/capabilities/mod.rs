@@ -1,8 +1,10 @@
 //! What a guest may reach beyond its own memory, each capability behind the
 //! grant in its manifest and nothing granted by default: outbound HTTP
 //! (`outbound`, which also carries in-process calls to other services at
-//! `http://NAME.internal`), key-value buckets (`keyvalue`, with its embedded,
-//! Redis and NATS backends) and configuration and secrets (`config`).
+//! `http://NAME.internal` and publishing at `http://messages.internal`),
+//! key-value buckets (`keyvalue`, with its embedded, Redis and NATS
+//! backends), configuration and secrets (`config`) and messaging
+//! (`messaging`, with its embedded, NATS JetStream and RabbitMQ brokers).
 //!
 //! Each capability is one module (with its backends beside it) holding its
 //! policy, its per-request context and its host-side implementation, generic
@@ -13,7 +15,11 @@
 
 pub mod config;
 pub mod keyvalue;
+pub mod messaging;
 pub mod outbound;
+pub(crate) mod sqlite;
+
+use std::sync::Arc;
 
 /// The host's capability backends, shared by every deployment.
 #[derive(Clone, Default)]
@@ -21,14 +27,19 @@ pub struct Backends {
     /// The key-value backend; `None` on a host built without one, where
     /// opening any bucket is `access-denied`.
     pub keyvalue: Option<keyvalue::backend::Backend>,
+    /// The message broker; `None` on a host built without one, where every
+    /// publish is refused and message triggers never fire.
+    pub messaging: Option<Arc<messaging::MessagingHub>>,
 }
 
 impl Backends {
     /// Whether each backend is reachable, for readiness and metrics.
     pub fn statuses(&self) -> Vec<(&'static str, keyvalue::backend::BackendStatus)> {
-        self.keyvalue
+        let keyvalue = self
+            .keyvalue
             .iter()
-            .map(|backend| ("keyvalue", backend.status()))
-            .collect()
+            .map(|backend| ("keyvalue", backend.status()));
+        let messaging = self.messaging.iter().map(|hub| ("messaging", hub.status()));
+        keyvalue.chain(messaging).collect()
     }
 }

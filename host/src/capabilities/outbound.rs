@@ -8,7 +8,9 @@
 //! user-info dropped), and both decisions are made from that one value:
 //! whether the allow-list permits it, and whether it is delivered in-process
 //! (`NAME.internal`) or sent to the network — where it is sent to exactly the
-//! normalised authority that was checked.
+//! normalised authority that was checked. `messages.internal` is the one
+//! host outside the allow-list: a POST there publishes a message, governed
+//! by the `[messaging]` grant (see `messaging::over_http`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +23,8 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpH
 use crate::base::headers::{HOPS_HEADER, REQUEST_ID_HEADER};
 use crate::base::respond;
 use crate::base::trace::{TRACEPARENT, TraceContext};
+use crate::capabilities::messaging::MessagingAccess;
+use crate::capabilities::messaging::over_http::{self, MESSAGES_HOST};
 
 /// One allow-list entry: `scheme://host[:port]`, where host may be `*` (any
 /// host) or `*.suffix` (any subdomain), and port may be `*`.
@@ -220,6 +224,9 @@ pub enum Decision {
     Denied(String),
     /// Delivered in-process to the named service; never to the network.
     InProcess(String),
+    /// A publish to `messages.internal`: governed by the service's
+    /// `[messaging]` grant, not the allow-list, and never sent anywhere.
+    Publish,
     /// Sent to the network, to exactly this URI (the original one with its
     /// authority replaced by the normalised one that was checked).
     Network(http::Uri),
@@ -249,6 +256,9 @@ impl OutboundPolicy {
             Ok(target) => target,
             Err(why) => return Decision::Denied(why),
         };
+        if target.host == MESSAGES_HOST {
+            return Decision::Publish;
+        }
         if !self.rules.iter().any(|rule| rule.allows(&target)) {
             return Decision::Denied("not in the service's [outbound] allow list".to_string());
         }
@@ -315,6 +325,8 @@ pub(crate) struct OutboundHooks {
     service: Arc<str>,
     context: CallContext,
     internal: Option<Arc<dyn InternalCalls>>,
+    /// Publishes for `messages.internal` requests.
+    messaging: Option<Arc<MessagingAccess>>,
 }
 
 impl OutboundHooks {
@@ -328,12 +340,14 @@ impl OutboundHooks {
         service: Arc<str>,
         context: CallContext,
         internal: Option<Arc<dyn InternalCalls>>,
+        messaging: Option<Arc<MessagingAccess>>,
     ) -> OutboundHooks {
         OutboundHooks {
             policy,
             service,
             context,
             internal,
+            messaging,
         }
     }
 }
@@ -384,6 +398,12 @@ impl WasiHttpHooks for OutboundHooks {
         let uri = match decision {
             Decision::Denied(_) => return Box::new(async { Err(HttpError::HttpRequestDenied) }),
             Decision::InProcess(target) => return self.call_in_process(target, request),
+            Decision::Publish => {
+                let (access, context) = (self.messaging.clone(), self.context.clone());
+                return Box::new(async move {
+                    Ok((over_http::publish(access, request, context).await, done()))
+                });
+            }
             Decision::Network(uri) => uri,
         };
         *request.uri_mut() = uri;
@@ -557,6 +577,26 @@ mod tests {
     }
 
     #[test]
+    fn messages_internal_publishes_whatever_the_allow_list_and_case() {
+        for uri in [
+            "http://messages.internal/orders.created",
+            "http://MESSAGES.Internal./orders.created",
+            "https://messages.internal:8443/x",
+        ] {
+            assert_eq!(
+                OutboundPolicy::default().decide(&uri.parse().unwrap()),
+                Decision::Publish,
+                "{uri}"
+            );
+        }
+        // A service named "messages" is reserved, so this never reaches one.
+        assert_eq!(
+            policy(&["http://*.internal"]).decide(&"http://messages.internal/t".parse().unwrap()),
+            Decision::Publish
+        );
+    }
+
+    #[test]
     fn rule_hosts_are_normalised_like_request_hosts() {
         let p = policy(&["https://API.example.com."]);
         assert!(allows(&p, "https://api.example.com/"));
@@ -662,6 +702,9 @@ mod properties {
             let target = Target::of(&uri);
             match decision {
                 Decision::Denied(_) => {}
+                Decision::Publish => {
+                    prop_assert_eq!(target.unwrap().host, MESSAGES_HOST);
+                }
                 Decision::InProcess(service) => {
                     let target = target.unwrap();
                     prop_assert!(allowed_by_some_rule(&target), "{}", text);

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, Result, anyhow, bail};
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::Component;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::base::admission::Gate;
 use crate::base::limits::Limits;
@@ -18,11 +17,13 @@ use crate::capabilities::Backends;
 use crate::capabilities::config::ConfigValues;
 use crate::capabilities::keyvalue::KeyValueGrant;
 use crate::capabilities::keyvalue::{KeyValueAccess, KeyValueLimits};
+use crate::capabilities::messaging::{MessagingAccess, MessagingGrant};
 use crate::capabilities::outbound::OutboundPolicy;
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::router::Route;
+use crate::deploy::triggers::Triggers;
 use crate::guest::engine::{MemoryInit, Runtime};
-use crate::guest::{Guest, GuestPolicy};
+use crate::guest::{Guest, GuestExports, GuestPolicy};
 
 /// The longest service name accepted.
 pub const MAX_NAME_LEN: usize = 63;
@@ -31,10 +32,16 @@ pub const MAX_NAME_LEN: usize = 63;
 /// are `NAME.wasm` and `NAME.toml`, so a service named `wharf` would
 /// overwrite (or delete) the host-wide `wharf.toml`. Compared without case
 /// because file systems and host names may fold it.
-pub const RESERVED_NAMES: &[(&str, &str)] = &[(
-    "wharf",
-    "its manifest would be wharf.toml, the host-wide settings file",
-)];
+pub const RESERVED_NAMES: &[(&str, &str)] = &[
+    (
+        "wharf",
+        "its manifest would be wharf.toml, the host-wide settings file",
+    ),
+    (
+        "messages",
+        "http://messages.internal is where services publish messages",
+    ),
+];
 
 /// Checks a service name: 1–63 ASCII letters, digits, `-` or `_`, starting
 /// with a letter or digit, and not one of the [`RESERVED_NAMES`]. Names
@@ -81,6 +88,10 @@ pub struct ServiceConfig {
     pub keyvalue: KeyValueGrant,
     /// What `wasi:config` gives it (secrets resolved).
     pub config: Arc<ConfigValues>,
+    /// The topics it may publish to.
+    pub messaging: MessagingGrant,
+    /// What triggers it besides HTTP requests.
+    pub triggers: Triggers,
 }
 
 impl ServiceConfig {
@@ -95,6 +106,8 @@ impl ServiceConfig {
             reuse: 1,
             keyvalue: KeyValueGrant::default(),
             config: Arc::default(),
+            messaging: MessagingGrant::default(),
+            triggers: Triggers::default(),
         }
     }
 }
@@ -323,9 +336,8 @@ pub(crate) fn build(
         .instantiate_pre(&component)
         .map_err(|err| anyhow!("{err:#}"))
         .context("the component needs imports Wharf does not provide")?;
-    let pre = ProxyPre::new(instance_pre)
-        .map_err(|err| anyhow!("{err:#}"))
-        .context("the component does not export wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world)")?;
+    let exports = GuestExports::find(&instance_pre).map_err(anyhow::Error::msg)?;
+    check_triggers(&spec.config.triggers, &exports)?;
     let limits = spec.config.limits;
     let keyvalue = match (&backends.keyvalue, keyvalue_metrics) {
         (Some(backend), Some(keyvalue_metrics)) => Some(Arc::new(KeyValueAccess::new(
@@ -340,13 +352,22 @@ pub(crate) fn build(
         ))),
         _ => None,
     };
+    let name: Arc<str> = spec.name.into();
+    let messaging = backends.messaging.as_ref().map(|hub| {
+        Arc::new(MessagingAccess::new(
+            hub.clone(),
+            spec.config.messaging.clone(),
+            name.clone(),
+        ))
+    });
     let policy = GuestPolicy {
-        name: spec.name.into(),
+        name,
         env: spec.config.env.clone(),
         limits,
         outbound: spec.config.outbound.clone(),
         keyvalue,
         config: spec.config.config.clone(),
+        messaging,
         reuse: spec.config.reuse,
     };
     Ok(Deployment {
@@ -356,8 +377,44 @@ pub(crate) fn build(
         loaded_at: SystemTime::now(),
         config: spec.config,
         compile,
-        guest: Arc::new(Guest::new(policy, memory_init, pre, metrics)),
+        guest: Arc::new(Guest::new(
+            policy,
+            memory_init,
+            instance_pre,
+            exports,
+            metrics,
+        )),
     })
+}
+
+/// Checks that the component can be triggered the way its manifest says:
+/// a message trigger without a path needs a messaging export, a schedule
+/// an HTTP one, and a component without an HTTP export is only of use with
+/// message triggers.
+fn check_triggers(triggers: &Triggers, exports: &GuestExports) -> Result<()> {
+    for (index, trigger) in triggers.messages.iter().enumerate() {
+        if trigger.path.is_none() && exports.messages.is_none() {
+            bail!(
+                "trigger.message[{index}].path: missing; the component exports no messaging handler, so messages must be POSTed to a path of its wasi:http handler"
+            );
+        }
+        if trigger.path.is_some() && exports.http.is_none() {
+            bail!(
+                "trigger.message[{index}].path: the component exports no wasi:http handler to POST messages to; drop the path to use its messaging export"
+            );
+        }
+    }
+    if !triggers.schedules.is_empty() && exports.http.is_none() {
+        bail!(
+            "trigger.schedule[0]: scheduled runs are POSTed to the component's wasi:http handler, and it exports none"
+        );
+    }
+    if exports.http.is_none() && triggers.messages.is_empty() {
+        bail!(
+            "the component exports only a messaging handler, and its manifest has no [[trigger.message]] to call it"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,6 +22,12 @@
 //! [secrets]                      # wasi:config values read at deploy time
 //! db_password = { env = "ORDERS_DB_PASSWORD" }
 //! signing_key = { file = "/run/secrets/signing" }
+//! [messaging]
+//! publish = ["orders.*"]         # topics it may publish to
+//! subscribe = ["payments.*"]     # if given: the only topics it may be triggered by
+//! [[trigger.message]]            # and [[trigger.schedule]]: see `triggers`
+//! topic = "payments.done"
+//! path = "/on-payment"
 //! ```
 
 use std::collections::BTreeMap;
@@ -34,9 +40,13 @@ use crate::base::limits::{Limits, LimitsTable, PartialLimits};
 use crate::capabilities::config::{ConfigValues, SecretSource};
 use crate::capabilities::keyvalue::KeyValueGrant;
 use crate::capabilities::keyvalue::backend::BackendChoice;
+use crate::capabilities::messaging::MessagingGrant;
+use crate::capabilities::messaging::broker::BrokerChoice;
+use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
 use crate::deploy::ServiceConfig;
 use crate::deploy::router::Route;
+use crate::deploy::triggers::{TriggerTable, Triggers};
 
 /// A manifest as written.
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +67,18 @@ struct ManifestFile {
     config: BTreeMap<String, String>,
     #[serde(default)]
     secrets: BTreeMap<String, SecretTable>,
+    #[serde(default)]
+    messaging: MessagingTable,
+    #[serde(default)]
+    trigger: TriggerTable,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessagingTable {
+    #[serde(default)]
+    publish: Vec<String>,
+    subscribe: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +131,10 @@ pub struct Manifest {
     pub config: BTreeMap<String, String>,
     /// `wasi:config` secrets: where each is read from at deploy time.
     pub secrets: BTreeMap<String, SecretSource>,
+    /// The topics the service may publish to.
+    pub messaging: MessagingGrant,
+    /// What triggers it besides HTTP (groups not yet defaulted).
+    pub triggers: Triggers,
 }
 
 /// Renders a TOML error as one line: `line N: message`.
@@ -161,6 +187,21 @@ impl Manifest {
             .transpose()?;
         let keyvalue = KeyValueGrant::parse(&file.keyvalue.buckets)
             .map_err(|why| format!("keyvalue.buckets: {why}"))?;
+        let messaging = MessagingGrant::parse(&file.messaging.publish)
+            .map_err(|why| format!("messaging.publish: {why}"))?;
+        let readable = file
+            .messaging
+            .subscribe
+            .as_ref()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|entry| TopicPattern::parse(entry))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|why| format!("messaging.subscribe: {why}"))
+            })
+            .transpose()?;
+        let triggers = file.trigger.validate(readable.as_deref())?;
         let mut secrets = BTreeMap::new();
         for (name, source) in file.secrets {
             if file.config.contains_key(&name) {
@@ -188,6 +229,8 @@ impl Manifest {
             keyvalue,
             config: file.config,
             secrets,
+            messaging,
+            triggers,
         })
     }
 
@@ -203,6 +246,8 @@ impl Manifest {
                 .map_err(|why| format!("secrets.{key}: {why}"))?;
             secrets.insert(key.clone(), value);
         }
+        let mut triggers = self.triggers.clone();
+        triggers.resolve(name)?;
         Ok(ServiceConfig {
             route: self
                 .route
@@ -214,6 +259,8 @@ impl Manifest {
             reuse: self.reuse.unwrap_or(1),
             keyvalue: self.keyvalue.clone(),
             config: Arc::new(ConfigValues::new(self.config.clone(), secrets)),
+            messaging: self.messaging.clone(),
+            triggers,
         })
     }
 }
@@ -229,6 +276,8 @@ impl Manifest {
 /// body = "4MiB"
 /// [keyvalue]
 /// backend = "redis://127.0.0.1:6379"   # or "embedded" (default), "nats://…"
+/// [messaging]
+/// backend = "nats://127.0.0.1:4222"    # or "embedded" (default), "amqp://…"
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -237,6 +286,14 @@ pub(crate) struct HostFile {
     limits: LimitsTable,
     #[serde(default)]
     keyvalue: HostKeyValueTable,
+    #[serde(default)]
+    messaging: HostMessagingTable,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostMessagingTable {
+    backend: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,6 +309,8 @@ pub struct HostSettings {
     pub limits: PartialLimits,
     /// The key-value backend, if chosen here.
     pub keyvalue: Option<BackendChoice>,
+    /// The message broker, if chosen here.
+    pub messaging: Option<BrokerChoice>,
 }
 
 impl HostFile {
@@ -264,9 +323,16 @@ impl HostFile {
             .as_deref()
             .map(|b| b.parse().map_err(|why| format!("keyvalue.backend: {why}")))
             .transpose()?;
+        let messaging = file
+            .messaging
+            .backend
+            .as_deref()
+            .map(|b| b.parse().map_err(|why| format!("messaging.backend: {why}")))
+            .transpose()?;
         Ok(HostSettings {
             limits: file.limits.validate()?,
             keyvalue,
+            messaging,
         })
     }
 }

@@ -3,7 +3,8 @@
 //! it — or loads it from the compiled-code cache (`cache`) — links and probes
 //! it (`deployment`), and the registry swaps it in atomically (`registry`,
 //! with the route table from `router`); `deployer` orders all of this per
-//! service so the newest change always wins.
+//! service so the newest change always wins. A manifest's triggers
+//! (`triggers`) are checked here and run by the `serve` layer.
 //!
 //! Uses: `guest`, `capabilities`, `base`. Used by: `serve`, the host, `ops`.
 
@@ -16,6 +17,7 @@ pub mod manifest;
 pub mod registry;
 pub mod router;
 pub(crate) mod source;
+pub mod triggers;
 pub(crate) mod upload;
 pub mod watcher;
 

@@ -78,16 +78,33 @@ struct Book {
 }
 
 /// The registry of live deployments.
-#[derive(Default)]
 pub struct Registry {
     current: ArcSwap<Snapshot>,
     book: Mutex<Book>,
+    /// Counts the snapshots published, for those who follow changes.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            current: ArcSwap::default(),
+            book: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new() -> Registry {
         Registry::default()
+    }
+
+    /// A receiver that sees a new value whenever the set of deployments
+    /// changes (a deploy, replacement or removal).
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The current snapshot; cheap, lock-free, for the request path.
@@ -128,6 +145,7 @@ impl Registry {
                 other.name()
             );
         }
+        check_groups(&old, &deployment)?;
         let generation = book.generations.entry(name.clone()).or_insert(0);
         *generation += 1;
         deployment.set_generation(*generation);
@@ -187,6 +205,30 @@ impl Registry {
         let routes = RouteTable::new(services.values().map(|d| (d.route().clone(), d.clone())))
             .map_err(anyhow::Error::msg)?;
         self.current.store(Arc::new(Snapshot { routes, services }));
+        self.changes.send_modify(|count| *count += 1);
         Ok(())
     }
+}
+
+/// Checks that `deployment`'s consumer groups take the same topics as the
+/// other services in those groups: a group is one queue with one topic.
+fn check_groups(current: &Snapshot, deployment: &Deployment) -> Result<()> {
+    for (index, trigger) in deployment.config().triggers.messages.iter().enumerate() {
+        for other in current.services.values() {
+            if other.name() == deployment.name() {
+                continue;
+            }
+            for theirs in &other.config().triggers.messages {
+                if theirs.group() == trigger.group() && theirs.topic != trigger.topic {
+                    bail!(
+                        "trigger.message[{index}].group: group {:?} already takes {:?} for service {:?}; a group has one topic, so choose another group",
+                        trigger.group(),
+                        theirs.topic.as_str(),
+                        other.name()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }

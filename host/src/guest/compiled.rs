@@ -3,13 +3,15 @@
 
 use std::sync::Arc;
 
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime::component::InstancePre;
+use wasmtime_wasi_http::p2::bindings::ProxyIndices;
 
 use crate::base::admission::Gate;
 use crate::base::limits::Limits;
 use crate::base::metrics::ServiceMetrics;
 use crate::capabilities::config::ConfigValues;
 use crate::capabilities::keyvalue::KeyValueAccess;
+use crate::capabilities::messaging::{HandlerExports, MessagingAccess};
 use crate::capabilities::outbound::OutboundPolicy;
 use crate::guest::engine::MemoryInit;
 use crate::guest::instance::WarmPool;
@@ -33,12 +35,16 @@ pub struct Guest {
     keyvalue: Option<Arc<KeyValueAccess>>,
     /// What `wasi:config` gives it.
     config: Arc<ConfigValues>,
+    /// What it may publish (`None`: nothing).
+    messaging: Option<Arc<MessagingAccess>>,
     /// Requests one instance may serve in turn (1: always fresh).
     reuse: u32,
     /// Which engine runs it (chosen by its size).
     memory_init: MemoryInit,
     /// The component, linked and ready to instantiate.
-    pre: ProxyPre<HostState>,
+    pre: InstancePre<HostState>,
+    /// The handlers it exports.
+    exports: GuestExports,
     /// This version's request slots (the `concurrency` limit).
     admission: Gate,
     /// The service's request metrics (shared by its versions).
@@ -63,8 +69,36 @@ pub struct GuestPolicy {
     pub keyvalue: Option<Arc<KeyValueAccess>>,
     /// The service's configuration.
     pub config: Arc<ConfigValues>,
+    /// Messaging access, if the host has a broker.
+    pub messaging: Option<Arc<MessagingAccess>>,
     /// See [`Guest::reuse`].
     pub reuse: u32,
+}
+
+/// The entry points a component exports, found once when it is deployed.
+#[derive(Clone)]
+pub struct GuestExports {
+    /// `wasi:http/incoming-handler@0.2.x`: it serves HTTP requests.
+    pub http: Option<ProxyIndices>,
+    /// A messaging handler: it takes messages through that export.
+    pub messages: Option<HandlerExports>,
+}
+
+impl GuestExports {
+    /// What `pre`'s component exports; an error if it exports no handler
+    /// Wharf can call at all.
+    pub fn find(pre: &InstancePre<HostState>) -> Result<GuestExports, String> {
+        let http = ProxyIndices::new(pre).ok();
+        let messages = HandlerExports::find(pre);
+        if http.is_none() && messages.is_none() {
+            return Err(
+                "the component exports neither wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world) \
+                 nor a messaging handler (wasi:messaging/incoming-handler@0.2.0-draft, wasmcloud:messaging/handler@0.2.0)"
+                    .to_string(),
+            );
+        }
+        Ok(GuestExports { http, messages })
+    }
 }
 
 impl Guest {
@@ -72,7 +106,8 @@ impl Guest {
     pub(crate) fn new(
         policy: GuestPolicy,
         memory_init: MemoryInit,
-        pre: ProxyPre<HostState>,
+        pre: InstancePre<HostState>,
+        exports: GuestExports,
         metrics: Arc<ServiceMetrics>,
     ) -> Guest {
         Guest {
@@ -83,9 +118,11 @@ impl Guest {
             outbound: Arc::new(policy.outbound),
             keyvalue: policy.keyvalue,
             config: policy.config,
+            messaging: policy.messaging,
             reuse: policy.reuse,
             memory_init,
             pre,
+            exports,
             metrics,
             warm: WarmPool::default(),
             cpu: Arc::default(),
@@ -127,6 +164,16 @@ impl Guest {
         &self.config
     }
 
+    /// What it may publish, if the host has a broker.
+    pub(crate) fn messaging(&self) -> Option<&Arc<MessagingAccess>> {
+        self.messaging.as_ref()
+    }
+
+    /// The handlers the component exports.
+    pub fn exports(&self) -> &GuestExports {
+        &self.exports
+    }
+
     /// Requests one instance may serve in turn.
     pub fn reuse(&self) -> u32 {
         self.reuse
@@ -137,7 +184,7 @@ impl Guest {
         self.memory_init
     }
 
-    pub(crate) fn pre(&self) -> &ProxyPre<HostState> {
+    pub(crate) fn pre(&self) -> &InstancePre<HostState> {
         &self.pre
     }
 

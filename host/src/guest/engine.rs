@@ -15,7 +15,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::base::admission::Gate;
 use crate::base::limits::MAX_MEMORY;
-use crate::capabilities::{config, keyvalue};
+use crate::capabilities::{config, keyvalue, messaging};
 use crate::guest::state::HostState;
 
 /// How often the epoch advances. A guest running wasm code notices its
@@ -271,6 +271,9 @@ fn build_linker(engine: &Engine) -> Result<Linker<HostState>> {
     config::add_to_linker(&mut linker, HostState::config)
         .map_err(anyhow::Error::from)
         .context("linking wasi:config")?;
+    messaging::add_to_linker(&mut linker, HostState::messaging)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:messaging and wasmcloud:messaging")?;
     Ok(linker)
 }
 

@@ -8,17 +8,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
+use wasmtime::component::InstancePre;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
-use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
 use crate::capabilities::config::ConfigCtx;
 use crate::capabilities::keyvalue::KeyValueCtx;
+use crate::capabilities::messaging::broker::Message;
+use crate::capabilities::messaging::{MessagingCtx, call_handler};
 use crate::capabilities::outbound::{CallContext, InternalCalls, OutboundHooks};
 use crate::guest::Guest;
 use crate::guest::engine::Runtime;
 use crate::guest::scheduler::{self, CpuMeter, Verdict};
-use crate::guest::state::HostState;
+use crate::guest::state::{CapabilityCtx, HostState};
 use crate::guest::stdio::{GuestOutput, Stream};
 
 /// How long a warm instance may sit unused before it is dropped.
@@ -34,7 +36,7 @@ pub const MAX_REUSE_FAILURES: u32 = 3;
 pub(crate) struct Instance {
     pub(crate) store: Store<HostState>,
     /// Set once instantiated; a reused instance keeps it.
-    proxy: Option<Proxy>,
+    instance: Option<wasmtime::component::Instance>,
     /// Requests this instance has completed.
     pub(crate) served: u32,
     /// The host-wide instance slot, held as long as the instance lives.
@@ -54,7 +56,7 @@ impl Instance {
         let store = armed_store(runtime, guest, context, internal);
         Instance {
             store,
-            proxy: None,
+            instance: None,
             served: 0,
             _slot: slot,
         }
@@ -74,35 +76,59 @@ impl Instance {
         self.served > 0
     }
 
-    /// The instance's exports, instantiating it first if needed.
-    pub(crate) async fn proxy(&mut self, pre: &ProxyPre<HostState>) -> wasmtime::Result<&Proxy> {
-        if self.proxy.is_none() {
-            self.proxy = Some(pre.instantiate_async(&mut self.store).await?);
+    /// The component instance, instantiating it first if needed.
+    pub(crate) async fn instance(
+        &mut self,
+        pre: &InstancePre<HostState>,
+    ) -> wasmtime::Result<wasmtime::component::Instance> {
+        if let Some(instance) = self.instance {
+            return Ok(instance);
         }
-        // Just set if it was missing.
-        self.proxy
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("instance missing after instantiation"))
+        let instance = pre.instantiate_async(&mut self.store).await?;
+        self.instance = Some(instance);
+        Ok(instance)
     }
 
     /// Runs one request's handler on this instance.
     pub(crate) async fn handle(
         &mut self,
-        pre: &ProxyPre<HostState>,
+        guest: &Guest,
         request: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
         outparam: wasmtime::component::Resource<
             wasmtime_wasi_http::p2::types::HostResponseOutparam,
         >,
     ) -> wasmtime::Result<()> {
-        self.proxy(pre).await?;
-        let Instance { store, proxy, .. } = self;
-        let proxy = proxy
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("instance missing after instantiation"))?;
+        let instance = self.instance(guest.pre()).await?;
+        let indices = guest.exports().http.as_ref().ok_or_else(|| {
+            wasmtime::format_err!("the component does not export wasi:http/incoming-handler")
+        })?;
+        let proxy = indices.load(&mut self.store, &instance)?;
         proxy
             .wasi_http_incoming_handler()
-            .call_handle(store, request, outparam)
+            .call_handle(&mut self.store, request, outparam)
             .await
+    }
+
+    /// Hands `message` to the instance's exported messaging handler; the
+    /// inner error is the handler's own.
+    pub(crate) async fn handle_message(
+        &mut self,
+        guest: &Guest,
+        message: &Message,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let instance = self.instance(guest.pre()).await?;
+        let exports =
+            guest.exports().messages.as_ref().ok_or_else(|| {
+                wasmtime::format_err!("the component exports no messaging handler")
+            })?;
+        call_handler(
+            exports,
+            &mut self.store,
+            &instance,
+            message,
+            HostState::messaging,
+        )
+        .await
     }
 }
 
@@ -122,15 +148,25 @@ fn new_store(
     wasi.envs(guest.env())
         .stdout(stdout.clone())
         .stderr(stderr.clone());
-    let hooks = OutboundHooks::new(guest.outbound().clone(), service.clone(), context, internal);
+    let messaging = MessagingCtx::new(guest.messaging().cloned(), context.clone());
+    let hooks = OutboundHooks::new(
+        guest.outbound().clone(),
+        service.clone(),
+        context,
+        internal,
+        guest.messaging().cloned(),
+    );
     let state = HostState::new(
         wasi.build(),
         guest.limits().memory,
         hooks,
         [stdout, stderr],
         CpuMeter::new(guest.limits().cpu, guest.cpu().clone()),
-        KeyValueCtx::new(guest.keyvalue().cloned(), deadline),
-        ConfigCtx::new(guest.config().clone()),
+        CapabilityCtx {
+            keyvalue: KeyValueCtx::new(guest.keyvalue().cloned(), deadline),
+            config: ConfigCtx::new(guest.config().clone()),
+            messaging,
+        },
     );
     let engine = runtime.flavour(guest.memory_init()).engine();
     let mut store = Store::new(engine, state);

@@ -20,6 +20,7 @@ use crate::base::limits::format_size;
 use crate::base::metrics::{RejectReason, ServiceMetrics};
 use crate::base::respond::{self, Body};
 use crate::base::trace::TraceContext;
+use crate::capabilities::messaging::broker::Message;
 use crate::capabilities::outbound::{CallContext, InternalCalls};
 use crate::guest::Guest;
 use crate::guest::body::{GuestBody, LimitedBody};
@@ -54,6 +55,10 @@ pub enum Failure {
     /// The request body is larger than the service accepts: its declared
     /// length (if it declared one) and the limit.
     BodyTooLarge(Option<u64>, u64),
+    /// The guest's messaging handler returned an error.
+    Handler(String),
+    /// The component has no wasi:http handler (it only takes messages).
+    NoHttpHandler,
     /// Something failed in the host itself.
     Host(String),
 }
@@ -65,6 +70,7 @@ impl Failure {
             Failure::Timeout(_) | Failure::CpuLimit(_) => StatusCode::GATEWAY_TIMEOUT,
             Failure::Busy(_) | Failure::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Failure::BodyTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            Failure::NoHttpHandler => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -99,6 +105,10 @@ impl Failure {
                 "the request body is over the service's limit of {}",
                 format_size(*limit)
             ),
+            Failure::Handler(why) => format!("the message handler failed: {why}"),
+            Failure::NoHttpHandler => {
+                "the service takes messages only; it has no wasi:http handler".to_string()
+            }
             Failure::Host(why) => format!("internal error: {why}"),
         }
     }
@@ -129,7 +139,10 @@ impl Failure {
             Failure::Busy(_) => metrics.rejected(RejectReason::Busy),
             Failure::Overloaded(_) => metrics.rejected(RejectReason::Overloaded),
             Failure::BodyTooLarge(..) => metrics.rejected(RejectReason::BodyTooLarge),
-            Failure::ErrorResponse(_) | Failure::Host(_) => {}
+            Failure::ErrorResponse(_)
+            | Failure::Handler(_)
+            | Failure::NoHttpHandler
+            | Failure::Host(_) => {}
         }
     }
 
@@ -263,6 +276,9 @@ async fn run_guest(
     meta: &RequestMeta,
 ) -> Result<http::Response<Body>, Failure> {
     let limits = *guest.limits();
+    if guest.exports().http.is_none() {
+        return Err(Failure::NoHttpHandler);
+    }
     if let Some(length) = content_length(&request)
         && length > limits.body
     {
@@ -341,6 +357,56 @@ async fn run_guest(
             }
         }
     }
+}
+
+/// Hands `message` to `guest`'s exported messaging handler on a fresh
+/// instance, under the service's limits: admission, instance slot, time
+/// limit, CPU budget and the scheduler's fairness, as for a request.
+pub(crate) async fn deliver_message(
+    runtime: &Runtime,
+    guest: &Arc<Guest>,
+    message: &Message,
+    meta: &RequestMeta,
+) -> Result<(), Failure> {
+    let limits = *guest.limits();
+    let started = Instant::now();
+    let deadline = started + limits.timeout;
+    let queue_deadline = started + MAX_QUEUE_WAIT.min(limits.timeout);
+    let service_slot = guest
+        .admission()
+        .enter(queue_deadline)
+        .await
+        .map_err(|refused| Failure::Busy(refused.0))?;
+    let slot = runtime
+        .instances()
+        .enter(queue_deadline)
+        .await
+        .map_err(|refused| Failure::Overloaded(refused.0))?;
+    let context = CallContext {
+        request_id: meta.request_id.clone(),
+        hops: meta.hops,
+        deadline,
+        trace: meta.trace,
+    };
+    let mut instance = Instance::fresh(runtime, guest, context, meta.internal.clone(), slot);
+    let meter = instance.store.data().cpu().clone();
+    let in_flight = guest.metrics().in_flight();
+    let handler = async {
+        let _running = (service_slot, in_flight);
+        let call = instance.handle_message(guest, message);
+        let failure = match tokio::time::timeout_at(deadline.into(), call).await {
+            Ok(Ok(Ok(()))) => return Ok(()),
+            Ok(Ok(Err(why))) => Failure::Handler(why),
+            Ok(Err(err)) => classify(&err, instance.store.data(), limits.timeout),
+            Err(_) => Failure::Timeout(limits.timeout),
+        };
+        failure.record(guest.metrics());
+        Err(failure)
+    };
+    scheduler::admit(&meter).await;
+    let result = scheduler::metered(Box::pin(handler), meter.clone()).await;
+    guest.metrics().used_cpu(meter.used());
+    result
 }
 
 /// A copy of a request that can be sent again: only for idempotent methods
@@ -434,7 +500,7 @@ impl Attempt {
             let (result, responded) = {
                 let run = tokio::time::timeout_at(
                     deadline.into(),
-                    instance.handle(guest.pre(), incoming, outparam),
+                    instance.handle(&guest, incoming, outparam),
                 );
                 relay_response(run, receiver, relay_tx).await
             };

@@ -16,4 +16,4 @@ pub mod scheduler;
 pub mod state;
 pub mod stdio;
 
-pub use compiled::{Guest, GuestPolicy};
+pub use compiled::{Guest, GuestExports, GuestPolicy};

@@ -1,5 +1,6 @@
 //! Per-request store data: the WASI and wasi:http contexts, the resource
-//! table, the memory limiter and the outbound policy of one guest instance.
+//! table, the memory limiter, the outbound policy and the capability
+//! contexts of one guest instance.
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use crate::capabilities::config::ConfigCtx;
 use crate::capabilities::keyvalue::{KeyValueCtx, KeyValueView};
+use crate::capabilities::messaging::{MessagingCtx, MessagingView};
 use crate::capabilities::outbound::{CallContext, OutboundHooks};
 use crate::guest::scheduler::CpuMeter;
 use crate::guest::stdio::GuestOutput;
@@ -40,6 +42,8 @@ pub struct HostState {
     keyvalue: KeyValueCtx,
     /// The guest's configuration.
     config: ConfigCtx,
+    /// What the guest may publish.
+    messaging: MessagingCtx,
 }
 
 impl HostState {
@@ -50,9 +54,13 @@ impl HostState {
         hooks: OutboundHooks,
         output: [GuestOutput; 2],
         cpu: Arc<CpuMeter>,
-        keyvalue: KeyValueCtx,
-        config: ConfigCtx,
+        capabilities: CapabilityCtx,
     ) -> HostState {
+        let CapabilityCtx {
+            keyvalue,
+            config,
+            messaging,
+        } = capabilities;
         HostState {
             wasi,
             http: WasiHttpCtx::new(),
@@ -63,6 +71,7 @@ impl HostState {
             cpu,
             keyvalue,
             config,
+            messaging,
         }
     }
 
@@ -70,6 +79,14 @@ impl HostState {
     pub(crate) fn keyvalue(&mut self) -> KeyValueView<'_> {
         KeyValueView {
             ctx: &mut self.keyvalue,
+            table: &mut self.table,
+        }
+    }
+
+    /// The messaging context with the resource table, for the host functions.
+    pub(crate) fn messaging(&mut self) -> MessagingView<'_> {
+        MessagingView {
+            ctx: &mut self.messaging,
             table: &mut self.table,
         }
     }
@@ -89,6 +106,7 @@ impl HostState {
     pub(crate) fn begin_request(&mut self, context: CallContext, cpu: Arc<CpuMeter>) {
         self.cpu = cpu;
         self.keyvalue.begin_request(context.deadline);
+        self.messaging.begin_request(context.clone());
         for output in &self.output {
             output.begin_request(context.request_id.clone());
         }
@@ -114,6 +132,17 @@ impl WasiHttpView for HostState {
             hooks: &mut self.hooks,
         }
     }
+}
+
+/// The contexts of the capabilities a guest reaches through its own
+/// interfaces (outbound HTTP goes through the hooks).
+pub(crate) struct CapabilityCtx {
+    /// Key-value buckets.
+    pub keyvalue: KeyValueCtx,
+    /// `wasi:config`.
+    pub config: ConfigCtx,
+    /// Messaging.
+    pub messaging: MessagingCtx,
 }
 
 /// A [`ResourceLimiter`] that caps each linear memory and records whether a

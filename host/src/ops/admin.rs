@@ -192,6 +192,27 @@ async fn route(
             response
         }
         (&Method::GET, "/services") => json_response(StatusCode::OK, &services_json(host)),
+        (&Method::GET, _) if path.starts_with("/messages/dead/") => {
+            // Dead letters carry message bodies: with a token configured,
+            // reading them needs it like a write does.
+            if let Some(token) = token
+                && !token.accepts(request.headers().get(http::header::AUTHORIZATION))
+            {
+                return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            }
+            let group = &path["/messages/dead/".len()..];
+            let limit = request
+                .uri()
+                .query()
+                .and_then(|query| {
+                    query
+                        .split('&')
+                        .find_map(|pair| pair.strip_prefix("limit="))
+                        .and_then(|n| n.parse::<usize>().ok())
+                })
+                .unwrap_or(100);
+            dead_letters(host, group, limit).await
+        }
         (method, _) if path.starts_with("/services/") => {
             let name = path["/services/".len()..].to_string();
             if *method != Method::PUT && *method != Method::DELETE {
@@ -223,7 +244,48 @@ async fn route(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "no such admin route; see /healthz /readyz /metrics /services",
+            "no such admin route; see /healthz /readyz /metrics /services /messages/dead/GROUP",
+        ),
+    }
+}
+
+/// The most recent dead letters of one group, newest first, as JSON.
+async fn dead_letters(host: &Host, group: &str, limit: usize) -> AdminResponse {
+    if let Err(reason) = crate::deploy::triggers::validate_group(group) {
+        return text(StatusCode::BAD_REQUEST, &reason);
+    }
+    let Some(messaging) = host.messaging() else {
+        return text(StatusCode::NOT_FOUND, "this host has no messaging");
+    };
+    let limit = limit.clamp(1, 1000);
+    match messaging.broker().dead_letters(group, limit).await {
+        Ok(letters) => {
+            let letters: Vec<Value> = letters
+                .iter()
+                .map(|letter| {
+                    let body = &letter.message.body;
+                    json!({
+                        "id": letter.message.id,
+                        "topic": letter.message.topic,
+                        "attempts": letter.attempts,
+                        "reason": letter.reason,
+                        "dead_at": humantime::format_rfc3339_millis(letter.dead_at).to_string(),
+                        "published_at": humantime::format_rfc3339_millis(letter.message.published_at).to_string(),
+                        "content_type": letter.message.content_type,
+                        "metadata": letter.message.metadata,
+                        "body": String::from_utf8_lossy(body),
+                        "body_utf8": std::str::from_utf8(body).is_ok(),
+                    })
+                })
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({ "group": group, "dead_letters": letters }),
+            )
+        }
+        Err(err) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cannot read the dead letters: {err}"),
         ),
     }
 }
@@ -258,6 +320,20 @@ fn services_json(host: &Host) -> Value {
                 "keyvalue": { "buckets": d.config().keyvalue.entries() },
                 "config": d.config().config.plain(),
                 "secrets": d.config().config.secret_names(),
+                "messaging": { "publish": d.config().messaging.entries() },
+                "triggers": {
+                    "messages": d.config().triggers.messages.iter().map(|t| json!({
+                        "topic": t.topic.to_string(),
+                        "group": t.group(),
+                        "path": t.path,
+                        "max_attempts": t.max_attempts,
+                        "concurrency": t.concurrency,
+                    })).collect::<Vec<_>>(),
+                    "schedules": d.config().triggers.schedules.iter().map(|t| json!({
+                        "when": t.when.to_string(),
+                        "path": t.path,
+                    })).collect::<Vec<_>>(),
+                },
                 "compile_ms": d.compile_info().duration.as_secs_f64() * 1000.0,
                 "cache_hit": d.compile_info().cache_hit,
                 "memory_init": d.compile_info().memory_init.as_str(),

@@ -38,6 +38,9 @@ pub(crate) struct Dispatcher {
     request_ids: RequestIds,
     /// Set when a graceful shutdown begins.
     draining: AtomicBool,
+    /// Tells those who wait for it (the trigger runtime) that a graceful
+    /// shutdown began.
+    drain_signal: tokio::sync::watch::Sender<bool>,
     /// Delivers guests' `*.internal` calls back into this dispatcher.
     internal: Arc<dyn InternalCalls>,
 }
@@ -50,6 +53,7 @@ impl Dispatcher {
             deployer,
             request_ids: RequestIds::new(),
             draining: AtomicBool::new(false),
+            drain_signal: tokio::sync::watch::Sender::new(false),
             internal: Arc::new(InternalRouter {
                 dispatcher: weak.clone(),
                 max_hops,
@@ -75,6 +79,86 @@ impl Dispatcher {
     /// Marks the host as shutting down (readiness turns false).
     pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.drain_signal.send_replace(true);
+    }
+
+    /// A receiver that turns true when a graceful shutdown begins.
+    pub(crate) fn watch_draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drain_signal.subscribe()
+    }
+
+    /// Runs a request a trigger made (a message POSTed to its path, a
+    /// scheduled run) on `deployment`: as a client's request, continuing
+    /// the trace and request id of whatever caused it.
+    pub(crate) async fn run_triggered(
+        &self,
+        deployment: &Arc<Deployment>,
+        mut request: http::Request<HyperIncomingBody>,
+        cause: Cause,
+    ) -> http::Response<Body> {
+        let started = Instant::now();
+        let request_id = cause
+            .request_id
+            .unwrap_or_else(|| self.request_ids.take(&http::HeaderMap::new()));
+        let trace = TraceContext::child_of(cause.trace.as_ref());
+        let path = request.uri().path().to_string();
+        prepare_headers(&mut request, "/", &request_id);
+        request
+            .headers_mut()
+            .insert(TRACEPARENT, trace.header_value());
+        let meta = RequestMeta {
+            request_id,
+            scheme: Scheme::Http,
+            hops: 0,
+            deadline: None,
+            trace,
+            internal: Some(self.internal.clone()),
+        };
+        self.run(deployment, request, meta, path, started).await
+    }
+
+    /// Hands a message to `deployment`'s exported messaging handler,
+    /// continuing the publisher's trace and request id, and logs it like a
+    /// request (method `MESSAGE`, the topic as path).
+    pub(crate) async fn deliver_message(
+        &self,
+        deployment: &Arc<Deployment>,
+        message: &crate::capabilities::messaging::broker::Message,
+        cause: Cause,
+    ) -> Result<(), invoke::Failure> {
+        let started = Instant::now();
+        let request_id = cause
+            .request_id
+            .unwrap_or_else(|| self.request_ids.take(&http::HeaderMap::new()));
+        let meta = RequestMeta {
+            request_id,
+            scheme: Scheme::Http,
+            hops: 0,
+            deadline: None,
+            trace: TraceContext::child_of(cause.trace.as_ref()),
+            internal: Some(self.internal.clone()),
+        };
+        let result =
+            invoke::deliver_message(self.deployer.runtime(), deployment.guest(), message, &meta)
+                .await;
+        let status = match &result {
+            Ok(()) => 200,
+            Err(failure) => failure.status().as_u16(),
+        };
+        let elapsed = started.elapsed();
+        deployment.metrics().observe(status, elapsed);
+        tracing::info!(
+            target: "wharf::access",
+            service = %deployment.name(),
+            generation = deployment.generation(),
+            method = "MESSAGE",
+            path = %message.topic,
+            status,
+            duration_ms = format_args!("{:.2}", elapsed.as_secs_f64() * 1000.0),
+            request_id = %meta.request_id,
+            hops = 0,
+        );
+        result
     }
 
     /// Handles one request given in-process, with any body type.
@@ -210,6 +294,15 @@ impl Dispatcher {
         set_request_id(&mut response, &meta.request_id);
         response
     }
+}
+
+/// What caused a triggered run: the request id and trace it continues.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cause {
+    /// The causing request's id (a new one is issued without it).
+    pub request_id: Option<Arc<str>>,
+    /// The causing span (a new trace starts without it).
+    pub trace: Option<TraceContext>,
 }
 
 /// Delivers `*.internal` calls to the host that made them.

@@ -29,6 +29,7 @@ use crate::capabilities::keyvalue::backend::{
     BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version, add_checked,
     parse_counter,
 };
+use crate::capabilities::sqlite::{in_savepoint, in_transaction};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -322,25 +323,15 @@ fn run_batch(connection: &mut Connection, batch: &[Job]) -> Vec<BackendResult<Re
             })
             .collect()
     };
-    let mut transaction = match connection.transaction() {
-        Ok(transaction) => transaction,
-        Err(err) => return failed_all(err),
-    };
-    let mut results = Vec::with_capacity(batch.len());
-    for (op, _) in batch {
-        let result = match transaction.savepoint() {
-            // A savepoint dropped without commit rolls back: a failed
-            // operation leaves nothing behind.
-            Ok(savepoint) => match apply(&savepoint, op) {
-                Ok(reply) => savepoint.commit().map(|()| reply).map_err(sql),
-                Err(err) => Err(err),
-            },
-            Err(err) => Err(sql(err)),
-        };
-        results.push(result);
-    }
-    match transaction.commit() {
-        Ok(()) => results,
+    let outcome = in_transaction(connection, |connection| {
+        batch
+            .iter()
+            // A failed operation leaves nothing behind.
+            .map(|(op, _)| in_savepoint(connection, sql, |connection| apply(connection, op)))
+            .collect::<Vec<_>>()
+    });
+    match outcome {
+        Ok(results) => results,
         Err(err) => failed_all(err),
     }
 }

@@ -1,0 +1,791 @@
+//! The RabbitMQ broker (`amqp://…`, AMQP 0-9-1 through `lapin`).
+//!
+//! Messages are published, persistent and with publisher confirms, to the
+//! durable topic exchange `wharf` with the topic as routing key — so any
+//! AMQP client can publish to Wharf's services the same way. A consumer
+//! group is the durable queue `wharf.GROUP`, bound to the exchange with the
+//! group's topic pattern (`>` becomes `#`), consumed with manual
+//! acknowledgement and a prefetch of the trigger's concurrency. The queue
+//! holds at most `max_pending` messages and then refuses publishes
+//! (`x-overflow: reject-publish`, which the publisher sees as a negative
+//! confirm: "full").
+//!
+//! A retry is a copy of the message, with its attempt number in the
+//! `x-wharf-attempt` header, published to a delay queue
+//! (`wharf.retry.GROUP.MS`: a fixed time-to-live, then dead-lettered back
+//! into the group's queue), after which the original is acknowledged;
+//! delays are rounded up to a fixed ladder so a group has few delay queues.
+//! A delivery RabbitMQ marks redelivered (its consumer vanished before
+//! acknowledging) counts as one more attempt. Dead letters go to the
+//! durable queue `wharf.dead.GROUP` (the newest 100,000 kept), with the
+//! reason and attempt count as headers. Replies to requests go through the
+//! default exchange to the requesting host's exclusive inbox queue.
+//!
+//! The connection is made on demand and again after it breaks, at most
+//! once a second; meanwhile operations fail with "unavailable".
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+
+use crate::capabilities::messaging::broker::{
+    BrokerError, BrokerResult, BrokerStatus, DeadLetter, Message, Subscription, new_message_id,
+};
+use crate::capabilities::messaging::inbox::Inboxes;
+
+/// The topic exchange every message is published to.
+pub const EXCHANGE: &str = "wharf";
+/// Dead letters kept per group.
+const MAX_DEAD: i64 = 100_000;
+/// Least time between connection attempts.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Longest a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The delays a retry is rounded up to, in milliseconds.
+const DELAY_LADDER_MS: &[u64] = &[
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
+];
+
+/// Header names Wharf's messages carry.
+mod header {
+    pub const TOPIC: &str = "x-wharf-topic";
+    pub const METADATA: &str = "x-wharf-metadata";
+    pub const PUBLISHED: &str = "x-wharf-published-ms";
+    pub const ATTEMPT: &str = "x-wharf-attempt";
+    pub const REASON: &str = "x-wharf-dead-reason";
+    pub const DEAD_AT: &str = "x-wharf-dead-ms";
+    pub const INBOX: &str = "x-wharf-inbox";
+}
+
+fn unavailable(err: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("rabbitmq: {err}"))
+}
+
+fn classify(err: lapin::Error) -> BrokerError {
+    let text = err.to_string();
+    if text.contains("PRECONDITION_FAILED") || text.contains("NOT_FOUND") {
+        BrokerError::Other(format!("rabbitmq: {text}"))
+    } else {
+        unavailable(text)
+    }
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
+}
+
+fn value_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)
+        .and_then(value_text)
+}
+
+/// The AMQP properties that carry `message` (with `extra` headers).
+fn properties_of(message: &Message, extra: &[(&str, AMQPValue)]) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(header::TOPIC.into(), long_string(&message.topic));
+    headers.insert(
+        header::PUBLISHED.into(),
+        AMQPValue::LongLongInt(millis(message.published_at) as i64),
+    );
+    if !message.metadata.is_empty() {
+        headers.insert(
+            header::METADATA.into(),
+            long_string(&message.metadata_json()),
+        );
+    }
+    for (name, value) in extra {
+        headers.insert((*name).into(), value.clone());
+    }
+    let mut properties = BasicProperties::default()
+        .with_message_id(message.id.as_str().into())
+        .with_delivery_mode(2)
+        .with_timestamp(millis(message.published_at) / 1000)
+        .with_headers(headers);
+    if let Some(content_type) = &message.content_type {
+        properties = properties.with_content_type(content_type.as_str().into());
+    }
+    if let Some(reply_to) = &message.reply_to {
+        properties = properties.with_reply_to(reply_to.as_str().into());
+    }
+    properties
+}
+
+/// The message an AMQP delivery carries (a message published by a
+/// non-Wharf client gets a fresh id and its routing key as topic).
+fn message_of(routing_key: &str, properties: &BasicProperties, body: Vec<u8>) -> Message {
+    Message {
+        id: properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_string())
+            .unwrap_or_else(new_message_id),
+        topic: header_text(properties, header::TOPIC).unwrap_or_else(|| routing_key.to_string()),
+        body: Bytes::from(body),
+        content_type: properties
+            .content_type()
+            .as_ref()
+            .map(|t| t.as_str().to_string()),
+        metadata: header_text(properties, header::METADATA)
+            .map(|text| Message::metadata_from_json(&text))
+            .unwrap_or_default(),
+        reply_to: properties
+            .reply_to()
+            .as_ref()
+            .map(|r| r.as_str().to_string()),
+        published_at: header_text(properties, header::PUBLISHED)
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map_or_else(SystemTime::now, |ms| {
+                SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+            }),
+    }
+}
+
+/// The queue of group `group`.
+fn group_queue(group: &str) -> String {
+    format!("wharf.{group}")
+}
+
+/// The smallest delay on the ladder at least `delay`.
+fn ladder_delay(delay: Duration) -> u64 {
+    let wanted = delay.as_millis() as u64;
+    DELAY_LADDER_MS
+        .iter()
+        .copied()
+        .find(|&step| step >= wanted)
+        .unwrap_or(DELAY_LADDER_MS[DELAY_LADDER_MS.len() - 1])
+}
+
+/// The live connection and its publishing channel.
+struct Link {
+    connection: Arc<Connection>,
+    publisher: Channel,
+}
+
+/// The RabbitMQ broker.
+pub struct RabbitBroker {
+    url: String,
+    /// Where connections' I/O runs: the runtime the broker was created on,
+    /// not whichever server thread first needed a connection.
+    runtime: tokio::runtime::Handle,
+    link: tokio::sync::Mutex<Option<Link>>,
+    last_attempt: Mutex<Option<Instant>>,
+    max_pending: i64,
+    /// Every group this host has asked to join, with its binding key: their
+    /// queues are declared on each new connection before anything is
+    /// published, so a message published while a trigger is still
+    /// (re)joining has a queue to wait in (the exchange drops a message no
+    /// queue is bound for).
+    groups: Mutex<HashMap<String, String>>,
+    shown_url: String,
+}
+
+/// `amqp://user:password@host` shown without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl RabbitBroker {
+    /// A broker on the RabbitMQ server at `url`, queues holding at most
+    /// `max_pending` messages. Connects on first use (and again after a
+    /// failure): a host whose RabbitMQ is down at start still starts. Must
+    /// be called inside a Tokio runtime, which the connections then use.
+    pub fn connect(url: &str, max_pending: u64) -> Result<Arc<RabbitBroker>> {
+        url.parse::<lapin::uri::AMQPUri>()
+            .map_err(|why| anyhow::anyhow!("{} is not an AMQP URL: {why}", redact(url)))?;
+        Ok(Arc::new(RabbitBroker {
+            url: url.to_string(),
+            runtime: tokio::runtime::Handle::current(),
+            link: tokio::sync::Mutex::new(None),
+            last_attempt: Mutex::new(None),
+            max_pending: i64::try_from(max_pending).unwrap_or(i64::MAX),
+            groups: Mutex::new(HashMap::new()),
+            shown_url: redact(url),
+        }))
+    }
+
+    /// Whether the broker is connected now.
+    pub fn status(&self) -> BrokerStatus {
+        let up = self
+            .link
+            .try_lock()
+            .map(|link| {
+                link.as_ref()
+                    .is_some_and(|link| link.connection.status().connected())
+            })
+            // Someone is using or (re)connecting the link right now.
+            .unwrap_or(true);
+        BrokerStatus {
+            kind: "rabbitmq",
+            up,
+            detail: format!(
+                "{}: {}",
+                self.shown_url,
+                if up { "connected" } else { "disconnected" }
+            ),
+        }
+    }
+
+    /// The live connection, connecting first if there is none (at most once
+    /// per [`RECONNECT_EVERY`]).
+    async fn link(&self) -> BrokerResult<(Arc<Connection>, Channel)> {
+        let mut link = self.link.lock().await;
+        if let Some(current) = link.as_ref()
+            && current.connection.status().connected()
+            && current.publisher.status().connected()
+        {
+            return Ok((current.connection.clone(), current.publisher.clone()));
+        }
+        *link = None;
+        // At most one attempt per RECONNECT_EVERY: a caller arriving sooner
+        // waits for the next one (holding the lock, so callers queue behind
+        // a single attempt) rather than failing while the broker may
+        // already be back.
+        let previous = *self.last_attempt.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(wait) = previous.and_then(|at| RECONNECT_EVERY.checked_sub(at.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
+        *self.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let url = self.url.clone();
+        let groups: Vec<(String, String)> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(group, key)| (group.clone(), key.clone()))
+            .collect();
+        let max_pending = self.max_pending;
+        let connecting = self.runtime.spawn(async move {
+            let connection = Connection::connect(
+                &url,
+                ConnectionProperties::default().with_connection_name("wharf".into()),
+            )
+            .await?;
+            let publisher = connection.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            publisher
+                .exchange_declare(
+                    EXCHANGE.into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            for (group, binding_key) in &groups {
+                declare_group_queue(&publisher, group, binding_key, max_pending).await?;
+            }
+            lapin::Result::Ok((connection, publisher))
+        });
+        let (connection, publisher) = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await
+        {
+            Ok(Ok(Ok(connected))) => connected,
+            Ok(Ok(Err(err))) => {
+                return Err(unavailable(format!(
+                    "connecting to {}: {err}",
+                    self.shown_url
+                )));
+            }
+            Ok(Err(err)) => return Err(unavailable(format!("connecting: {err}"))),
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "connecting to {} timed out",
+                    self.shown_url
+                )));
+            }
+        };
+        let connection = Arc::new(connection);
+        *link = Some(Link {
+            connection: connection.clone(),
+            publisher: publisher.clone(),
+        });
+        Ok((connection, publisher))
+    }
+
+    /// Publishes `message` to the exchange and waits for the confirm.
+    pub async fn publish(&self, message: Message) -> BrokerResult<()> {
+        let (_, channel) = self.link().await?;
+        let properties = properties_of(&message, &[]);
+        publish_confirmed(
+            &channel,
+            EXCHANGE,
+            &message.topic,
+            &message.body,
+            properties,
+        )
+        .await
+    }
+
+    /// Declares the group's queue and binding and consumes it.
+    pub async fn subscribe(&self, subscription: &Subscription) -> BrokerResult<RabbitConsumer> {
+        let binding_key = subscription.pattern.to_amqp();
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(subscription.group.clone(), binding_key.clone());
+        let (connection, _) = self.link().await?;
+        let channel = connection.create_channel().await.map_err(classify)?;
+        let queue = declare_group_queue(
+            &channel,
+            &subscription.group,
+            &binding_key,
+            self.max_pending,
+        )
+        .await
+        .map_err(classify)?;
+        let prefetch = u16::try_from(subscription.prefetch.max(1)).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(classify)?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                ShortString::from(format!("wharf-{}", new_message_id())),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify)?;
+        Ok(RabbitConsumer {
+            consumer,
+            channel: Arc::new(ChannelGuard(channel)),
+            group: subscription.group.clone(),
+        })
+    }
+
+    /// Up to `limit` dead letters of `group`, oldest first: read and put
+    /// back (unacknowledged, so RabbitMQ requeues them in place).
+    pub async fn dead_letters(&self, group: &str, limit: usize) -> BrokerResult<Vec<DeadLetter>> {
+        let (connection, _) = self.link().await?;
+        let channel = connection.create_channel().await.map_err(classify)?;
+        let queue = declare_dead_queue(&channel, group).await?;
+        let mut letters = Vec::new();
+        let mut last_tag = None;
+        while letters.len() < limit {
+            let got = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(classify)?;
+            let Some(got) = got else { break };
+            let delivery = got.delivery;
+            last_tag = Some(delivery.delivery_tag);
+            let attempts = header_text(&delivery.properties, header::ATTEMPT)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let reason = header_text(&delivery.properties, header::REASON).unwrap_or_default();
+            let dead_at = header_text(&delivery.properties, header::DEAD_AT)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map_or(SystemTime::UNIX_EPOCH, |ms| {
+                    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+                });
+            letters.push(DeadLetter {
+                group: group.to_string(),
+                message: message_of(
+                    delivery.routing_key.as_str(),
+                    &delivery.properties,
+                    delivery.data,
+                ),
+                attempts,
+                reason,
+                dead_at,
+            });
+        }
+        if let Some(tag) = last_tag {
+            channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await
+                .map_err(classify)?;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(letters)
+    }
+
+    /// Sends a reply to a requester's inbox (on any host).
+    pub async fn send_reply(&self, reply_to: &str, message: Message) -> BrokerResult<()> {
+        let (_, channel) = self.link().await?;
+        let properties = properties_of(&message, &[(header::INBOX, long_string(reply_to))]);
+        publish_confirmed(
+            &channel,
+            "",
+            inbox_queue(reply_to),
+            &message.body,
+            properties,
+        )
+        .await
+    }
+
+    /// Delivers replies sent to this host's inboxes from any host, for as
+    /// long as the broker lives: consumes the host's exclusive inbox queue,
+    /// declared again after every reconnect.
+    pub fn listen_for_replies(self: &Arc<Self>, inboxes: Arc<Inboxes>) {
+        let broker = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let queue = inbox_queue(inboxes.prefix()).to_string();
+            loop {
+                let Some(this) = broker.upgrade() else { return };
+                let consumer = this.inbox_consumer(&queue).await;
+                drop(this);
+                if let Ok(mut consumer) = consumer {
+                    while let Some(Ok(delivery)) = consumer.next().await {
+                        let address = header_text(&delivery.properties, header::INBOX);
+                        let message = message_of(
+                            delivery.routing_key.as_str(),
+                            &delivery.properties,
+                            delivery.data,
+                        );
+                        if let Some(address) = address {
+                            inboxes.deliver(&address, message);
+                        }
+                    }
+                }
+                tokio::time::sleep(RECONNECT_EVERY).await;
+            }
+        });
+    }
+
+    async fn inbox_consumer(&self, queue: &str) -> BrokerResult<lapin::Consumer> {
+        let (connection, _) = self.link().await?;
+        let channel = connection.create_channel().await.map_err(classify)?;
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify)?;
+        channel
+            .basic_consume(
+                queue.into(),
+                "wharf-inbox".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify)
+    }
+}
+
+/// The queue of the host an inbox address belongs to: its first two tokens
+/// (`_inbox.HOST`).
+fn inbox_queue(address: &str) -> &str {
+    let mut dots = address.match_indices('.').map(|(at, _)| at);
+    match (dots.next(), dots.next()) {
+        (Some(_), Some(second)) => &address[..second],
+        _ => address.trim_end_matches('.'),
+    }
+}
+
+/// Declares `group`'s durable queue, bounded to `max_pending` messages,
+/// and binds it to the exchange with `binding_key`; returns its name.
+async fn declare_group_queue(
+    channel: &Channel,
+    group: &str,
+    binding_key: &str,
+    max_pending: i64,
+) -> lapin::Result<String> {
+    let queue = group_queue(group);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max_pending));
+    arguments.insert("x-overflow".into(), long_string("reject-publish"));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            EXCHANGE.into(),
+            binding_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue)
+}
+
+async fn declare_dead_queue(channel: &Channel, group: &str) -> BrokerResult<String> {
+    let queue = format!("wharf.dead.{group}");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_DEAD));
+    arguments.insert("x-overflow".into(), long_string("drop-head"));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(classify)?;
+    Ok(queue)
+}
+
+/// Publishes and waits for the broker's confirm; a negative one means the
+/// queue is full.
+async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> BrokerResult<()> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .map_err(classify)?
+        .await
+        .map_err(classify)?;
+    match confirm {
+        Confirmation::Nack(_) => Err(BrokerError::Full(
+            "rabbitmq refused the message: a queue it is routed to is full".into(),
+        )),
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+    }
+}
+
+/// A consumer's channel, closed when the consumer and every delivery it
+/// handed out are gone: RabbitMQ then requeues what was fetched but never
+/// settled, at once, and acknowledgements of deliveries still being
+/// handled after their consumer stopped still reach it.
+struct ChannelGuard(Channel);
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        let channel = self.0.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = channel.close(200, "consumer stopped".into()).await;
+            });
+        }
+    }
+}
+
+/// A consumer of one group on RabbitMQ.
+pub struct RabbitConsumer {
+    consumer: lapin::Consumer,
+    channel: Arc<ChannelGuard>,
+    group: String,
+}
+
+impl RabbitConsumer {
+    /// The next delivery; an error means the consumer must be recreated.
+    pub async fn next(&mut self) -> BrokerResult<RabbitDelivery> {
+        match self.consumer.next().await {
+            Some(Ok(delivery)) => {
+                let counted = header_text(&delivery.properties, header::ATTEMPT)
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .unwrap_or(1);
+                let attempt = counted + u32::from(delivery.redelivered);
+                let message = message_of(
+                    delivery.routing_key.as_str(),
+                    &delivery.properties,
+                    delivery.data.clone(),
+                );
+                Ok(RabbitDelivery {
+                    raw: delivery,
+                    message,
+                    attempt,
+                    channel: self.channel.clone(),
+                    group: self.group.clone(),
+                })
+            }
+            Some(Err(err)) => Err(classify(err)),
+            None => Err(unavailable("the consumer was cancelled")),
+        }
+    }
+}
+
+/// One delivery from RabbitMQ.
+pub struct RabbitDelivery {
+    raw: AmqpDelivery,
+    message: Message,
+    attempt: u32,
+    channel: Arc<ChannelGuard>,
+    group: String,
+}
+
+impl RabbitDelivery {
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The attempt: Wharf's count, plus one if RabbitMQ redelivered it.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Acknowledges the message.
+    pub async fn ack(self) -> BrokerResult<()> {
+        self.raw
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    /// Publishes the next attempt to the delay queue, then acknowledges
+    /// this one (a crash in between delivers it twice, never zero times).
+    pub async fn retry(self, delay: Duration) -> BrokerResult<()> {
+        let delay_ms = ladder_delay(delay);
+        let target = group_queue(&self.group);
+        let queue = format!("wharf.retry.{}.{delay_ms}", self.group);
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay_ms as i64),
+        );
+        arguments.insert("x-dead-letter-exchange".into(), long_string(""));
+        arguments.insert("x-dead-letter-routing-key".into(), long_string(&target));
+        // Unused delay queues go away (long after their messages expired).
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt((delay_ms + 600_000) as i64),
+        );
+        let channel = &self.channel.0;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await
+            .map_err(classify)?;
+        let next_attempt = (self.attempt + 1) as i64;
+        let properties = properties_of(
+            &self.message,
+            &[(header::ATTEMPT, AMQPValue::LongLongInt(next_attempt))],
+        );
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(classify)?;
+        publish_confirmed(channel, "", &queue, &self.message.body, properties).await?;
+        self.ack().await
+    }
+
+    /// Copies the message to the group's dead-letter queue, then
+    /// acknowledges it.
+    pub async fn dead_letter(self, reason: &str) -> BrokerResult<()> {
+        let channel = &self.channel.0;
+        let queue = declare_dead_queue(channel, &self.group).await?;
+        let properties = properties_of(
+            &self.message,
+            &[
+                (header::ATTEMPT, AMQPValue::LongLongInt(self.attempt as i64)),
+                (header::REASON, long_string(reason)),
+                (
+                    header::DEAD_AT,
+                    AMQPValue::LongLongInt(millis(SystemTime::now()) as i64),
+                ),
+            ],
+        );
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(classify)?;
+        publish_confirmed(channel, "", &queue, &self.message.body, properties).await?;
+        self.ack().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_round_up_to_the_ladder() {
+        assert_eq!(ladder_delay(Duration::ZERO), 100);
+        assert_eq!(ladder_delay(Duration::from_millis(101)), 250);
+        assert_eq!(ladder_delay(Duration::from_secs(3)), 5_000);
+        assert_eq!(ladder_delay(Duration::from_secs(86_400)), 3_600_000);
+    }
+
+    #[test]
+    fn inbox_queues_and_redaction() {
+        assert_eq!(inbox_queue("_inbox.abc.17"), "_inbox.abc");
+        assert_eq!(inbox_queue("_inbox.abc."), "_inbox.abc");
+        assert_eq!(
+            redact("amqp://guest:secret@localhost:5672/%2f"),
+            "amqp://guest:***@localhost:5672/%2f"
+        );
+        assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+    }
+}

@@ -1,0 +1,403 @@
+//! `cargo xtask bench messaging`: messages published → handled by a trivial
+//! handler, on each broker (embedded, NATS JetStream, RabbitMQ), beside a
+//! Node.js consumer using `amqplib` on the same RabbitMQ doing the same work
+//! (the seed's stack).
+//!
+//! Two phases per target:
+//! Each handler runs in a fresh instance per message (Wharf's default),
+//! and once more on the embedded broker with `[instance] reuse`, to show
+//! what the fresh instance costs.
+//!
+//! - **throughput**: `MESSAGES` published by `PUBLISHERS` concurrent
+//!   publishers (in Wharf: guest requests publishing 500 messages each
+//!   through `wasi:messaging`, each publish confirmed by the broker),
+//!   timed from the first publish to the last message acknowledged after
+//!   its handler (a guest answering 200) ran;
+//! - **latency**: `LATENCY_MESSAGES` published at a steady rate below
+//!   saturation, each stamped with its publish time (wall clock, in the
+//!   publishing guest); the handler logs the difference.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::process::WharfProcess;
+use crate::{root, run, system};
+
+/// Messages in the throughput phase.
+const MESSAGES: usize = 30_000;
+/// Concurrent publishers.
+const PUBLISHERS: usize = 8;
+/// Messages each Wharf publishing request sends.
+const PER_REQUEST: usize = 500;
+/// Messages in the latency phase, and their rate.
+const LATENCY_MESSAGES: usize = 2_000;
+const LATENCY_RATE: u64 = 500;
+
+/// A server process the bench started, killed on drop.
+struct Daemon {
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_for(port: u16, what: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not start listening on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn start_nats() -> Result<(Daemon, String)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server")?;
+    let daemon = Daemon {
+        children: vec![child],
+        _dir: dir,
+    };
+    wait_for(port, "nats-server", Duration::from_secs(30))?;
+    Ok((daemon, format!("nats://127.0.0.1:{port}")))
+}
+
+/// A RabbitMQ broker of the bench's own: its own `epmd` and node on free
+/// ports, data in a temporary directory.
+fn start_rabbitmq() -> Result<(Daemon, String)> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("plugins"), "[].")?;
+    let (port, epmd_port, dist_port) = (free_port()?, free_port()?, free_port()?);
+    let epmd = Command::new("epmd")
+        .args(["-port", &epmd_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting epmd")?;
+    let mut daemon = Daemon {
+        children: vec![epmd],
+        _dir: tempfile::tempdir()?,
+    };
+    wait_for(epmd_port, "epmd", Duration::from_secs(10))?;
+    let path = dir.path();
+    let broker = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        .env("RUNNING_UNDER_SYSTEMD", "true")
+        .env("HOME", path)
+        .env("RABBITMQ_NODENAME", format!("wharf-bench-{port}@localhost"))
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", port.to_string())
+        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+        .env("ERL_EPMD_PORT", epmd_port.to_string())
+        .env("RABBITMQ_MNESIA_BASE", path.join("mnesia"))
+        .env("RABBITMQ_LOG_BASE", path.join("log"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", path.join("plugins"))
+        .env("RABBITMQ_CONFIG_FILE", path.join("none"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting rabbitmq-server")?;
+    daemon.children.push(broker);
+    daemon._dir = dir;
+    wait_for(port, "rabbitmq-server", Duration::from_secs(120))?;
+    Ok((daemon, format!("amqp://guest:guest@127.0.0.1:{port}/%2f")))
+}
+
+/// The Node.js amqplib bench, with its npm package installed.
+fn node_consumer() -> Result<PathBuf> {
+    system::ensure(&[&system::NODE, &system::NPM])?;
+    let dir = root().join("xtask").join("peers").join("amqp");
+    if !dir.join("node_modules").join("amqplib").exists() {
+        run(Command::new("npm")
+            .current_dir(&dir)
+            .args(["ci", "--no-audit", "--no-fund"]))?;
+    }
+    Ok(dir.join("bench.js"))
+}
+
+/// One measured target.
+struct Measured {
+    label: String,
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Percentile `p` of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Counts `latency_us=` lines in the host's log.
+fn latencies(wharf: &WharfProcess) -> Vec<f64> {
+    let mut samples: Vec<f64> = wharf
+        .log_lines_containing("latency_us=")
+        .iter()
+        .filter_map(|line| {
+            let at = line.find("latency_us=")? + "latency_us=".len();
+            let digits: String = line[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<f64>().ok()
+        })
+        .map(|us| us / 1000.0)
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples
+}
+
+/// Measures one Wharf host on `broker`; with `reuse`, the handler keeps its
+/// instance between messages (`[instance] reuse`) instead of a fresh one
+/// per message.
+fn measure_wharf(
+    wharf_bin: &Path,
+    guests: &Path,
+    label: &str,
+    broker: &str,
+    reuse: bool,
+) -> Result<Measured> {
+    let services = tempfile::tempdir()?;
+    let data = tempfile::tempdir()?;
+    let messenger = guests.join("messenger.wasm");
+    for name in ["pub", "lat"] {
+        std::fs::copy(&messenger, services.path().join(format!("{name}.wasm")))?;
+    }
+    // The trivial handler: the smallest guest, answering 200.
+    std::fs::copy(guests.join("hello.wasm"), services.path().join("sink.wasm"))?;
+    std::fs::write(
+        services.path().join("pub.toml"),
+        "[messaging]\npublish = [\"bench.>\"]\n[limits]\ntimeout = \"120s\"\n",
+    )?;
+    std::fs::write(
+        services.path().join("sink.toml"),
+        format!(
+            "[[trigger.message]]\ntopic = \"bench.t\"\npath = \"/\"\n{}",
+            if reuse {
+                "[instance]\nreuse = 10000\n"
+            } else {
+                ""
+            }
+        ),
+    )?;
+    std::fs::write(
+        services.path().join("lat.toml"),
+        "[[trigger.message]]\ntopic = \"bench.lat\"\npath = \"/latency\"\n",
+    )?;
+    let data_path = data.path().display().to_string();
+    let wharf = WharfProcess::start(
+        wharf_bin,
+        services.path(),
+        &[
+            "--log",
+            "error,wharf::guest=info",
+            "--broker",
+            broker,
+            "--data-dir",
+            &data_path,
+            "--max-pending-messages",
+            "1000000",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    )?;
+
+    // Throughput.
+    let handled_before = handled(&wharf, "sink")?;
+    let started = Instant::now();
+    let requests = MESSAGES / PER_REQUEST;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..PUBLISHERS)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= requests {
+                            return Ok(());
+                        }
+                        let url = wharf.url(&format!(
+                            "/pub/publish?topic=bench.t&n={PER_REQUEST}&prefix=r{i}-"
+                        ));
+                        let response = ureq::post(&url).send_empty().context("publishing")?;
+                        if response.status() != 200 {
+                            bail!("publishing answered {}", response.status());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a publisher panicked"))??;
+        }
+        Ok(())
+    })?;
+    let target = handled_before + MESSAGES as u64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while handled(&wharf, "sink")? < target {
+        if Instant::now() > deadline {
+            bail!("{label}: the handler did not get every message within 5 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let throughput = MESSAGES as f64 / started.elapsed().as_secs_f64();
+    eprintln!("xtask: {label}: {throughput:.0} messages/s");
+
+    // Latency at a steady rate.
+    let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
+    let start = Instant::now();
+    let url = wharf.url("/pub/publish?topic=bench.lat&stamp=1");
+    for i in 0..LATENCY_MESSAGES {
+        let due = start + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        ureq::post(&url).send_empty().context("publishing")?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while latencies(&wharf).len() < LATENCY_MESSAGES {
+        if Instant::now() > deadline {
+            bail!("{label}: the latency handler did not get every message");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let samples = latencies(&wharf);
+    Ok(Measured {
+        label: format!("Wharf, {label}"),
+        throughput,
+        p50_ms: percentile(&samples, 50.0),
+        p99_ms: percentile(&samples, 99.0),
+    })
+}
+
+/// `wharf_messages_handled_total{service=SERVICE,…,outcome="acked"}`.
+fn handled(wharf: &WharfProcess, service: &str) -> Result<u64> {
+    let text = ureq::get(&wharf.admin_url("/metrics")?)
+        .call()
+        .context("reading metrics")?
+        .into_body()
+        .read_to_string()
+        .context("reading metrics")?;
+    let prefix = format!("wharf_messages_handled_total{{service=\"{service}\"");
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with(&prefix) && line.contains("outcome=\"acked\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// Measures the Node.js amqplib consumer on `url`.
+fn measure_node(script: &Path, url: &str) -> Result<Measured> {
+    let output = Command::new("node")
+        .arg(script)
+        .args([
+            url,
+            &MESSAGES.to_string(),
+            &PUBLISHERS.to_string(),
+            &LATENCY_MESSAGES.to_string(),
+            &LATENCY_RATE.to_string(),
+        ])
+        .output()
+        .context("running the Node.js amqplib bench")?;
+    if !output.status.success() {
+        bail!(
+            "the Node.js bench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| -> Result<f64> {
+        let at = text
+            .find(&format!("\"{name}\":"))
+            .with_context(|| format!("no {name} in {text}"))?
+            + name.len()
+            + 3;
+        let number: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '-')
+            .collect();
+        number.parse().with_context(|| format!("{name} in {text}"))
+    };
+    Ok(Measured {
+        label: "Node.js + amqplib on RabbitMQ".into(),
+        throughput: field("throughput")?,
+        p50_ms: field("p50_ms")?,
+        p99_ms: field("p99_ms")?,
+    })
+}
+
+/// Runs the bench and writes `messaging.md` into `out_dir`.
+pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> {
+    system::ensure(&[&system::NATS, &system::RABBITMQ])?;
+    let node = node_consumer()?;
+    let (_nats, nats_url) = start_nats()?;
+    eprintln!("xtask: starting RabbitMQ (about 15 s)");
+    let (_rabbit, rabbit_url) = start_rabbitmq()?;
+    let mut rows = Vec::new();
+    for (label, broker, reuse) in [
+        ("embedded broker", "embedded".to_string(), false),
+        (
+            "embedded broker, handler reusing its instance",
+            "embedded".to_string(),
+            true,
+        ),
+        ("NATS JetStream", nats_url, false),
+        ("RabbitMQ", rabbit_url.clone(), false),
+    ] {
+        eprintln!("xtask: measuring Wharf on the {label}");
+        rows.push(measure_wharf(wharf_bin, guests, label, &broker, reuse)?);
+    }
+    eprintln!("xtask: measuring Node.js + amqplib on RabbitMQ");
+    rows.push(measure_node(&node, &rabbit_url)?);
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "Messaging: {MESSAGES} messages published by {PUBLISHERS} concurrent publishers → a trivial handler \
+         (acknowledged after it ran); latency: {LATENCY_MESSAGES} messages at {LATENCY_RATE}/s, publish → handler.\n"
+    );
+    let _ = writeln!(report, "| target | messages/s | p50 ms | p99 ms |");
+    let _ = writeln!(report, "| --- | --- | --- | --- |");
+    for row in &rows {
+        let _ = writeln!(
+            report,
+            "| {} | {:.0} | {:.2} | {:.2} |",
+            row.label, row.throughput, row.p50_ms, row.p99_ms
+        );
+    }
+    println!("{report}");
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join("messaging.md"), &report)?;
+    Ok(())
+}
