@@ -1,6 +1,7 @@
 //! Host-wide configuration: where services come from, the default limits,
 //! engine sizing and shutdown behaviour. Built by the CLI or by an embedder.
 
+use crate::deploy::cluster::ClusterConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -59,6 +60,9 @@ pub struct Config {
     /// Most service-to-service hops one client request may cause; a deeper
     /// call gets 508 Loop Detected.
     pub max_call_depth: u32,
+    /// The cluster this host joins, if any: its services come from the
+    /// cluster's index, and key-value and messaging default to its NATS.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -77,6 +81,7 @@ impl Default for Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             max_call_depth: DEFAULT_MAX_CALL_DEPTH,
+            cluster: None,
         }
     }
 }

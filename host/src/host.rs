@@ -15,10 +15,12 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::base::metrics::{BackendGauge, Metrics};
 use crate::base::respond::Body;
 use crate::capabilities::Backends;
-use crate::capabilities::keyvalue::backend::BackendStatus;
+use crate::capabilities::keyvalue::backend::{BackendChoice, BackendStatus};
 use crate::capabilities::messaging::MessagingHub;
+use crate::capabilities::messaging::broker::BrokerChoice;
 use crate::config::Config;
 use crate::deploy::cache::CodeCaches;
+use crate::deploy::cluster::Cluster;
 use crate::deploy::deployer::Deployer;
 use crate::deploy::manifest::HostSettings;
 use crate::deploy::registry::{Registry, Snapshot};
@@ -52,6 +54,8 @@ const TRIGGER_JOIN_WAIT: Duration = Duration::from_secs(15);
 struct Inner {
     /// How far the message triggers have got joining their groups.
     triggers: TriggerProgress,
+    /// The cluster this host belongs to, if any.
+    cluster: Option<Arc<Cluster>>,
     config: Config,
     /// The services directory as an absolute, canonical path, resolved once
     /// at creation: file events, symlink checks and admin writes all compare
@@ -110,10 +114,24 @@ impl Host {
             config.data_dir.as_deref(),
         )?);
         let dispatcher = Dispatcher::new(deployer, config.max_call_depth);
+        let cluster = match &config.cluster {
+            Some(cluster_config) => {
+                if services_dir.is_none() {
+                    anyhow::bail!(
+                        "a cluster host needs a services directory: the cluster's services are kept there"
+                    );
+                }
+                let cluster = Cluster::connect(cluster_config.clone()).await?;
+                tracing::info!(cluster = %cluster.name(), host = %cluster.host_id(), url = %cluster_config.url, "joining the cluster");
+                Some(cluster)
+            }
+            None => None,
+        };
         let broker = dispatcher.deployer().backends().messaging.clone();
-        let triggers = crate::serve::triggers::start(&dispatcher, broker);
+        let triggers = crate::serve::triggers::start(&dispatcher, broker, cluster.clone());
         let inner = Arc::new(Inner {
             triggers,
+            cluster,
             config,
             services_dir,
             dispatcher,
@@ -177,6 +195,9 @@ impl Host {
             );
         }
         *self.inner.watcher.lock().await = watcher;
+        if let (Some(cluster), Some(dir)) = (&self.inner.cluster, &self.inner.services_dir) {
+            cluster.start(self.inner.dispatcher.deployer().clone(), dir.clone());
+        }
         if self.inner.load_report.set(report.clone()).is_err() {
             anyhow::bail!("the host was already loaded");
         }
@@ -207,7 +228,14 @@ impl Host {
 
     /// Whether the host has loaded its services and is not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.inner.load_report.get().is_some() && !self.inner.dispatcher.is_draining()
+        self.inner.load_report.get().is_some()
+            && !self.inner.dispatcher.is_draining()
+            && self.inner.cluster.as_ref().is_none_or(|c| c.has_joined())
+    }
+
+    /// The cluster this host belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.inner.cluster.as_ref()
     }
 
     /// Whether a graceful shutdown has begun.
@@ -324,6 +352,9 @@ impl Host {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
         let config = &self.inner.config;
+        if let (Some(cluster), Ok(address)) = (&self.inner.cluster, listener.local_addr()) {
+            cluster.advertise(&format!("http://{address}"));
+        }
         crate::serve::server::run(
             self.inner.dispatcher.clone(),
             crate::serve::server::Incoming::Listener(listener),
@@ -352,6 +383,10 @@ impl Host {
         use crate::serve::server::{self, Incoming};
         let listener = server::bind(addr)?;
         let local_addr = listener.local_addr()?;
+        if let Some(cluster) = &self.inner.cluster {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            cluster.advertise(&format!("{scheme}://{local_addr}"));
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads.max(1))
             .map(|_| tokio::sync::mpsc::unbounded_channel())
@@ -430,10 +465,14 @@ async fn open_backends(
         }
         _ => HostSettings::default(),
     };
+    // In a cluster, state and messages default to the cluster's NATS, so
+    // every host shares them.
+    let cluster_nats = config.cluster.as_ref().map(|cluster| cluster.url.clone());
     let choice = config
         .keyvalue
         .clone()
         .or(from_file.keyvalue)
+        .or_else(|| cluster_nats.clone().map(BackendChoice::Nats))
         .unwrap_or_default();
     let defaults = config.limit_overrides.apply(config.limits);
     let keyvalue = choice
@@ -445,6 +484,7 @@ async fn open_backends(
         .messaging
         .clone()
         .or(from_file.messaging)
+        .or_else(|| cluster_nats.map(BrokerChoice::Nats))
         .unwrap_or_default();
     let broker = choice
         .open(config.data_dir.as_deref(), config.max_pending_messages)

@@ -37,7 +37,7 @@
 //! | [`ops`] | the admin API over a [`Host`]: health, readiness, metrics, the service list, deploys |
 //! | `host.rs`, `config.rs` | the embedding API: [`Host`], [`Config`], [`Serving`] |
 //! | [`serve`] | the front door: listener, connections, TLS, slow clients, routing a request to its service; the other doors: message triggers and schedules |
-//! | [`deploy`] | from files to deployments: watcher, sources, manifests and triggers, compile, code cache, registry, routes |
+//! | [`deploy`] | from files to deployments: watcher, sources, manifests and triggers, compile, code cache, registry, routes; the cluster's index kept in step with the files |
 //! | [`guest`] | running a request in a guest: engine, store state, instances and reuse, invocation, bodies, stdio |
 //! | [`capabilities`] | what a guest may reach, each behind its manifest grant: outbound HTTP and `NAME.internal` calls, key-value, config, messaging — each with its backends |
 //! | [`base`] | the vocabulary every layer shares: body and host responses, header names, limits, admission gates, trace context, metrics |

@@ -12,6 +12,7 @@ use wharf::admin::AdminToken;
 use wharf::base::limits::{self, Limits, PartialLimits};
 use wharf::capabilities::keyvalue::backend::BackendChoice;
 use wharf::capabilities::messaging::broker::BrokerChoice;
+use wharf::deploy::cluster::ClusterConfig;
 use wharf::guest::engine::EngineOptions;
 use wharf::{Config, Host};
 
@@ -129,6 +130,29 @@ struct ServeArgs {
     /// (per consumer group on RabbitMQ).
     #[arg(long, value_name = "N", default_value_t = wharf::config::DEFAULT_MAX_PENDING_MESSAGES)]
     max_pending_messages: u64,
+
+    /// Join the cluster on these NATS JetStream servers
+    /// ("nats://HOST:PORT[,…]"): the services come from the cluster's
+    /// index, and key-value and messaging default to its NATS.
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+
+    /// The cluster's name (clusters sharing a NATS server stay apart).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "default",
+        requires = "cluster"
+    )]
+    cluster_name: String,
+
+    /// A NATS credentials file for the cluster.
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    cluster_credentials: Option<PathBuf>,
+
+    /// This host's name in the cluster [default: HOSTNAME-PID].
+    #[arg(long, value_name = "ID", requires = "cluster")]
+    cluster_host_id: Option<String>,
 
     /// Compile every component at load, without reading or writing the
     /// compiled-code cache.
@@ -272,6 +296,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         keyvalue: args.kv.clone(),
         messaging: args.broker.clone(),
         max_pending_messages: args.max_pending_messages,
+        cluster: args.cluster.clone().map(|url| ClusterConfig {
+            url,
+            name: args.cluster_name.clone(),
+            credentials: args.cluster_credentials.clone(),
+            host_id: args.cluster_host_id.clone(),
+        }),
         watch: !args.no_watch,
         allow_external_symlinks: args.allow_external_symlinks,
         limits: Limits::default(),

@@ -213,3 +213,72 @@ async fn regression_serve_without_a_directory_creates_the_default_one() {
     assert!(!output.status.success());
     assert!(!work.path().join("no-such-dir").exists());
 }
+
+/// The `wharf` flags a recipe's text passes: every `--flag` token, in
+/// `lines` that run wharf.
+fn wharf_flags<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut flags = Vec::new();
+    for line in lines {
+        for token in
+            line.split(|c: char| c.is_whitespace() || c == '"' || c == ',' || c == '[' || c == ']')
+        {
+            let token = token.trim_end_matches('\\');
+            if let Some(name) = token.strip_prefix("--")
+                && !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            {
+                flags.push(format!("--{name}"));
+            }
+        }
+    }
+    flags
+}
+
+#[test]
+fn the_cluster_and_kubernetes_recipes_use_only_flags_the_binary_has() {
+    let serve = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let serve = String::from_utf8_lossy(&serve.stdout);
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let read = |path: &str| std::fs::read_to_string(examples.join(path)).unwrap();
+
+    // run.sh: the lines from the wharf invocation to its end.
+    let script = read("cluster/run.sh");
+    let mut in_wharf = false;
+    let script_lines = script.lines().filter(|line| {
+        if line.contains("\"$wharf\" serve") {
+            in_wharf = true;
+        }
+        let take = in_wharf;
+        if in_wharf && !line.trim_end().ends_with('\\') {
+            in_wharf = false;
+        }
+        take
+    });
+    let mut flags = wharf_flags(script_lines);
+    // The Kubernetes manifest's container args, and the image's CMD.
+    let manifest = read("kubernetes/wharf.yaml");
+    flags.extend(wharf_flags(
+        manifest
+            .lines()
+            .filter(|line| line.trim_start().starts_with("- --")),
+    ));
+    let dockerfile = read("kubernetes/Dockerfile");
+    flags.extend(wharf_flags(
+        dockerfile.lines().filter(|line| line.starts_with("CMD")),
+    ));
+    assert!(flags.len() >= 15, "too few flags found: {flags:?}");
+    for flag in &flags {
+        assert!(
+            serve.contains(flag.as_str()),
+            "a recipe passes {flag}, which `wharf serve` does not have"
+        );
+    }
+    // The probes and the scrape path are routes the admin endpoint has.
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        assert!(manifest.contains(path));
+    }
+    assert!(read("cluster/haproxy.cfg").contains("GET /readyz"));
+}

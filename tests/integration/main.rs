@@ -6,6 +6,7 @@ mod support;
 mod cache;
 mod calls;
 mod cli;
+mod cluster;
 mod embed;
 mod hostile;
 mod keyvalue;

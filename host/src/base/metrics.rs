@@ -222,6 +222,11 @@ impl ServiceMetrics {
         self.latency.observe(latency.as_secs_f64());
     }
 
+    /// Requests of this service running now.
+    pub fn running(&self) -> u64 {
+        self.in_flight.get().max(0) as u64
+    }
+
     /// Marks a request in flight until the guard is dropped.
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();

@@ -157,6 +157,8 @@ pub struct Deployment {
     loaded_at: SystemTime,
     /// The configuration it was deployed with (route, env, limits, ...).
     config: ServiceConfig,
+    /// The manifest's text, if it had one.
+    manifest: Option<Arc<str>>,
     /// How the compiled code was obtained.
     compile: CompileInfo,
     /// The compiled guest that runs its requests.
@@ -192,6 +194,11 @@ impl Deployment {
 
     pub(crate) fn set_queued(&mut self, queued: Duration) {
         self.compile.queued = queued;
+    }
+
+    /// The manifest's text, if the service has one.
+    pub fn manifest(&self) -> Option<&str> {
+        self.manifest.as_deref()
     }
 
     /// `sha256:<hex>` of the component bytes.
@@ -376,6 +383,7 @@ pub(crate) fn build(
         source: spec.source,
         loaded_at: SystemTime::now(),
         config: spec.config,
+        manifest: spec.manifest,
         compile,
         guest: Arc::new(Guest::new(
             policy,

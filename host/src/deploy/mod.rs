@@ -9,6 +9,7 @@
 //! Uses: `guest`, `capabilities`, `base`. Used by: `serve`, the host, `ops`.
 
 pub mod cache;
+pub mod cluster;
 mod compiler;
 pub(crate) mod deployer;
 pub(crate) mod deployment;

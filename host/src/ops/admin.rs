@@ -177,6 +177,11 @@ async fn route(
                 text(StatusCode::OK, &format!("ready{backends}"))
             } else if host.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down")
+            } else if host.cluster().is_some_and(|c| !c.has_joined()) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "catching up with the cluster's services",
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "loading services")
             }
@@ -192,6 +197,25 @@ async fn route(
             response
         }
         (&Method::GET, "/services") => json_response(StatusCode::OK, &services_json(host)),
+        (&Method::GET, "/cluster") => match host.cluster() {
+            None => text(
+                StatusCode::NOT_FOUND,
+                "this host is not in a cluster (start it with --cluster)",
+            ),
+            Some(cluster) => match cluster.view().await {
+                Ok(view) => match serde_json::to_value(&view) {
+                    Ok(mut value) => {
+                        value["caught_up"] = json!(cluster.is_caught_up());
+                        json_response(StatusCode::OK, &value)
+                    }
+                    Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+                },
+                Err(err) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("cannot read the cluster from NATS: {err:#}"),
+                ),
+            },
+        },
         (&Method::GET, _) if path.starts_with("/messages/dead/") => {
             // Dead letters carry message bodies: with a token configured,
             // reading them needs it like a write does.
@@ -244,7 +268,7 @@ async fn route(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "no such admin route; see /healthz /readyz /metrics /services /messages/dead/GROUP",
+            "no such admin route; see /healthz /readyz /metrics /services /cluster /messages/dead/GROUP",
         ),
     }
 }

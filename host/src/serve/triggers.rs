@@ -41,6 +41,7 @@ use crate::base::trace::{TRACEPARENT, TraceContext};
 use crate::capabilities::messaging::broker::{BrokerError, Delivery, Message, Subscription};
 use crate::capabilities::messaging::{MAX_MESSAGE_SIZE, MessagingHub, REQUEST_ID_KEY};
 use crate::deploy::Deployment;
+use crate::deploy::cluster::Cluster;
 use crate::deploy::triggers::{MessageTrigger, ScheduleTrigger, When};
 use crate::serve::dispatch::{Cause, Dispatcher};
 
@@ -146,6 +147,7 @@ impl Drop for Joining {
 pub(crate) fn start(
     dispatcher: &Arc<Dispatcher>,
     hub: Option<Arc<MessagingHub>>,
+    cluster: Option<Arc<Cluster>>,
 ) -> TriggerProgress {
     let mut changes = dispatcher.deployer().registry().watch_changes();
     let mut draining = dispatcher.watch_draining();
@@ -159,7 +161,14 @@ pub(crate) fn start(
                 break;
             };
             let version = *changes.borrow_and_update();
-            reconcile(&dispatcher, &weak, hub.as_ref(), &reporting, &mut running);
+            reconcile(
+                &dispatcher,
+                &weak,
+                hub.as_ref(),
+                cluster.as_ref(),
+                &reporting,
+                &mut running,
+            );
             reporting.inner.reconciled.store(version, Ordering::Release);
             drop(dispatcher);
             tokio::select! {
@@ -181,6 +190,7 @@ fn reconcile(
     dispatcher: &Arc<Dispatcher>,
     weak: &Weak<Dispatcher>,
     hub: Option<&Arc<MessagingHub>>,
+    cluster: Option<&Arc<Cluster>>,
     progress: &TriggerProgress,
     running: &mut HashMap<TriggerKey, JoinHandle<()>>,
 ) {
@@ -209,12 +219,13 @@ fn reconcile(
                 }),
             );
         }
-        for trigger in &deployment.config().triggers.schedules {
+        for (index, trigger) in deployment.config().triggers.schedules.iter().enumerate() {
             let key = TriggerKey::Schedule(service.clone(), format!("{trigger:?}"));
             let (weak, service, trigger) = (weak.clone(), service.clone(), trigger.clone());
+            let claim = cluster.cloned().map(|cluster| TickClaim { cluster, index });
             wanted.insert(
                 key,
-                Box::new(move || tokio::spawn(schedule(weak, service, trigger))),
+                Box::new(move || tokio::spawn(schedule(weak, service, trigger, claim))),
             );
         }
     }
@@ -544,16 +555,23 @@ fn metadata_header(key: &str, value: &str) -> Option<(http::HeaderName, HeaderVa
 
 /// One schedule: runs the service at every tick until stopped, skipping a
 /// tick while the previous run is still going.
-async fn schedule(dispatcher: Weak<Dispatcher>, service: String, trigger: ScheduleTrigger) {
+async fn schedule(
+    dispatcher: Weak<Dispatcher>,
+    service: String,
+    trigger: ScheduleTrigger,
+    claim: Option<TickClaim>,
+) {
     let busy = Arc::new(AtomicBool::new(false));
     let trigger = Arc::new(trigger);
-    let mut next_every = tokio::time::Instant::now();
     loop {
         let due = match &trigger.when {
             When::Every(every) => {
-                next_every += *every;
-                tokio::time::sleep_until(next_every).await;
-                SystemTime::now()
+                // Ticks fall on multiples of the interval since the epoch,
+                // so every host of a cluster agrees on them.
+                let next = next_multiple(SystemTime::now(), *every);
+                let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                next
             }
             When::Cron(cron) => {
                 let Some(next) = cron.upcoming(chrono::Utc).next() else {
@@ -568,6 +586,19 @@ async fn schedule(dispatcher: Weak<Dispatcher>, service: String, trigger: Schedu
         let Some(dispatcher) = dispatcher.upgrade() else {
             return;
         };
+        if let Some(claim) = &claim {
+            let due_ms = due
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if !claim
+                .cluster
+                .claim_tick(&service, claim.index, due_ms)
+                .await
+            {
+                // Another host of the cluster runs this tick.
+                continue;
+            }
+        }
         let metrics = dispatcher.deployer().metrics().clone();
         if busy.swap(true, Ordering::AcqRel) {
             tracing::warn!(
@@ -590,6 +621,23 @@ async fn schedule(dispatcher: Weak<Dispatcher>, service: String, trigger: Schedu
             busy.store(false, Ordering::Release);
         });
     }
+}
+
+/// In a cluster, how a schedule claims its ticks: by the schedule's index
+/// in its service's manifest.
+struct TickClaim {
+    cluster: Arc<Cluster>,
+    index: usize,
+}
+
+/// The first multiple of `every` since the epoch after `now`.
+fn next_multiple(now: SystemTime, every: Duration) -> SystemTime {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let every_ms = every.as_millis().max(1);
+    let next_ms = (since.as_millis() / every_ms + 1) * every_ms;
+    SystemTime::UNIX_EPOCH + Duration::from_millis(next_ms as u64)
 }
 
 /// POSTs one scheduled run; true if the service answered 2xx.

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Three Wharf hosts as one cluster on a local NATS JetStream, behind HAProxy:
+#
+#   examples/cluster/run.sh [path/to/wharf]
+#
+# Needs nats-server and haproxy (Debian: apt-get install nats-server haproxy)
+# and a built wharf (cargo build --release). Each host has its own services
+# directory under $WORK (default: a temporary directory): drop a component
+# into any of them, and all three serve it. Requests go to
+# http://127.0.0.1:8080 (HAProxy); each host's admin endpoint, with
+# GET /cluster, is on 127.0.0.1:909N. Ctrl-C stops everything.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+wharf="${1:-$here/../../target/release/wharf}"
+work="${WORK:-$(mktemp -d)}"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+mkdir -p "$work/nats"
+nats-server -js -a 127.0.0.1 -p 4222 -sd "$work/nats" >"$work/nats.log" 2>&1 &
+pids+=($!)
+sleep 0.5
+
+for n in 1 2 3; do
+    mkdir -p "$work/h$n/services" "$work/h$n/data"
+    "$wharf" serve "$work/h$n/services" \
+        --listen "127.0.0.1:808$n" --admin "127.0.0.1:909$n" \
+        --data-dir "$work/h$n/data" \
+        --cluster nats://127.0.0.1:4222 --cluster-host-id "h$n" \
+        >"$work/h$n.log" 2>&1 &
+    pids+=($!)
+done
+
+haproxy -f "$here/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+pids+=($!)
+
+echo "cluster up: http://127.0.0.1:8080 (HAProxy), admin on 127.0.0.1:9091-9093, files in $work"
+echo "try: cp guests/target/wasm32-wasip2/release/hello.wasm $work/h1/services/ && curl http://127.0.0.1:8080/hello"
+wait
