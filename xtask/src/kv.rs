@@ -10,53 +10,15 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
+use crate::daemon::{Daemon, free_port, program, start_nats, wait_for};
 use crate::load::{self, Load, LoadResult};
 use crate::process::WharfProcess;
 use crate::{root, run, system};
-
-/// A server program the bench starts itself, killed on drop.
-struct Daemon {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_for(port: u16, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{what} did not start listening on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-fn program(name: &str) -> PathBuf {
-    let sbin = PathBuf::from("/usr/sbin").join(name);
-    if sbin.exists() {
-        sbin
-    } else {
-        PathBuf::from(name)
-    }
-}
 
 fn start_redis() -> Result<(Daemon, String)> {
     let dir = tempfile::tempdir()?;
@@ -69,29 +31,12 @@ fn start_redis() -> Result<(Daemon, String)> {
         .stdout(Stdio::null())
         .spawn()
         .context("starting redis-server")?;
-    wait_for(port, "redis-server")?;
-    Ok((
-        Daemon { child, _dir: dir },
-        format!("redis://127.0.0.1:{port}"),
-    ))
-}
-
-fn start_nats() -> Result<(Daemon, String)> {
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let child = Command::new(program("nats-server"))
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-        .arg("-sd")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nats-server")?;
-    wait_for(port, "nats-server")?;
-    Ok((
-        Daemon { child, _dir: dir },
-        format!("nats://127.0.0.1:{port}"),
-    ))
+    let daemon = Daemon {
+        children: vec![child],
+        dir,
+    };
+    wait_for(port, "redis-server", Duration::from_secs(30))?;
+    Ok((daemon, format!("redis://127.0.0.1:{port}")))
 }
 
 /// The Express counter app, with its npm packages installed.
@@ -174,10 +119,10 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
         .spawn()
         .context("starting the Express counter")?;
     let _express = Daemon {
-        child: node,
-        _dir: tempfile::tempdir()?,
+        children: vec![node],
+        dir: tempfile::tempdir()?,
     };
-    wait_for(port, "the Express counter")?;
+    wait_for(port, "the Express counter", Duration::from_secs(30))?;
     targets.push(Target {
         label: "Node.js + Express + redis (npm)".into(),
         url: format!("http://127.0.0.1:{port}/incr"),

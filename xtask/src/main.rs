@@ -21,6 +21,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, bail};
 
+mod daemon;
 mod guests;
 mod http;
 mod isolation;

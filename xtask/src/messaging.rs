@@ -19,11 +19,12 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::daemon::{Daemon, free_port, start_nats, wait_for};
 use crate::process::WharfProcess;
 use crate::{root, run, system};
 
@@ -36,57 +37,6 @@ const PER_REQUEST: usize = 500;
 /// Messages in the latency phase, and their rate.
 const LATENCY_MESSAGES: usize = 2_000;
 const LATENCY_RATE: u64 = 500;
-
-/// A server process the bench started, killed on drop.
-struct Daemon {
-    children: Vec<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for child in self.children.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_for(port: u16, what: &str, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{what} did not start listening on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn start_nats() -> Result<(Daemon, String)> {
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let child = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-        .arg("-sd")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nats-server")?;
-    let daemon = Daemon {
-        children: vec![child],
-        _dir: dir,
-    };
-    wait_for(port, "nats-server", Duration::from_secs(30))?;
-    Ok((daemon, format!("nats://127.0.0.1:{port}")))
-}
 
 /// A RabbitMQ broker of the bench's own: its own `epmd` and node on free
 /// ports, data in a temporary directory.
@@ -102,13 +52,13 @@ fn start_rabbitmq() -> Result<(Daemon, String)> {
         .context("starting epmd")?;
     let mut daemon = Daemon {
         children: vec![epmd],
-        _dir: tempfile::tempdir()?,
+        dir,
     };
     wait_for(epmd_port, "epmd", Duration::from_secs(10))?;
-    let path = dir.path();
+    let path = daemon.dir.path().to_path_buf();
     let broker = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
         .env("RUNNING_UNDER_SYSTEMD", "true")
-        .env("HOME", path)
+        .env("HOME", &path)
         .env("RABBITMQ_NODENAME", format!("wharf-bench-{port}@localhost"))
         .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
         .env("RABBITMQ_NODE_PORT", port.to_string())
@@ -123,7 +73,6 @@ fn start_rabbitmq() -> Result<(Daemon, String)> {
         .spawn()
         .context("starting rabbitmq-server")?;
     daemon.children.push(broker);
-    daemon._dir = dir;
     wait_for(port, "rabbitmq-server", Duration::from_secs(120))?;
     Ok((daemon, format!("amqp://guest:guest@127.0.0.1:{port}/%2f")))
 }

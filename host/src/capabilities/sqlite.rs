@@ -7,7 +7,34 @@
 //! operations a second that parsing shows in profiles, so the statements
 //! here are prepared once per connection (its statement cache) and reused.
 
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
 use rusqlite::Connection;
+
+/// Opens (creating it and its directory if needed) the database at `path`,
+/// or an in-memory one if `path` is `None`, in write-ahead-log mode with
+/// `synchronous = NORMAL` (see the stores' module docs for what that
+/// keeps); `what` names it in errors.
+pub(crate) fn open(path: Option<&Path>, what: &str) -> Result<Connection> {
+    let connection = match path {
+        Some(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            Connection::open(path)
+                .with_context(|| format!("opening the {what} {}", path.display()))?
+        }
+        None => {
+            Connection::open_in_memory().with_context(|| format!("opening an in-memory {what}"))?
+        }
+    };
+    connection
+        .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+        .with_context(|| format!("setting up the {what}"))?;
+    Ok(connection)
+}
 
 /// Runs `operation` inside a savepoint of `connection`'s open transaction:
 /// kept if it returns `Ok`, rolled back (leaving nothing behind) if it

@@ -29,7 +29,7 @@ use crate::capabilities::keyvalue::backend::{
     BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version, add_checked,
     parse_counter,
 };
-use crate::capabilities::sqlite::{in_savepoint, in_transaction};
+use crate::capabilities::sqlite::{self, in_savepoint, in_transaction};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -96,22 +96,10 @@ impl Embedded {
     /// if `path` is `None` (nothing survives the process), and starts its
     /// thread.
     pub fn open(path: Option<&Path>) -> Result<Embedded> {
-        let connection = match path {
-            Some(path) => {
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)
-                        .with_context(|| format!("creating {}", parent.display()))?;
-                }
-                Connection::open(path)
-                    .with_context(|| format!("opening the key-value store {}", path.display()))?
-            }
-            None => Connection::open_in_memory().context("opening an in-memory key-value store")?,
-        };
+        let connection = sqlite::open(path, "key-value store")?;
         connection
             .execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = NORMAL;
-                 CREATE TABLE IF NOT EXISTS kv (
+                "CREATE TABLE IF NOT EXISTS kv (
                      bucket TEXT NOT NULL,
                      key TEXT NOT NULL,
                      value BLOB NOT NULL,

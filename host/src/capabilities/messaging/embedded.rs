@@ -33,7 +33,7 @@ use crate::capabilities::messaging::broker::{
     BrokerError, BrokerResult, BrokerStatus, DeadLetter, Message, Subscription,
 };
 use crate::capabilities::messaging::topic::TopicPattern;
-use crate::capabilities::sqlite::{in_savepoint, in_transaction};
+use crate::capabilities::sqlite::{self, in_savepoint, in_transaction};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -120,22 +120,10 @@ impl EmbeddedBroker {
     /// if `path` is `None` (nothing survives the process), holding at most
     /// `max_pending` undelivered deliveries.
     pub fn open(path: Option<&Path>, max_pending: u64) -> Result<EmbeddedBroker> {
-        let connection = match path {
-            Some(path) => {
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)
-                        .with_context(|| format!("creating {}", parent.display()))?;
-                }
-                Connection::open(path)
-                    .with_context(|| format!("opening the message queue {}", path.display()))?
-            }
-            None => Connection::open_in_memory().context("opening an in-memory message queue")?,
-        };
+        let connection = sqlite::open(path, "message queue")?;
         connection
             .execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = NORMAL;
-                 CREATE TABLE IF NOT EXISTS messages (
+                "CREATE TABLE IF NOT EXISTS messages (
                      seq INTEGER PRIMARY KEY,
                      id TEXT NOT NULL,
                      topic TEXT NOT NULL,

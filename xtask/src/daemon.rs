@@ -1,0 +1,74 @@
+//! Servers the benchmarks start for themselves (NATS, Redis, RabbitMQ):
+//! on free loopback ports, with temporary data, killed when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Server processes the bench started, killed (last first) on drop, and
+/// their data directory, removed after.
+pub struct Daemon {
+    pub children: Vec<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits up to `limit` for something to accept connections on `port`.
+pub fn wait_for(port: u16, what: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not start listening on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `name` in /usr/sbin (where Debian puts servers) if it is there, else on
+/// the PATH.
+pub fn program(name: &str) -> PathBuf {
+    let sbin = PathBuf::from("/usr/sbin").join(name);
+    if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+/// A `nats-server -js`, and its URL.
+pub fn start_nats() -> Result<(Daemon, String)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let child = Command::new(program("nats-server"))
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server")?;
+    let daemon = Daemon {
+        children: vec![child],
+        dir,
+    };
+    wait_for(port, "nats-server", Duration::from_secs(30))?;
+    Ok((daemon, format!("nats://127.0.0.1:{port}")))
+}
