@@ -282,3 +282,56 @@ fn the_cluster_and_kubernetes_recipes_use_only_flags_the_binary_has() {
     }
     assert!(read("cluster/haproxy.cfg").contains("GET /readyz"));
 }
+
+/// A field `name=VALUE` of a log line, as a number.
+fn log_field(line: &str, name: &str) -> Option<f64> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..]
+        .split(|c: char| c.is_whitespace())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_compile_time_excludes_the_wait_behind_other_compiles() {
+    // Ten services compiled at once, with no cache, on a machine that
+    // compiles two at a time: most wait. Each deploy line says how long it
+    // waited (queue_ms) apart from how long its own compile took
+    // (compile_ms); before, compile_ms counted the wait too, so a small
+    // service queued behind big ones looked slow to compile.
+    let dir = ServiceDir::new();
+    for guest in [
+        "hello",
+        "echo",
+        "users",
+        "orders",
+        "gateway",
+        "cart",
+        "kv",
+        "kv_draft",
+        "messenger",
+        "report",
+    ] {
+        dir.install(&guest.replace('_', "-"), guest);
+    }
+    let wharf = WharfProcess::start(dir.path(), &["--no-cache"]);
+    let log = wharf.log();
+    let deployed: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("service deployed"))
+        .collect();
+    assert_eq!(deployed.len(), 10, "{log}");
+    let mut compiles: Vec<f64> = Vec::new();
+    let mut waits: Vec<f64> = Vec::new();
+    for line in &deployed {
+        compiles
+            .push(log_field(line, "compile_ms").unwrap_or_else(|| panic!("no compile_ms: {line}")));
+        waits.push(log_field(line, "queue_ms").unwrap_or_else(|| panic!("no queue_ms: {line}")));
+    }
+    let longest_wait = waits.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        longest_wait > 0.0,
+        "nothing waited (compiles {compiles:?}): {deployed:#?}"
+    );
+}

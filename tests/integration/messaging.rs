@@ -436,6 +436,16 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
             "{label}: no {expected} in {messaging_lines:#?}"
         );
     }
+
+    // Deleting a group on the broker drops its dead letters with it.
+    let deleted = hub.broker().delete_group(&group).await;
+    assert!(matches!(deleted, Ok(true)), "{label}: {deleted:?}");
+    let letters = hub.broker().dead_letters(&group, 10).await.unwrap();
+    assert!(
+        letters.is_empty(),
+        "{label}: {} dead letters left",
+        letters.len()
+    );
     server.stop().await;
 }
 
@@ -767,4 +777,82 @@ async fn a_messaging_only_service_answers_http_with_404() {
     let (status, body) = get(&server.url("/wasi-h/")).await.unwrap();
     assert_eq!(status, 404, "{body}");
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_group_holds_messages_until_the_admin_deletes_it() {
+    let dir = pair("orph.t", "orphan", "/record", "");
+    messenger(
+        &dir,
+        "live",
+        &handler_manifest("other.t", "inuse", "/record", ""),
+    );
+    let token_file = dir.path().join(".token");
+    std::fs::write(&token_file, "s3cret").unwrap();
+    let wharf = WharfProcess::start_with(|command| {
+        command
+            .arg("serve")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--admin-token-file")
+            .arg(&token_file)
+            .args(["--max-pending-messages", "3"]);
+    });
+    let admin = wharf
+        .log()
+        .lines()
+        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
+        .expect("admin address line");
+    let publish = |body: &str| {
+        let request = client()
+            .post(wharf.url("/pub/publish?topic=orph.t&via=http"))
+            .body(body.to_string());
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+
+    // The recording service is removed; its group stays bound on the
+    // broker (so a service put back loses nothing), and messages for it
+    // pile up until the broker's bound.
+    dir.remove("rec.wasm");
+    dir.remove("rec.toml");
+    eventually(PATIENCE, "rec removed", || {
+        let url = wharf.url("/rec/");
+        async move { get(&url).await.is_some_and(|(status, _)| status == 404) }
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(publish(&format!("m{i}")).await.0, 200);
+    }
+    let (status, body) = publish("one too many").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("full"), "{body}");
+
+    let delete = |group: &str, token: Option<&str>| {
+        let mut request = client().delete(format!("{admin}/messages/groups/{group}"));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(delete("orphan", None).await.0, 401);
+    let (status, body) = delete("inuse", Some("s3cret")).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("live"), "{body}");
+    let (status, body) = delete("orphan", Some("s3cret")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"deleted\":true"), "{body}");
+
+    // Nothing waits for the group any more: publishing flows again.
+    for i in 0..5 {
+        let (status, body) = publish(&format!("after{i}")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, body) = delete("orphan", Some("s3cret")).await;
+    assert!(body.contains("\"deleted\":false"), "{body}");
 }

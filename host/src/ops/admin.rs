@@ -216,6 +216,18 @@ async fn route(
                 ),
             },
         },
+        (&Method::DELETE, _) if path.starts_with("/messages/groups/") => {
+            let Some(token) = token else {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
+                );
+            };
+            if !token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
+                return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            }
+            delete_group(host, &path["/messages/groups/".len()..]).await
+        }
         (&Method::GET, _) if path.starts_with("/messages/dead/") => {
             // Dead letters carry message bodies: with a token configured,
             // reading them needs it like a write does.
@@ -269,6 +281,51 @@ async fn route(
         _ => text(
             StatusCode::NOT_FOUND,
             "no such admin route; see /healthz /readyz /metrics /services /cluster /messages/dead/GROUP",
+        ),
+    }
+}
+
+/// Forgets a consumer group on the broker, unless a deployed service's
+/// trigger still uses it.
+async fn delete_group(host: &Host, group: &str) -> AdminResponse {
+    if let Err(reason) = crate::deploy::triggers::validate_group(group) {
+        return text(StatusCode::BAD_REQUEST, &reason);
+    }
+    let Some(messaging) = host.messaging() else {
+        return text(StatusCode::NOT_FOUND, "this host has no messaging");
+    };
+    let users: Vec<String> = host
+        .services()
+        .services()
+        .filter(|d| {
+            d.config()
+                .triggers
+                .messages
+                .iter()
+                .any(|t| t.group() == group)
+        })
+        .map(|d| d.name().to_string())
+        .collect();
+    if !users.is_empty() {
+        return text(
+            StatusCode::CONFLICT,
+            &format!(
+                "group {group} is in use by {}: remove its trigger first",
+                users.join(", ")
+            ),
+        );
+    }
+    match messaging.broker().delete_group(group).await {
+        Ok(existed) => {
+            tracing::info!(group = %group, existed, "message group deleted through the admin API");
+            json_response(
+                StatusCode::OK,
+                &json!({ "group": group, "deleted": existed }),
+            )
+        }
+        Err(err) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cannot delete the group: {err}"),
         ),
     }
 }

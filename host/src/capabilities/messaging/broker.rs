@@ -254,6 +254,17 @@ impl Broker {
         })
     }
 
+    /// Forgets `group` on the broker — its queue or consumer, the messages
+    /// waiting in it, its dead letters — so messages no longer wait for a
+    /// group nobody consumes. Whether it existed.
+    pub async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
+        match self {
+            Broker::Embedded(broker) => broker.delete_group(group).await,
+            Broker::Nats(broker) => broker.delete_group(group).await,
+            Broker::Rabbit(broker) => broker.delete_group(group).await,
+        }
+    }
+
     /// Up to `limit` dead letters of `group`, oldest first.
     pub async fn dead_letters(&self, group: &str, limit: usize) -> BrokerResult<Vec<DeadLetter>> {
         match self {

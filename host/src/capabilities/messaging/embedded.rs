@@ -92,6 +92,10 @@ enum Op {
         seq: i64,
         reason: String,
     },
+    /// Forgets a group: its binding, waiting deliveries and dead letters.
+    DeleteGroup {
+        group: String,
+    },
     DeadLetters {
         group: String,
         limit: usize,
@@ -103,6 +107,7 @@ enum Reply {
     Published(Vec<String>),
     Leased(Vec<Leased>),
     Dead(Vec<DeadLetter>),
+    Deleted(bool),
 }
 
 type Job = (Op, oneshot::Sender<BrokerResult<Reply>>);
@@ -271,6 +276,23 @@ impl EmbeddedBroker {
             .await?
         {
             Reply::Dead(letters) => Ok(letters),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+impl EmbeddedBroker {
+    /// Forgets `group`: its binding (new messages no longer wait for it),
+    /// the deliveries waiting for it, and its dead letters. Whether there
+    /// was anything to forget.
+    pub async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
+        match self
+            .call(Op::DeleteGroup {
+                group: group.to_string(),
+            })
+            .await?
+        {
+            Reply::Deleted(existed) => Ok(existed),
             _ => Err(unexpected()),
         }
     }
@@ -481,6 +503,9 @@ impl StoreThread {
                         if let Some(binding) = effect.binding {
                             bindings.push(binding);
                         }
+                        if let Some(group) = effect.unbound {
+                            bindings.retain(|(g, _)| *g != group);
+                        }
                         reply
                     })
                 })
@@ -504,6 +529,8 @@ struct Effect {
     pending: i64,
     /// A new binding.
     binding: Option<(String, TopicPattern)>,
+    /// A group whose bindings are gone.
+    unbound: Option<String>,
 }
 
 fn sql_text(err: &rusqlite::Error) -> BrokerError {
@@ -591,7 +618,7 @@ fn apply(
             }
             let effect = Effect {
                 pending: groups.len() as i64,
-                binding: None,
+                ..Effect::default()
             };
             Ok((Reply::Published(groups), effect))
         }
@@ -607,8 +634,8 @@ fn apply(
             Ok((
                 Reply::Done,
                 Effect {
-                    pending: 0,
                     binding,
+                    ..Effect::default()
                 },
             ))
         }
@@ -659,7 +686,7 @@ fn apply(
                 Reply::Done,
                 Effect {
                     pending: -1,
-                    binding: None,
+                    ..Effect::default()
                 },
             ))
         }
@@ -708,7 +735,39 @@ fn apply(
                 Reply::Done,
                 Effect {
                     pending: -1,
-                    binding: None,
+                    ..Effect::default()
+                },
+            ))
+        }
+        Op::DeleteGroup { group } => {
+            let seqs: Vec<i64> = connection
+                .prepare_cached("SELECT seq FROM deliveries WHERE grp = ?1")
+                .and_then(|mut s| {
+                    s.query_map(params![group], |row| row.get(0))
+                        .and_then(Iterator::collect::<rusqlite::Result<Vec<i64>>>)
+                })
+                .map_err(sql)?;
+            connection
+                .prepare_cached("DELETE FROM deliveries WHERE grp = ?1")
+                .and_then(|mut s| s.execute(params![group]))
+                .map_err(sql)?;
+            for seq in &seqs {
+                release(connection, *seq)?;
+            }
+            let unbound = connection
+                .prepare_cached("DELETE FROM bindings WHERE grp = ?1")
+                .and_then(|mut s| s.execute(params![group]))
+                .map_err(sql)?;
+            let dead = connection
+                .prepare_cached("DELETE FROM dead WHERE grp = ?1")
+                .and_then(|mut s| s.execute(params![group]))
+                .map_err(sql)?;
+            Ok((
+                Reply::Deleted(unbound + seqs.len() + dead > 0),
+                Effect {
+                    pending: -(seqs.len() as i64),
+                    unbound: Some(group.clone()),
+                    ..Effect::default()
                 },
             ))
         }

@@ -317,6 +317,30 @@ impl NatsBroker {
         })
     }
 
+    /// Deletes the group's durable consumer (the stream then keeps no
+    /// message for it) and purges its dead letters.
+    pub async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
+        if let Ok(mut groups) = self.groups.lock() {
+            groups.remove(group);
+        }
+        self.ensure_streams().await?;
+        let stream = self.jetstream.get_stream(STREAM).await.map_err(classify)?;
+        let existed = stream.consumer_info(group).await.is_ok();
+        if existed {
+            stream.delete_consumer(group).await.map_err(classify)?;
+        }
+        let dead = self
+            .jetstream
+            .get_stream(DEAD_STREAM)
+            .await
+            .map_err(classify)?;
+        dead.purge()
+            .filter(format!("{DEAD_PREFIX}{group}"))
+            .await
+            .map_err(classify)?;
+        Ok(existed)
+    }
+
     /// Up to `limit` dead letters of `group`, oldest first.
     pub async fn dead_letters(&self, group: &str, limit: usize) -> BrokerResult<Vec<DeadLetter>> {
         self.ensure_streams().await?;

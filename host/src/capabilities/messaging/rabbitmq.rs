@@ -35,7 +35,7 @@ use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -396,6 +396,40 @@ impl RabbitBroker {
             channel: Arc::new(ChannelGuard(channel)),
             group: subscription.group.clone(),
         })
+    }
+
+    /// Deletes the group's queue and its dead-letter queue (its retry
+    /// queues expire on their own).
+    pub async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(group);
+        let (connection, _) = self.link().await?;
+        let queue = group_queue(group);
+        // A passive declare that fails closes its channel: a channel of its own.
+        let probe = connection.create_channel().await.map_err(classify)?;
+        let existed = probe
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = probe.close(200, "done".into()).await;
+        let channel = connection.create_channel().await.map_err(classify)?;
+        for name in [queue, format!("wharf.dead.{group}")] {
+            channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(classify)?;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(existed)
     }
 
     /// Up to `limit` dead letters of `group`, oldest first: read and put
