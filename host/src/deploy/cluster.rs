@@ -884,11 +884,11 @@ mod tests {
     #[test]
     fn cluster_names_and_urls_are_checked() {
         assert!(
-            ClusterConfig::new("nats://127.0.0.1:4222")
+            ClusterConfig::new("nats://cluster-nats.example")
                 .validate()
                 .is_ok()
         );
-        let mut bad = ClusterConfig::new("nats://127.0.0.1:4222");
+        let mut bad = ClusterConfig::new("nats://cluster-nats.example");
         bad.name = "a.b".into();
         assert!(bad.validate().is_err());
         assert!(ClusterConfig::new("http://x").validate().is_err());

@@ -275,9 +275,9 @@ impl Manifest {
 /// concurrency = 32
 /// body = "4MiB"
 /// [keyvalue]
-/// backend = "redis://127.0.0.1:6379"   # or "embedded" (default), "nats://…"
+/// backend = "redis://HOST:PORT"        # or "embedded" (default), "nats://…"
 /// [messaging]
-/// backend = "nats://127.0.0.1:4222"    # or "embedded" (default), "amqp://…"
+/// backend = "nats://HOST:PORT"         # or "embedded" (default), "amqp://…"
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -817,8 +817,8 @@ mod tests {
         assert_eq!(inbox_queue("_inbox.abc.17"), "_inbox.abc");
         assert_eq!(inbox_queue("_inbox.abc."), "_inbox.abc");
         assert_eq!(
-            redact("amqp://guest:secret@localhost:5672/%2f"),
-            "amqp://guest:***@localhost:5672/%2f"
+            redact("amqp://guest:secret@broker.example/%2f"),
+            "amqp://guest:***@broker.example/%2f"
         );
         assert_eq!(redact("amqp://localhost"), "amqp://localhost");
     }
