@@ -62,6 +62,7 @@ pub struct Config {
     pub max_call_depth: u32,
     /// The cluster this host joins, if any: its services come from the
     /// cluster's index, and key-value and messaging default to its NATS.
+    /// `None`: the one `wharf.toml` names, if any.
     pub cluster: Option<ClusterConfig>,
 }
 

@@ -20,7 +20,7 @@ use crate::capabilities::messaging::MessagingHub;
 use crate::capabilities::messaging::broker::BrokerChoice;
 use crate::config::Config;
 use crate::deploy::cache::CodeCaches;
-use crate::deploy::cluster::Cluster;
+use crate::deploy::cluster::{Cluster, ClusterConfig};
 use crate::deploy::deployer::Deployer;
 use crate::deploy::manifest::HostSettings;
 use crate::deploy::registry::{Registry, Snapshot};
@@ -94,8 +94,41 @@ impl Host {
                 services.display()
             );
         }
-        let metrics = Arc::new(Metrics::new());
-        let backends = open_backends(&config, services_dir.as_deref(), &metrics).await?;
+        let from_file = match &services_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || crate::deploy::source::read_host_file(&dir))
+                    .await
+                    .context("reading wharf.toml failed")??
+                    .unwrap_or_default()
+            }
+            None => HostSettings::default(),
+        };
+        // The cluster the configuration names, else the one wharf.toml
+        // names; its host id is settled here, since metrics carry it.
+        let cluster_config =
+            config
+                .cluster
+                .clone()
+                .or(from_file.cluster.clone())
+                .map(|mut cluster| {
+                    cluster
+                        .host_id
+                        .get_or_insert_with(crate::deploy::cluster::default_host_id);
+                    cluster
+                });
+        let defaults = config.limit_overrides.apply(config.limits);
+        if defaults.memory > config.engine.max_service_memory {
+            anyhow::bail!(
+                "the default memory limit ({}) is more than --max-service-memory ({}): no service without its own limits.memory could deploy",
+                crate::base::limits::format_size(defaults.memory),
+                crate::base::limits::format_size(config.engine.max_service_memory)
+            );
+        }
+        let metrics = Arc::new(Metrics::for_host(
+            cluster_config.as_ref().and_then(|c| c.host_id.as_deref()),
+        ));
+        let backends = open_backends(&config, from_file, cluster_config.as_ref(), &metrics).await?;
         let engine_options = config.engine.clone();
         let (runtime, caches) = tokio::task::spawn_blocking(move || {
             let runtime = Runtime::new(&engine_options)?;
@@ -114,7 +147,7 @@ impl Host {
             config.data_dir.as_deref(),
         )?);
         let dispatcher = Dispatcher::new(deployer, config.max_call_depth);
-        let cluster = match &config.cluster {
+        let cluster = match &cluster_config {
             Some(cluster_config) => {
                 if services_dir.is_none() {
                     anyhow::bail!(
@@ -446,28 +479,17 @@ impl Host {
 }
 
 /// Opens the host's capability backends: each the one the configuration
-/// names, else the one `wharf.toml` in `services_dir` names, else the
-/// embedded one.
+/// names, else the one `wharf.toml` names (`from_file`), else the cluster's
+/// NATS in a cluster, else the embedded one.
 async fn open_backends(
     config: &Config,
-    services_dir: Option<&Path>,
+    from_file: HostSettings,
+    cluster: Option<&ClusterConfig>,
     metrics: &Arc<Metrics>,
 ) -> Result<Backends> {
-    let from_file = match services_dir {
-        Some(dir) if config.keyvalue.is_none() || config.messaging.is_none() => {
-            let dir = dir.to_path_buf();
-            tokio::task::spawn_blocking(move || crate::deploy::source::read_host_file(&dir))
-                .await
-                .context("reading wharf.toml failed")?
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        }
-        _ => HostSettings::default(),
-    };
     // In a cluster, state and messages default to the cluster's NATS, so
     // every host shares them.
-    let cluster_nats = config.cluster.as_ref().map(|cluster| cluster.url.clone());
+    let cluster_nats = cluster.map(|cluster| cluster.url.clone());
     let choice = config
         .keyvalue
         .clone()

@@ -100,6 +100,12 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_instances: u32,
 
+    /// The most linear memory any one service may have on this host (e.g.
+    /// 512MiB): a version whose limits.memory asks for more is refused
+    /// here. [default: 4GiB]
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_memory)]
+    max_service_memory: Option<u64>,
+
     /// Directory of the compiled-code cache [default: the platform cache
     /// directory, e.g. ~/.cache/wharf].
     #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
@@ -316,6 +322,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         engine: EngineOptions {
             max_instances: args.max_instances,
             cache_dir,
+            max_service_memory: args.max_service_memory.unwrap_or(limits::MAX_MEMORY),
             ..EngineOptions::default()
         },
         drain_timeout: args.drain_timeout,

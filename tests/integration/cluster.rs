@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use wharf::Config;
 use wharf::deploy::cluster::ClusterConfig;
 
-use crate::support::{NatsServer, ServiceDir, TestServer, client, eventually, get, guest_bytes};
+use crate::support::{
+    HaproxyServer, NatsServer, ServiceDir, TestServer, WharfProcess, client, eventually, free_port,
+    get, guest_bytes,
+};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -23,6 +26,16 @@ struct Member {
 }
 
 async fn member(nats: &NatsServer, cluster: &str, id: &str, dir: ServiceDir) -> Member {
+    member_with(nats, cluster, id, dir, |_| {}).await
+}
+
+async fn member_with(
+    nats: &NatsServer,
+    cluster: &str,
+    id: &str,
+    dir: ServiceDir,
+    configure: impl FnOnce(&mut Config),
+) -> Member {
     let data = ServiceDir::new();
     let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
     config.cluster = Some(ClusterConfig {
@@ -31,6 +44,7 @@ async fn member(nats: &NatsServer, cluster: &str, id: &str, dir: ServiceDir) -> 
         credentials: None,
         host_id: Some(id.to_string()),
     });
+    configure(&mut config);
     let server = TestServer::start(config).await;
     Member {
         server,
@@ -352,4 +366,417 @@ async fn hosts_keep_serving_while_nats_is_down_and_resynchronise_when_it_returns
     // ...and published when NATS is back.
     nats.restart();
     wait_all_serve(&members, "svc", Some(&wasm_digest(&echo))).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_that_cannot_deploy_a_version_keeps_its_own_and_the_cluster_shows_why() {
+    let nats = NatsServer::start();
+    let mut members = cluster_of(&nats, "diverge", 2).await;
+    // A host that lets one service have at most 64 MiB.
+    let small = member_with(&nats, "diverge", "small", ServiceDir::new(), |config| {
+        config.engine.max_service_memory = 64 << 20;
+        config.limits.memory = 32 << 20;
+    })
+    .await;
+    wait_ready(&small).await;
+    members.push(small);
+    let hello = guest_bytes("hello");
+    members[0].dir.install_bytes("svc.wasm", &hello);
+    wait_all_serve(&members, "svc", Some(&wasm_digest(&hello))).await;
+
+    // A version that asks for 100 MiB: the two others take it, the small
+    // one keeps the version it has and says why.
+    let big = "[limits]\nmemory = \"100MiB\"\n";
+    members[0].dir.write("svc.toml", big.as_bytes());
+    let manifest = |m: &Member| {
+        m.server
+            .host
+            .services()
+            .service("svc")
+            .and_then(|d| d.manifest().map(str::to_string))
+    };
+    eventually(
+        PATIENCE,
+        "the two roomy hosts on the 100 MiB version",
+        || {
+            let done = members[..2]
+                .iter()
+                .all(|m| manifest(m).as_deref() == Some(big));
+            async move { done }
+        },
+    )
+    .await;
+    let cluster = members[0].server.host.cluster().unwrap().clone();
+    eventually(
+        PATIENCE,
+        "/cluster showing the small host's divergence",
+        || {
+            let cluster = cluster.clone();
+            async move {
+                cluster.view().await.is_ok_and(|view| {
+                    view.diverged.len() == 1
+                        && view.diverged[0].host == "small"
+                        && view.diverged[0].service == "svc"
+                        && view.diverged[0]
+                            .reason
+                            .as_deref()
+                            .is_some_and(|r| r.contains("--max-service-memory"))
+                })
+            }
+        },
+    )
+    .await;
+    assert_eq!(manifest(&members[2]), None);
+    assert_eq!(
+        get(&members[2].server.url("/svc/")).await.map(|r| r.0),
+        Some(200),
+        "the small host keeps serving the version it has"
+    );
+    // It does not publish its old version back either: the others stay.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(manifest(&members[0]).as_deref(), Some(big));
+
+    // A version it can take heals the divergence (with the memory limit
+    // the small host already applies: the manifest's text still counts).
+    let fits = "[limits]\nmemory = \"32MiB\"\n";
+    members[1].dir.write("svc.toml", fits.as_bytes());
+    eventually(PATIENCE, "every host on the 32 MiB version", || {
+        let done = members.iter().all(|m| manifest(m).as_deref() == Some(fits));
+        async move { done }
+    })
+    .await;
+    eventually(PATIENCE, "no divergence left", || {
+        let cluster = cluster.clone();
+        async move {
+            cluster
+                .view()
+                .await
+                .is_ok_and(|view| view.diverged.is_empty())
+        }
+    })
+    .await;
+}
+
+/// One host of the load-balanced cluster: a `wharf` process on fixed
+/// ports, so it can be killed and started again where HAProxy expects it.
+struct Node {
+    process: Option<WharfProcess>,
+    id: String,
+    dir: ServiceDir,
+    data: ServiceDir,
+    public: u16,
+    admin: u16,
+}
+
+impl Node {
+    fn start(nats: &NatsServer, id: &str) -> Node {
+        let mut node = Node {
+            process: None,
+            id: id.to_string(),
+            dir: ServiceDir::new(),
+            data: ServiceDir::new(),
+            public: free_port(),
+            admin: free_port(),
+        };
+        node.run(nats);
+        node
+    }
+
+    fn run(&mut self, nats: &NatsServer) {
+        self.process = Some(WharfProcess::start_with(|command| {
+            command
+                .arg("serve")
+                .arg(self.dir.path())
+                .args(["--listen", &format!("127.0.0.1:{}", self.public)])
+                .args(["--admin", &format!("127.0.0.1:{}", self.admin)])
+                .arg("--data-dir")
+                .arg(self.data.path())
+                .args(["--cluster", &nats.url(), "--cluster-name", "lb"])
+                .args(["--cluster-host-id", &self.id]);
+        }));
+    }
+
+    /// `kill -9`: no drain, no goodbye.
+    fn kill(&mut self) {
+        if let Some(process) = self.process.take() {
+            let status = std::process::Command::new("kill")
+                .args(["-KILL", &process.pid().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success());
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.public)
+    }
+
+    async fn ready(&self) -> bool {
+        get(&format!("http://127.0.0.1:{}/readyz", self.admin))
+            .await
+            .is_some_and(|(status, _)| status == 200)
+    }
+}
+
+async fn admin_json(node: &Node, path: &str) -> Option<serde_json::Value> {
+    let (status, body) = get(&format!("http://127.0.0.1:{}{path}", node.admin)).await?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// `GET /pub/seen?group=lb` through `lb`: each message body and how many
+/// times the group handled it.
+async fn seen(lb: &HaproxyServer) -> BTreeMap<String, u64> {
+    get(&lb.url("/pub/seen?group=lb"))
+        .await
+        .filter(|(status, _)| *status == 200)
+        .and_then(|(_, body)| serde_json::from_str(&body).ok())
+        .unwrap_or_default()
+}
+
+/// Publishes `count` messages `PREFIX0…` through `lb`.
+async fn publish(lb: &HaproxyServer, prefix: &str, count: u32) -> Option<u16> {
+    client()
+        .post(lb.url(&format!(
+            "/pub/publish?topic=lb.t&n={count}&prefix={prefix}"
+        )))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_killed_under_load_behind_haproxy_loses_no_request_and_no_message() {
+    const LOAD_CLIENTS: usize = 16;
+    const MESSAGES: u32 = 200;
+    let mut nats = NatsServer::start();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|n| Node::start(&nats, &format!("n{n}")))
+        .collect();
+    let lb = HaproxyServer::start(
+        &nodes
+            .iter()
+            .map(|n| (n.public, n.admin))
+            .collect::<Vec<_>>(),
+    );
+    // A counter, a publisher and a slow consumer group, deployed on one
+    // host; state and messages are the cluster's NATS.
+    nodes[0]
+        .dir
+        .write("counter.toml", b"[keyvalue]\nbuckets = [\"lb\"]\n");
+    nodes[0]
+        .dir
+        .install_bytes("counter.wasm", &guest_bytes("kv"));
+    nodes[0].dir.write(
+        "pub.toml",
+        b"[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = [\"lb.>\"]\n",
+    );
+    nodes[0]
+        .dir
+        .install_bytes("pub.wasm", &guest_bytes("messenger"));
+    nodes[0].dir.write(
+        "rec.toml",
+        b"[limits]\ntimeout = \"2s\"\n[keyvalue]\nbuckets = [\"msgs\"]\n[[trigger.message]]\ntopic = \"lb.t\"\ngroup = \"lb\"\npath = \"/slow?ms=1000\"\n",
+    );
+    nodes[0]
+        .dir
+        .install_bytes("rec.wasm", &guest_bytes("messenger"));
+    nodes[0]
+        .dir
+        .install_bytes("hello.wasm", &guest_bytes("hello"));
+    for node in &nodes {
+        eventually(PATIENCE, "every host serving all four services", || {
+            let urls = [
+                "/hello/",
+                "/counter/exists?bucket=lb&key=none",
+                "/pub/count?key=x",
+            ]
+            .map(|path| node.url(path));
+            async move {
+                for url in urls {
+                    if get(&url).await.is_none_or(|(s, _)| s != 200) {
+                        return false;
+                    }
+                }
+                node.ready().await
+            }
+        })
+        .await;
+    }
+    eventually(PATIENCE, "the load balancer routing to the hosts", || {
+        let url = lb.url("/hello/");
+        async move { get(&url).await.is_some_and(|(s, _)| s == 200) }
+    })
+    .await;
+
+    // A counter incremented through the load balancer: the exact total.
+    let increments = (0..8).map(|_| {
+        let url = lb.url("/counter/incr?bucket=lb&key=total");
+        tokio::spawn(async move {
+            for _ in 0..25 {
+                let status = client().post(&url).send().await.unwrap().status();
+                assert_eq!(status, 200);
+            }
+        })
+    });
+    for task in increments.collect::<Vec<_>>() {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        get(&lb.url("/counter/get?bucket=lb&key=total")).await,
+        Some((200, "200".to_string()))
+    );
+
+    // Load through HAProxy; messages published; then one host killed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..LOAD_CLIENTS)
+        .map(|_| {
+            let (url, stop) = (lb.url("/hello/"), stop.clone());
+            tokio::spawn(async move {
+                let client = client();
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client.get(&url).send().await {
+                        Ok(response) if response.status() == 200 => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    assert_eq!(publish(&lb, "a", MESSAGES).await, Some(200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[1].kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for task in load {
+        let (o, f) = task.await.unwrap();
+        ok += o;
+        failed += f;
+    }
+    eprintln!(
+        "cluster: a host killed under load behind HAProxy: {failed} failed of {} requests",
+        ok + failed
+    );
+    assert!(ok > 0);
+    assert!(
+        failed <= LOAD_CLIENTS as u64,
+        "{failed} requests failed: more than the {LOAD_CLIENTS} that can have been in flight"
+    );
+
+    // A deploy while it is down; when it comes back it serves that before
+    // it says it is ready.
+    nodes[0]
+        .dir
+        .install_bytes("late.wasm", &guest_bytes("hello"));
+    eventually(PATIENCE, "the deploy on the live hosts", || {
+        let (a, b) = (nodes[0].url("/late/"), nodes[2].url("/late/"));
+        async move {
+            get(&a).await.is_some_and(|(s, _)| s == 200)
+                && get(&b).await.is_some_and(|(s, _)| s == 200)
+        }
+    })
+    .await;
+    nodes[1].run(&nats);
+    eventually(PATIENCE, "the restarted host ready", || nodes[1].ready()).await;
+    assert_eq!(
+        get(&nodes[1].url("/late/")).await.map(|r| r.0),
+        Some(200),
+        "ready before it had caught up with the cluster"
+    );
+
+    // NATS restarted: publishes fail clearly meanwhile, and everything
+    // resumes when it is back.
+    nats.stop();
+    let during = publish(&lb, "down", 1).await;
+    assert!(
+        matches!(during, Some(500..=504)),
+        "a publish while NATS is down: {during:?}"
+    );
+    assert_eq!(get(&lb.url("/hello/")).await.map(|r| r.0), Some(200));
+    nats.restart();
+    eventually(PATIENCE, "publishing again after NATS returned", || async {
+        publish(&lb, "b", MESSAGES).await == Some(200)
+    })
+    .await;
+
+    // Every message of both batches handled by the group: none lost. Those
+    // the killed host held come back after its acknowledgement deadline.
+    let expected: Vec<String> = ["a", "b"]
+        .iter()
+        .flat_map(|prefix| (0..MESSAGES).map(move |i| format!("{prefix}{i}")))
+        .collect();
+    eventually(
+        Duration::from_secs(120),
+        "every message handled",
+        || async {
+            let seen = seen(&lb).await;
+            expected.iter().all(|m| seen.contains_key(m))
+        },
+    )
+    .await;
+    let handled_all = started.elapsed();
+    let seen = seen(&lb).await;
+    let duplicated: u64 = expected.iter().map(|m| seen[m].saturating_sub(1)).sum();
+    eprintln!(
+        "cluster: {} messages across a host kill and a NATS restart: 0 lost, {duplicated} handled twice; all handled {handled_all:?} after the first publish",
+        expected.len()
+    );
+    let cluster = admin_json(&nodes[0], "/cluster")
+        .await
+        .expect("GET /cluster");
+    assert_eq!(
+        cluster["hosts"].as_array().map(Vec::len),
+        Some(3),
+        "{cluster}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_joins_the_cluster_its_wharf_toml_names_and_labels_its_metrics() {
+    let nats = NatsServer::start();
+    let members = cluster_of(&nats, "fromfile", 1).await;
+    let dir = ServiceDir::new();
+    dir.write(
+        "wharf.toml",
+        format!("[cluster]\nurl = \"{}\"\nname = \"fromfile\"\n", nats.url()).as_bytes(),
+    );
+    let data = ServiceDir::new();
+    let server =
+        TestServer::start(Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf())))
+            .await;
+    let cluster = server
+        .host
+        .cluster()
+        .expect("joined the cluster wharf.toml names");
+    assert_eq!(cluster.name(), "fromfile");
+    let id = cluster.host_id().to_string();
+    let hello = guest_bytes("hello");
+    members[0].dir.install_bytes("svc.wasm", &hello);
+    eventually(
+        PATIENCE,
+        "the file-configured host serving the cluster's svc",
+        || {
+            let url = server.url("/svc/");
+            async move { get(&url).await.is_some_and(|(s, _)| s == 200) }
+        },
+    )
+    .await;
+    // Every series carries the host's id, so hosts can be told apart.
+    for (host, text) in [
+        (id.as_str(), server.host.metrics_text()),
+        ("h0", members[0].server.host.metrics_text()),
+    ] {
+        let label = format!("host=\"{host}\"");
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("wharf_requests_total"))
+                .all(|l| l.contains(&label))
+                && text.contains(&label),
+            "{text}"
+        );
+    }
 }

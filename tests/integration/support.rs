@@ -416,11 +416,6 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Waits until something accepts TCP connections on `port`.
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    wait_for_port_within(port, what, child, Duration::from_secs(30));
-}
-
 /// Waits up to `limit` until something accepts TCP connections on `port`.
 fn wait_for_port_within(port: u16, what: &str, child: &mut Child, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -456,46 +451,48 @@ fn server_program(name: &str, package: &str) -> PathBuf {
     panic!("{name} is not installed: `cargo xtask test` installs the Debian package {package}")
 }
 
-/// A `redis-server` of the test's own, on a free loopback port, with its
-/// data in a temporary directory; stopped on drop.
-pub struct RedisServer {
+/// A server program of the test's own on a loopback port: started by its
+/// command, stopped on drop, restartable on the same port (its data stays
+/// wherever the command keeps it).
+pub struct ServerProcess {
+    what: &'static str,
+    command: Box<dyn Fn() -> Command + Send + Sync>,
+    startup: Duration,
     child: Option<Child>,
     pub port: u16,
-    dir: TempDir,
 }
 
-impl RedisServer {
-    pub fn start() -> RedisServer {
-        let dir = TempDir::new().expect("temp dir");
-        let mut server = RedisServer {
+impl ServerProcess {
+    /// Runs `command()` and waits up to `startup` until `port` accepts
+    /// connections.
+    pub fn start(
+        what: &'static str,
+        port: u16,
+        startup: Duration,
+        command: impl Fn() -> Command + Send + Sync + 'static,
+    ) -> ServerProcess {
+        let mut server = ServerProcess {
+            what,
+            command: Box::new(command),
+            startup,
             child: None,
-            port: free_port(),
-            dir,
+            port,
         };
         server.run();
         server
     }
 
     fn run(&mut self) {
-        let mut child = Command::new(server_program("redis-server", "redis-server"))
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let mut command = (self.command)();
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = command
             .spawn()
-            .expect("start redis-server");
-        wait_for_port(self.port, "redis-server", &mut child);
+            .unwrap_or_else(|err| panic!("start {}: {err}", self.what));
+        wait_for_port_within(self.port, self.what, &mut child, self.startup);
         self.child = Some(child);
     }
 
-    /// `redis://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server (its data is gone: no persistence).
+    /// Kills the server.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -510,18 +507,47 @@ impl RedisServer {
     }
 }
 
-impl Drop for RedisServer {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
+/// A `redis-server` of the test's own, on a free loopback port, with its
+/// data in a temporary directory (no persistence: a restart empties it).
+pub struct RedisServer {
+    server: ServerProcess,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = TempDir::new().expect("temp dir");
+        let (port, path) = (free_port(), dir.path().to_path_buf());
+        let program = server_program("redis-server", "redis-server");
+        let server = ServerProcess::start("redis-server", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&path);
+            command
+        });
+        RedisServer { server, _dir: dir }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
 /// A `nats-server` with JetStream of the test's own, on a free loopback
-/// port, storing in a temporary directory; stopped on drop.
+/// port, storing in a temporary directory (kept across restarts).
 pub struct NatsServer {
-    child: Option<Child>,
-    pub port: u16,
-    dir: TempDir,
+    server: ServerProcess,
+    _dir: TempDir,
 }
 
 impl NatsServer {
@@ -532,66 +558,84 @@ impl NatsServer {
     /// Starts one on `port` (for a host configured before its broker).
     pub fn start_on(port: u16) -> NatsServer {
         let dir = TempDir::new().expect("temp dir");
-        let mut server = NatsServer {
-            child: None,
-            port,
-            dir,
-        };
-        server.run();
-        server
-    }
-
-    fn run(&mut self) {
-        let mut child = Command::new(server_program("nats-server", "nats-server"))
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .arg("-sd")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        wait_for_port(self.port, "nats-server", &mut child);
-        self.child = Some(child);
+        let path = dir.path().to_path_buf();
+        let program = server_program("nats-server", "nats-server");
+        let server = ServerProcess::start("nats-server", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+                .arg("-sd")
+                .arg(&path);
+            command
+        });
+        NatsServer { server, _dir: dir }
     }
 
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
-
-    /// Stops the server (JetStream data stays in its directory).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port and directory.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.run();
-    }
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
+/// HAProxy of the test's own, balancing `backends` (each a public address
+/// and the admin port whose `/readyz` says whether it takes requests) the
+/// way `examples/cluster/haproxy.cfg` does, on a free loopback port.
+pub struct HaproxyServer {
+    server: ServerProcess,
+    _dir: TempDir,
+}
+
+impl HaproxyServer {
+    pub fn start(backends: &[(u16, u16)]) -> HaproxyServer {
+        let dir = TempDir::new().expect("temp dir");
+        let port = free_port();
+        let recipe = workspace_root().join("examples/cluster/haproxy.cfg");
+        let recipe = std::fs::read_to_string(&recipe).expect("read examples/cluster/haproxy.cfg");
+        // The recipe's settings, with this test's ports.
+        let mut config: String = recipe
+            .lines()
+            .filter(|line| {
+                let line = line.trim_start();
+                !line.starts_with("bind ") && !line.starts_with("server ")
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        config = config.replace(
+            "frontend wharf\n",
+            &format!("frontend wharf\n    bind 127.0.0.1:{port}\n"),
+        );
+        for (i, (public, admin)) in backends.iter().enumerate() {
+            config.push_str(&format!(
+                "    server h{i} 127.0.0.1:{public} check port {admin}\n"
+            ));
+        }
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let program = server_program("haproxy", "haproxy");
+        let server = ServerProcess::start("haproxy", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command.arg("-f").arg(&path).arg("-db");
+            die_with_parent(&mut command);
+            command
+        });
+        HaproxyServer { server, _dir: dir }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
     }
 }
 
 /// A RabbitMQ broker of the test's own: `epmd` and the broker on free
-/// loopback ports, its data in a temporary directory. Both die with the
-/// thread that started them (`PR_SET_PDEATHSIG`), so a test binary that
-/// exits or crashes never leaves a broker behind.
+/// loopback ports, its data in a temporary directory (kept across
+/// restarts). Both die with the thread that started them
+/// (`PR_SET_PDEATHSIG`), so a test binary that exits or crashes never
+/// leaves a broker behind.
 pub struct RabbitServer {
-    beam: Option<Child>,
-    epmd: Option<Child>,
-    pub port: u16,
-    epmd_port: u16,
-    dist_port: u16,
-    node: String,
-    dir: TempDir,
+    broker: ServerProcess,
+    _epmd: ServerProcess,
+    _dir: TempDir,
 }
 
 /// Where the shared broker listens, once it is up.
@@ -600,20 +644,53 @@ static SHARED_RABBIT: OnceLock<u16> = OnceLock::new();
 impl RabbitServer {
     /// Starts a broker for one test (about 15 s on this machine).
     pub fn start() -> RabbitServer {
+        let program = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        assert!(
+            program.is_file(),
+            "RabbitMQ is not installed: `cargo xtask test` installs the Debian package rabbitmq-server"
+        );
         let dir = TempDir::new().expect("temp dir");
         std::fs::write(dir.path().join("plugins"), "[].").expect("write the plugins file");
-        let port = free_port();
-        let mut server = RabbitServer {
-            beam: None,
-            epmd: None,
+        let (port, epmd_port, dist_port) = (free_port(), free_port(), free_port());
+        let epmd_program = server_program("epmd", "erlang-base");
+        let epmd = ServerProcess::start("epmd", epmd_port, STARTUP, move || {
+            let mut epmd = Command::new(&epmd_program);
+            epmd.args(["-port", &epmd_port.to_string()]);
+            die_with_parent(&mut epmd);
+            epmd
+        });
+        let dir_path = dir.path().to_path_buf();
+        let node = format!("wharf-test-{port}@localhost");
+        let broker = ServerProcess::start(
+            "rabbitmq-server",
             port,
-            epmd_port: free_port(),
-            dist_port: free_port(),
-            node: format!("wharf-test-{port}@localhost"),
-            dir,
-        };
-        server.run();
-        server
+            Duration::from_secs(120),
+            move || {
+                let dir = &dir_path;
+                let mut broker = Command::new(&program);
+                broker
+                    // Run the broker in the foreground, replacing the
+                    // script: the child is the Erlang VM itself.
+                    .env("RUNNING_UNDER_SYSTEMD", "true")
+                    .env("HOME", dir)
+                    .env("RABBITMQ_NODENAME", &node)
+                    .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+                    .env("RABBITMQ_NODE_PORT", port.to_string())
+                    .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+                    .env("ERL_EPMD_PORT", epmd_port.to_string())
+                    .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+                    .env("RABBITMQ_LOG_BASE", dir.join("log"))
+                    .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
+                    .env("RABBITMQ_CONFIG_FILE", dir.join("none"));
+                die_with_parent(&mut broker);
+                broker
+            },
+        );
+        RabbitServer {
+            broker,
+            _epmd: epmd,
+            _dir: dir,
+        }
     }
 
     /// The URL of one broker the whole test binary shares (started on
@@ -639,80 +716,37 @@ impl RabbitServer {
         amqp_url(port)
     }
 
-    fn run(&mut self) {
-        let program = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
-        assert!(
-            program.is_file(),
-            "RabbitMQ is not installed: `cargo xtask test` installs the Debian package rabbitmq-server"
-        );
-        if self.epmd.is_none() {
-            let mut epmd = Command::new(server_program("epmd", "erlang-base"));
-            epmd.args(["-port", &self.epmd_port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            die_with_parent(&mut epmd);
-            let mut child = epmd.spawn().expect("start epmd");
-            wait_for_port(self.epmd_port, "epmd", &mut child);
-            self.epmd = Some(child);
-        }
-        let dir = self.dir.path();
-        let mut broker = Command::new(program);
-        broker
-            // Run the broker in the foreground, replacing the script: the
-            // child is the Erlang VM itself.
-            .env("RUNNING_UNDER_SYSTEMD", "true")
-            .env("HOME", dir)
-            .env("RABBITMQ_NODENAME", &self.node)
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
-            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
-            .env("RABBITMQ_CONFIG_FILE", dir.join("none"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        die_with_parent(&mut broker);
-        let mut child = broker.spawn().expect("start rabbitmq-server");
-        wait_for_port_within(
-            self.port,
-            "rabbitmq-server",
-            &mut child,
-            Duration::from_secs(120),
-        );
-        self.beam = Some(child);
-    }
-
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
     pub fn url(&self) -> String {
         amqp_url(self.port)
     }
-
-    /// Kills the broker (its durable queues stay in its directory).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.beam.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port and directory.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.run();
-    }
 }
 
-impl Drop for RabbitServer {
-    fn drop(&mut self) {
-        self.stop();
-        if let Some(mut child) = self.epmd.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+/// The servers above are their process: `port`, `stop` and `restart`.
+macro_rules! server_process {
+    ($($server:ident . $field:ident),*) => {$(
+        impl std::ops::Deref for $server {
+            type Target = ServerProcess;
+            fn deref(&self) -> &ServerProcess {
+                &self.$field
+            }
         }
-    }
+        impl std::ops::DerefMut for $server {
+            fn deref_mut(&mut self) -> &mut ServerProcess {
+                &mut self.$field
+            }
+        }
+    )*};
 }
+server_process!(
+    RedisServer.server,
+    NatsServer.server,
+    HaproxyServer.server,
+    RabbitServer.broker
+);
+
+/// How long a server (but RabbitMQ) may take to start listening.
+const STARTUP: Duration = Duration::from_secs(30);
 
 fn amqp_url(port: u16) -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")

@@ -207,7 +207,12 @@ fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
 
 fn test() -> Result<()> {
     // The backend tests start servers of their own from these packages.
-    system::ensure(&[&system::REDIS, &system::NATS, &system::RABBITMQ])?;
+    system::ensure(&[
+        &system::REDIS,
+        &system::NATS,
+        &system::RABBITMQ,
+        &system::HAPROXY,
+    ])?;
     guests::build(&guests::Lang::ALL)?;
     let root = root();
     run(cargo()

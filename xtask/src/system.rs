@@ -56,6 +56,12 @@ pub const RABBITMQ: Tool = Tool {
     packages: &["rabbitmq-server"],
     hint: "install RabbitMQ (rabbitmq-server)",
 };
+/// HAProxy, the load balancer in front of the cluster test's hosts.
+pub const HAPROXY: Tool = Tool {
+    probe: &["haproxy", "-v"],
+    packages: &["haproxy"],
+    hint: "install HAProxy (haproxy)",
+};
 /// The HTTP load generator the benchmarks drive.
 pub const WRK: Tool = Tool {
     probe: &["wrk", "--version"],

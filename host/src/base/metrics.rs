@@ -6,6 +6,7 @@
 //! Per-service handles are created once per service and shared by its
 //! deployments, so the request path only touches atomics.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -419,7 +420,20 @@ impl Default for Metrics {
 impl Metrics {
     /// A registry with every Wharf metric registered (under `wharf_`).
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("wharf");
+        Metrics::for_host(None)
+    }
+
+    /// Like [`Metrics::new`], with every series labelled `host="ID"` when
+    /// `host` is given (a cluster member's id), so one Prometheus query can
+    /// compare the hosts of a cluster.
+    pub fn for_host(host: Option<&str>) -> Metrics {
+        let mut registry = match host {
+            Some(id) => Registry::with_prefix_and_labels(
+                "wharf",
+                [(Cow::Borrowed("host"), Cow::Owned(id.to_string()))].into_iter(),
+            ),
+            None => Registry::with_prefix("wharf"),
+        };
         let metrics = Metrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
@@ -753,6 +767,18 @@ fn resident_memory_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_member_labels_every_series_with_its_host() {
+        let metrics = Metrics::for_host(Some("h1"));
+        metrics.service("hello");
+        let text = metrics.render(1, 0, 10);
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(!series.is_empty());
+        for line in series {
+            assert!(line.contains("host=\"h1\""), "{line}");
+        }
+    }
 
     #[test]
     fn counters_render_with_labels() {

@@ -145,6 +145,18 @@ pub struct HostBeat {
     pub in_flight: u64,
     /// What it serves: service → the cluster generation and digest.
     pub services: BTreeMap<String, ServedVersion>,
+    /// The cluster's versions it could not deploy: service → why.
+    #[serde(default)]
+    pub failed: BTreeMap<String, FailedVersion>,
+}
+
+/// A cluster version one host could not deploy (it keeps what it had).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailedVersion {
+    /// The index revision it could not deploy.
+    pub generation: u64,
+    /// Why: the deploy's error.
+    pub reason: String,
 }
 
 /// The version of one service a host serves.
@@ -183,6 +195,8 @@ pub struct Cluster {
     jetstream: jetstream::Context,
     stores: tokio::sync::OnceCell<Stores>,
     synced: Mutex<HashMap<String, Synced>>,
+    /// The cluster's versions this host could not deploy, for the heartbeat.
+    failed: Mutex<BTreeMap<String, FailedVersion>>,
     caught_up: AtomicBool,
     /// Whether it has caught up once since it started: what readiness
     /// waits for. Losing NATS later does not make a host unready — it
@@ -224,6 +238,7 @@ impl Cluster {
             jetstream: jetstream::new(client),
             stores: tokio::sync::OnceCell::new(),
             synced: Mutex::new(HashMap::new()),
+            failed: Mutex::new(BTreeMap::new()),
             caught_up: AtomicBool::new(false),
             joined: AtomicBool::new(false),
             started: SystemTime::now(),
@@ -435,6 +450,7 @@ impl Cluster {
         let current = deployer.registry().snapshot().service(&name).cloned();
         if entry.operation != kv::Operation::Put {
             self.forget(&name);
+            self.set_failure(&name, None);
             if current.is_some() {
                 tracing::info!(service = %name, generation = entry.revision, "removed in the cluster");
                 let _turn = deployer.lock_files(&name).await;
@@ -461,6 +477,7 @@ impl Cluster {
             && current.digest() == version.digest
             && current.manifest() == version.manifest.as_deref()
         {
+            self.set_failure(&name, None);
             self.record(&name, entry.revision, &version, Some(current.generation()));
             return;
         }
@@ -474,10 +491,19 @@ impl Cluster {
         );
         match self.install(deployer, dir, stores, &name, &version).await {
             Ok(()) => {
+                self.set_failure(&name, None);
                 tracing::info!(service = %name, generation = entry.revision, digest = %version.digest, published_by = %version.published_by, "deployed from the cluster")
             }
             Err(err) => {
-                tracing::warn!(service = %name, generation = entry.revision, "cannot deploy the cluster's version; keeping the one this host has: {err:#}")
+                let reason = format!("{err:#}");
+                tracing::warn!(service = %name, generation = entry.revision, "cannot deploy the cluster's version; keeping the one this host has: {reason}");
+                self.set_failure(
+                    &name,
+                    Some(FailedVersion {
+                        generation: entry.revision,
+                        reason,
+                    }),
+                );
             }
         }
     }
@@ -701,7 +727,7 @@ impl Cluster {
             .map(|d| {
                 let generation = synced
                     .get(d.name())
-                    .filter(|s| s.digest == d.digest())
+                    .filter(|s| s.digest == d.digest() && s.manifest.as_deref() == d.manifest())
                     .map(|s| s.revision);
                 (
                     d.name().to_string(),
@@ -722,6 +748,11 @@ impl Cluster {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             caught_up: self.is_caught_up(),
+            failed: self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             in_flight: deployer
                 .registry()
                 .snapshot()
@@ -788,12 +819,22 @@ impl Cluster {
                 );
             }
         }
+        let diverged = divergences(&hosts, &services);
         Ok(ClusterView {
             name: self.config.name.clone(),
             host: self.host_id.clone(),
             hosts,
             services,
+            diverged,
         })
+    }
+
+    fn set_failure(&self, name: &str, failure: Option<FailedVersion>) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match failure {
+            Some(failure) => failed.insert(name.to_string(), failure),
+            None => failed.remove(name),
+        };
     }
 
     fn synced_of(&self, name: &str) -> Option<Synced> {
@@ -855,10 +896,57 @@ pub struct ClusterView {
     pub hosts: Vec<HostBeat>,
     /// The index: service → generation and digest.
     pub services: BTreeMap<String, ServedVersion>,
+    /// Every host not serving a service at the index's generation: while it
+    /// catches up (no reason), or because it could not deploy it.
+    pub diverged: Vec<Divergence>,
+}
+
+/// One host serving another version of a service than the index has.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Divergence {
+    /// The service.
+    pub service: String,
+    /// The host.
+    pub host: String,
+    /// The index's generation of the service.
+    pub generation: u64,
+    /// What the host serves instead, if anything.
+    pub serving: Option<ServedVersion>,
+    /// Why, if the host could not deploy the index's version.
+    pub reason: Option<String>,
+}
+
+/// The hosts that do not serve each service at the index's generation.
+fn divergences(hosts: &[HostBeat], index: &BTreeMap<String, ServedVersion>) -> Vec<Divergence> {
+    let mut diverged = Vec::new();
+    for (service, wanted) in index {
+        let Some(generation) = wanted.generation else {
+            continue;
+        };
+        for host in hosts {
+            let serving = host.services.get(service);
+            if serving.is_some_and(|s| s.generation == Some(generation)) {
+                continue;
+            }
+            let reason = host
+                .failed
+                .get(service)
+                .filter(|f| f.generation == generation)
+                .map(|f| f.reason.clone());
+            diverged.push(Divergence {
+                service: service.clone(),
+                host: host.id.clone(),
+                generation,
+                serving: serving.cloned(),
+                reason,
+            });
+        }
+    }
+    diverged
 }
 
 /// `HOSTNAME-PID`: unique among the processes of a machine, readable.
-fn default_host_id() -> String {
+pub(crate) fn default_host_id() -> String {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|name| name.trim().to_string())

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Result, anyhow};
 
-use crate::base::limits::Limits;
+use crate::base::limits::{Limits, format_size};
 use crate::base::metrics::{DeployEvent, Metrics};
 use crate::capabilities::Backends;
 use crate::deploy::cache::CodeCaches;
@@ -241,8 +241,13 @@ impl Deployer {
             let same_as_current = |built: &Result<Deployment>| {
                 let snapshot = self.registry.snapshot();
                 match (built, snapshot.service(&name)) {
+                    // The manifest's text too: it is what `/services` and
+                    // the cluster show, so an edit that resolves to the
+                    // same settings still replaces it.
                     (Ok(new), Some(current))
-                        if new.digest() == current.digest() && new.config() == current.config() =>
+                        if new.digest() == current.digest()
+                            && new.config() == current.config()
+                            && new.manifest() == current.manifest() =>
                     {
                         Some(current.clone())
                     }
@@ -363,6 +368,14 @@ impl Deployer {
     /// Compiles in the lane for its size, then proves the component
     /// instantiates.
     async fn build(&self, spec: ServiceSpec) -> Result<Deployment> {
+        let (wanted, most) = (spec.config.limits.memory, self.runtime.max_service_memory());
+        if wanted > most {
+            anyhow::bail!(
+                "limits.memory is {} but this host lets one service have at most {} (--max-service-memory)",
+                format_size(wanted),
+                format_size(most)
+            );
+        }
         let runtime = self.runtime.clone();
         let caches = self.caches.clone();
         let backends = self.backends.clone();

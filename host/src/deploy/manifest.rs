@@ -45,6 +45,7 @@ use crate::capabilities::messaging::broker::BrokerChoice;
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
 use crate::deploy::ServiceConfig;
+use crate::deploy::cluster::ClusterConfig;
 use crate::deploy::router::Route;
 use crate::deploy::triggers::{TriggerTable, Triggers};
 
@@ -278,6 +279,10 @@ impl Manifest {
 /// backend = "redis://HOST:PORT"        # or "embedded" (default), "nats://…"
 /// [messaging]
 /// backend = "nats://HOST:PORT"         # or "embedded" (default), "amqp://…"
+/// [cluster]
+/// url = "nats://HOST:PORT"             # join this cluster (see `--cluster`)
+/// name = "prod"                        # default "default"
+/// credentials = "nats.creds"           # relative to this file's directory
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -288,6 +293,18 @@ pub(crate) struct HostFile {
     keyvalue: HostKeyValueTable,
     #[serde(default)]
     messaging: HostMessagingTable,
+    cluster: Option<HostClusterTable>,
+}
+
+/// `[cluster]`: the host's name in it is not here, since one file often
+/// serves many hosts (a Kubernetes ConfigMap); it comes from
+/// `--cluster-host-id` or defaults to `HOSTNAME-PID`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostClusterTable {
+    url: String,
+    name: Option<String>,
+    credentials: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -311,6 +328,8 @@ pub struct HostSettings {
     pub keyvalue: Option<BackendChoice>,
     /// The message broker, if chosen here.
     pub messaging: Option<BrokerChoice>,
+    /// The cluster to join, if named here.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl HostFile {
@@ -329,10 +348,25 @@ impl HostFile {
             .as_deref()
             .map(|b| b.parse().map_err(|why| format!("messaging.backend: {why}")))
             .transpose()?;
+        let cluster = file
+            .cluster
+            .map(|table| {
+                let mut cluster = ClusterConfig::new(table.url);
+                if let Some(name) = table.name {
+                    cluster.name = name;
+                }
+                cluster.credentials = table.credentials;
+                cluster
+                    .validate()
+                    .map(|()| cluster)
+                    .map_err(|why| format!("cluster: {why}"))
+            })
+            .transpose()?;
         Ok(HostSettings {
             limits: file.limits.validate()?,
             keyvalue,
             messaging,
+            cluster,
         })
     }
 }
@@ -451,6 +485,36 @@ mod tests {
                 .unwrap_err()
                 .contains("limits.body")
         );
+    }
+
+    #[test]
+    fn host_file_names_the_cluster() {
+        let settings = HostFile::parse(
+            "[cluster]\nurl = \"nats://nats.example:4222\"\nname = \"prod\"\ncredentials = \"nats.creds\"\n",
+        )
+        .unwrap();
+        let cluster = settings.cluster.unwrap();
+        assert_eq!(cluster.url, "nats://nats.example:4222");
+        assert_eq!(cluster.name, "prod");
+        assert_eq!(cluster.credentials, Some("nats.creds".into()));
+        assert_eq!(cluster.host_id, None);
+        let unnamed = HostFile::parse("[cluster]\nurl = \"nats://nats.example:4222\"\n").unwrap();
+        assert_eq!(unnamed.cluster.unwrap().name, "default");
+        for (text, needle) in [
+            ("[cluster]\nurl = \"http://x\"\n", "cluster: cluster URL"),
+            (
+                "[cluster]\nurl = \"nats://x\"\nname = \"a.b\"\n",
+                "cluster: cluster name",
+            ),
+            ("[cluster]\nname = \"prod\"\n", "missing field `url`"),
+            (
+                "[cluster]\nurl = \"nats://x\"\nhost_id = \"h1\"\n",
+                "unknown field `host_id`",
+            ),
+        ] {
+            let err = HostFile::parse(text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 }
 

@@ -312,14 +312,23 @@ fn check_symlink(options: &SourceOptions, path: &Path) -> Result<()> {
 }
 
 /// Reads the host-wide settings from `DIR/wharf.toml`; `None` if there is
-/// no such file.
+/// no such file. Paths in it are resolved against `DIR`.
 pub(crate) fn read_host_file(dir: &Path) -> Result<Option<HostSettings>> {
     let path = dir.join(HOST_FILE);
     let Some((_, meta)) = stat(&path)? else {
         return Ok(None);
     };
     let text = read_toml(&path, &meta)?;
-    let settings = HostFile::parse(&text).map_err(|why| anyhow!("{}: {why}", path.display()))?;
+    let mut settings =
+        HostFile::parse(&text).map_err(|why| anyhow!("{}: {why}", path.display()))?;
+    if let Some(credentials) = settings
+        .cluster
+        .as_mut()
+        .and_then(|cluster| cluster.credentials.as_mut())
+        && credentials.is_relative()
+    {
+        *credentials = dir.join(&*credentials);
+    }
     Ok(Some(settings))
 }
 

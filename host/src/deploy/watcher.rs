@@ -16,10 +16,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::base::limits::{Limits, PartialLimits};
-use crate::capabilities::keyvalue::backend::BackendChoice;
 use crate::deploy::deployer::Deployer;
 use crate::deploy::deployer::EVENTS;
-use crate::deploy::manifest::Manifest;
+use crate::deploy::manifest::{HostSettings, Manifest};
 use crate::deploy::source::{
     self, FileRole, HOST_FILE, Load, ServiceFingerprint, SourceOptions, file_role, scan_names,
 };
@@ -83,9 +82,9 @@ struct DirState {
     deployer: Arc<Deployer>,
     /// The defaults from `wharf.toml`, if it exists and is valid.
     host_file: PartialLimits,
-    /// The key-value backend `wharf.toml` named when the host started
-    /// (switching backends needs a restart).
-    started_keyvalue: Option<BackendChoice>,
+    /// What `wharf.toml` said when the host started about what is only
+    /// read at start (backends and cluster: switching needs a restart).
+    started_with: HostSettings,
     /// Fingerprints of each service's files when last applied (deployed,
     /// rejected or found unchanged): the same files are not read again.
     applied: HashMap<String, ServiceFingerprint>,
@@ -123,11 +122,23 @@ impl DirState {
         match read {
             Ok(settings) => {
                 let settings = settings.unwrap_or_default();
-                if settings.keyvalue != self.started_keyvalue {
-                    tracing::warn!(
-                        file = HOST_FILE,
-                        "the key-value backend in {HOST_FILE} changed; restart the host to switch backends"
-                    );
+                for (changed, what) in [
+                    (
+                        settings.keyvalue != self.started_with.keyvalue,
+                        "the key-value backend",
+                    ),
+                    (
+                        settings.messaging != self.started_with.messaging,
+                        "the message broker",
+                    ),
+                    (settings.cluster != self.started_with.cluster, "the cluster"),
+                ] {
+                    if changed {
+                        tracing::warn!(
+                            file = HOST_FILE,
+                            "{what} in {HOST_FILE} changed; it takes effect when the host restarts"
+                        );
+                    }
                 }
                 let limits = settings.limits;
                 if limits != self.host_file {
@@ -515,7 +526,7 @@ pub(crate) async fn load_and_watch(
         options,
         deployer,
         host_file: settings.limits,
-        started_keyvalue: settings.keyvalue,
+        started_with: settings,
         applied: HashMap::new(),
         invalid_names: HashSet::new(),
         dir_missing: false,

@@ -35,6 +35,10 @@ pub struct EngineOptions {
     /// layer opens the cache; it is here because it is fixed per process
     /// like the rest of the engine's settings.)
     pub cache_dir: Option<PathBuf>,
+    /// The most linear memory any one service on this host may have (its
+    /// `limits.memory` included): a version asking for more is refused
+    /// here, whatever other hosts of a cluster accept.
+    pub max_service_memory: u64,
 }
 
 impl Default for EngineOptions {
@@ -43,6 +47,7 @@ impl Default for EngineOptions {
             pooling: true,
             max_instances: 1000,
             cache_dir: default_cache_dir(),
+            max_service_memory: MAX_MEMORY,
         }
     }
 }
@@ -145,6 +150,7 @@ pub struct Runtime {
     copy: Flavour,
     copy_on_write: Flavour,
     pooling: bool,
+    max_service_memory: u64,
     /// Slots for live instances across both engines: never more than a
     /// pool holds.
     instances: Gate,
@@ -179,6 +185,7 @@ impl Runtime {
             copy,
             copy_on_write,
             pooling,
+            max_service_memory: options.max_service_memory.min(MAX_MEMORY),
             instances: Gate::new(options.max_instances as usize, "instance slots"),
             _ticker: ticker,
         })
@@ -195,6 +202,11 @@ impl Runtime {
     /// Whether instances come from the pooling allocator.
     pub fn pooling(&self) -> bool {
         self.pooling
+    }
+
+    /// The most linear memory one service may have on this host.
+    pub fn max_service_memory(&self) -> u64 {
+        self.max_service_memory
     }
 
     /// The host-wide instance slots.
@@ -226,7 +238,7 @@ fn engine_config(init: MemoryInit, pool: Option<&EngineOptions>) -> Config {
         pooling.table_elements(100_000);
         pooling.max_core_instance_size(8 << 20);
         pooling.max_component_instance_size(8 << 20);
-        pooling.max_memory_size(MAX_MEMORY as usize);
+        pooling.max_memory_size(options.max_service_memory.min(MAX_MEMORY) as usize);
         pooling.decommit_batch_size(DECOMMIT_BATCH);
         // Function tables are small and reset on every request: keeping
         // their first pages resident avoids refaulting them (+4-13%).
