@@ -51,9 +51,8 @@ use tokio::io::AsyncReadExt as _;
 
 use crate::deploy::deployer::Deployer;
 use crate::deploy::deployment::{ServiceSpec, digest_of, validate_name};
-use crate::deploy::manifest::Manifest;
 use crate::deploy::source::{MAX_COMPONENT_FILE, remove_service};
-use crate::deploy::upload::{self, StagingFile};
+use crate::deploy::upload::{self, Staged, StagingFile};
 
 /// How long a host's heartbeat entry lives without being renewed.
 pub const HOST_TTL: Duration = Duration::from_secs(15);
@@ -535,16 +534,9 @@ impl Cluster {
             );
         }
         let wasm: Arc<[u8]> = Arc::from(wasm);
-        let manifest = match &version.manifest {
-            None => Manifest::default(),
-            Some(text) => Manifest::parse(text).map_err(|why| anyhow!("{name}.toml: {why}"))?,
-        };
-        let defaults = deployer.defaults();
-        let config_name = name.to_string();
-        let config =
-            tokio::task::spawn_blocking(move || manifest.service_config(&config_name, defaults))
-                .await?
-                .map_err(|why| anyhow!("{name}.toml: {why}"))?;
+        let config = upload::service_config(deployer, name, version.manifest.as_deref())
+            .await
+            .map_err(|reason| anyhow!(reason))?;
         let spec = ServiceSpec {
             name: name.to_string(),
             config,
@@ -553,31 +545,26 @@ impl Cluster {
             digest: Some(version.digest.clone()),
             manifest: version.manifest.as_deref().map(Arc::from),
         };
-        deployer.validate(spec.clone()).await?;
         let _turn = deployer.lock_files(name).await;
-        let _hold = deployer.hold(name);
-        let (dir, owned, text) = (
+        let (staging_dir, owned, text) = (
             dir.to_path_buf(),
             name.to_string(),
             version.manifest.clone(),
         );
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut component = StagingFile::create(&dir, &owned, "component", MAX_COMPONENT_FILE)?;
-            component.write(&wasm)?;
-            let component = component.finish()?;
-            let manifest = match text {
-                None => None,
-                Some(text) => {
-                    let mut file =
-                        StagingFile::create(&dir, &owned, "manifest", MAX_MANIFEST as u64)?;
-                    file.write(text.as_bytes())?;
-                    Some(file.finish()?)
-                }
+        let (component, manifest) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let stage = |what, limit, bytes: &[u8]| -> Result<Staged> {
+                let mut file = StagingFile::create(&staging_dir, &owned, what, limit)?;
+                file.write(bytes)?;
+                file.finish()
             };
-            upload::commit(&dir, &owned, component, manifest)
+            let component = stage("component", MAX_COMPONENT_FILE, &wasm)?;
+            let manifest = text
+                .map(|text| stage("manifest", MAX_MANIFEST as u64, text.as_bytes()))
+                .transpose()?;
+            Ok((component, manifest))
         })
         .await??;
-        deployer.deploy(spec).await?;
+        upload::install(deployer, dir, spec, component, manifest).await?;
         Ok(())
     }
 

@@ -1,5 +1,5 @@
 //! Writing a service's files into the services directory all-or-nothing, for
-//! deploys that arrive over the admin API.
+//! versions that arrive whole: over the admin API or from the cluster.
 //!
 //! An upload is streamed into temporary files beside the service's (dot
 //! files, which the watcher ignores), with its size limit enforced and its
@@ -22,6 +22,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use sha2::{Digest as _, Sha256};
 
 use crate::base::limits::format_size;
+use crate::deploy::ServiceConfig;
+use crate::deploy::ServiceSpec;
+use crate::deploy::deployer::Deployer;
+use crate::deploy::manifest::Manifest;
 
 /// Prefix of every temporary file an upload creates in the services
 /// directory (a dot file, so the watcher never reads it as a service).
@@ -318,6 +322,85 @@ fn remove_if_present(path: &Path) -> Result<()> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other.with_context(|| format!("removing {}", path.display())),
     }
+}
+
+/// The settings a new version's manifest text (`None`: no manifest) gives
+/// service `name` on this host, or why it is refused
+/// (`NAME.toml: reason`). Secrets may be files: read off the async threads.
+pub(crate) async fn service_config(
+    deployer: &Deployer,
+    name: &str,
+    manifest: Option<&str>,
+) -> Result<ServiceConfig, String> {
+    let manifest = match manifest.map(Manifest::parse) {
+        None => Manifest::default(),
+        Some(Ok(manifest)) => manifest,
+        Some(Err(reason)) => return Err(format!("{name}.toml: {reason}")),
+    };
+    let (defaults, owned) = (deployer.defaults(), name.to_string());
+    match tokio::task::spawn_blocking(move || manifest.service_config(&owned, defaults)).await {
+        Ok(Ok(config)) => Ok(config),
+        Ok(Err(reason)) => Err(format!("{name}.toml: {reason}")),
+        Err(join) => Err(format!("{name}.toml: reading it failed: {join}")),
+    }
+}
+
+/// Why a new version did not go in.
+#[derive(Debug)]
+pub(crate) enum InstallError {
+    /// The version was refused (it does not compile, instantiate or fit
+    /// this host): nothing changed.
+    Rejected(String),
+    /// Its files could not be put in place: the previous ones stay.
+    Storing(String),
+    /// Its files are in place, but the deploy did not install it (a newer
+    /// change may have won the race).
+    Deploying(anyhow::Error),
+}
+
+impl std::fmt::Display for InstallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstallError::Rejected(reason) => write!(f, "{reason}"),
+            InstallError::Storing(reason) => write!(f, "cannot store the version: {reason}"),
+            InstallError::Deploying(err) => write!(f, "{err:#}"),
+        }
+    }
+}
+
+impl std::error::Error for InstallError {}
+
+/// Installs a new version of a service whose files are staged beside the
+/// services directory: proves it deploys, puts the files in place
+/// ([`commit`]) with the watcher held off the service (so it never deploys
+/// the new component with the old manifest in between), then deploys it.
+/// The caller holds the service's file lock ([`Deployer::lock_files`]).
+pub(crate) async fn install(
+    deployer: &Deployer,
+    dir: &Path,
+    spec: ServiceSpec,
+    component: Staged,
+    manifest: Option<Staged>,
+) -> Result<(), InstallError> {
+    if let Err(err) = deployer.validate(spec.clone()).await {
+        return Err(InstallError::Rejected(format!("{err:#}")));
+    }
+    let _hold = deployer.hold(&spec.name);
+    let (commit_dir, commit_name) = (dir.to_path_buf(), spec.name.clone());
+    match tokio::task::spawn_blocking(move || {
+        commit(&commit_dir, &commit_name, component, manifest)
+    })
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(InstallError::Storing(format!("{err:#}"))),
+        Err(join) => return Err(InstallError::Storing(join.to_string())),
+    }
+    deployer
+        .deploy(spec)
+        .await
+        .map(drop)
+        .map_err(InstallError::Deploying)
 }
 
 /// Puts `component` in place as `NAME.wasm` and `manifest` as `NAME.toml`

@@ -28,9 +28,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::deploy::manifest::Manifest;
 use crate::deploy::source::{self, MAX_COMPONENT_FILE, MAX_TOML_FILE};
-use crate::deploy::upload::{self, AsyncStaging, Staged};
+use crate::deploy::upload::{self, AsyncStaging, InstallError, Staged};
 use crate::deploy::{ServiceSpec, check_header, validate_name};
 use crate::host::Host;
 
@@ -595,36 +594,11 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
             return text(err.status, &err.reason);
         }
     };
-    let manifest = match upload
-        .manifest
-        .as_ref()
-        .map(|(_, text)| Manifest::parse(text))
-    {
-        None => Manifest::default(),
-        Some(Ok(manifest)) => manifest,
-        Some(Err(reason)) => {
-            return text(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &format!("{name}.toml: {reason}"),
-            );
-        }
+    let manifest_text = upload.manifest.as_ref().map(|(_, text)| text.as_str());
+    let config = match upload::service_config(deployer, name, manifest_text).await {
+        Ok(config) => config,
+        Err(reason) => return text(StatusCode::UNPROCESSABLE_ENTITY, &reason),
     };
-    let defaults = deployer.defaults();
-    let config_name = name.to_string();
-    // Secrets may be files: read them off the async threads.
-    let config =
-        match tokio::task::spawn_blocking(move || manifest.service_config(&config_name, defaults))
-            .await
-        {
-            Ok(Ok(config)) => config,
-            Ok(Err(reason)) => {
-                return text(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &format!("{name}.toml: {reason}"),
-                );
-            }
-            Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
-        };
     // The one copy of the component in memory: what the compiler reads.
     let path = upload.component.path().to_path_buf();
     let wasm = match tokio::task::spawn_blocking(move || read_component(&path)).await {
@@ -633,55 +607,43 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
         Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
     };
     let digest = upload.component.digest.clone();
-    let spec = ServiceSpec {
-        name: name.to_string(),
-        config,
-        wasm,
-        source: Some(dir.join(format!("{name}.wasm"))),
-        digest: Some(digest.clone()),
-        manifest: upload
-            .manifest
-            .as_ref()
-            .map(|(_, text)| Arc::from(text.as_str())),
-    };
-    if let Err(err) = deployer.validate(spec.clone()).await {
-        let reason = format!("{err:#}");
-        tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
-        return text(StatusCode::UNPROCESSABLE_ENTITY, &reason);
-    }
-    // The watcher stays off this service until this upload is deployed, so
-    // it never deploys the new component with the old manifest in between.
-    let _hold = deployer.hold(name);
     let Upload {
         component,
         manifest,
     } = upload;
-    let (commit_dir, commit_name) = (dir.clone(), name.to_string());
-    let committed = tokio::task::spawn_blocking(move || {
-        upload::commit(
-            &commit_dir,
-            &commit_name,
-            component,
-            manifest.map(|(file, _)| file),
-        )
-    })
-    .await;
-    match committed {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            let reason = format!("{err:#}");
+    let spec = ServiceSpec {
+        name: name.to_string(),
+        config: config.clone(),
+        wasm,
+        source: Some(dir.join(format!("{name}.wasm"))),
+        digest: Some(digest.clone()),
+        manifest: manifest.as_ref().map(|(_, text)| Arc::from(text.as_str())),
+    };
+    match upload::install(
+        deployer,
+        &dir,
+        spec,
+        component,
+        manifest.map(|(file, _)| file),
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(InstallError::Rejected(reason)) => {
+            tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
+            return text(StatusCode::UNPROCESSABLE_ENTITY, &reason);
+        }
+        Err(InstallError::Storing(reason)) => {
             tracing::warn!(service = %name, reason = %reason, "admin upload could not be put in place; the previous files stay");
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("cannot store the upload: {reason}"),
             );
         }
-        Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
-    }
-    let config = spec.config.clone();
-    if let Err(err) = deployer.deploy(spec).await {
-        // A newer change may have won the race; the registry says which.
-        tracing::debug!(service = %name, error = %format!("{err:#}"), "admin deploy did not install");
+        Err(InstallError::Deploying(err)) => {
+            // A newer change may have won the race; the registry says which.
+            tracing::debug!(service = %name, error = %format!("{err:#}"), "admin deploy did not install");
+        }
     }
     let deadline = tokio::time::Instant::now() + DEPLOY_WAIT;
     loop {

@@ -577,19 +577,7 @@ async fn declare_group_queue(
     max_pending: i64,
 ) -> lapin::Result<String> {
     let queue = group_queue(group);
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max_pending));
-    arguments.insert("x-overflow".into(), long_string("reject-publish"));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await?;
+    declare_bounded_queue(channel, &queue, max_pending, "reject-publish").await?;
     channel
         .queue_bind(
             queue.as_str().into(),
@@ -604,21 +592,35 @@ async fn declare_group_queue(
 
 async fn declare_dead_queue(channel: &Channel, group: &str) -> BrokerResult<String> {
     let queue = format!("wharf.dead.{group}");
+    declare_bounded_queue(channel, &queue, MAX_DEAD, "drop-head")
+        .await
+        .map_err(classify)?;
+    Ok(queue)
+}
+
+/// Declares the durable queue `queue`, holding at most `max_length`
+/// messages; `overflow` is what RabbitMQ does past that (`reject-publish`:
+/// refuse new ones; `drop-head`: drop the oldest).
+async fn declare_bounded_queue(
+    channel: &Channel,
+    queue: &str,
+    max_length: i64,
+    overflow: &str,
+) -> lapin::Result<()> {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_DEAD));
-    arguments.insert("x-overflow".into(), long_string("drop-head"));
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
+    arguments.insert("x-overflow".into(), long_string(overflow));
     channel
         .queue_declare(
-            queue.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
             },
             arguments,
         )
-        .await
-        .map_err(classify)?;
-    Ok(queue)
+        .await?;
+    Ok(())
 }
 
 /// Publishes and waits for the broker's confirm; a negative one means the
