@@ -1,4 +1,5 @@
-//! The `wharf` command line: `wharf serve [DIR] [--listen ADDR]`.
+//! The `wharf` command line: `wharf serve [DIR]`, and `check`, `deploy`,
+//! `rm` and `status` for the developer's loop and CI.
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use wharf::capabilities::keyvalue::backend::BackendChoice;
 use wharf::capabilities::messaging::broker::BrokerChoice;
 use wharf::deploy::cluster::ClusterConfig;
 use wharf::guest::engine::EngineOptions;
+use wharf::ops::client::{AdminClient, DEFAULT_ADMIN_URL, DeployOutcome, render_status};
 use wharf::{Config, Host};
 
 /// Wharf: a serverless WebAssembly microservice host.
@@ -31,7 +33,78 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve every component in a directory over HTTP, following changes.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Tell, without serving it, whether a file will deploy and why not;
+    /// exits 1 if it will not.
+    Check(CheckArgs),
+    /// Deploy a component to a running host through its admin API.
+    Deploy(DeployArgs),
+    /// Remove a service from a running host through its admin API.
+    Rm(RmArgs),
+    /// Show a running host's services: generation, requests/s, errors,
+    /// in-flight requests and the last deploy's result.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// The component file.
+    file: PathBuf,
+    /// Its manifest [default: NAME.toml beside the file, if there is one].
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// The service name [default: the file's name without .wasm].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where the admin API is and how to authenticate to it.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The host's admin endpoint [default: WHARF_ADMIN_URL, else
+    /// http://127.0.0.1:9090].
+    #[arg(long, value_name = "URL")]
+    to: Option<String>,
+    /// File holding the admin bearer token [default: WHARF_ADMIN_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DeployArgs {
+    /// The component file.
+    file: PathBuf,
+    /// Its manifest [default: NAME.toml beside the file, if there is one].
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// The service name [default: the file's name without .wasm].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct RmArgs {
+    /// The service to remove.
+    name: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// Seconds over which requests/s is measured.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    window: f64,
+    /// Print the host's service list as JSON instead.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 /// How log lines are written.
@@ -239,9 +312,135 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(serve(args))
+            runtime.block_on(serve(*args))
         }
+        Command::Check(args) => client_runtime()?.block_on(check(args)),
+        Command::Deploy(args) => client_runtime()?.block_on(deploy(args)),
+        Command::Rm(args) => client_runtime()?.block_on(remove(args)),
+        Command::Status(args) => client_runtime()?.block_on(status(args)),
     }
+}
+
+/// The runtime of the commands that are not `serve`.
+fn client_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The service name for `file`: `name` if given, else the file's stem.
+fn service_name(file: &std::path::Path, name: Option<&str>) -> Result<String> {
+    match name {
+        Some(name) => Ok(name.to_string()),
+        None => file
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .map(str::to_string)
+            .with_context(|| {
+                format!(
+                    "{}: no service name in the file name; give --name",
+                    file.display()
+                )
+            }),
+    }
+}
+
+/// `manifest` if given, else `NAME.toml` beside `file` if present.
+fn manifest_for(file: &std::path::Path, manifest: Option<PathBuf>) -> Option<PathBuf> {
+    manifest.or_else(|| wharf::ops::check::sibling_manifest(file))
+}
+
+async fn check(args: CheckArgs) -> Result<()> {
+    let name = service_name(&args.file, args.name.as_deref())?;
+    let manifest = manifest_for(&args.file, args.manifest);
+    let report =
+        wharf::ops::check::check_file(&args.file, manifest.as_deref(), Some(&name)).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        if let Some(manifest) = &manifest {
+            println!("manifest: {}", manifest.display());
+        }
+        print!("{}", report.render());
+    }
+    if !report.deploys() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn admin_client(args: &AdminArgs) -> Result<AdminClient> {
+    let url = args
+        .to
+        .clone()
+        .or_else(|| std::env::var("WHARF_ADMIN_URL").ok())
+        .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_string());
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the admin token from {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("WHARF_ADMIN_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
+    AdminClient::new(&url, token)
+}
+
+async fn deploy(args: DeployArgs) -> Result<()> {
+    let name = service_name(&args.file, args.name.as_deref())?;
+    let manifest = manifest_for(&args.file, args.manifest);
+    let client = admin_client(&args.admin)?;
+    let outcome = client
+        .deploy(&name, &args.file, manifest.as_deref(), |waited| {
+            eprintln!(
+                "wharf: {name}: the host is compiling it ({}s so far)",
+                waited.as_secs()
+            );
+        })
+        .await
+        .with_context(|| format!("deploying {name}"))?;
+    match outcome {
+        DeployOutcome::Serving {
+            generation,
+            digest,
+            route,
+        } => println!("{name}: serving at {route}, generation {generation}, {digest}"),
+        DeployOutcome::Accepted(why) => println!("{name}: {}", why.trim()),
+    }
+    Ok(())
+}
+
+async fn remove(args: RmArgs) -> Result<()> {
+    let client = admin_client(&args.admin)?;
+    let answer = client
+        .remove(&args.name)
+        .await
+        .with_context(|| format!("removing {}", args.name))?;
+    println!("{}", answer.trim());
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let client = admin_client(&args.admin)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&client.services().await?)?
+        );
+        return Ok(());
+    }
+    anyhow::ensure!(
+        args.window.is_finite() && (0.0..=60.0).contains(&args.window),
+        "--window: give 0 to 60 seconds"
+    );
+    let services = client.status(Duration::from_secs_f64(args.window)).await?;
+    print!("{}", render_status(&services));
+    Ok(())
 }
 
 /// The server threads to run: `--threads`, else one per core.

@@ -7,6 +7,7 @@ mod cache;
 mod calls;
 mod cli;
 mod cluster;
+mod commands;
 mod embed;
 mod hostile;
 mod keyvalue;

@@ -223,6 +223,12 @@ impl ServiceMetrics {
         self.latency.observe(latency.as_secs_f64());
     }
 
+    /// Responses so far: all of them, and those with a 5xx status.
+    pub fn answered(&self) -> (u64, u64) {
+        let total = self.requests.iter().map(Counter::get).sum();
+        (total, self.requests[4].get())
+    }
+
     /// Requests of this service running now.
     pub fn running(&self) -> u64 {
         self.in_flight.get().max(0) as u64

@@ -347,8 +347,9 @@ impl Deployer {
 
     /// Compiles and probes a service without installing it: whether
     /// [`deploy`](Deployer::deploy) would succeed, short of a route conflict
-    /// or a newer change arriving meanwhile.
-    pub(crate) async fn validate(&self, spec: ServiceSpec) -> Result<()> {
+    /// or a newer change arriving meanwhile. Returns the compiled, uninstalled
+    /// deployment.
+    pub(crate) async fn validate(&self, spec: ServiceSpec) -> Result<Deployment> {
         let route = spec.config.route.clone();
         let name = spec.name.clone();
         if let Some(other) = self
@@ -362,7 +363,7 @@ impl Deployer {
                 other.name()
             );
         }
-        self.build(spec).await.map(drop)
+        self.build(spec).await
     }
 
     /// Compiles in the lane for its size, then proves the component

@@ -414,6 +414,11 @@ fn services_json(host: &Host) -> Value {
                         "path": t.path,
                     })).collect::<Vec<_>>(),
                 },
+                "requests": {
+                    "total": d.metrics().answered().0,
+                    "server_errors": d.metrics().answered().1,
+                    "in_flight": d.metrics().running(),
+                },
                 "compile_ms": d.compile_info().duration.as_secs_f64() * 1000.0,
                 "cache_hit": d.compile_info().cache_hit,
                 "memory_init": d.compile_info().memory_init.as_str(),
@@ -595,15 +600,23 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
         }
     };
     let manifest_text = upload.manifest.as_ref().map(|(_, text)| text.as_str());
+    // A refused version: logged, shown by /services as the service's last
+    // deploy result, and answered 422.
+    let refuse = |reason: String| {
+        tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
+        let response = text(StatusCode::UNPROCESSABLE_ENTITY, &reason);
+        deployer.note_rejection(name, format!("admin upload: {reason}"));
+        response
+    };
     let config = match upload::service_config(deployer, name, manifest_text).await {
         Ok(config) => config,
-        Err(reason) => return text(StatusCode::UNPROCESSABLE_ENTITY, &reason),
+        Err(reason) => return refuse(reason),
     };
     // The one copy of the component in memory: what the compiler reads.
     let path = upload.component.path().to_path_buf();
     let wasm = match tokio::task::spawn_blocking(move || read_component(&path)).await {
         Ok(Ok(wasm)) => wasm,
-        Ok(Err(err)) => return text(StatusCode::UNPROCESSABLE_ENTITY, &format!("{err:#}")),
+        Ok(Err(err)) => return refuse(format!("{err:#}")),
         Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
     };
     let digest = upload.component.digest.clone();
@@ -629,10 +642,7 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
     .await
     {
         Ok(()) => {}
-        Err(InstallError::Rejected(reason)) => {
-            tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
-            return text(StatusCode::UNPROCESSABLE_ENTITY, &reason);
-        }
+        Err(InstallError::Rejected(reason)) => return refuse(reason),
         Err(InstallError::Storing(reason)) => {
             tracing::warn!(service = %name, reason = %reason, "admin upload could not be put in place; the previous files stay");
             return text(

@@ -1,0 +1,275 @@
+//! A client of a running host's admin API: what `wharf deploy`, `wharf rm`
+//! and `wharf status` use, so a CI pipeline can deploy to a running host
+//! with one command.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+/// Where the admin API is when nothing says otherwise.
+pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9090";
+
+/// A running host's admin API.
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeployOutcome {
+    /// The version serves: its generation, digest and route.
+    Serving {
+        /// The host's generation of the service.
+        generation: u64,
+        /// The component's digest.
+        digest: String,
+        /// Where it serves.
+        route: String,
+    },
+    /// The files are in place but the version did not serve within the
+    /// host's wait (a newer change may have replaced it).
+    Accepted(String),
+}
+
+/// One service as `wharf status` shows it.
+#[derive(Debug, Clone)]
+pub struct ServiceStatus {
+    /// The service.
+    pub name: String,
+    /// Where it serves (`None`: rejected and not serving).
+    pub route: Option<String>,
+    /// Its generation on the host.
+    pub generation: Option<u64>,
+    /// Its component's digest.
+    pub digest: Option<String>,
+    /// Requests per second over the sampling second.
+    pub requests_per_second: f64,
+    /// Responses with a 5xx status so far.
+    pub server_errors: u64,
+    /// Requests running now.
+    pub in_flight: u64,
+    /// The last deploy's result: `ok`, or the rejection's reason.
+    pub last_deploy: String,
+}
+
+impl AdminClient {
+    /// A client of the admin API at `base` (`http://HOST:PORT` or
+    /// `https://…`), sending `token` as the bearer token on writes.
+    pub fn new(base: &str, token: Option<String>) -> Result<AdminClient> {
+        let base = base.trim().trim_end_matches('/').to_string();
+        let url = reqwest::Url::parse(&base)
+            .with_context(|| format!("admin URL {base:?} is not a URL"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            bail!("admin URL {base:?}: expected http://HOST:PORT or https://HOST:PORT");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(AdminClient { base, token, http })
+    }
+
+    fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Uploads `component` (and `manifest`, if any) as service `name` and
+    /// waits for the host's answer. `progress` is called every few seconds
+    /// while the host compiles, with the time so far.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        component: &Path,
+        manifest: Option<&Path>,
+        mut progress: impl FnMut(Duration),
+    ) -> Result<DeployOutcome> {
+        let file = tokio::fs::File::open(component)
+            .await
+            .with_context(|| format!("opening {}", component.display()))?;
+        let length = file.metadata().await?.len();
+        let mut form = reqwest::multipart::Form::new().part(
+            "component",
+            reqwest::multipart::Part::stream_with_length(reqwest::Body::from(file), length)
+                .file_name(format!("{name}.wasm")),
+        );
+        if let Some(manifest) = manifest {
+            let text = tokio::fs::read_to_string(manifest)
+                .await
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            form = form.part(
+                "manifest",
+                reqwest::multipart::Part::text(text).file_name(format!("{name}.toml")),
+            );
+        }
+        let request = self
+            .authorised(self.http.put(format!("{}/services/{name}", self.base)))
+            .multipart(form)
+            .send();
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.tick().await;
+        tokio::pin!(request);
+        let response = loop {
+            tokio::select! {
+                response = &mut request => break response,
+                _ = tick.tick() => progress(started.elapsed()),
+            }
+        }
+        .with_context(|| format!("sending the deploy to {}", self.base))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        match status.as_u16() {
+            200 => {
+                let value: Value = serde_json::from_str(&body)
+                    .with_context(|| format!("reading the host's answer: {body}"))?;
+                Ok(DeployOutcome::Serving {
+                    generation: value["generation"].as_u64().unwrap_or_default(),
+                    digest: value["digest"].as_str().unwrap_or_default().to_string(),
+                    route: value["route"].as_str().unwrap_or_default().to_string(),
+                })
+            }
+            202 => Ok(DeployOutcome::Accepted(body)),
+            _ => bail!("{}: {}", status, body.trim()),
+        }
+    }
+
+    /// Removes service `name`.
+    pub async fn remove(&self, name: &str) -> Result<String> {
+        let response = self
+            .authorised(self.http.delete(format!("{}/services/{name}", self.base)))
+            .send()
+            .await
+            .with_context(|| format!("sending the removal to {}", self.base))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("{}: {}", status, body.trim());
+        }
+        Ok(body)
+    }
+
+    /// `GET /services`.
+    pub async fn services(&self) -> Result<Value> {
+        let response = self
+            .authorised(self.http.get(format!("{}/services", self.base)))
+            .send()
+            .await
+            .with_context(|| format!("asking {} for its services", self.base))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("{}: {}", status, body.trim());
+        }
+        serde_json::from_str(&body).with_context(|| format!("reading the service list: {body}"))
+    }
+
+    /// Every service's state, with its request rate sampled over `window`.
+    pub async fn status(&self, window: Duration) -> Result<Vec<ServiceStatus>> {
+        let first = self.services().await?;
+        let started = Instant::now();
+        tokio::time::sleep(window).await;
+        let second = self.services().await?;
+        let seconds = started.elapsed().as_secs_f64().max(0.001);
+        let totals = |list: &Value, name: &str| {
+            services_of(list)
+                .iter()
+                .find(|s| s["name"] == name)
+                .and_then(|s| s["requests"]["total"].as_u64())
+        };
+        Ok(services_of(&second)
+            .iter()
+            .map(|service| {
+                let name = service["name"].as_str().unwrap_or_default().to_string();
+                let now = totals(&second, &name).unwrap_or_default();
+                let before = totals(&first, &name).unwrap_or(now);
+                ServiceStatus {
+                    route: service["route"].as_str().map(str::to_string),
+                    generation: service["generation"].as_u64(),
+                    digest: service["digest"].as_str().map(str::to_string),
+                    requests_per_second: now.saturating_sub(before) as f64 / seconds,
+                    server_errors: service["requests"]["server_errors"]
+                        .as_u64()
+                        .unwrap_or_default(),
+                    in_flight: service["requests"]["in_flight"]
+                        .as_u64()
+                        .unwrap_or_default(),
+                    last_deploy: match service["last_error"].as_str() {
+                        Some(reason) => format!("rejected: {reason}"),
+                        None => "ok".to_string(),
+                    },
+                    name,
+                }
+            })
+            .collect())
+    }
+}
+
+fn services_of(list: &Value) -> Vec<Value> {
+    list["services"].as_array().cloned().unwrap_or_default()
+}
+
+/// `wharf status`'s table.
+pub fn render_status(services: &[ServiceStatus]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if services.is_empty() {
+        return "no services\n".to_string();
+    }
+    let name_width = services
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    let route_width = services
+        .iter()
+        .map(|s| s.route.as_deref().unwrap_or("-").len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let _ = writeln!(
+        out,
+        "{:name_width$}  {:route_width$}  {:>4}  {:>8}  {:>6}  {:>9}  LAST DEPLOY",
+        "SERVICE", "ROUTE", "GEN", "REQ/S", "5XX", "IN FLIGHT"
+    );
+    for s in services {
+        let _ = writeln!(
+            out,
+            "{:name_width$}  {:route_width$}  {:>4}  {:>8.1}  {:>6}  {:>9}  {}",
+            s.name,
+            s.route.as_deref().unwrap_or("-"),
+            s.generation.map_or("-".to_string(), |g| g.to_string()),
+            s.requests_per_second,
+            s.server_errors,
+            s.in_flight,
+            s.last_deploy
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_urls_are_checked_once() {
+        assert!(AdminClient::new("http://127.0.0.1:9090/", None).is_ok());
+        assert_eq!(
+            AdminClient::new(" https://admin.example:9443/ ", None)
+                .unwrap()
+                .base,
+            "https://admin.example:9443"
+        );
+        for bad in ["127.0.0.1:9090", "ftp://x", "http://"] {
+            assert!(AdminClient::new(bad, None).is_err(), "{bad}");
+        }
+    }
+}

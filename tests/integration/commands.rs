@@ -1,0 +1,257 @@
+//! The developer's commands: `wharf check` tells whether a file deploys
+//! without serving it; `wharf deploy`, `rm` and `status` drive a running
+//! host's admin API.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::support::{ServiceDir, WharfProcess, eventually, get, guest, guest_bytes};
+
+fn wharf(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    command
+        .args(args)
+        .env_remove("WHARF_ADMIN_TOKEN")
+        .env_remove("WHARF_ADMIN_URL");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run wharf")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A component importing `wasi:nope/thing@1.0.0` (an empty instance) and
+/// exporting nothing, encoded by hand.
+fn component_importing_nope() -> Vec<u8> {
+    let name = b"wasi:nope/thing@1.0.0";
+    let types = [0x01, 0x42, 0x00];
+    let mut import = vec![0x01, 0x00, name.len() as u8];
+    import.extend_from_slice(name);
+    import.extend_from_slice(&[0x05, 0x00]);
+    let mut bytes = b"\0asm\x0d\x00\x01\x00".to_vec();
+    bytes.extend_from_slice(&[0x07, types.len() as u8]);
+    bytes.extend_from_slice(&types);
+    bytes.extend_from_slice(&[0x0a, import.len() as u8]);
+    bytes.extend_from_slice(&import);
+    bytes
+}
+
+#[test]
+fn check_says_a_good_component_deploys_and_what_it_imports() {
+    let output = wharf(&["check", guest("hello").to_str().unwrap()], &[]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    for needle in [
+        "hello: a WebAssembly component",
+        "serves:  wasi:http/incoming-handler@0.2",
+        "wasi:cli/environment@0.2",
+        "[env]",
+        "compile: ",
+        "verdict: deploys",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+    // --json, for scripts.
+    let output = wharf(&["check", "--json", guest("kv").to_str().unwrap()], &[]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["refused"], serde_json::Value::Null);
+    assert!(report["compiled_size"].as_u64().unwrap() > 0);
+    let imports = report["imports"].as_array().unwrap();
+    assert!(
+        imports.iter().any(
+            |i| i["name"].as_str().unwrap().starts_with("wasi:keyvalue/")
+                && i["note"].as_str().unwrap().contains("[keyvalue] buckets")
+        ),
+        "{report}"
+    );
+}
+
+#[test]
+fn check_refuses_what_would_not_deploy_and_says_why() {
+    let dir = ServiceDir::new();
+    // A core module.
+    dir.write("core.wasm", b"\0asm\x01\0\0\0");
+    // A good component with a broken manifest beside it (read by default).
+    dir.install_bytes("svc.wasm", &guest_bytes("hello"));
+    dir.write("svc.toml", b"[limits]\nmemory = \"lots\"\n");
+    // A component importing what no host provides, and exporting nothing.
+    dir.write("nope.wasm", &component_importing_nope());
+    let path = |file: &str| dir.path().join(file).to_str().unwrap().to_string();
+    for (file, needle) in [
+        ("core.wasm", "core WebAssembly module"),
+        ("svc.wasm", "svc.toml: limits.memory"),
+        ("nope.wasm", "exports neither wasi:http"),
+    ] {
+        let output = wharf(&["check", &path(file)], &[]);
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(1), "{file}: {text}");
+        assert!(
+            text.contains("verdict: refused") && text.contains(needle),
+            "{file}: no {needle:?} in:\n{text}"
+        );
+    }
+    let nope = stdout(&wharf(&["check", &path("nope.wasm")], &[]));
+    assert!(
+        nope.contains("wasi:nope/thing@1.0.0  NOT PROVIDED"),
+        "{nope}"
+    );
+    // The manifest given on the command line wins over the one beside it.
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[limits]\nmemory = \"64MiB\"\n").unwrap();
+    let output = wharf(
+        &[
+            "check",
+            &path("svc.wasm"),
+            "--manifest",
+            good.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", stdout(&output));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_status_and_rm_drive_a_running_host() {
+    let dir = ServiceDir::new();
+    let secrets = ServiceDir::new();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let host = WharfProcess::start(
+        dir.path(),
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let admin = host
+        .log()
+        .lines()
+        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
+        .expect("admin address line");
+    let to = ["--to", admin.as_str()];
+    let token = ["--token-file", token_file.to_str().unwrap()];
+
+    // A component and the manifest beside it, deployed as `greeter`.
+    let work = ServiceDir::new();
+    work.install_bytes("hello.wasm", &guest_bytes("hello"));
+    work.write("hello.toml", b"route = \"/greet\"\n");
+    let file = work.path().join("hello.wasm");
+    let file = file.to_str().unwrap();
+    let args = |extra: &[&str]| -> Vec<String> {
+        ["deploy", file, "--name", "greeter"]
+            .iter()
+            .chain(to.iter())
+            .chain(extra.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: Vec<String>, env: &[(&str, &str)]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        wharf(&args, env)
+    };
+    // Without the token: refused, and the message says why.
+    let output = run(args(&[]), &[]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("401"), "{}", stderr(&output));
+    // With it (from the file, or from WHARF_ADMIN_TOKEN).
+    let output = run(args(&token), &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("greeter: serving at /greet, generation 1, sha256:"),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(
+        get(&host.url("/greet")).await.map(|r| r.0),
+        Some(200),
+        "the deploy serves at its manifest's route"
+    );
+    assert!(dir.path().join("greeter.toml").exists());
+
+    // A broken version is refused with its reason; the previous one serves.
+    work.write("broken.wasm", b"\0asm\x01\0\0\0");
+    let broken = work.path().join("broken.wasm");
+    let output = wharf(
+        &[
+            "deploy",
+            broken.to_str().unwrap(),
+            "--name",
+            "greeter",
+            "--to",
+            &admin,
+        ],
+        &[("WHARF_ADMIN_TOKEN", "s3cret")],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("core WebAssembly module"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(get(&host.url("/greet")).await.map(|r| r.0), Some(200));
+
+    // Status: the service, its generation, its traffic, the last deploy.
+    let load = tokio::spawn({
+        let url = host.url("/greet");
+        async move {
+            for _ in 0..200 {
+                let _ = get(&url).await;
+            }
+        }
+    });
+    let output = wharf(&["status", "--window", "1", "--to", &admin], &[]);
+    load.await.unwrap();
+    let table = stdout(&output);
+    assert!(output.status.success(), "{table}{}", stderr(&output));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("greeter "))
+        .unwrap_or_else(|| panic!("no greeter row:\n{table}"));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(fields[1], "/greet", "{table}");
+    assert_eq!(fields[2], "1", "{table}");
+    let rate: f64 = fields[3].parse().unwrap();
+    assert!(rate > 0.0, "no requests counted:\n{table}");
+    assert!(
+        row.contains("rejected: admin upload:") && row.contains("core WebAssembly module"),
+        "the refused deploy is the last result:\n{table}"
+    );
+
+    // rm, then nothing is left.
+    let output = wharf(
+        &[
+            "rm",
+            "greeter",
+            "--to",
+            &admin,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    eventually(Duration::from_secs(10), "greeter gone", || {
+        let url = host.url("/greet");
+        async move { get(&url).await.is_some_and(|(s, _)| s == 404) }
+    })
+    .await;
+    let output = wharf(
+        &["rm", "greeter", "--to", &admin],
+        &[("WHARF_ADMIN_TOKEN", "s3cret")],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("no service named greeter"),
+        "{}",
+        stderr(&output)
+    );
+}
