@@ -16,6 +16,7 @@ use wharf::capabilities::messaging::broker::BrokerChoice;
 use wharf::deploy::cluster::ClusterConfig;
 use wharf::guest::engine::EngineOptions;
 use wharf::ops::client::{AdminClient, DEFAULT_ADMIN_URL, DeployOutcome, render_status};
+use wharf::ops::scaffold::{self, Language};
 use wharf::{Config, Host};
 
 /// Wharf: a serverless WebAssembly microservice host.
@@ -34,6 +35,9 @@ struct Cli {
 enum Command {
     /// Serve every component in a directory over HTTP, following changes.
     Serve(Box<ServeArgs>),
+    /// Create a ready-to-build service project (source, WIT, build file
+    /// and a commented manifest).
+    New(NewArgs),
     /// Tell, without serving it, whether a file will deploy and why not;
     /// exits 1 if it will not.
     Check(CheckArgs),
@@ -44,6 +48,19 @@ enum Command {
     /// Show a running host's services: generation, requests/s, errors,
     /// in-flight requests and the last deploy's result.
     Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct NewArgs {
+    /// The service name (lowercase letters, digits and '-'): it serves at
+    /// /NAME.
+    name: String,
+    /// The language: rust, js or python.
+    #[arg(long, default_value = "js", value_parser = |s: &str| s.parse::<Language>())]
+    lang: Language,
+    /// Where to create it [default: ./NAME].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -314,6 +331,7 @@ fn main() -> Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(serve(*args))
         }
+        Command::New(args) => new_project(args),
         Command::Check(args) => client_runtime()?.block_on(check(args)),
         Command::Deploy(args) => client_runtime()?.block_on(deploy(args)),
         Command::Rm(args) => client_runtime()?.block_on(remove(args)),
@@ -349,6 +367,18 @@ fn service_name(file: &std::path::Path, name: Option<&str>) -> Result<String> {
 /// `manifest` if given, else `NAME.toml` beside `file` if present.
 fn manifest_for(file: &std::path::Path, manifest: Option<PathBuf>) -> Option<PathBuf> {
     manifest.or_else(|| wharf::ops::check::sibling_manifest(file))
+}
+
+fn new_project(args: NewArgs) -> Result<()> {
+    let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
+    let project = scaffold::create(&args.name, args.lang, &dir)?;
+    println!(
+        "created {} ({} files)\n\nnext:\n  {}",
+        project.dir.display(),
+        project.files.len(),
+        project.next_steps
+    );
+    Ok(())
 }
 
 async fn check(args: CheckArgs) -> Result<()> {

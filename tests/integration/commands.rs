@@ -255,3 +255,143 @@ async fn deploy_status_and_rm_drive_a_running_host() {
         stderr(&output)
     );
 }
+
+/// Runs a build step of a generated project, failing with its output.
+fn build_step(dir: &std::path::Path, program: &str, args: &[&str], path_first: Option<&str>) {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        // The outer `cargo test` must not steer the project's own build.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("CARGO_TARGET_DIR");
+    if let Some(first) = path_first {
+        let path = std::env::var("PATH").unwrap_or_default();
+        command.env("PATH", format!("{first}:{path}"));
+    }
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("running {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed in {}:\n{}{}",
+        dir.display(),
+        stdout(&output),
+        stderr(&output)
+    );
+}
+
+/// `wharf new NAME --lang LANG`, the printed next steps, and the project.
+fn new_project(name: &str, lang: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join(name);
+    let output = wharf(
+        &["new", name, "--lang", lang, "--dir", dir.to_str().unwrap()],
+        &[],
+    );
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    assert!(
+        text.contains("wharf check") && text.contains(&format!("{name}.toml")),
+        "the next steps build, check and deploy it:\n{text}"
+    );
+    (parent, dir)
+}
+
+/// Serves `wasm` with the project's manifest and checks every route the
+/// templates promise.
+async fn serve_and_probe(name: &str, project: &std::path::Path, wasm: &std::path::Path) {
+    let output = wharf(
+        &[
+            "check",
+            wasm.to_str().unwrap(),
+            "--manifest",
+            project.join(format!("{name}.toml")).to_str().unwrap(),
+            "--name",
+            name,
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", stdout(&output));
+    let services = ServiceDir::new();
+    services.write(
+        &format!("{name}.toml"),
+        &std::fs::read(project.join(format!("{name}.toml"))).unwrap(),
+    );
+    services.install_bytes(&format!("{name}.wasm"), &std::fs::read(wasm).unwrap());
+    let server = crate::support::TestServer::for_dir(&services).await;
+    let (status, body) = get(&server.url(&format!("/{name}/"))).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("Hello from {name}!")), "{body}");
+    let (status, body) = get(&server.url(&format!("/{name}/hello?name=Ada%20L")))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Hello, Ada L!"), "{body}");
+    let response = crate::support::client()
+        .post(server.url(&format!("/{name}/echo")))
+        .body(r#"{"order":42}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echoed: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(echoed["bytes"], 12, "{echoed}");
+    let (status, _) = get(&server.url(&format!("/{name}/nowhere"))).await.unwrap();
+    assert_eq!(status, 404);
+}
+
+fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rust_template_builds_and_serves() {
+    let (_parent, project) = new_project("hello-rs", "rust");
+    // A target directory of the workspace's, so later runs build quickly.
+    let target = workspace().join("target").join("templates");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    build_step(
+        &project,
+        &cargo,
+        &[
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+            target.to_str().unwrap(),
+        ],
+        None,
+    );
+    let wasm = target.join("wasm32-wasip2/release/hello_rs.wasm");
+    serve_and_probe("hello-rs", &project, &wasm).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_javascript_template_builds_and_serves() {
+    let (_parent, project) = new_project("hello-js", "js");
+    build_step(
+        &project,
+        "npm",
+        &["install", "--no-audit", "--no-fund", "--prefer-offline"],
+        None,
+    );
+    build_step(&project, "npm", &["run", "build"], None);
+    serve_and_probe("hello-js", &project, &project.join("hello-js.wasm")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_template_builds_and_serves() {
+    let (_parent, project) = new_project("hello-py", "python");
+    // componentize-py from the venv `cargo xtask guests` made, as the
+    // project's `pip install .` would provide it.
+    let venv = workspace().join("guests/python/.venv/bin");
+    build_step(&project, "sh", &["build.sh"], Some(venv.to_str().unwrap()));
+    serve_and_probe("hello-py", &project, &project.join("hello-py.wasm")).await;
+}

@@ -1,0 +1,8 @@
+#!/bin/sh
+# Builds app.py into {{name}}.wasm, a wasi:http component, with componentize-py
+# (install it with `pip install .` or `pip install componentize-py==0.25.1`).
+# The WIT in wit/ is the wasi:http 0.2 proxy world.
+set -e
+cd "$(dirname "$0")"
+componentize-py -d wit -w service componentize app -o {{name}}.wasm
+echo "built {{name}}.wasm"
