@@ -67,6 +67,8 @@ struct Inner {
     watcher: AsyncMutex<Option<DirWatcher>>,
     /// How the initial load went; set once it is done.
     load_report: OnceLock<LoadReport>,
+    /// When the host was created.
+    started: std::time::Instant,
 }
 
 impl Host {
@@ -170,6 +172,7 @@ impl Host {
             dispatcher,
             watcher: AsyncMutex::new(None),
             load_report: OnceLock::new(),
+            started: std::time::Instant::now(),
         });
         tokio::spawn(sweep_idle_instances(Arc::downgrade(&inner)));
         Ok(Host { inner })
@@ -264,6 +267,11 @@ impl Host {
         self.inner.load_report.get().is_some()
             && !self.inner.dispatcher.is_draining()
             && self.inner.cluster.as_ref().is_none_or(|c| c.has_joined())
+    }
+
+    /// How long ago the host was created.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.inner.started.elapsed()
     }
 
     /// The cluster this host belongs to, if any.

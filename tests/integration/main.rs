@@ -8,6 +8,7 @@ mod calls;
 mod cli;
 mod cluster;
 mod commands;
+mod dashboard;
 mod embed;
 mod hostile;
 mod keyvalue;

@@ -212,6 +212,7 @@ fn test() -> Result<()> {
         &system::NATS,
         &system::RABBITMQ,
         &system::HAPROXY,
+        &system::CHROMIUM,
     ])?;
     guests::build(&guests::Lang::ALL)?;
     let root = root();

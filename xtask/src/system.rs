@@ -62,6 +62,12 @@ pub const HAPROXY: Tool = Tool {
     packages: &["haproxy"],
     hint: "install HAProxy (haproxy)",
 };
+/// Chromium and ChromeDriver, for the dashboard's browser test.
+pub const CHROMIUM: Tool = Tool {
+    probe: &["chromedriver", "--version"],
+    packages: &["chromium", "chromium-driver"],
+    hint: "install Chromium and ChromeDriver (chromium, chromium-driver)",
+};
 /// The HTTP load generator the benchmarks drive.
 pub const WRK: Tool = Tool {
     probe: &["wrk", "--version"],

@@ -192,7 +192,24 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 0.1 ms .. ~26 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+    Histogram::new(exponential_buckets(
+        0.0001,
+        2.0,
+        (LATENCY_BUCKETS - 1) as u16,
+    ))
+}
+
+/// Latency buckets: upper bounds 0.1 ms × 2^i for i < 19, then +Inf.
+pub const LATENCY_BUCKETS: usize = 20;
+
+/// The upper bound of latency bucket `i`, in seconds (`INFINITY` for the
+/// last).
+pub fn latency_bucket_bound(i: usize) -> f64 {
+    if i + 1 >= LATENCY_BUCKETS {
+        f64::INFINITY
+    } else {
+        0.0001 * f64::powi(2.0, i as i32)
+    }
 }
 
 fn compile_histogram() -> Histogram {
@@ -205,6 +222,9 @@ fn compile_histogram() -> Histogram {
 pub struct ServiceMetrics {
     requests: [Counter; 5],
     latency: Histogram,
+    /// The same latencies, counted per bucket where the dashboard can read
+    /// them (the Prometheus histogram does not expose its buckets).
+    latency_counts: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS],
     in_flight: Gauge,
     timeouts: Counter,
     cpu_limited: Counter,
@@ -220,7 +240,17 @@ impl ServiceMetrics {
     pub fn observe(&self, status: u16, latency: Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.requests[class].inc();
-        self.latency.observe(latency.as_secs_f64());
+        let seconds = latency.as_secs_f64();
+        self.latency.observe(seconds);
+        let bucket = (0..LATENCY_BUCKETS)
+            .find(|&i| seconds <= latency_bucket_bound(i))
+            .unwrap_or(LATENCY_BUCKETS - 1);
+        self.latency_counts[bucket].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Responses so far per latency bucket (see [`latency_bucket_bound`]).
+    pub fn latency_counts(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.latency_counts[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Responses so far: all of them, and those with a 5xx status.
@@ -611,6 +641,7 @@ impl Metrics {
                             .clone()
                     }),
                     latency: self.latency.get_or_create(&labels).clone(),
+                    latency_counts: std::array::from_fn(|_| Default::default()),
                     in_flight: self.in_flight.get_or_create(&labels).clone(),
                     timeouts: self.timeouts.get_or_create(&labels).clone(),
                     cpu_limited: self.cpu_limited.get_or_create(&labels).clone(),

@@ -158,6 +158,33 @@ async fn route(
     let path = request.uri().path().to_string();
     match (request.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
+        (&Method::GET, "/") => {
+            let mut response = http::Response::new(Full::new(Bytes::from_static(
+                crate::ops::dashboard::PAGE.as_bytes(),
+            )));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            response
+        }
+        (&Method::GET, "/dashboard/state") => {
+            // Log lines may carry what guests print: with a token
+            // configured, they need it (the rest is what /services shows).
+            let logs = token.is_none_or(|token| {
+                token.accepts(request.headers().get(http::header::AUTHORIZATION))
+            });
+            let since = request.uri().query().and_then(|query| {
+                query
+                    .split('&')
+                    .find_map(|pair| pair.strip_prefix("since="))
+                    .and_then(|n| n.parse::<u64>().ok())
+            });
+            json_response(
+                StatusCode::OK,
+                &crate::ops::dashboard::state(host, logs, since).await,
+            )
+        }
         (&Method::GET, "/readyz") => {
             // Backends are reported, not gating: a host whose Redis is down
             // still serves every service that does not use it.
@@ -279,7 +306,7 @@ async fn route(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "no such admin route; see /healthz /readyz /metrics /services /cluster /messages/dead/GROUP",
+            "no such admin route; see / (the dashboard) /healthz /readyz /metrics /services /cluster /messages/dead/GROUP",
         ),
     }
 }

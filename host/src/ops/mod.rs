@@ -1,5 +1,6 @@
 //! Operating hosts: the admin endpoint (`admin`) with health, readiness,
-//! Prometheus metrics, the service list and the deploy API; its client
+//! Prometheus metrics, the service list and the deploy API; the live page
+//! it serves (`dashboard`); its client
 //! (`client`, behind `wharf deploy`, `rm` and `status`); `check`, which
 //! tells whether a file will deploy without serving it; and `scaffold`, the
 //! project templates of `wharf new`.
@@ -9,4 +10,5 @@
 pub mod admin;
 pub mod check;
 pub mod client;
+pub mod dashboard;
 pub mod scaffold;
