@@ -55,7 +55,7 @@ struct NewArgs {
     /// The service name (lowercase letters, digits and '-'): it serves at
     /// /NAME.
     name: String,
-    /// The language: rust, js or python.
+    /// The language: js, ts, python or rust.
     #[arg(long, default_value = "js", value_parser = |s: &str| s.parse::<Language>())]
     lang: Language,
     /// Where to create it [default: ./NAME].

@@ -395,3 +395,16 @@ async fn the_python_template_builds_and_serves() {
     build_step(&project, "sh", &["build.sh"], Some(venv.to_str().unwrap()));
     serve_and_probe("hello-py", &project, &project.join("hello-py.wasm")).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_typescript_template_builds_and_serves() {
+    let (_parent, project) = new_project("hello-ts", "ts");
+    build_step(
+        &project,
+        "npm",
+        &["install", "--no-audit", "--no-fund", "--prefer-offline"],
+        None,
+    );
+    build_step(&project, "npm", &["run", "build"], None);
+    serve_and_probe("hello-ts", &project, &project.join("hello-ts.wasm")).await;
+}

@@ -230,6 +230,8 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
             "resident_bytes": resident_bytes(),
             "ready": host.is_ready(),
             "services": snapshot.services().count(),
+            "instances_in_use": host.deployer().runtime().instances().in_use(),
+            "instances_capacity": host.deployer().runtime().instances().capacity(),
         },
         "latency_bounds": (0..LATENCY_BUCKETS).map(|i| {
             let bound = latency_bucket_bound(i);

@@ -16,6 +16,8 @@ pub enum Language {
     Rust,
     /// JavaScript, built with ComponentizeJS.
     JavaScript,
+    /// TypeScript, compiled by `tsc`, then built with ComponentizeJS.
+    TypeScript,
     /// Python, built with componentize-py.
     Python,
 }
@@ -28,10 +30,8 @@ impl std::str::FromStr for Language {
             "rust" | "rs" => Ok(Language::Rust),
             "js" | "javascript" => Ok(Language::JavaScript),
             "python" | "py" => Ok(Language::Python),
-            "ts" | "typescript" => Err(
-                "TypeScript has no template yet: use js (ComponentizeJS takes JavaScript; compile TypeScript to it first)".into(),
-            ),
-            other => Err(format!("{other:?}: use rust, js or python")),
+            "ts" | "typescript" => Ok(Language::TypeScript),
+            other => Err(format!("{other:?}: use js, ts, python or rust")),
         }
     }
 }
@@ -102,6 +102,22 @@ const JAVASCRIPT: Files = &[
     ),
 ];
 const JAVASCRIPT_WIT: Files = wasi_deps!("0.2.10");
+const TYPESCRIPT: Files = &[
+    (
+        "package.json",
+        include_str!("../../templates/ts/package.json"),
+    ),
+    (
+        "tsconfig.json",
+        include_str!("../../templates/ts/tsconfig.json"),
+    ),
+    ("build.mjs", include_str!("../../templates/ts/build.mjs")),
+    ("index.ts", include_str!("../../templates/ts/index.ts")),
+    (
+        "wit/service.wit",
+        "package wharf:service;\n\nworld service {\n  include wasi:http/proxy@0.2.10;\n}\n",
+    ),
+];
 const PYTHON: Files = &[
     ("app.py", include_str!("../../templates/python/app.py")),
     (
@@ -143,6 +159,7 @@ pub fn create(name: &str, language: Language, dir: &Path) -> Result<Project> {
     let sets: &[Files] = match language {
         Language::Rust => &[RUST],
         Language::JavaScript => &[JAVASCRIPT, JAVASCRIPT_WIT],
+        Language::TypeScript => &[TYPESCRIPT, JAVASCRIPT_WIT],
         Language::Python => &[PYTHON, PYTHON_WIT],
     };
     let mut files = Vec::new();
@@ -174,14 +191,14 @@ pub fn create(name: &str, language: Language, dir: &Path) -> Result<Project> {
             "target/wasm32-wasip2/release/{}.wasm",
             name.replace('-', "_")
         ),
-        Language::JavaScript | Language::Python => format!("{name}.wasm"),
+        Language::JavaScript | Language::TypeScript | Language::Python => format!("{name}.wasm"),
     };
     let build = match language {
         Language::Rust => {
             "rustup target add wasm32-wasip2\n  cargo build --release --target wasm32-wasip2"
                 .to_string()
         }
-        Language::JavaScript => "npm install\n  npm run build".to_string(),
+        Language::JavaScript | Language::TypeScript => "npm install\n  npm run build".to_string(),
         Language::Python => {
             "python3 -m venv .venv && . .venv/bin/activate && pip install .\n  sh build.sh"
                 .to_string()
@@ -205,12 +222,12 @@ mod tests {
     fn languages_parse_with_a_clear_refusal() {
         assert_eq!("JS".parse::<Language>(), Ok(Language::JavaScript));
         assert_eq!("py".parse::<Language>(), Ok(Language::Python));
-        assert!("ts".parse::<Language>().unwrap_err().contains("TypeScript"));
+        assert_eq!("ts".parse::<Language>(), Ok(Language::TypeScript));
         assert!(
             "cobol"
                 .parse::<Language>()
                 .unwrap_err()
-                .contains("rust, js or python")
+                .contains("js, ts, python or rust")
         );
     }
 
