@@ -156,6 +156,11 @@ async fn the_dashboard_shows_services_traffic_and_rejections_in_a_browser() {
         browser.text(&format!("{row} .route")).await.as_deref() == Some("/hello")
     })
     .await;
+    let wasi = browser
+        .text(&format!("{row} .wasi"))
+        .await
+        .unwrap_or_default();
+    assert!(wasi.starts_with("incoming-handler@0.2."), "{wasi}");
     // Traffic moves its request counter.
     for _ in 0..25 {
         assert_eq!(get(&host.url("/hello/")).await.map(|r| r.0), Some(200));

@@ -409,6 +409,7 @@ fn services_json(host: &Host) -> Value {
                 "route": d.route().as_str(),
                 "generation": d.generation(),
                 "digest": d.digest(),
+                "wasi_http": crate::ops::check::http_export(d),
                 "source": d.source().map(|p| p.display().to_string()),
                 "loaded_at": humantime::format_rfc3339_seconds(d.loaded_at()).to_string(),
                 "limits": {

@@ -234,6 +234,14 @@ fn kind_of(bytes: &[u8]) -> &'static str {
     }
 }
 
+/// The `wasi:http` handler a deployed service exports (interface and
+/// version), for the service list and the dashboard.
+pub(crate) fn http_export(deployment: &crate::deploy::Deployment) -> Option<String> {
+    exports_of(deployment.guest().pre().component())
+        .into_iter()
+        .find(|e| e.starts_with("wasi:http/"))
+}
+
 fn exports_of(component: &Component) -> Vec<String> {
     let ty = component.component_type();
     let engine = component.engine();
