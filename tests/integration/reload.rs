@@ -138,6 +138,30 @@ async fn a_component_without_the_http_handler_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_wasi_0_3_component_is_refused_as_such_and_the_previous_version_serves() {
+    let dir = ServiceDir::new();
+    dir.install("hello", "hello");
+    let server = TestServer::for_dir(&dir).await;
+    assert_eq!(status_of(&server.url("/hello")).await, Some(200));
+    // The same service rebuilt for WASI 0.3 (wasip3, wasi:http@0.3.0).
+    dir.install_bytes("hello.wasm", &guest_bytes("hello_p3"));
+    eventually(APPLY, "the rejection", || async {
+        server
+            .host
+            .registry()
+            .rejection("hello")
+            .is_some_and(|r| r.reason.contains("this is a WASI 0.3 component"))
+    })
+    .await;
+    let reason = server.host.registry().rejection("hello").unwrap().reason;
+    assert!(
+        reason.contains("wasi:http/incoming-handler@0.2.x") && reason.contains("wasip2"),
+        "{reason}"
+    );
+    assert_eq!(status_of(&server.url("/hello")).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn temp_dot_and_other_files_are_ignored() {
     let dir = ServiceDir::new();
     let server = TestServer::for_dir(&dir).await;

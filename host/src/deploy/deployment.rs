@@ -302,6 +302,21 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// The reason a component does not compile, in the user's terms: a WASI
+/// 0.3 component (async functions, streams and futures — what
+/// `wasi:http/handler@0.3.0` services are made of) is named as such, since
+/// the engine's own words ("`stream` requires the component model async
+/// feature") do not say what to do.
+fn explain_compile_error(error: &str) -> anyhow::Error {
+    if error.contains("requires the component model async feature") {
+        anyhow!(
+            "this is a WASI 0.3 component (it uses the component model's async functions, streams or futures, as wasi:http/handler@0.3.0 services do); this Wharf serves WASI 0.2 components (wasi:http/incoming-handler@0.2.x): build it for WASI 0.2, e.g. with the wasip2 crate or cargo's wasm32-wasip2 target ({error})"
+        )
+    } else {
+        anyhow!("invalid component: {error}")
+    }
+}
+
 /// Compiles and links a service. Blocking and CPU-heavy: call it from a
 /// blocking thread, never from an async worker.
 pub(crate) fn build(
@@ -324,8 +339,7 @@ pub(crate) fn build(
         Some(component) => component,
         None => {
             let component = Component::new(flavour.engine(), &spec.wasm[..])
-                .map_err(|err| anyhow!("{err:#}"))
-                .context("invalid component")?;
+                .map_err(|err| explain_compile_error(&format!("{err:#}")))?;
             if let Some(cache) = cache {
                 cache.store(&digest, &component);
             }
