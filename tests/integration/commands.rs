@@ -408,3 +408,50 @@ async fn the_typescript_template_builds_and_serves() {
     build_step(&project, "npm", &["run", "build"], None);
     serve_and_probe("hello-ts", &project, &project.join("hello-ts.wasm")).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_refused_deploy_is_refused_before_its_file_is_sent() {
+    // The host answered 401 before reading the upload and closed the
+    // connection; a client still sending sometimes saw only "Broken pipe"
+    // (once in CI). The token is now checked before the file is streamed,
+    // so the upload is never attempted.
+    let dir = ServiceDir::new();
+    let secrets = ServiceDir::new();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "right\n").unwrap();
+    let host = WharfProcess::start(
+        dir.path(),
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let admin = host
+        .log()
+        .lines()
+        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
+        .expect("admin address line");
+    let work = ServiceDir::new();
+    work.write("big.wasm", &vec![0u8; 64 << 20]);
+    let file = work.path().join("big.wasm");
+    let output = wharf(
+        &["deploy", file.to_str().unwrap(), "--to", &admin],
+        &[("WHARF_ADMIN_TOKEN", "wrong")],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let error = stderr(&output);
+    assert!(
+        error.contains("401")
+            && error.contains("wrong bearer token")
+            && !error.contains("Broken pipe"),
+        "{error}"
+    );
+    assert!(!dir.path().join("big.wasm").exists());
+    assert!(
+        !host.log().contains("admin request refused"),
+        "the upload was sent before the token was checked:\n{}",
+        host.log()
+    );
+}

@@ -242,6 +242,22 @@ async fn route(
                 ),
             },
         },
+        (&Method::GET, "/auth") => {
+            // Whether a write with this request's token would be let in:
+            // `wharf deploy` asks before streaming a large file, since a
+            // refusal sent while the file is still being sent reaches the
+            // client as a broken pipe instead of its reason.
+            let Some(token) = token else {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
+                );
+            };
+            if !token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
+                return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            }
+            text(StatusCode::OK, "token accepted")
+        }
         (&Method::DELETE, _) if path.starts_with("/messages/groups/") => {
             let Some(token) = token else {
                 return text(

@@ -90,6 +90,7 @@ impl AdminClient {
         manifest: Option<&Path>,
         mut progress: impl FnMut(Duration),
     ) -> Result<DeployOutcome> {
+        self.check_token().await?;
         let file = tokio::fs::File::open(component)
             .await
             .with_context(|| format!("opening {}", component.display()))?;
@@ -122,7 +123,12 @@ impl AdminClient {
                 _ = tick.tick() => progress(started.elapsed()),
             }
         }
-        .with_context(|| format!("sending the deploy to {}", self.base))?;
+        .with_context(|| {
+            format!(
+                "sending the deploy to {} (the host closed the connection while the file was being sent: it may have refused it, e.g. for its size)",
+                self.base
+            )
+        })?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         match status.as_u16() {
@@ -138,6 +144,22 @@ impl AdminClient {
             202 => Ok(DeployOutcome::Accepted(body)),
             _ => bail!("{}: {}", status, body.trim()),
         }
+    }
+
+    /// Asks whether the host would let a write with this client's token
+    /// in, so a refusal arrives with its reason before a file is streamed.
+    pub async fn check_token(&self) -> Result<()> {
+        let response = self
+            .authorised(self.http.get(format!("{}/auth", self.base)))
+            .send()
+            .await
+            .with_context(|| format!("reaching the admin endpoint at {}", self.base))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("{}: {}", status, body.trim());
+        }
+        Ok(())
     }
 
     /// Removes service `name`.
