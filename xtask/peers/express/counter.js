@@ -4,8 +4,13 @@
 const express = require('express');
 const { createClient } = require('redis');
 
-const port = Number(process.argv[2] || 3002);
-const client = createClient({ url: process.argv[3] || 'redis://127.0.0.1:6379' });
+const [port, redisUrl] = [Number(process.argv[2]), process.argv[3]];
+if (!port || !redisUrl) {
+  // The bench starts its own Redis on a free port and passes both.
+  console.error('usage: node counter.js PORT REDIS_URL');
+  process.exit(2);
+}
+const client = createClient({ url: redisUrl });
 client.on('error', (err) => console.error('redis:', err.message));
 
 const app = express();
