@@ -561,29 +561,30 @@ async fn a_host_killed_under_load_behind_haproxy_loses_no_request_and_no_message
     );
     // A counter, a publisher and a slow consumer group, deployed on one
     // host; state and messages are the cluster's NATS.
-    nodes[0]
-        .dir
-        .write("counter.toml", b"[keyvalue]\nbuckets = [\"lb\"]\n");
-    nodes[0]
-        .dir
-        .install_bytes("counter.wasm", &guest_bytes("kv"));
-    nodes[0].dir.write(
-        "pub.toml",
-        b"[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = [\"lb.>\"]\n",
-    );
-    nodes[0]
-        .dir
-        .install_bytes("pub.wasm", &guest_bytes("messenger"));
-    nodes[0].dir.write(
-        "rec.toml",
-        b"[limits]\ntimeout = \"2s\"\n[keyvalue]\nbuckets = [\"msgs\"]\n[[trigger.message]]\ntopic = \"lb.t\"\ngroup = \"lb\"\npath = \"/slow?ms=1000\"\n",
-    );
-    nodes[0]
-        .dir
-        .install_bytes("rec.wasm", &guest_bytes("messenger"));
-    nodes[0]
-        .dir
-        .install_bytes("hello.wasm", &guest_bytes("hello"));
+    let services: [(&str, &str, &str); 4] = [
+        ("counter", "kv", "[keyvalue]\nbuckets = [\"lb\"]\n"),
+        (
+            "pub",
+            "messenger",
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = [\"lb.>\"]\n",
+        ),
+        (
+            "rec",
+            "messenger",
+            "[limits]\ntimeout = \"2s\"\n[keyvalue]\nbuckets = [\"msgs\"]\n[[trigger.message]]\ntopic = \"lb.t\"\ngroup = \"lb\"\npath = \"/slow?ms=1000\"\n",
+        ),
+        ("hello", "hello", ""),
+    ];
+    for (name, guest, manifest) in services {
+        if !manifest.is_empty() {
+            nodes[0]
+                .dir
+                .write(&format!("{name}.toml"), manifest.as_bytes());
+        }
+        nodes[0]
+            .dir
+            .install_bytes(&format!("{name}.wasm"), &guest_bytes(guest));
+    }
     for node in &nodes {
         eventually(PATIENCE, "every host serving all four services", || {
             let urls = [

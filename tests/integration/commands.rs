@@ -117,12 +117,12 @@ fn check_refuses_what_would_not_deploy_and_says_why() {
     assert!(output.status.success(), "{}", stdout(&output));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn deploy_status_and_rm_drive_a_running_host() {
-    let dir = ServiceDir::new();
+/// `wharf serve DIR` with an admin endpoint whose writes need `token`,
+/// and the directory holding the token's file (`token`).
+fn host_with_token(dir: &ServiceDir, token: &str) -> (WharfProcess, ServiceDir) {
     let secrets = ServiceDir::new();
     let token_file = secrets.path().join("token");
-    std::fs::write(&token_file, "s3cret\n").unwrap();
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let host = WharfProcess::start(
         dir.path(),
         &[
@@ -132,11 +132,15 @@ async fn deploy_status_and_rm_drive_a_running_host() {
             token_file.to_str().unwrap(),
         ],
     );
-    let admin = host
-        .log()
-        .lines()
-        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
-        .expect("admin address line");
+    (host, secrets)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_status_and_rm_drive_a_running_host() {
+    let dir = ServiceDir::new();
+    let (host, secrets) = host_with_token(&dir, "s3cret");
+    let token_file = secrets.path().join("token");
+    let admin = host.admin_url();
     let to = ["--to", admin.as_str()];
     let token = ["--token-file", token_file.to_str().unwrap()];
 
@@ -416,23 +420,8 @@ async fn regression_a_refused_deploy_is_refused_before_its_file_is_sent() {
     // (once in CI). The token is now checked before the file is streamed,
     // so the upload is never attempted.
     let dir = ServiceDir::new();
-    let secrets = ServiceDir::new();
-    let token_file = secrets.path().join("token");
-    std::fs::write(&token_file, "right\n").unwrap();
-    let host = WharfProcess::start(
-        dir.path(),
-        &[
-            "--admin",
-            "127.0.0.1:0",
-            "--admin-token-file",
-            token_file.to_str().unwrap(),
-        ],
-    );
-    let admin = host
-        .log()
-        .lines()
-        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
-        .expect("admin address line");
+    let (host, _secrets) = host_with_token(&dir, "right");
+    let admin = host.admin_url();
     let work = ServiceDir::new();
     work.write("big.wasm", &vec![0u8; 64 << 20]);
     let file = work.path().join("big.wasm");

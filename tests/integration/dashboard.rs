@@ -47,15 +47,12 @@ impl Browser {
                 },
             }},
         });
-        let response: Value = client()
-            .post(format!("{driver}/session"))
-            .json(&capabilities)
-            .send()
-            .await
-            .expect("reach chromedriver")
-            .json()
-            .await
-            .expect("a WebDriver answer");
+        let response = webdriver(
+            client()
+                .post(format!("{driver}/session"))
+                .json(&capabilities),
+        )
+        .await;
         let session = response["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no WebDriver session: {response}"))
@@ -69,16 +66,8 @@ impl Browser {
     }
 
     async fn command(&self, path: &str, body: Value) -> Value {
-        let response: Value = client()
-            .post(format!("{}/session/{}/{path}", self.driver, self.session))
-            .json(&body)
-            .send()
-            .await
-            .expect("reach chromedriver")
-            .json()
-            .await
-            .expect("a WebDriver answer");
-        response["value"].clone()
+        let url = format!("{}/session/{}/{path}", self.driver, self.session);
+        webdriver(client().post(url).json(&body)).await["value"].clone()
     }
 
     async fn open(&self, url: &str) {
@@ -101,23 +90,25 @@ impl Browser {
     }
 
     async fn screenshot(&self, path: &std::path::Path) {
-        let response: Value = client()
-            .get(format!(
-                "{}/session/{}/screenshot",
-                self.driver, self.session
-            ))
-            .send()
-            .await
-            .expect("reach chromedriver")
-            .json()
-            .await
-            .expect("a WebDriver answer");
+        let url = format!("{}/session/{}/screenshot", self.driver, self.session);
+        let response = webdriver(client().get(url)).await;
         let png = base64::engine::general_purpose::STANDARD
             .decode(response["value"].as_str().expect("a screenshot"))
             .expect("base64");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();
     }
+}
+
+/// Sends a WebDriver request and reads its JSON answer.
+async fn webdriver(request: reqwest::RequestBuilder) -> Value {
+    request
+        .send()
+        .await
+        .expect("reach chromedriver")
+        .json()
+        .await
+        .expect("a WebDriver answer")
 }
 
 impl Drop for Browser {
@@ -142,11 +133,7 @@ async fn the_dashboard_shows_services_traffic_and_rejections_in_a_browser() {
     let dir = ServiceDir::new();
     dir.install("hello", "hello");
     let host = WharfProcess::start(dir.path(), &["--admin", "127.0.0.1:0"]);
-    let admin = host
-        .log()
-        .lines()
-        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
-        .expect("admin address line");
+    let admin = host.admin_url();
     let browser = Browser::start().await;
     browser.open(&format!("{admin}/")).await;
 

@@ -269,11 +269,7 @@ async fn readiness_turns_off_while_draining() {
     let dir = ServiceDir::new();
     dir.install("hostile", "hostile");
     let mut wharf = WharfProcess::start(dir.path(), &["--admin", "127.0.0.1:0"]);
-    let admin = wharf
-        .log()
-        .lines()
-        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
-        .expect("admin address line");
+    let admin = wharf.admin_url();
     assert_eq!(
         client()
             .get(format!("{admin}/readyz"))
@@ -314,11 +310,7 @@ async fn admin_deploys_need_the_token_and_write_through_the_directory() {
             token_file.to_str().unwrap(),
         ],
     );
-    let admin = wharf
-        .log()
-        .lines()
-        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
-        .expect("admin address line");
+    let admin = wharf.admin_url();
     let put = |auth: Option<&str>, body: Vec<u8>| {
         let mut request = client().put(format!("{admin}/services/greeter")).body(body);
         if let Some(auth) = auth {
@@ -532,11 +524,7 @@ fn wharf_with_admin(dir: &ServiceDir, token: &str, extra: &[&str]) -> (WharfProc
     ];
     args.extend_from_slice(extra);
     let wharf = WharfProcess::start(dir.path(), &args);
-    let admin = wharf
-        .log()
-        .lines()
-        .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
-        .expect("admin address line");
+    let admin = wharf.admin_url();
     (wharf, admin)
 }
 

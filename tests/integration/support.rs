@@ -311,6 +311,15 @@ impl WharfProcess {
         format!("{}{path}", self.base)
     }
 
+    /// The admin endpoint's base URL (`http://HOST:PORT`), for a process
+    /// started with `--admin`.
+    pub fn admin_url(&self) -> String {
+        self.log()
+            .lines()
+            .find_map(|l| l.split("admin listening on ").nth(1).map(str::to_string))
+            .expect("an admin address line: start wharf with --admin")
+    }
+
     /// Everything the process has logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

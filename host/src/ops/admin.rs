@@ -420,6 +420,7 @@ fn services_json(host: &Host) -> Value {
         .services()
         .map(|d| {
             let limits = d.limits();
+            let answered = d.metrics().answered();
             json!({
                 "name": d.name(),
                 "route": d.route().as_str(),
@@ -459,8 +460,8 @@ fn services_json(host: &Host) -> Value {
                     })).collect::<Vec<_>>(),
                 },
                 "requests": {
-                    "total": d.metrics().answered().0,
-                    "server_errors": d.metrics().answered().1,
+                    "total": answered.0,
+                    "server_errors": answered.1,
                     "in_flight": d.metrics().running(),
                 },
                 "compile_ms": d.compile_info().duration.as_secs_f64() * 1000.0,

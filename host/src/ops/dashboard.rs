@@ -228,7 +228,7 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
         "host": {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": host.uptime().as_secs(),
-            "resident_bytes": resident_bytes(),
+            "resident_bytes": crate::base::metrics::resident_memory_bytes(),
             "ready": host.is_ready(),
             "services": snapshot.services().count(),
             "instances_in_use": host.deployer().runtime().instances().in_use(),
@@ -246,10 +246,4 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
         "dead_letters": dead_letters,
         "cluster": cluster,
     })
-}
-
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
 }
