@@ -20,3 +20,4 @@ mod reload;
 mod reuse;
 mod serving;
 mod uploads;
+mod wasi_p3;

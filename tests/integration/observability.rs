@@ -159,6 +159,53 @@ async fn metrics_count_a_known_sequence_of_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_wasi_0_3_service_is_counted_and_listed_like_any_other() {
+    let dir = ServiceDir::new();
+    dir.install("hostile", "hostile_p3");
+    dir.write(
+        "hostile.toml",
+        b"[limits]\ntimeout = \"1s\"\n[instance]\nreuse = 16\nconcurrent = 4\n",
+    );
+    let server = TestServer::for_dir(&dir).await;
+    let (admin, _stop) = admin_for(&server.host, None).await;
+    for _ in 0..2 {
+        assert_eq!(get(&server.url("/hostile/")).await.unwrap().0, 200);
+    }
+    assert_eq!(get(&server.url("/hostile/trap")).await.unwrap().0, 500);
+    assert_eq!(
+        get(&server.url("/hostile/never-responds")).await.unwrap().0,
+        504
+    );
+
+    let scrape = scrape_metrics(&admin).await;
+    let requests = |class| {
+        value(
+            &scrape,
+            "wharf_requests_total",
+            &[("service", "hostile"), ("class", class)],
+        )
+    };
+    assert_eq!((requests("2xx"), requests("5xx")), (2.0, 2.0));
+    let hostile = [("service", "hostile")];
+    assert_eq!(value(&scrape, "wharf_traps_total", &hostile), 1.0);
+    assert_eq!(value(&scrape, "wharf_timeouts_total", &hostile), 1.0);
+    assert_eq!(value(&scrape, "wharf_requests_in_flight", &hostile), 0.0);
+
+    let doc: Value = client()
+        .get(format!("{admin}/services"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let service = &doc["services"][0];
+    assert_eq!(service["wasi_http"], "wasi:http/handler@0.3.0");
+    assert_eq!(service["instance"]["reuse"], 16);
+    assert_eq!(service["instance"]["concurrent"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_services_list_shows_versions_limits_and_errors() {
     let dir = ServiceDir::new();
     dir.install("hello", "hello");

@@ -138,27 +138,89 @@ async fn a_component_without_the_http_handler_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_wasi_0_3_component_is_refused_as_such_and_the_previous_version_serves() {
+async fn a_0_2_service_replaced_by_its_0_3_build_serves_and_drains_the_old() {
+    let dir = ServiceDir::new();
+    dir.install("hostile", "hostile");
+    let server = TestServer::for_dir(&dir).await;
+    // A request in flight on the 0.2 version...
+    let running = tokio::spawn({
+        let url = server.url("/hostile/sleep?ms=1500");
+        async move { get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...while the same service, rebuilt for WASI 0.3, takes over.
+    dir.install_bytes("hostile.wasm", &guest_bytes("hostile_p3"));
+    eventually(APPLY, "the 0.3 version", || async {
+        server
+            .host
+            .services()
+            .service("hostile")
+            .is_some_and(|d| d.generation() == 2)
+    })
+    .await;
+    let (status, body) = get(&server.url("/hostile/sleep?ms=10")).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("peak"), "the 0.3 build answers: {body}");
+    let (status, body) = running.await.unwrap().unwrap();
+    assert_eq!(
+        status, 200,
+        "the 0.2 request finished on the old version: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_exporting_both_http_versions_is_refused_and_the_previous_version_serves() {
     let dir = ServiceDir::new();
     dir.install("hello", "hello");
     let server = TestServer::for_dir(&dir).await;
-    assert_eq!(status_of(&server.url("/hello")).await, Some(200));
-    // The same service rebuilt for WASI 0.3 (wasip3, wasi:http@0.3.0).
-    dir.install_bytes("hello.wasm", &guest_bytes("hello_p3"));
+    dir.install_bytes("hello.wasm", &guest_bytes("both_http"));
     eventually(APPLY, "the rejection", || async {
-        server
-            .host
-            .registry()
-            .rejection("hello")
-            .is_some_and(|r| r.reason.contains("this is a WASI 0.3 component"))
+        server.host.registry().rejection("hello").is_some()
     })
     .await;
     let reason = server.host.registry().rejection("hello").unwrap().reason;
     assert!(
-        reason.contains("wasi:http/incoming-handler@0.2.x") && reason.contains("wasip2"),
+        reason
+            .contains("exports both wasi:http/incoming-handler@0.2.x and wasi:http/handler@0.3.0"),
         "{reason}"
     );
     assert_eq!(status_of(&server.url("/hello")).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wasi_0_3_release_candidate_is_refused_naming_its_version() {
+    let dir = ServiceDir::new();
+    dir.install("hello", "hello");
+    let server = TestServer::for_dir(&dir).await;
+    dir.install_bytes("hello.wasm", &guest_bytes("http_rc"));
+    eventually(APPLY, "the rejection", || async {
+        server.host.registry().rejection("hello").is_some()
+    })
+    .await;
+    let reason = server.host.registry().rejection("hello").unwrap().reason;
+    assert!(
+        reason.contains("wasi:http/types@0.3.0-rc-2025-09-16 is from a WASI 0.3 release candidate"),
+        "{reason}"
+    );
+    assert!(reason.contains("wasi:http/handler@0.3.0"), "{reason}");
+    assert_eq!(status_of(&server.url("/hello")).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_instances_are_refused_for_a_0_2_component() {
+    let dir = ServiceDir::new();
+    dir.install("hello", "hello");
+    dir.write("hello.toml", b"[instance]\nreuse = 8\nconcurrent = 4\n");
+    let server = TestServer::for_dir(&dir).await;
+    eventually(APPLY, "the rejection", || async {
+        server.host.registry().rejection("hello").is_some()
+    })
+    .await;
+    let reason = server.host.registry().rejection("hello").unwrap().reason;
+    assert!(
+        reason.contains("instance.concurrent: 4 needs a WASI 0.3 component"),
+        "{reason}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

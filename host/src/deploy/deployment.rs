@@ -84,6 +84,9 @@ pub struct ServiceConfig {
     /// Requests one instance may serve in turn (1: a fresh instance for
     /// every request, the default).
     pub reuse: u32,
+    /// Requests one instance of a WASI 0.3 service may serve at once (1,
+    /// the default: one at a time).
+    pub concurrent: u32,
     /// The key-value buckets it may open.
     pub keyvalue: KeyValueGrant,
     /// What `wasi:config` gives it (secrets resolved).
@@ -104,6 +107,7 @@ impl ServiceConfig {
             limits,
             outbound: OutboundPolicy::default(),
             reuse: 1,
+            concurrent: 1,
             keyvalue: KeyValueGrant::default(),
             config: Arc::default(),
             messaging: MessagingGrant::default(),
@@ -302,18 +306,24 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
     }
 }
 
-/// The reason a component does not compile, in the user's terms: a WASI
-/// 0.3 component (async functions, streams and futures — what
-/// `wasi:http/handler@0.3.0` services are made of) is named as such, since
-/// the engine's own words ("`stream` requires the component model async
-/// feature") do not say what to do.
+/// The reason a component does not compile.
 fn explain_compile_error(error: &str) -> anyhow::Error {
-    if error.contains("requires the component model async feature") {
-        anyhow!(
-            "this is a WASI 0.3 component (it uses the component model's async functions, streams or futures, as wasi:http/handler@0.3.0 services do); this Wharf serves WASI 0.2 components (wasi:http/incoming-handler@0.2.x): build it for WASI 0.2, e.g. with the wasip2 crate or cargo's wasm32-wasip2 target ({error})"
-        )
-    } else {
-        anyhow!("invalid component: {error}")
+    anyhow!("invalid component: {error}")
+}
+
+/// The reason a component does not link, with advice when it was built for
+/// a WASI 0.3 release candidate (`@0.3.0-rc-…`): wasmtime 48 implements
+/// the released 0.3.0, and the candidates' interfaces differ from it.
+fn explain_link_error(error: &str) -> anyhow::Error {
+    let candidate = error
+        .split('`')
+        .find(|name| name.contains("@0.3.0-rc"))
+        .map(str::to_string);
+    match candidate {
+        Some(interface) => anyhow!(
+            "{error}: {interface} is from a WASI 0.3 release candidate; this Wharf serves the released WASI 0.3.0 (wasi:http/handler@0.3.0) and WASI 0.2: rebuild it for 0.3.0 (e.g. with the wasip3 crate 0.9) or for 0.2"
+        ),
+        None => anyhow!("{error}"),
     }
 }
 
@@ -355,9 +365,15 @@ pub(crate) fn build(
     let instance_pre = flavour
         .linker()
         .instantiate_pre(&component)
-        .map_err(|err| anyhow!("{err:#}"))
+        .map_err(|err| explain_link_error(&format!("{err:#}")))
         .context("the component needs imports Wharf does not provide")?;
     let exports = GuestExports::find(&instance_pre).map_err(anyhow::Error::msg)?;
+    if spec.config.concurrent > 1 && exports.http3.is_none() {
+        bail!(
+            "instance.concurrent: {} needs a WASI 0.3 component (wasi:http/handler@0.3.0); this one is not, and serves one request per instance at a time",
+            spec.config.concurrent
+        );
+    }
     check_triggers(&spec.config.triggers, &exports)?;
     let limits = spec.config.limits;
     let keyvalue = match (&backends.keyvalue, keyvalue_metrics) {
@@ -390,6 +406,7 @@ pub(crate) fn build(
         config: spec.config.config.clone(),
         messaging,
         reuse: spec.config.reuse,
+        concurrent: spec.config.concurrent,
     };
     Ok(Deployment {
         generation: 0,
@@ -420,18 +437,18 @@ fn check_triggers(triggers: &Triggers, exports: &GuestExports) -> Result<()> {
                 "trigger.message[{index}].path: missing; the component exports no messaging handler, so messages must be POSTed to a path of its wasi:http handler"
             );
         }
-        if trigger.path.is_some() && exports.http.is_none() {
+        if trigger.path.is_some() && !exports.serves_http() {
             bail!(
                 "trigger.message[{index}].path: the component exports no wasi:http handler to POST messages to; drop the path to use its messaging export"
             );
         }
     }
-    if !triggers.schedules.is_empty() && exports.http.is_none() {
+    if !triggers.schedules.is_empty() && !exports.serves_http() {
         bail!(
             "trigger.schedule[0]: scheduled runs are POSTed to the component's wasi:http handler, and it exports none"
         );
     }
-    if exports.http.is_none() && triggers.messages.is_empty() {
+    if !exports.serves_http() && triggers.messages.is_empty() {
         bail!(
             "the component exports only a messaging handler, and its manifest has no [[trigger.message]] to call it"
         );

@@ -15,6 +15,7 @@
 //! allow = ["http://127.0.0.1:9000", "https://api.example.com"]
 //! [instance]
 //! reuse = 1                      # requests per instance; 1 = fresh each time
+//! concurrent = 1                 # at once in one instance (WASI 0.3 only)
 //! [keyvalue]
 //! buckets = ["default"]          # the buckets it may open; "*" = any
 //! [config]                       # wasi:config values
@@ -101,10 +102,14 @@ struct SecretTable {
 #[serde(deny_unknown_fields)]
 struct InstanceTable {
     reuse: Option<i64>,
+    concurrent: Option<i64>,
 }
 
 /// Most requests one instance may serve in reuse mode.
 pub const MAX_REUSE: u32 = 100_000;
+
+/// Most requests one instance of a WASI 0.3 service may serve at once.
+pub const MAX_CONCURRENT: u32 = 1_000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +131,8 @@ pub struct Manifest {
     pub outbound: OutboundPolicy,
     /// Requests one instance may serve in turn, if set.
     pub reuse: Option<u32>,
+    /// Requests one instance may serve at once, if set.
+    pub concurrent: Option<u32>,
     /// The key-value buckets the service may open.
     pub keyvalue: KeyValueGrant,
     /// Plain `wasi:config` values.
@@ -186,6 +193,24 @@ impl Manifest {
                 )),
             })
             .transpose()?;
+        let concurrent = file
+            .instance
+            .concurrent
+            .map(|n| match u32::try_from(n) {
+                Ok(n) if (1..=MAX_CONCURRENT).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "instance.concurrent: {n} is not a whole number from 1 to {MAX_CONCURRENT}"
+                )),
+            })
+            .transpose()?;
+        if let Some(concurrent) = concurrent {
+            let reuse = reuse.unwrap_or(1);
+            if concurrent > reuse {
+                return Err(format!(
+                    "instance.concurrent: {concurrent} is more than instance.reuse ({reuse}), the requests an instance serves in all; raise reuse too"
+                ));
+            }
+        }
         let keyvalue = KeyValueGrant::parse(&file.keyvalue.buckets)
             .map_err(|why| format!("keyvalue.buckets: {why}"))?;
         let messaging = MessagingGrant::parse(&file.messaging.publish)
@@ -227,6 +252,7 @@ impl Manifest {
             limits,
             outbound: OutboundPolicy::new(rules),
             reuse,
+            concurrent,
             keyvalue,
             config: file.config,
             secrets,
@@ -258,6 +284,7 @@ impl Manifest {
             limits: self.limits.apply(defaults),
             outbound: self.outbound.clone(),
             reuse: self.reuse.unwrap_or(1),
+            concurrent: self.concurrent.unwrap_or(1),
             keyvalue: self.keyvalue.clone(),
             config: Arc::new(ConfigValues::new(self.config.clone(), secrets)),
             messaging: self.messaging.clone(),
@@ -393,6 +420,7 @@ mod tests {
             allow = ["http://127.0.0.1:9000", "https://api.example.com"]
             [instance]
             reuse = 128
+            concurrent = 16
             "#,
         )
         .unwrap();
@@ -407,6 +435,10 @@ mod tests {
         assert_eq!(config.limits.body, 1 << 20);
         assert_eq!(config.outbound.rules().len(), 2);
         assert_eq!(config.reuse, 128);
+        assert_eq!(config.concurrent, 16);
+        let plain = Manifest::parse("").unwrap();
+        let config = plain.service_config("orders", Limits::default()).unwrap();
+        assert_eq!((config.reuse, config.concurrent), (1, 1));
     }
 
     #[test]
@@ -455,6 +487,14 @@ mod tests {
                 "instance.reuse: 0 is not a whole number",
             ),
             ("[instance]\nreused = 2", "unknown field `reused`"),
+            (
+                "[instance]\nreuse = 8\nconcurrent = 0",
+                "instance.concurrent: 0 is not a whole number from 1 to 1000",
+            ),
+            (
+                "[instance]\nconcurrent = 4",
+                "instance.concurrent: 4 is more than instance.reuse (1)",
+            ),
         ] {
             let err = Manifest::parse(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");

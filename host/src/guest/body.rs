@@ -78,6 +78,8 @@ pub(crate) struct GuestBody {
     /// Whether the server has had a chance to flush what came before the
     /// error (see `poll_frame`).
     yielded_before_error: bool,
+    /// What must live as long as the body (request slots, for one).
+    _held: Option<Box<dyn Send>>,
 }
 
 impl GuestBody {
@@ -87,7 +89,14 @@ impl GuestBody {
             failure,
             inner_done: false,
             yielded_before_error: false,
+            _held: None,
         }
+    }
+
+    /// Keeps `held` until the body is dropped.
+    pub(crate) fn holding(mut self, held: Box<dyn Send>) -> GuestBody {
+        self._held = Some(held);
+        self
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use wasmtime::component::InstancePre;
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
+use wasmtime_wasi_http::p3::bindings::ServiceIndices;
 
 use crate::base::admission::Gate;
 use crate::base::limits::Limits;
@@ -17,6 +18,7 @@ use crate::guest::engine::MemoryInit;
 use crate::guest::instance::WarmPool;
 use crate::guest::scheduler::ServiceCpu;
 use crate::guest::state::HostState;
+use crate::guest::worker::Workers;
 
 /// One compiled, linked version of a service and what its requests may do:
 /// limits, environment, outbound policy, request slots, instance reuse. It
@@ -39,6 +41,8 @@ pub struct Guest {
     messaging: Option<Arc<MessagingAccess>>,
     /// Requests one instance may serve in turn (1: always fresh).
     reuse: u32,
+    /// Requests one instance of a WASI 0.3 service may serve at once.
+    concurrent: u32,
     /// Which engine runs it (chosen by its size).
     memory_init: MemoryInit,
     /// The component, linked and ready to instantiate.
@@ -51,6 +55,8 @@ pub struct Guest {
     metrics: Arc<ServiceMetrics>,
     /// Idle instances kept for reuse (empty unless `reuse` > 1).
     warm: WarmPool,
+    /// The instances of a WASI 0.3 service.
+    workers: Workers,
     /// What the CPU scheduler remembers about this service.
     cpu: Arc<ServiceCpu>,
 }
@@ -73,13 +79,19 @@ pub struct GuestPolicy {
     pub messaging: Option<Arc<MessagingAccess>>,
     /// See [`Guest::reuse`].
     pub reuse: u32,
+    /// See [`Guest::concurrent`].
+    pub concurrent: u32,
 }
 
 /// The entry points a component exports, found once when it is deployed.
 #[derive(Clone)]
 pub struct GuestExports {
-    /// `wasi:http/incoming-handler@0.2.x`: it serves HTTP requests.
+    /// `wasi:http/incoming-handler@0.2.x`: it serves HTTP requests, one
+    /// per call.
     pub http: Option<ProxyIndices>,
+    /// `wasi:http/handler@0.3.0`: it serves HTTP requests with async calls,
+    /// maybe several at once.
+    pub http3: Option<ServiceIndices>,
     /// A messaging handler: it takes messages through that export.
     pub messages: Option<HandlerExports>,
 }
@@ -89,15 +101,52 @@ impl GuestExports {
     /// Wharf can call at all.
     pub fn find(pre: &InstancePre<HostState>) -> Result<GuestExports, String> {
         let http = ProxyIndices::new(pre).ok();
+        let http3 = ServiceIndices::new(pre).ok();
         let messages = HandlerExports::find(pre);
-        if http.is_none() && messages.is_none() {
+        if http.is_some() && http3.is_some() {
             return Err(
-                "the component exports neither wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world) \
-                 nor a messaging handler (wasi:messaging/incoming-handler@0.2.0-draft, wasmcloud:messaging/handler@0.2.0)"
+                "the component exports both wasi:http/incoming-handler@0.2.x and wasi:http/handler@0.3.0; \
+                 a service answers HTTP through one of them: build it for WASI 0.2 or for WASI 0.3"
                     .to_string(),
             );
         }
-        Ok(GuestExports { http, messages })
+        if http.is_none() && http3.is_none() && messages.is_none() {
+            let handler = handler_exports(pre);
+            return Err(format!(
+                "the component exports neither wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world), \
+                 wasi:http/handler@0.3.0 (the wasi:http/service world) \
+                 nor a messaging handler (wasi:messaging/incoming-handler@0.2.0-draft, wasmcloud:messaging/handler@0.2.0){}",
+                if handler.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; it exports {}, a version this Wharf does not serve",
+                        handler.join(", ")
+                    )
+                }
+            ));
+        }
+        Ok(GuestExports {
+            http,
+            http3,
+            messages,
+        })
+    }
+
+    /// Whether the component answers HTTP requests (WASI 0.2 or 0.3).
+    pub fn serves_http(&self) -> bool {
+        self.http.is_some() || self.http3.is_some()
+    }
+
+    /// The WASI version of its HTTP handler, if it has one.
+    pub fn wasi_version(&self) -> Option<&'static str> {
+        if self.http3.is_some() {
+            Some("0.3")
+        } else if self.http.is_some() {
+            Some("0.2")
+        } else {
+            None
+        }
     }
 }
 
@@ -120,11 +169,13 @@ impl Guest {
             config: policy.config,
             messaging: policy.messaging,
             reuse: policy.reuse,
+            concurrent: policy.concurrent,
             memory_init,
             pre,
             exports,
             metrics,
             warm: WarmPool::default(),
+            workers: Workers::default(),
             cpu: Arc::default(),
         }
     }
@@ -179,6 +230,16 @@ impl Guest {
         self.reuse
     }
 
+    /// Requests one instance of a WASI 0.3 service may serve at once.
+    pub fn concurrent(&self) -> u32 {
+        self.concurrent
+    }
+
+    /// The instances of a WASI 0.3 service.
+    pub(crate) fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
     /// How the engine initialises this guest's memory.
     pub fn memory_init(&self) -> MemoryInit {
         self.memory_init
@@ -209,9 +270,10 @@ impl Guest {
         self.reuse > 1 && self.warm.enabled()
     }
 
-    /// Instances kept idle for reuse right now.
+    /// Instances kept for reuse right now: idle ones of a WASI 0.2 service,
+    /// live ones of a WASI 0.3 service.
     pub fn warm_instances(&self) -> usize {
-        self.warm.len()
+        self.warm.len() + self.workers.len()
     }
 
     /// What the CPU scheduler remembers about this service.
@@ -223,4 +285,20 @@ impl Guest {
     pub fn sweep_idle(&self) {
         self.warm.sweep();
     }
+}
+
+/// The wasi:http handler interfaces `pre`'s component exports, whatever
+/// their version: for telling a user which version they built for.
+fn handler_exports(pre: &InstancePre<HostState>) -> Vec<String> {
+    let component = pre.component();
+    component
+        .component_type()
+        .exports(component.engine())
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.starts_with("wasi:http/handler@")
+                || name.starts_with("wasi:http/incoming-handler@")
+        })
+        .map(str::to_string)
+        .collect()
 }

@@ -218,6 +218,9 @@ impl Runtime {
 fn engine_config(init: MemoryInit, pool: Option<&EngineOptions>) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
+    // WASI 0.3 components use the component model's async functions,
+    // streams and futures.
+    config.wasm_component_model_async(true);
     config.epoch_interruption(true);
     config.memory_init_cow(init == MemoryInit::CopyOnWrite);
     if let Some(options) = pool {
@@ -274,6 +277,14 @@ fn build_linker(engine: &Engine) -> Result<Linker<HostState>> {
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(anyhow::Error::from)
         .context("linking wasi:http")?;
+    // The same for WASI 0.3 (wasi:*@0.3.0): a 0.3 component finds its
+    // imports, and a 0.2 one is unaffected.
+    wasmtime_wasi::p3::add_to_linker(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("linking WASI 0.3")?;
+    wasmtime_wasi_http::p3::add_to_linker(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:http 0.3")?;
     // Key-value and configuration: linked for every guest (so components
     // built for Spin, wasmCloud or `wasmtime serve` instantiate); what a
     // guest may reach is its manifest's grant, checked per call.

@@ -134,7 +134,7 @@ impl Instance {
 
 /// Builds the store for one instance of `guest`, with its memory cap,
 /// environment, captured stdio and outbound hooks.
-fn new_store(
+pub(crate) fn new_store(
     runtime: &Runtime,
     guest: &Guest,
     context: CallContext,

@@ -28,6 +28,7 @@ use crate::guest::engine::Runtime;
 use crate::guest::instance::{Instance, armed_store};
 use crate::guest::scheduler;
 use crate::guest::state::HostState;
+use crate::guest::worker::{self, Job, Reply, Workers};
 
 /// Why a request did not get a response from its guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +160,7 @@ impl Failure {
 }
 
 /// Classifies a wasmtime error raised while instantiating or running a guest.
-fn classify(err: &wasmtime::Error, state: &HostState, timeout: Duration) -> Failure {
+pub(crate) fn classify(err: &wasmtime::Error, state: &HostState, timeout: Duration) -> Failure {
     if let Some(trap) = err.downcast_ref::<Trap>() {
         return match trap {
             Trap::Interrupt if state.cpu().exceeded() => Failure::CpuLimit(state.cpu().budget()),
@@ -276,7 +277,7 @@ async fn run_guest(
     meta: &RequestMeta,
 ) -> Result<http::Response<Body>, Failure> {
     let limits = *guest.limits();
-    if guest.exports().http.is_none() {
+    if !guest.exports().serves_http() {
         return Err(Failure::NoHttpHandler);
     }
     if let Some(length) = content_length(&request)
@@ -302,6 +303,10 @@ async fn run_guest(
         deadline,
         trace: meta.trace,
     };
+    if guest.exports().http3.is_some() {
+        let slots = (service_slot, queue_deadline);
+        return run_on_worker(runtime, guest, request, meta, slots, context, timeout).await;
+    }
     let reuse = guest.reuses_instances();
     let warm = if reuse { guest.warm().take() } else { None };
     let (instance, retry) = match warm {
@@ -356,6 +361,102 @@ async fn run_guest(
                 Outcome::ReusedInstanceFailed(failure, _) => Ok(failure.into_response()),
             }
         }
+    }
+}
+
+/// Runs `request` on a worker of the WASI 0.3 `guest` (see
+/// [`worker`](crate::guest::worker)): a running one with room for it, or a
+/// new one on a free instance slot.
+async fn run_on_worker(
+    runtime: &Runtime,
+    guest: &Arc<Guest>,
+    request: http::Request<HyperIncomingBody>,
+    meta: &RequestMeta,
+    (service_slot, queue_deadline): (OwnedSemaphorePermit, Instant),
+    context: CallContext,
+    timeout: Duration,
+) -> Result<http::Response<Body>, Failure> {
+    let limits = *guest.limits();
+    let deadline = context.deadline;
+    let body_exceeded = Arc::new(AtomicBool::new(false));
+    let request = request
+        .map(|body| LimitedBody::new(body, limits.body, body_exceeded.clone()).boxed_unsync());
+    let mut request = worker::with_origin(request, uri_scheme(&meta.scheme));
+    // Held until the response body is done, like a 0.2 request's.
+    let running = (service_slot, guest.metrics().in_flight());
+    let mut context = context;
+    let reply = loop {
+        let (reply_to, reply) = oneshot::channel();
+        let job = Box::new(Job {
+            request,
+            context,
+            reply: reply_to,
+        });
+        let worker = match guest
+            .workers()
+            .offer(job, guest.concurrent(), guest.reuse())
+        {
+            Ok(id) => id,
+            Err(job) => {
+                let slot = runtime
+                    .instances()
+                    .enter(queue_deadline)
+                    .await
+                    .map_err(|refused| Failure::Overloaded(refused.0))?;
+                Workers::start(runtime, guest, job, meta.internal.clone(), slot)
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), reply).await {
+            Ok(Ok(Reply::NotStarted(returned, returned_context))) => {
+                request = returned;
+                context = returned_context;
+            }
+            Ok(Ok(reply)) => break reply,
+            Ok(Err(_)) => {
+                break Reply::Failed(Failure::Host("the instance ended without answering".into()));
+            }
+            Err(_) => {
+                // The instance may be stuck: it takes no more requests and
+                // is stopped once past its requests' deadlines.
+                guest.workers().retire(worker);
+                break Reply::Failed(Failure::Timeout(timeout));
+            }
+        }
+    };
+    let failure = match reply {
+        Reply::Answer(response, note) => {
+            if body_exceeded.load(Ordering::Relaxed) {
+                return Err(Failure::BodyTooLarge(None, limits.body));
+            }
+            return Ok(response.map(|body| {
+                GuestBody::new(body, note)
+                    .holding(Box::new(running))
+                    .boxed_unsync()
+            }));
+        }
+        Reply::Failed(failure) => failure,
+        Reply::NotStarted(..) => Failure::Host("a request was given back twice".into()),
+    };
+    if body_exceeded.load(Ordering::Relaxed) {
+        return Err(Failure::BodyTooLarge(None, limits.body));
+    }
+    if !matches!(failure, Failure::ErrorResponse(_)) {
+        tracing::warn!(
+            service = %guest.name(),
+            request_id = %meta.request_id,
+            "{}",
+            failure.reason()
+        );
+    }
+    Err(failure)
+}
+
+/// The URI scheme for a wasi:http scheme.
+fn uri_scheme(scheme: &Scheme) -> http::uri::Scheme {
+    match scheme {
+        Scheme::Https => http::uri::Scheme::HTTPS,
+        Scheme::Other(other) => other.parse().unwrap_or(http::uri::Scheme::HTTP),
+        Scheme::Http => http::uri::Scheme::HTTP,
     }
 }
 

@@ -2,7 +2,8 @@
 //! (`engine`), the per-request store data (`state`), a compiled guest ready
 //! to run (`Guest`), instances fresh or kept warm for reuse (`instance`), the
 //! call itself with its deadline and the mapping of every failure to an HTTP
-//! answer (`invoke`), request and response bodies (`body`) and the guest's
+//! answer (`invoke`), the instances of WASI 0.3 services, which may serve
+//! several requests at once (`worker`), request and response bodies (`body`) and the guest's
 //! stdout and stderr (`stdio`).
 //!
 //! Uses: `capabilities`, `base`. Used by: `deploy` and everything above it.
@@ -15,5 +16,6 @@ pub mod invoke;
 pub mod scheduler;
 pub mod state;
 pub mod stdio;
+pub(crate) mod worker;
 
 pub use compiled::{Guest, GuestExports, GuestPolicy};

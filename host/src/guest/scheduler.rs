@@ -146,6 +146,13 @@ impl CpuMeter {
         })
     }
 
+    /// Starts counting afresh: an instance serving requests concurrently
+    /// meters each stretch it is busy, from its first request to its last.
+    pub fn restart(&self) {
+        self.used_ns.store(0, Ordering::Relaxed);
+        self.exceeded.store(false, Ordering::Relaxed);
+    }
+
     /// Its service's history, for the next request's meter.
     pub fn service(&self) -> &Arc<ServiceCpu> {
         &self.service

@@ -438,6 +438,7 @@ fn services_json(host: &Host) -> Value {
                 },
                 "instance": {
                     "reuse": d.config().reuse,
+                    "concurrent": d.config().concurrent,
                     "reusing": d.reuses_instances(),
                     "warm": d.warm_instances(),
                 },

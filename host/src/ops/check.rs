@@ -306,7 +306,7 @@ fn describe_http(exports: &[String]) -> Option<String> {
     })?;
     let version = export.split('@').nth(1).unwrap_or_default();
     Some(if export.starts_with("wasi:http/handler@") {
-        format!("{export}: WASI 0.3, which this Wharf does not serve yet")
+        format!("{export}: a WASI {version} HTTP service (async; may serve requests concurrently)")
     } else {
         format!("{export}: a WASI {version} HTTP service")
     })
@@ -335,7 +335,7 @@ mod tests {
         let p2 = describe_http(&["wasi:http/incoming-handler@0.2.6".into()]).unwrap();
         assert!(p2.contains("WASI 0.2.6"), "{p2}");
         let p3 = describe_http(&["wasi:http/handler@0.3.0".into()]).unwrap();
-        assert!(p3.contains("WASI 0.3"), "{p3}");
+        assert!(p3.contains("WASI 0.3.0"), "{p3}");
         assert_eq!(
             describe_http(&["wasi:messaging/incoming-handler@0.2.0-draft".into()]),
             None
