@@ -64,6 +64,28 @@ async fn a_python_service_answers_like_the_express_original() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_python_wasi_0_3_service_answers_and_streams_its_echo() {
+    let dir = ServiceDir::new();
+    dir.install_from("py3", "python", "hello-p3");
+    dir.write("py3.toml", b"[instance]\nreuse = 8\nconcurrent = 4\n");
+    let server = TestServer::for_dir(&dir).await;
+    let (status, body) = get(&server.url("/py3")).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["message"], "Hello from the microservice!");
+    let echoed = client()
+        .post(server.url("/py3"))
+        .body("from python")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(echoed, "from python");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_javascript_service_calls_another_service_with_fetch() {
     let dir = ServiceDir::new();
     dir.install_from("team", "js", "team");

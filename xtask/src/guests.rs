@@ -191,8 +191,13 @@ fn build_python(guests: &Path, out: &Path) -> Result<()> {
             .arg(&requirements))?;
         std::fs::write(&marker, "").context("marking the venv installed")?;
     }
-    let wit = root().join("wit").join("wasi-0.2.12");
     for (name, dir) in services(&python, "app.py")? {
+        // The WIT folder under wit/ is `wasi-0.2.12`, or the one named in
+        // NAME/wit (`wasi-0.3.0` for a WASI 0.3 service).
+        let wit_dir = std::fs::read_to_string(dir.join("wit"))
+            .map(|w| w.trim().to_string())
+            .unwrap_or_else(|_| "wasi-0.2.12".to_string());
+        let wit = root().join("wit").join(wit_dir);
         let output = out.join(format!("{name}.wasm"));
         if stale(&output, &[dir.clone(), requirements.clone(), wit.clone()]) {
             std::fs::create_dir_all(out)?;
