@@ -3,10 +3,12 @@
 //!
 //! - Wharf (release build) serving the Rust and JavaScript hello services,
 //!   one fresh instance per request and, as separate services, with
-//!   `[instance] reuse = 128`;
+//!   `[instance] reuse = 128`; and the Rust hello built for WASI 0.3
+//!   (`guests/hello-p3`), fresh and with `reuse = 128, concurrent = 16`;
 //! - `wasmtime serve` 48.0.8 on the same components, default and with
 //!   `--max-instance-reuse-count 128` (installed with `cargo install` into
-//!   `target/bench/tools` if missing);
+//!   `target/bench/tools` if missing); for the 0.3 hello, with the same
+//!   reuse and concurrency as Wharf's two 0.3 targets;
 //! - the classic Express app (npm) serving the same JSON;
 //! - a bare hyper server, the ceiling of this HTTP stack.
 //!
@@ -31,6 +33,9 @@ use crate::{cargo, root, run};
 const WASMTIME_VERSION: &str = "48.0.8";
 /// Requests one instance serves in the reuse modes.
 const REUSE: u32 = 128;
+/// Requests one instance of a WASI 0.3 service serves at once in the
+/// concurrent mode (`wasmtime serve`'s and Spin's default for 0.3).
+const CONCURRENT: u32 = 16;
 
 /// A server process under test.
 struct Server {
@@ -195,19 +200,27 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     // #247); the reuse modes run the same service written as an exported
     // wasi:http handler.
     let js_handler = built.js.join("hello-handler.wasm");
-    std::fs::copy(&rust_hello, services.path().join("hello.wasm"))?;
-    std::fs::copy(&rust_hello, services.path().join("hello-reuse.wasm"))?;
-    std::fs::write(
-        services.path().join("hello-reuse.toml"),
-        format!("[instance]\nreuse = {REUSE}\n"),
+    // Installs `component` as service `name`, with `manifest` if any.
+    let install = |name: &str, component: &Path, manifest: Option<String>| -> Result<()> {
+        std::fs::copy(component, services.path().join(format!("{name}.wasm")))?;
+        if let Some(manifest) = manifest {
+            std::fs::write(services.path().join(format!("{name}.toml")), manifest)?;
+        }
+        Ok(())
+    };
+    let reuse = format!("[instance]\nreuse = {REUSE}\n");
+    install("hello", &rust_hello, None)?;
+    install("hello-reuse", &rust_hello, Some(reuse.clone()))?;
+    let p3_hello = built.rust.join("hello_p3.wasm");
+    install("p3", &p3_hello, None)?;
+    install(
+        "p3-shared",
+        &p3_hello,
+        Some(format!("{reuse}concurrent = {CONCURRENT}\n")),
     )?;
     if options.js {
-        std::fs::copy(&js_hello, services.path().join("js.wasm"))?;
-        std::fs::copy(&js_handler, services.path().join("js-reuse.wasm"))?;
-        std::fs::write(
-            services.path().join("js-reuse.toml"),
-            format!("[instance]\nreuse = {REUSE}\n"),
-        )?;
+        install("js", &js_hello, None)?;
+        install("js-reuse", &js_handler, Some(reuse))?;
     }
     let cache = root().join("target").join("bench").join("cache");
 
@@ -218,12 +231,15 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
         .args(["--listen", "127.0.0.1:0", "--log", "warn", "--cache-dir"])
         .arg(&cache);
     let wharf = Server::start("wharf", wharf_cmd, "")?;
-    let wasmtime_serve = |label: &str, component: &Path, reuse: bool| -> Result<Server> {
+    // `reuse` and `concurrent` are passed explicitly: wasmtime serve's
+    // defaults differ between WASI 0.2 (1, 1) and 0.3 (128, 16).
+    let wasmtime_serve = |label: &str, component: &Path, reuse: u32, concurrent: u32| {
         let mut command = Command::new(&wasmtime);
         command.args(["serve", "--addr", "127.0.0.1:0", "-Scli"]);
-        if reuse {
-            command.arg(format!("--max-instance-reuse-count={REUSE}"));
-        }
+        command.arg(format!("--max-instance-reuse-count={reuse}"));
+        command.arg(format!(
+            "--max-instance-concurrent-reuse-count={concurrent}"
+        ));
         command.arg(component);
         Server::start(label, command, "/")
     };
@@ -237,14 +253,27 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
             "Wharf, Rust hello, reuse 128".to_string(),
             format!("{base}/hello-reuse"),
         ),
+        ("Wharf, Rust 0.3 hello".to_string(), format!("{base}/p3")),
+        (
+            "Wharf, Rust 0.3 hello, reuse 128, concurrent 16".to_string(),
+            format!("{base}/p3-shared"),
+        ),
     ];
     servers.push((
         "wasmtime serve, Rust hello".to_string(),
-        wasmtime_serve("wasmtime", &rust_hello, false)?,
+        wasmtime_serve("wasmtime", &rust_hello, 1, 1)?,
     ));
     servers.push((
         "wasmtime serve, Rust hello, reuse 128".to_string(),
-        wasmtime_serve("wasmtime-reuse", &rust_hello, true)?,
+        wasmtime_serve("wasmtime-reuse", &rust_hello, REUSE, 1)?,
+    ));
+    servers.push((
+        "wasmtime serve, Rust 0.3 hello".to_string(),
+        wasmtime_serve("wasmtime-p3", &p3_hello, 1, 1)?,
+    ));
+    servers.push((
+        "wasmtime serve, Rust 0.3 hello, reuse 128, concurrent 16".to_string(),
+        wasmtime_serve("wasmtime-p3-shared", &p3_hello, REUSE, CONCURRENT)?,
     ));
     if options.js {
         targets.push(("Wharf, JS hello".to_string(), format!("{base}/js")));
@@ -254,11 +283,11 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
         ));
         servers.push((
             "wasmtime serve, JS hello".to_string(),
-            wasmtime_serve("wasmtime-js", &js_hello, false)?,
+            wasmtime_serve("wasmtime-js", &js_hello, 1, 1)?,
         ));
         servers.push((
             "wasmtime serve, JS hello (handler), reuse 128".to_string(),
-            wasmtime_serve("wasmtime-js-reuse", &js_handler, true)?,
+            wasmtime_serve("wasmtime-js-reuse", &js_handler, REUSE, 1)?,
         ));
     }
     let mut node = Command::new("node");
@@ -428,6 +457,15 @@ fn write_report(series: &[Series], options: Options, idle: &Idle, out_dir: &Path
         (
             "Wharf, Rust hello, reuse 128",
             "wasmtime serve, Rust hello, reuse 128",
+        ),
+        ("Wharf, Rust 0.3 hello", "wasmtime serve, Rust 0.3 hello"),
+        (
+            "Wharf, Rust 0.3 hello, reuse 128, concurrent 16",
+            "wasmtime serve, Rust 0.3 hello, reuse 128, concurrent 16",
+        ),
+        (
+            "Wharf, Rust 0.3 hello, reuse 128, concurrent 16",
+            "Wharf, Rust hello",
         ),
         ("Wharf, JS hello", "wasmtime serve, JS hello"),
         ("Wharf, JS hello", "Node.js + Express"),
