@@ -38,24 +38,36 @@ async fn a_second_start_compiles_nothing() {
     let cache = ServiceDir::new();
     services.install("hello", "hello");
     services.install("echo", "echo");
+    // A WASI 0.3 component is cached like any other.
+    services.install("hello3", "hello_p3");
 
     let first = start(&services, &cache).await;
     assert_eq!(
         cache_hits(&first),
-        [("echo".into(), false), ("hello".into(), false)]
+        [
+            ("echo".into(), false),
+            ("hello".into(), false),
+            ("hello3".into(), false)
+        ]
     );
-    assert_eq!(entries(&cache).len(), 2);
+    assert_eq!(entries(&cache).len(), 3);
     drop(first);
 
     let second = start(&services, &cache).await;
     assert_eq!(
         cache_hits(&second),
-        [("echo".into(), true), ("hello".into(), true)]
+        [
+            ("echo".into(), true),
+            ("hello".into(), true),
+            ("hello3".into(), true)
+        ]
     );
-    let response = second
-        .handle(http::Request::get("/hello").body(String::new()).unwrap())
-        .await;
-    assert_eq!(response.status(), 200);
+    for path in ["/hello", "/hello3"] {
+        let response = second
+            .handle(http::Request::get(path).body(String::new()).unwrap())
+            .await;
+        assert_eq!(response.status(), 200, "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

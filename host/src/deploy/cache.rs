@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use crate::guest::engine::{MemoryInit, Runtime};
+use crate::guest::engine::{EngineKind, Runtime};
 
 /// First bytes of every cache entry.
 const MAGIC: &[u8; 12] = b"WHARF-CWASM\x01";
@@ -36,17 +36,17 @@ pub fn default_dir() -> Option<PathBuf> {
 /// compiled code is not interchangeable).
 #[derive(Debug, Default)]
 pub struct CodeCaches {
-    copy: Option<CodeCache>,
-    copy_on_write: Option<CodeCache>,
+    /// Indexed by [`EngineKind::index`].
+    caches: Vec<Option<CodeCache>>,
 }
 
 impl CodeCaches {
     /// Opens the caches under `root` for each of `runtime`'s engines; `None`
     /// (or a cache that cannot be created, which is logged) disables them.
     pub fn open(root: Option<&Path>, runtime: &Runtime) -> CodeCaches {
-        let open = |init| {
+        let open = |kind| {
             let root = root?;
-            match CodeCache::open(root, runtime.flavour(init).engine()) {
+            match CodeCache::open(root, runtime.flavour(kind).engine()) {
                 Ok(cache) => Some(cache),
                 Err(err) => {
                     tracing::warn!(reason = %format!("{err:#}"), "compiled-code cache disabled");
@@ -55,17 +55,13 @@ impl CodeCaches {
             }
         };
         CodeCaches {
-            copy: open(MemoryInit::Copy),
-            copy_on_write: open(MemoryInit::CopyOnWrite),
+            caches: EngineKind::ALL.into_iter().map(open).collect(),
         }
     }
 
-    /// The cache for guests initialised by `init`, if enabled.
-    pub fn for_init(&self, init: MemoryInit) -> Option<&CodeCache> {
-        match init {
-            MemoryInit::Copy => self.copy.as_ref(),
-            MemoryInit::CopyOnWrite => self.copy_on_write.as_ref(),
-        }
+    /// The cache of `kind`'s engine, if enabled.
+    pub fn for_kind(&self, kind: EngineKind) -> Option<&CodeCache> {
+        self.caches.get(kind.index())?.as_ref()
     }
 }
 

@@ -22,7 +22,7 @@ use crate::capabilities::outbound::OutboundPolicy;
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::router::Route;
 use crate::deploy::triggers::Triggers;
-use crate::guest::engine::{MemoryInit, Runtime};
+use crate::guest::engine::{EngineKind, MemoryInit, Runtime};
 use crate::guest::{Guest, GuestExports, GuestPolicy};
 
 /// The longest service name accepted.
@@ -327,6 +327,45 @@ fn explain_link_error(error: &str) -> anyhow::Error {
     }
 }
 
+/// Compiles `wasm` (whose digest is `digest`) on the engine that suits
+/// it, through `caches`: a component the engine without the async ABI
+/// refuses for using it (a WASI 0.3 component) goes to the one with it.
+/// Returns the component, its engine and whether it came from the cache.
+/// Blocking and CPU-heavy.
+pub(crate) fn compile(
+    runtime: &Runtime,
+    caches: &CodeCaches,
+    wasm: &[u8],
+    digest: &str,
+) -> Result<(Component, EngineKind, bool)> {
+    let init = MemoryInit::for_component_size(wasm.len());
+    for concurrent in [false, true] {
+        let kind = EngineKind::new(init, concurrent);
+        let engine = runtime.flavour(kind).engine();
+        let cache = caches.for_kind(kind);
+        if let Some(component) = cache.and_then(|cache| cache.load(engine, digest)) {
+            return Ok((component, kind, true));
+        }
+        match Component::new(engine, wasm) {
+            Ok(component) => {
+                if let Some(cache) = cache {
+                    cache.store(digest, &component);
+                }
+                return Ok((component, kind, false));
+            }
+            Err(err) => {
+                let error = format!("{err:#}");
+                // Validation stops there at once, before any compiling.
+                if !concurrent && error.contains("requires the component model async feature") {
+                    continue;
+                }
+                return Err(explain_compile_error(&error));
+            }
+        }
+    }
+    unreachable!("the engine with the async ABI either compiles or refuses")
+}
+
 /// Compiles and links a service. Blocking and CPU-heavy: call it from a
 /// blocking thread, never from an async worker.
 pub(crate) fn build(
@@ -340,22 +379,9 @@ pub(crate) fn build(
     check_header(&spec.wasm)?;
     let digest = spec.digest.unwrap_or_else(|| digest_of(&spec.wasm));
     let started = Instant::now();
-    let memory_init = MemoryInit::for_component_size(spec.wasm.len());
-    let flavour = runtime.flavour(memory_init);
-    let cache = caches.for_init(memory_init);
-    let cached = cache.and_then(|cache| cache.load(flavour.engine(), &digest));
-    let cache_hit = cached.is_some();
-    let component = match cached {
-        Some(component) => component,
-        None => {
-            let component = Component::new(flavour.engine(), &spec.wasm[..])
-                .map_err(|err| explain_compile_error(&format!("{err:#}")))?;
-            if let Some(cache) = cache {
-                cache.store(&digest, &component);
-            }
-            component
-        }
-    };
+    let (component, kind, cache_hit) = compile(runtime, caches, &spec.wasm, &digest)?;
+    let flavour = runtime.flavour(kind);
+    let memory_init = kind.init;
     let compile = CompileInfo {
         queued: Duration::ZERO,
         duration: started.elapsed(),
@@ -416,13 +442,7 @@ pub(crate) fn build(
         config: spec.config,
         manifest: spec.manifest,
         compile,
-        guest: Arc::new(Guest::new(
-            policy,
-            memory_init,
-            instance_pre,
-            exports,
-            metrics,
-        )),
+        guest: Arc::new(Guest::new(policy, kind, instance_pre, exports, metrics)),
     })
 }
 

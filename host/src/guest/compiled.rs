@@ -14,7 +14,7 @@ use crate::capabilities::config::ConfigValues;
 use crate::capabilities::keyvalue::KeyValueAccess;
 use crate::capabilities::messaging::{HandlerExports, MessagingAccess};
 use crate::capabilities::outbound::OutboundPolicy;
-use crate::guest::engine::MemoryInit;
+use crate::guest::engine::{EngineKind, MemoryInit};
 use crate::guest::instance::WarmPool;
 use crate::guest::scheduler::ServiceCpu;
 use crate::guest::state::HostState;
@@ -43,8 +43,8 @@ pub struct Guest {
     reuse: u32,
     /// Requests one instance of a WASI 0.3 service may serve at once.
     concurrent: u32,
-    /// Which engine runs it (chosen by its size).
-    memory_init: MemoryInit,
+    /// Which engine runs it (chosen by its size and WASI version).
+    engine: EngineKind,
     /// The component, linked and ready to instantiate.
     pre: InstancePre<HostState>,
     /// The handlers it exports.
@@ -151,10 +151,10 @@ impl GuestExports {
 }
 
 impl Guest {
-    /// A guest running `pre` under `policy` on the engine for `memory_init`.
+    /// A guest running `pre` under `policy` on the engine of `engine`.
     pub(crate) fn new(
         policy: GuestPolicy,
-        memory_init: MemoryInit,
+        engine: EngineKind,
         pre: InstancePre<HostState>,
         exports: GuestExports,
         metrics: Arc<ServiceMetrics>,
@@ -170,7 +170,7 @@ impl Guest {
             messaging: policy.messaging,
             reuse: policy.reuse,
             concurrent: policy.concurrent,
-            memory_init,
+            engine,
             pre,
             exports,
             metrics,
@@ -242,7 +242,12 @@ impl Guest {
 
     /// How the engine initialises this guest's memory.
     pub fn memory_init(&self) -> MemoryInit {
-        self.memory_init
+        self.engine.init
+    }
+
+    /// The engine it runs on.
+    pub fn engine_kind(&self) -> EngineKind {
+        self.engine
     }
 
     pub(crate) fn pre(&self) -> &InstancePre<HostState> {

@@ -110,6 +110,40 @@ impl MemoryInit {
     }
 }
 
+/// Which engine compiles and runs a component: how it initialises memory,
+/// and whether it speaks the component model's async ABI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineKind {
+    /// How instances' linear memory is initialised.
+    pub init: MemoryInit,
+    /// Whether the engine runs components that use the component model's
+    /// async functions, streams and futures (WASI 0.3). Only those get it:
+    /// every store of such an engine sets up the concurrency machinery,
+    /// which cost a WASI 0.2 hello 10% of its requests/s (14.6k -> 13.2k
+    /// with `wrk -t1 -c32` on the 2-core VM) though it never used it.
+    pub concurrent: bool,
+}
+
+impl EngineKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [EngineKind; 4] = [
+        EngineKind::new(MemoryInit::Copy, false),
+        EngineKind::new(MemoryInit::CopyOnWrite, false),
+        EngineKind::new(MemoryInit::Copy, true),
+        EngineKind::new(MemoryInit::CopyOnWrite, true),
+    ];
+
+    /// The kind for `init` and `concurrent`.
+    pub const fn new(init: MemoryInit, concurrent: bool) -> EngineKind {
+        EngineKind { init, concurrent }
+    }
+
+    /// Its position in [`EngineKind::ALL`].
+    pub fn index(self) -> usize {
+        usize::from(self.concurrent) * 2 + usize::from(self.init == MemoryInit::CopyOnWrite)
+    }
+}
+
 /// The platform's default location of the compiled-code cache
 /// (`~/.cache/wharf` on Linux), if the platform has one.
 pub fn default_cache_dir() -> Option<PathBuf> {
@@ -123,11 +157,11 @@ pub struct Flavour {
 }
 
 impl Flavour {
-    fn new(options: &EngineOptions, init: MemoryInit, pooling: bool) -> Result<Flavour> {
-        let engine = Engine::new(&engine_config(init, pooling.then_some(options)))
+    fn new(options: &EngineOptions, kind: EngineKind, pooling: bool) -> Result<Flavour> {
+        let engine = Engine::new(&engine_config(kind, pooling.then_some(options)))
             .map_err(anyhow::Error::from)
             .context("creating the wasmtime engine")?;
-        let linker = build_linker(&engine)?;
+        let linker = build_linker(&engine, kind.concurrent)?;
         Ok(Flavour { engine, linker })
     }
 
@@ -143,12 +177,13 @@ impl Flavour {
 }
 
 /// The wasmtime engines and linkers shared by every deployment, plus the
-/// epoch ticker. There are two engines, identical but for how they
-/// initialise linear memory ([`MemoryInit`]); each deployment uses the one
-/// that suits its size. Dropping the runtime stops the ticker thread.
+/// epoch ticker. There are four engines, identical but for how they
+/// initialise linear memory ([`MemoryInit`]) and whether they run WASI 0.3
+/// components ([`EngineKind`]); each deployment uses the one that suits
+/// it. Dropping the runtime stops the ticker thread.
 pub struct Runtime {
-    copy: Flavour,
-    copy_on_write: Flavour,
+    /// Indexed by [`EngineKind::index`].
+    flavours: Vec<Flavour>,
     pooling: bool,
     max_service_memory: u64,
     /// Slots for live instances across both engines: never more than a
@@ -160,13 +195,13 @@ pub struct Runtime {
 impl Runtime {
     /// Builds the engines and linkers and starts the epoch ticker.
     pub fn new(options: &EngineOptions) -> Result<Runtime> {
-        let build = |pooling| -> Result<(Flavour, Flavour)> {
-            Ok((
-                Flavour::new(options, MemoryInit::Copy, pooling)?,
-                Flavour::new(options, MemoryInit::CopyOnWrite, pooling)?,
-            ))
+        let build = |pooling| -> Result<Vec<Flavour>> {
+            EngineKind::ALL
+                .iter()
+                .map(|kind| Flavour::new(options, *kind, pooling))
+                .collect()
         };
-        let ((copy, copy_on_write), pooling) = if options.pooling {
+        let (flavours, pooling) = if options.pooling {
             match build(true) {
                 Ok(flavours) => (flavours, true),
                 Err(err) => {
@@ -180,10 +215,9 @@ impl Runtime {
         } else {
             (build(false)?, false)
         };
-        let ticker = EpochTicker::start(vec![copy.engine.clone(), copy_on_write.engine.clone()])?;
+        let ticker = EpochTicker::start(flavours.iter().map(|f| f.engine.clone()).collect())?;
         Ok(Runtime {
-            copy,
-            copy_on_write,
+            flavours,
             pooling,
             max_service_memory: options.max_service_memory.min(MAX_MEMORY),
             instances: Gate::new(options.max_instances as usize, "instance slots"),
@@ -191,12 +225,9 @@ impl Runtime {
         })
     }
 
-    /// The engine, linker and cache for guests initialised by `init`.
-    pub fn flavour(&self, init: MemoryInit) -> &Flavour {
-        match init {
-            MemoryInit::Copy => &self.copy,
-            MemoryInit::CopyOnWrite => &self.copy_on_write,
-        }
+    /// The engine and linker of `kind`.
+    pub fn flavour(&self, kind: EngineKind) -> &Flavour {
+        &self.flavours[kind.index()]
     }
 
     /// Whether instances come from the pooling allocator.
@@ -215,12 +246,14 @@ impl Runtime {
     }
 }
 
-fn engine_config(init: MemoryInit, pool: Option<&EngineOptions>) -> Config {
+fn engine_config(kind: EngineKind, pool: Option<&EngineOptions>) -> Config {
+    let init = kind.init;
     let mut config = Config::new();
     config.wasm_component_model(true);
     // WASI 0.3 components use the component model's async functions,
-    // streams and futures.
-    config.wasm_component_model_async(true);
+    // streams and futures; the other engines do without its machinery.
+    config.wasm_component_model_async(kind.concurrent);
+    config.concurrency_support(kind.concurrent);
     config.epoch_interruption(true);
     config.memory_init_cow(init == MemoryInit::CopyOnWrite);
     if let Some(options) = pool {
@@ -266,7 +299,7 @@ fn engine_config(init: MemoryInit, pool: Option<&EngineOptions>) -> Config {
     config
 }
 
-fn build_linker(engine: &Engine) -> Result<Linker<HostState>> {
+fn build_linker(engine: &Engine, concurrent: bool) -> Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     // All of WASIp2 (cli, clocks, random, io, filesystem, sockets): real
     // components import far more than the proxy world, and linking an
@@ -277,14 +310,15 @@ fn build_linker(engine: &Engine) -> Result<Linker<HostState>> {
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(anyhow::Error::from)
         .context("linking wasi:http")?;
-    // The same for WASI 0.3 (wasi:*@0.3.0): a 0.3 component finds its
-    // imports, and a 0.2 one is unaffected.
-    wasmtime_wasi::p3::add_to_linker(&mut linker)
-        .map_err(anyhow::Error::from)
-        .context("linking WASI 0.3")?;
-    wasmtime_wasi_http::p3::add_to_linker(&mut linker)
-        .map_err(anyhow::Error::from)
-        .context("linking wasi:http 0.3")?;
+    // The same for WASI 0.3 (wasi:*@0.3.0), for the engines that run it.
+    if concurrent {
+        wasmtime_wasi::p3::add_to_linker(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking WASI 0.3")?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:http 0.3")?;
+    }
     // Key-value and configuration: linked for every guest (so components
     // built for Spin, wasmCloud or `wasmtime serve` instantiate); what a
     // guest may reach is its manifest's grant, checked per call.

@@ -168,7 +168,7 @@ pub(crate) fn new_store(
             messaging,
         },
     );
-    let engine = runtime.flavour(guest.memory_init()).engine();
+    let engine = runtime.flavour(guest.engine_kind()).engine();
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
     store

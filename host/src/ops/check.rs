@@ -15,7 +15,7 @@ use crate::base::limits::format_size;
 use crate::config::Config;
 use crate::deploy::deployment::{ServiceSpec, check_header, digest_of, validate_name};
 use crate::deploy::{ServiceConfig, upload};
-use crate::guest::engine::{EngineOptions, MemoryInit};
+use crate::guest::engine::EngineOptions;
 use crate::host::Host;
 
 /// What `wharf check` found.
@@ -178,15 +178,15 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
             let reason = format!("{err:#}");
             // Compiled again on its own, to list what it imports and
             // exports (nothing to list if it does not compile at all).
-            let engine = deployer
-                .runtime()
-                .flavour(MemoryInit::for_component_size(wasm.len()))
-                .engine()
-                .clone();
-            let unlinked = tokio::task::spawn_blocking(move || Component::new(&engine, &wasm[..]))
-                .await
-                .ok()
-                .and_then(Result::ok);
+            let runtime = deployer.runtime().clone();
+            let unlinked = tokio::task::spawn_blocking(move || {
+                let uncached = crate::deploy::cache::CodeCaches::default();
+                crate::deploy::deployment::compile(&runtime, &uncached, &wasm, "")
+                    .map(|(component, ..)| component)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok);
             if let Some(component) = &unlinked {
                 report.imports = imports_of(component, Some(&reason));
                 report.exports = exports_of(component);
