@@ -2,13 +2,11 @@
 //! documented status within a bounded time, and a well-behaved neighbour
 //! keeps answering correctly while it happens.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wharf::Config;
 
-use crate::support::{ServiceDir, TestServer, client, get};
+use crate::support::{ServiceDir, TestServer, client, get, while_neighbour_answers};
 
 /// The hostile service's time limit in these tests.
 const LIMIT: &str = "1s";
@@ -27,45 +25,6 @@ async fn default_server() -> (ServiceDir, TestServer) {
         "[limits]\ntimeout = \"{LIMIT}\"\nmemory = \"32MiB\"\n"
     ))
     .await
-}
-
-/// Runs a hostile request while a neighbour is called in a loop; returns the
-/// hostile status, body and duration, and asserts every neighbour call was
-/// a correct 200.
-async fn while_neighbour_answers(
-    server: &TestServer,
-    hostile_path: &str,
-) -> (u16, String, Duration) {
-    let done = Arc::new(AtomicBool::new(false));
-    let neighbour = tokio::spawn({
-        let url = server.url("/hello");
-        let done = done.clone();
-        async move {
-            let client = client();
-            let mut answered = 0;
-            while !done.load(Ordering::Relaxed) {
-                let response = client.get(&url).send().await.expect("neighbour request");
-                assert_eq!(response.status(), 200, "the neighbour failed");
-                let body = response.text().await.expect("neighbour body");
-                assert!(body.contains("Hello from the microservice!"), "{body}");
-                answered += 1;
-            }
-            answered
-        }
-    });
-    let started = Instant::now();
-    let response = client()
-        .get(server.url(hostile_path))
-        .send()
-        .await
-        .expect("hostile request");
-    let status = response.status().as_u16();
-    let body = response.text().await.unwrap_or_default();
-    let elapsed = started.elapsed();
-    done.store(true, Ordering::Relaxed);
-    let answered = neighbour.await.expect("neighbour task");
-    assert!(answered > 0, "the neighbour never got an answer");
-    (status, body, elapsed)
 }
 
 #[tokio::test(flavor = "multi_thread")]

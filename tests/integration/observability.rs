@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::support::{ServiceDir, TestServer, WharfProcess, client, eventually, get, guest_bytes};
+use crate::support::{
+    ServiceDir, TestServer, WharfProcess, admin_services, client, eventually, get, guest_bytes,
+};
 
 /// Starts the admin endpoint of `host` on an ephemeral port.
 async fn admin_for(host: &wharf::Host, token: Option<&str>) -> (String, oneshot::Sender<()>) {
@@ -191,14 +193,7 @@ async fn a_wasi_0_3_service_is_counted_and_listed_like_any_other() {
     assert_eq!(value(&scrape, "wharf_timeouts_total", &hostile), 1.0);
     assert_eq!(value(&scrape, "wharf_requests_in_flight", &hostile), 0.0);
 
-    let doc: Value = client()
-        .get(format!("{admin}/services"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = admin_services(&admin).await;
     let service = &doc["services"][0];
     assert_eq!(service["wasi_http"], "wasi:http/handler@0.3.0");
     assert_eq!(service["instance"]["reuse"], 16);
@@ -216,14 +211,7 @@ async fn the_services_list_shows_versions_limits_and_errors() {
     dir.install_bytes("broken.wasm", b"nope");
     let server = TestServer::for_dir(&dir).await;
     let (admin, _stop) = admin_for(&server.host, None).await;
-    let doc: Value = client()
-        .get(format!("{admin}/services"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = admin_services(&admin).await;
     assert_eq!(doc["ready"], true);
     let services = doc["services"].as_array().unwrap();
     let by_name: HashMap<&str, &Value> = services

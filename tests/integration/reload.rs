@@ -137,6 +137,15 @@ async fn a_component_without_the_http_handler_is_rejected() {
     assert_eq!(status_of(&server.url("/empty")).await, Some(404));
 }
 
+/// Waits until service `name` has a rejected version, and says why.
+async fn rejection_reason(server: &TestServer, name: &str) -> String {
+    eventually(APPLY, "the rejection", || async {
+        server.host.registry().rejection(name).is_some()
+    })
+    .await;
+    server.host.registry().rejection(name).unwrap().reason
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_0_2_service_replaced_by_its_0_3_build_serves_and_drains_the_old() {
     let dir = ServiceDir::new();
@@ -174,11 +183,7 @@ async fn a_component_exporting_both_http_versions_is_refused_and_the_previous_ve
     dir.install("hello", "hello");
     let server = TestServer::for_dir(&dir).await;
     dir.install_bytes("hello.wasm", &guest_bytes("both_http"));
-    eventually(APPLY, "the rejection", || async {
-        server.host.registry().rejection("hello").is_some()
-    })
-    .await;
-    let reason = server.host.registry().rejection("hello").unwrap().reason;
+    let reason = rejection_reason(&server, "hello").await;
     assert!(
         reason
             .contains("exports both wasi:http/incoming-handler@0.2.x and wasi:http/handler@0.3.0"),
@@ -193,11 +198,7 @@ async fn a_wasi_0_3_release_candidate_is_refused_naming_its_version() {
     dir.install("hello", "hello");
     let server = TestServer::for_dir(&dir).await;
     dir.install_bytes("hello.wasm", &guest_bytes("http_rc"));
-    eventually(APPLY, "the rejection", || async {
-        server.host.registry().rejection("hello").is_some()
-    })
-    .await;
-    let reason = server.host.registry().rejection("hello").unwrap().reason;
+    let reason = rejection_reason(&server, "hello").await;
     assert!(
         reason.contains("wasi:http/types@0.3.0-rc-2025-09-16 is from a WASI 0.3 release candidate"),
         "{reason}"
@@ -212,11 +213,7 @@ async fn concurrent_instances_are_refused_for_a_0_2_component() {
     dir.install("hello", "hello");
     dir.write("hello.toml", b"[instance]\nreuse = 8\nconcurrent = 4\n");
     let server = TestServer::for_dir(&dir).await;
-    eventually(APPLY, "the rejection", || async {
-        server.host.registry().rejection("hello").is_some()
-    })
-    .await;
-    let reason = server.host.registry().rejection("hello").unwrap().reason;
+    let reason = rejection_reason(&server, "hello").await;
     assert!(
         reason.contains("instance.concurrent: 4 needs a WASI 0.3 component"),
         "{reason}"

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -773,4 +774,56 @@ fn die_with_parent(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// Runs `hostile_path` while the neighbour `/hello` (the Rust hello) is
+/// called in a loop; returns the
+/// hostile status, body and duration, and asserts every neighbour call was
+/// a correct 200.
+pub async fn while_neighbour_answers(
+    server: &TestServer,
+    hostile_path: &str,
+) -> (u16, String, Duration) {
+    let done = Arc::new(AtomicBool::new(false));
+    let neighbour = tokio::spawn({
+        let url = server.url("/hello");
+        let done = done.clone();
+        async move {
+            let client = client();
+            let mut answered = 0;
+            while !done.load(Ordering::Relaxed) {
+                let response = client.get(&url).send().await.expect("neighbour request");
+                assert_eq!(response.status(), 200, "the neighbour failed");
+                let body = response.text().await.expect("neighbour body");
+                assert!(body.contains("Hello from the microservice!"), "{body}");
+                answered += 1;
+            }
+            answered
+        }
+    });
+    let started = Instant::now();
+    let response = client()
+        .get(server.url(hostile_path))
+        .send()
+        .await
+        .expect("hostile request");
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let answered = neighbour.await.expect("neighbour task");
+    assert!(answered > 0, "the neighbour never got an answer");
+    (status, body, elapsed)
+}
+
+/// The admin endpoint's service list (`GET ADMIN/services`).
+pub async fn admin_services(admin: &str) -> serde_json::Value {
+    client()
+        .get(format!("{admin}/services"))
+        .send()
+        .await
+        .expect("GET /services")
+        .json()
+        .await
+        .expect("the service list is JSON")
 }

@@ -5,10 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::support::{
-    ServiceDir, WharfProcess, client, eventually, get, guest_bytes, limit_file_size,
+    ServiceDir, WharfProcess, admin_services, client, eventually, get, guest_bytes, limit_file_size,
 };
 
 const TOKEN: &str = "up-load";
@@ -153,14 +151,7 @@ async fn regression_concurrent_uploads_of_one_service_never_tear() {
         "manifest of upload {n} beside another upload's component"
     );
     // ...and they are what serves.
-    let doc: Value = client()
-        .get(format!("{admin}/services"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = admin_services(&admin).await;
     let svc = doc["services"]
         .as_array()
         .unwrap()

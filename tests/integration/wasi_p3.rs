@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::future::join_all;
 
-use crate::support::{ServiceDir, TestServer, WharfProcess, client, get};
+use crate::support::{ServiceDir, TestServer, WharfProcess, client, get, while_neighbour_answers};
 
 /// The hostile service's time limit in these tests.
 const LIMIT: &str = "2s";
@@ -201,23 +201,26 @@ async fn wasi_0_2_and_0_3_services_call_each_other() {
 #[tokio::test(flavor = "multi_thread")]
 async fn by_default_each_0_3_request_has_an_instance_of_its_own() {
     let (_dir, server) = hostile_server(&limits()).await;
-    let answers = join_all((0..4).map(|_| get_text(&server, "/hostile/sleep?ms=300"))).await;
-    for (status, body) in answers {
+    let url = server.url("/hostile/sleep?ms=300");
+    let answers = join_all((0..4).map(|_| get(&url))).await;
+    for (status, body) in answers.into_iter().map(Option::unwrap) {
         assert_eq!(status, 200, "{body}");
         assert_eq!(peak(&body), 1, "{body}");
     }
     for _ in 0..3 {
-        assert_eq!(get_text(&server, "/hostile/count").await.1, "1");
+        assert_eq!(get(&server.url("/hostile/count")).await.unwrap().1, "1");
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_0_3_instance_serves_requests_concurrently_when_the_manifest_allows() {
     let (_dir, server) = hostile_server(&shared(8, 100)).await;
-    let answers = join_all((0..6).map(|_| get_text(&server, "/hostile/sleep?ms=500"))).await;
+    let url = server.url("/hostile/sleep?ms=500");
+    let answers = join_all((0..6).map(|_| get(&url))).await;
     let peaks: Vec<u32> = answers
         .iter()
-        .map(|(status, body)| {
+        .map(|answer| {
+            let (status, body) = answer.as_ref().unwrap();
             assert_eq!(*status, 200, "{body}");
             peak(body)
         })
@@ -228,15 +231,21 @@ async fn a_0_3_instance_serves_requests_concurrently_when_the_manifest_allows() 
     );
     assert!(peaks.iter().all(|&p| p <= 8), "{peaks:?}");
     // And in turn: the instance that slept serves the next requests.
-    let count: u32 = get_text(&server, "/hostile/count").await.1.parse().unwrap();
+    let count: u32 = get(&server.url("/hostile/count"))
+        .await
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
     assert!(count >= 3, "count {count}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_0_3_instance_serves_at_most_concurrent_requests_at_once() {
     let (_dir, server) = hostile_server(&shared(2, 100)).await;
-    let answers = join_all((0..6).map(|_| get_text(&server, "/hostile/sleep?ms=400"))).await;
-    for (status, body) in answers {
+    let url = server.url("/hostile/sleep?ms=400");
+    let answers = join_all((0..6).map(|_| get(&url))).await;
+    for (status, body) in answers.into_iter().map(Option::unwrap) {
         assert_eq!(status, 200, "{body}");
         assert!(peak(&body) <= 2, "{body}");
     }
@@ -254,14 +263,14 @@ async fn a_trap_in_a_shared_0_3_instance_fails_the_requests_sharing_it() {
     });
     // The sleeper is in its instance before the trap arrives.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (status, body) = get_text(&server, "/hostile/trap").await;
+    let (status, body) = get(&server.url("/hostile/trap")).await.unwrap();
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("crashed"), "{body}");
     let (status, body) = sleeper.await.unwrap();
     assert_eq!(status, 500, "the request sharing the instance: {body}");
     assert!(body.contains("crashed"), "{body}");
     // The next request gets a fresh instance.
-    let (status, body) = get_text(&server, "/hostile/count").await;
+    let (status, body) = get(&server.url("/hostile/count")).await.unwrap();
     assert_eq!((status, body.as_str()), (200, "1"));
 }
 
@@ -278,43 +287,12 @@ async fn a_0_3_request_past_its_deadline_ends_alone_when_its_neighbours_answer()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // It shares the stuck request's instance and answers.
-    let (status, body) = get_text(&server, "/hostile/sleep?ms=100").await;
+    let (status, body) = get(&server.url("/hostile/sleep?ms=100")).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(peak(&body), 1, "{body}");
     let (status, elapsed) = stuck.await.unwrap();
     assert_eq!(status, 504);
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
-}
-
-async fn get_text(server: &TestServer, path: &str) -> (u16, String) {
-    let response = client().get(server.url(path)).send().await.unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
-/// Runs `path` on the hostile 0.3 service while the 0.2 hello is called in
-/// a loop; asserts every neighbour call answered, returns the hostile
-/// status, body and duration.
-async fn while_neighbour_answers(server: &TestServer, path: &str) -> (u16, String, Duration) {
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let neighbour = tokio::spawn({
-        let url = server.url("/hello");
-        let done = done.clone();
-        async move {
-            let mut answered = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let (status, body) = get(&url).await.expect("neighbour request");
-                assert_eq!(status, 200, "the neighbour failed: {body}");
-                answered += 1;
-            }
-            answered
-        }
-    });
-    let started = Instant::now();
-    let (status, body) = get_text(server, path).await;
-    let elapsed = started.elapsed();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(neighbour.await.unwrap() > 0, "the neighbour never answered");
-    (status, body, elapsed)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -333,7 +311,7 @@ async fn hostile_0_3_a_busy_loop_in_a_shared_instance_is_stopped_too() {
     assert_eq!(status, 504, "{body}");
     assert!(elapsed < Duration::from_secs(8), "took {elapsed:?}");
     // The stuck instance takes no more requests: the next one answers.
-    let (status, body) = get_text(&server, "/hostile/count").await;
+    let (status, body) = get(&server.url("/hostile/count")).await.unwrap();
     assert_eq!((status, body.as_str()), (200, "1"));
 }
 
@@ -428,10 +406,10 @@ async fn a_0_3_service_keeps_serving_after_its_failures() {
         "/hostile/memory-bomb",
         "/hostile/never-responds",
     ] {
-        assert!(get_text(&server, path).await.0 >= 500);
+        assert!(get(&server.url(path)).await.unwrap().0 >= 500);
     }
     assert_eq!(
-        get_text(&server, "/hostile/").await,
+        get(&server.url("/hostile/")).await.unwrap(),
         (200, "hostile: ok".into())
     );
 }

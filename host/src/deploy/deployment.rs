@@ -306,11 +306,6 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
     }
 }
 
-/// The reason a component does not compile.
-fn explain_compile_error(error: &str) -> anyhow::Error {
-    anyhow!("invalid component: {error}")
-}
-
 /// The reason a component does not link, with advice when it was built for
 /// a WASI 0.3 release candidate (`@0.3.0-rc-…`): wasmtime 48 implements
 /// the released 0.3.0, and the candidates' interfaces differ from it.
@@ -338,32 +333,30 @@ pub(crate) fn compile(
     wasm: &[u8],
     digest: &str,
 ) -> Result<(Component, EngineKind, bool)> {
-    let init = MemoryInit::for_component_size(wasm.len());
-    for concurrent in [false, true] {
-        let kind = EngineKind::new(init, concurrent);
+    let compile_on = |kind: EngineKind| -> std::result::Result<(Component, bool), String> {
         let engine = runtime.flavour(kind).engine();
         let cache = caches.for_kind(kind);
         if let Some(component) = cache.and_then(|cache| cache.load(engine, digest)) {
-            return Ok((component, kind, true));
+            return Ok((component, true));
         }
-        match Component::new(engine, wasm) {
-            Ok(component) => {
-                if let Some(cache) = cache {
-                    cache.store(digest, &component);
-                }
-                return Ok((component, kind, false));
-            }
-            Err(err) => {
-                let error = format!("{err:#}");
-                // Validation stops there at once, before any compiling.
-                if !concurrent && error.contains("requires the component model async feature") {
-                    continue;
-                }
-                return Err(explain_compile_error(&error));
-            }
+        let component = Component::new(engine, wasm).map_err(|err| format!("{err:#}"))?;
+        if let Some(cache) = cache {
+            cache.store(digest, &component);
         }
-    }
-    unreachable!("the engine with the async ABI either compiles or refuses")
+        Ok((component, false))
+    };
+    let init = MemoryInit::for_component_size(wasm.len());
+    let plain = EngineKind::new(init, false);
+    let (compiled, kind) = match compile_on(plain) {
+        // Validation stops there at once, before any compiling.
+        Err(error) if error.contains("requires the component model async feature") => {
+            let concurrent = EngineKind::new(init, true);
+            (compile_on(concurrent), concurrent)
+        }
+        other => (other, plain),
+    };
+    let (component, cache_hit) = compiled.map_err(|error| anyhow!("invalid component: {error}"))?;
+    Ok((component, kind, cache_hit))
 }
 
 /// Compiles and links a service. Blocking and CPU-heavy: call it from a

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use wasmtime::component::InstancePre;
+use wasmtime::component::{Component, InstancePre};
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
 use wasmtime_wasi_http::p3::bindings::ServiceIndices;
 
@@ -14,7 +14,7 @@ use crate::capabilities::config::ConfigValues;
 use crate::capabilities::keyvalue::KeyValueAccess;
 use crate::capabilities::messaging::{HandlerExports, MessagingAccess};
 use crate::capabilities::outbound::OutboundPolicy;
-use crate::guest::engine::{EngineKind, MemoryInit};
+use crate::guest::engine::EngineKind;
 use crate::guest::instance::WarmPool;
 use crate::guest::scheduler::ServiceCpu;
 use crate::guest::state::HostState;
@@ -94,6 +94,9 @@ pub struct GuestExports {
     pub http3: Option<ServiceIndices>,
     /// A messaging handler: it takes messages through that export.
     pub messages: Option<HandlerExports>,
+    /// The wasi:http handler interface it exports, with its version (for
+    /// the service list; also one Wharf does not serve).
+    pub http_export: Option<String>,
 }
 
 impl GuestExports {
@@ -103,6 +106,9 @@ impl GuestExports {
         let http = ProxyIndices::new(pre).ok();
         let http3 = ServiceIndices::new(pre).ok();
         let messages = HandlerExports::find(pre);
+        let http_export = export_names(pre.component())
+            .into_iter()
+            .find(|name| is_http_handler(name));
         if http.is_some() && http3.is_some() {
             return Err(
                 "the component exports both wasi:http/incoming-handler@0.2.x and wasi:http/handler@0.3.0; \
@@ -111,18 +117,14 @@ impl GuestExports {
             );
         }
         if http.is_none() && http3.is_none() && messages.is_none() {
-            let handler = handler_exports(pre);
             return Err(format!(
                 "the component exports neither wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world), \
                  wasi:http/handler@0.3.0 (the wasi:http/service world) \
                  nor a messaging handler (wasi:messaging/incoming-handler@0.2.0-draft, wasmcloud:messaging/handler@0.2.0){}",
-                if handler.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; it exports {}, a version this Wharf does not serve",
-                        handler.join(", ")
-                    )
+                match &http_export {
+                    Some(name) =>
+                        format!("; it exports {name}, a version this Wharf does not serve"),
+                    None => String::new(),
                 }
             ));
         }
@@ -130,23 +132,13 @@ impl GuestExports {
             http,
             http3,
             messages,
+            http_export,
         })
     }
 
     /// Whether the component answers HTTP requests (WASI 0.2 or 0.3).
     pub fn serves_http(&self) -> bool {
         self.http.is_some() || self.http3.is_some()
-    }
-
-    /// The WASI version of its HTTP handler, if it has one.
-    pub fn wasi_version(&self) -> Option<&'static str> {
-        if self.http3.is_some() {
-            Some("0.3")
-        } else if self.http.is_some() {
-            Some("0.2")
-        } else {
-            None
-        }
     }
 }
 
@@ -240,11 +232,6 @@ impl Guest {
         &self.workers
     }
 
-    /// How the engine initialises this guest's memory.
-    pub fn memory_init(&self) -> MemoryInit {
-        self.engine.init
-    }
-
     /// The engine it runs on.
     pub fn engine_kind(&self) -> EngineKind {
         self.engine
@@ -292,18 +279,16 @@ impl Guest {
     }
 }
 
-/// The wasi:http handler interfaces `pre`'s component exports, whatever
-/// their version: for telling a user which version they built for.
-fn handler_exports(pre: &InstancePre<HostState>) -> Vec<String> {
-    let component = pre.component();
+/// The names of the interfaces and functions `component` exports.
+pub(crate) fn export_names(component: &Component) -> Vec<String> {
     component
         .component_type()
         .exports(component.engine())
-        .map(|(name, _)| name)
-        .filter(|name| {
-            name.starts_with("wasi:http/handler@")
-                || name.starts_with("wasi:http/incoming-handler@")
-        })
-        .map(str::to_string)
+        .map(|(name, _)| name.to_string())
         .collect()
+}
+
+/// Whether `export` is a wasi:http handler interface, of any version.
+pub(crate) fn is_http_handler(export: &str) -> bool {
+    export.starts_with("wasi:http/incoming-handler@") || export.starts_with("wasi:http/handler@")
 }

@@ -68,7 +68,7 @@ impl Instance {
         let previous = self.store.data().cpu();
         let meter = CpuMeter::new(previous.budget(), previous.service().clone());
         self.store.data_mut().begin_request(context, meter.clone());
-        arm_deadline(&mut self.store, deadline, meter);
+        arm_deadline(&mut self.store, move || deadline, meter);
     }
 
     /// Whether this instance has served a request before.
@@ -184,18 +184,23 @@ pub(crate) fn armed_store(
     let deadline = context.deadline;
     let mut store = new_store(runtime, guest, context, internal);
     let meter = store.data().cpu().clone();
-    arm_deadline(&mut store, deadline, meter);
+    arm_deadline(&mut store, move || deadline, meter);
     store
 }
 
-/// Makes the guest stop at `deadline` or when `meter` says its CPU budget
-/// is spent; until then, at every epoch tick it yields as the
+/// Makes the guest stop once past the instant `deadline` gives (read at
+/// every tick: a worker's deadline moves with its requests) or when `meter`
+/// says its CPU budget is spent; until then, at every epoch tick it yields as the
 /// [`scheduler`](crate::guest::scheduler) decides, so a busy guest can hold
 /// neither a thread nor more than its share of one.
-fn arm_deadline(store: &mut Store<HostState>, deadline: Instant, meter: Arc<CpuMeter>) {
+pub(crate) fn arm_deadline(
+    store: &mut Store<HostState>,
+    deadline: impl Fn() -> Instant + Send + Sync + 'static,
+    meter: Arc<CpuMeter>,
+) {
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline() {
             return Ok(UpdateDeadline::Interrupt);
         }
         Ok(match scheduler::at_yield_point(&meter) {

@@ -385,7 +385,7 @@ async fn run_on_worker(
     // Held until the response body is done, like a 0.2 request's.
     let running = (service_slot, guest.metrics().in_flight());
     let mut context = context;
-    let reply = loop {
+    let answer = loop {
         let (reply_to, reply) = oneshot::channel();
         let job = Box::new(Job {
             request,
@@ -411,35 +411,33 @@ async fn run_on_worker(
                 request = returned;
                 context = returned_context;
             }
-            Ok(Ok(reply)) => break reply,
+            Ok(Ok(Reply::Answer(response, note))) => break Ok((response, note)),
+            Ok(Ok(Reply::Failed(failure))) => break Err(failure),
             Ok(Err(_)) => {
-                break Reply::Failed(Failure::Host("the instance ended without answering".into()));
+                break Err(Failure::Host("the instance ended without answering".into()));
             }
             Err(_) => {
                 // The instance may be stuck: it takes no more requests and
                 // is stopped once past its requests' deadlines.
                 guest.workers().retire(worker);
-                break Reply::Failed(Failure::Timeout(timeout));
+                break Err(Failure::Timeout(timeout));
             }
         }
     };
-    let failure = match reply {
-        Reply::Answer(response, note) => {
-            if body_exceeded.load(Ordering::Relaxed) {
-                return Err(Failure::BodyTooLarge(None, limits.body));
-            }
+    if body_exceeded.load(Ordering::Relaxed) {
+        // Whatever the guest made of the cut-off body, the cause is known.
+        return Err(Failure::BodyTooLarge(None, limits.body));
+    }
+    let failure = match answer {
+        Ok((response, note)) => {
             return Ok(response.map(|body| {
                 GuestBody::new(body, note)
                     .holding(Box::new(running))
                     .boxed_unsync()
             }));
         }
-        Reply::Failed(failure) => failure,
-        Reply::NotStarted(..) => Failure::Host("a request was given back twice".into()),
+        Err(failure) => failure,
     };
-    if body_exceeded.load(Ordering::Relaxed) {
-        return Err(Failure::BodyTooLarge(None, limits.body));
-    }
     if !matches!(failure, Failure::ErrorResponse(_)) {
         tracing::warn!(
             service = %guest.name(),

@@ -9,7 +9,7 @@
 //! Uses: `capabilities`, `base`. Used by: `deploy` and everything above it.
 
 pub(crate) mod body;
-mod compiled;
+pub(crate) mod compiled;
 pub mod engine;
 pub(crate) mod instance;
 pub mod invoke;

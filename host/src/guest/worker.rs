@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
-use wasmtime::{Store, UpdateDeadline};
+use wasmtime::Store;
 use wasmtime_wasi_http::p3::bindings::Service;
 use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::{FieldMap, WasiHttpView};
@@ -35,9 +35,9 @@ use crate::capabilities::outbound::{CallContext, InternalCalls};
 use crate::guest::Guest;
 use crate::guest::body::FailureNote;
 use crate::guest::engine::Runtime;
-use crate::guest::instance::{IDLE_TIMEOUT, new_store};
+use crate::guest::instance::{IDLE_TIMEOUT, arm_deadline, new_store};
 use crate::guest::invoke::{Failure, classify};
-use crate::guest::scheduler::{self, CpuMeter, Verdict};
+use crate::guest::scheduler::{self, CpuMeter};
 use crate::guest::state::HostState;
 
 /// A request handed to a worker.
@@ -88,7 +88,7 @@ struct WorkerEntry {
 impl Workers {
     fn entries(&self) -> MutexGuard<'_, Vec<WorkerEntry>> {
         // Every change is one statement; a panic cannot leave it half-made.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.entries)
     }
 
     /// Hands `job` to a running worker of this runtime with room for it,
@@ -336,7 +336,8 @@ impl Worker {
         first: Box<Job>,
         queue: &mut mpsc::UnboundedReceiver<Box<Job>>,
     ) -> Result<Ended, Failure> {
-        self.arm();
+        let deadline = self.deadline.clone();
+        arm_deadline(&mut self.store, move || deadline.get(), self.meter.clone());
         let guest = self.guest.clone();
         let timeout = guest.limits().timeout;
         let Job {
@@ -477,24 +478,6 @@ impl Worker {
         })?;
         let instance = self.guest.pre().instantiate_async(&mut self.store).await?;
         indices.load(&mut self.store, &instance)
-    }
-
-    /// Makes the guest stop once past the latest deadline of its requests or
-    /// over its CPU budget; until then it yields at every epoch tick as the
-    /// scheduler decides.
-    fn arm(&mut self) {
-        let deadline = self.deadline.clone();
-        let meter = self.meter.clone();
-        self.store.set_epoch_deadline(1);
-        self.store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline.get() {
-                return Ok(UpdateDeadline::Interrupt);
-            }
-            Ok(match scheduler::at_yield_point(&meter) {
-                Verdict::Stop => UpdateDeadline::Interrupt,
-                Verdict::Yield(turn) => UpdateDeadline::YieldCustom(1, turn),
-            })
-        });
     }
 }
 

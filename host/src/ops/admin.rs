@@ -150,6 +150,30 @@ pub async fn serve(
     Ok(())
 }
 
+/// The answer refusing a write (or a token check) that `request` may not
+/// make: writes disabled without a token, or a missing or wrong bearer
+/// token. `None`: it may.
+fn refuse_write<B>(
+    token: Option<&AdminToken>,
+    request: &http::Request<B>,
+) -> Option<AdminResponse> {
+    let Some(token) = token else {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
+        ));
+    };
+    if token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
+        return None;
+    }
+    let mut response = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    Some(response)
+}
+
 async fn route(
     host: &Host,
     token: Option<&AdminToken>,
@@ -247,26 +271,14 @@ async fn route(
             // `wharf deploy` asks before streaming a large file, since a
             // refusal sent while the file is still being sent reaches the
             // client as a broken pipe instead of its reason.
-            let Some(token) = token else {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
-                );
-            };
-            if !token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
-                return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            match refuse_write(token, &request) {
+                Some(refusal) => refusal,
+                None => text(StatusCode::OK, "token accepted"),
             }
-            text(StatusCode::OK, "token accepted")
         }
         (&Method::DELETE, _) if path.starts_with("/messages/groups/") => {
-            let Some(token) = token else {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
-                );
-            };
-            if !token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
-                return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            if let Some(refusal) = refuse_write(token, &request) {
+                return refusal;
             }
             delete_group(host, &path["/messages/groups/".len()..]).await
         }
@@ -296,20 +308,11 @@ async fn route(
             if *method != Method::PUT && *method != Method::DELETE {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE");
             }
-            let Some(token) = token else {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
-                );
-            };
-            if !token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
-                tracing::warn!(method = %method, path = %path, "admin request refused: missing or wrong bearer token");
-                let mut response = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-                response.headers_mut().insert(
-                    http::header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer"),
-                );
-                return response;
+            if let Some(refusal) = refuse_write(token, &request) {
+                if refusal.status() == StatusCode::UNAUTHORIZED {
+                    tracing::warn!(method = %method, path = %path, "admin request refused: missing or wrong bearer token");
+                }
+                return refusal;
             }
             if let Err(reason) = validate_name(&name) {
                 return text(StatusCode::BAD_REQUEST, &reason);
@@ -426,7 +429,7 @@ fn services_json(host: &Host) -> Value {
                 "route": d.route().as_str(),
                 "generation": d.generation(),
                 "digest": d.digest(),
-                "wasi_http": crate::ops::check::http_export(d),
+                "wasi_http": d.guest().exports().http_export,
                 "source": d.source().map(|p| p.display().to_string()),
                 "loaded_at": humantime::format_rfc3339_seconds(d.loaded_at()).to_string(),
                 "limits": {

@@ -15,6 +15,7 @@ use crate::base::limits::format_size;
 use crate::config::Config;
 use crate::deploy::deployment::{ServiceSpec, check_header, digest_of, validate_name};
 use crate::deploy::{ServiceConfig, upload};
+use crate::guest::compiled::{export_names, is_http_handler};
 use crate::guest::engine::EngineOptions;
 use crate::host::Host;
 
@@ -171,7 +172,7 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
             report.compile_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
             let component = deployment.guest().pre().component();
             report.imports = imports_of(component, None);
-            report.exports = exports_of(component);
+            report.exports = export_names(component);
             report.compiled_size = component.serialize().ok().map(|code| code.len() as u64);
         }
         Err(err) => {
@@ -189,7 +190,7 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
             .and_then(Result::ok);
             if let Some(component) = &unlinked {
                 report.imports = imports_of(component, Some(&reason));
-                report.exports = exports_of(component);
+                report.exports = export_names(component);
             }
             report.refused.get_or_insert(reason);
         }
@@ -232,22 +233,6 @@ fn kind_of(bytes: &[u8]) -> &'static str {
         1 => "a WebAssembly component",
         _ => "WebAssembly of an unknown layer",
     }
-}
-
-/// The `wasi:http` handler a deployed service exports (interface and
-/// version), for the service list and the dashboard.
-pub(crate) fn http_export(deployment: &crate::deploy::Deployment) -> Option<String> {
-    exports_of(deployment.guest().pre().component())
-        .into_iter()
-        .find(|e| e.starts_with("wasi:http/"))
-}
-
-fn exports_of(component: &Component) -> Vec<String> {
-    let ty = component.component_type();
-    let engine = component.engine();
-    ty.exports(engine)
-        .map(|(name, _)| name.to_string())
-        .collect()
 }
 
 /// The component's imports with what Wharf gives through each; `missing`
@@ -301,9 +286,7 @@ fn grant_for(interface: &str) -> Option<&'static str> {
 
 /// The HTTP world the exports imply.
 fn describe_http(exports: &[String]) -> Option<String> {
-    let export = exports.iter().find(|e| {
-        e.starts_with("wasi:http/incoming-handler@") || e.starts_with("wasi:http/handler@")
-    })?;
+    let export = exports.iter().find(|e| is_http_handler(e))?;
     let version = export.split('@').nth(1).unwrap_or_default();
     Some(if export.starts_with("wasi:http/handler@") {
         format!("{export}: a WASI {version} HTTP service (async; may serve requests concurrently)")

@@ -166,7 +166,7 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
                 "route": d.route().as_str(),
                 "generation": d.generation(),
                 "digest": d.digest(),
-                "wasi_http": crate::ops::check::http_export(d),
+                "wasi_http": d.guest().exports().http_export,
                 "memory_init": d.compile_info().memory_init.as_str(),
                 "requests": total,
                 "server_errors": errors,
