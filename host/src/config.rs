@@ -109,6 +109,13 @@ impl Config {
         self
     }
 
+    /// Sets which compilers turn components into native code (see
+    /// [`Tiers`](crate::guest::engine::Tiers)).
+    pub fn tiers(mut self, tiers: crate::guest::engine::Tiers) -> Config {
+        self.engine.tiers = Some(tiers);
+        self
+    }
+
     /// Sets the data directory (see [`Config::data_dir`]).
     pub fn data_dir(mut self, dir: Option<PathBuf>) -> Config {
         self.data_dir = dir;

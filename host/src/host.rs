@@ -130,8 +130,11 @@ impl Host {
         let metrics = Arc::new(Metrics::for_host(
             cluster_config.as_ref().and_then(|c| c.host_id.as_deref()),
         ));
+        // The configuration's engine settings, else wharf.toml's.
+        let mut engine_options = config.engine.clone();
+        engine_options.tiers = engine_options.tiers.or(from_file.tiers);
+        engine_options.keep_resident = engine_options.keep_resident.or(from_file.keep_resident);
         let backends = open_backends(&config, from_file, cluster_config.as_ref(), &metrics).await?;
-        let engine_options = config.engine.clone();
         let (runtime, caches) = tokio::task::spawn_blocking(move || {
             let runtime = Runtime::new(&engine_options)?;
             let caches = CodeCaches::open(engine_options.cache_dir.as_deref(), &runtime);

@@ -14,7 +14,7 @@ use wharf::base::limits::{self, Limits, PartialLimits};
 use wharf::capabilities::keyvalue::backend::BackendChoice;
 use wharf::capabilities::messaging::broker::BrokerChoice;
 use wharf::deploy::cluster::ClusterConfig;
-use wharf::guest::engine::EngineOptions;
+use wharf::guest::engine::{EngineOptions, Tiers};
 use wharf::ops::client::{AdminClient, DEFAULT_ADMIN_URL, DeployOutcome, render_status};
 use wharf::ops::scaffold::{self, Language};
 use wharf::{Config, Host};
@@ -195,6 +195,22 @@ struct ServeArgs {
     /// here. [default: 4GiB]
     #[arg(long, value_name = "SIZE", value_parser = limits::parse_memory)]
     max_service_memory: Option<u64>,
+
+    /// Which compilers turn components into native code: "tiered" serves a
+    /// new component from Winch's quickly compiled code and swaps in
+    /// Cranelift's optimised code when it is ready; "cranelift" waits for
+    /// optimised code; "winch" never optimises (for tests). [default:
+    /// engine.tiers in DIR/wharf.toml, else tiered]
+    #[arg(long, value_name = "TIERS")]
+    tiers: Option<Tiers>,
+
+    /// Linear memory kept resident (reset in place rather than returned to
+    /// the system) per instance slot of a large guest, such as a JavaScript
+    /// or Python interpreter: more is faster per request, and costs up to
+    /// this much memory per instance running at once. [default:
+    /// engine.keep_resident in DIR/wharf.toml, else 8MiB]
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_memory)]
+    keep_resident: Option<u64>,
 
     /// Directory of the compiled-code cache [default: the platform cache
     /// directory, e.g. ~/.cache/wharf].
@@ -565,6 +581,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_instances: args.max_instances,
             cache_dir,
             max_service_memory: args.max_service_memory.unwrap_or(limits::MAX_MEMORY),
+            tiers: args.tiers,
+            keep_resident: args.keep_resident,
             ..EngineOptions::default()
         },
         drain_timeout: args.drain_timeout,

@@ -1,13 +1,18 @@
 //! The compiled-code cache: a second start compiles nothing, and a corrupt
 //! entry is detected and rebuilt.
 
+use wharf::guest::engine::Tiers;
 use wharf::{Config, Host};
 
 use crate::support::ServiceDir;
 
+/// A host compiling with Cranelift only: what it compiles is cached at
+/// once. (Tiered compiling caches only the optimised code, later; see the
+/// `tiers` tests.)
 async fn start(services: &ServiceDir, cache: &ServiceDir) -> Host {
     let config = Config::for_dir(services.path())
         .watch(false)
+        .tiers(Tiers::Cranelift)
         .cache_dir(Some(cache.path().to_path_buf()));
     Host::new(config).await.expect("host")
 }

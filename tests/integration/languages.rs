@@ -13,7 +13,7 @@ use crate::support::{ServiceDir, TestServer, client, eventually, get};
 /// CI machine); replacements may take that long the first time.
 const APPLY: Duration = Duration::from_secs(180);
 
-async fn check_hello_service(server: &TestServer, prefix: &str, lang: &str) {
+pub(crate) async fn check_hello_service(server: &TestServer, prefix: &str, lang: &str) {
     let response = client().get(server.url(prefix)).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/json");

@@ -19,5 +19,6 @@ mod observability;
 mod reload;
 mod reuse;
 mod serving;
+mod tiers;
 mod uploads;
 mod wasi_p3;

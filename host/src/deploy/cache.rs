@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use crate::guest::engine::{EngineKind, Runtime};
+use crate::guest::engine::{EngineKind, Runtime, Tier};
 
 /// First bytes of every cache entry.
 const MAGIC: &[u8; 12] = b"WHARF-CWASM\x01";
@@ -32,8 +32,9 @@ pub fn default_dir() -> Option<PathBuf> {
     crate::guest::engine::default_cache_dir()
 }
 
-/// The caches of a runtime's engines, one per [`MemoryInit`] flavour (their
-/// compiled code is not interchangeable).
+/// The caches of a runtime's optimising engines, one per [`EngineKind`]
+/// (their compiled code is not interchangeable). Baseline (Winch) code is
+/// never cached: a restart serves optimised code at once.
 #[derive(Debug, Default)]
 pub struct CodeCaches {
     /// Indexed by [`EngineKind::index`].
@@ -44,8 +45,8 @@ impl CodeCaches {
     /// Opens the caches under `root` for each of `runtime`'s engines; `None`
     /// (or a cache that cannot be created, which is logged) disables them.
     pub fn open(root: Option<&Path>, runtime: &Runtime) -> CodeCaches {
-        let open = |kind| {
-            let root = root?;
+        let open = |kind: EngineKind| {
+            let root = root.filter(|_| kind.tier == Tier::Optimised)?;
             match CodeCache::open(root, runtime.flavour(kind).engine()) {
                 Ok(cache) => Some(cache),
                 Err(err) => {

@@ -32,12 +32,21 @@ struct Lane {
     pool: rayon::ThreadPool,
 }
 
+/// The scheduling priority (nice value) of background compile threads.
+const BACKGROUND_NICE: i32 = 10;
+
 impl Lane {
     fn new(name: &str, permits: usize, threads: usize) -> Result<Lane> {
+        Lane::with_priority(name, permits, threads, 0)
+    }
+
+    /// A lane whose threads run at nice value `nice` (0: unchanged).
+    fn with_priority(name: &str, permits: usize, threads: usize, nice: i32) -> Result<Lane> {
         let prefix = format!("wharf-compile-{name}");
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(move |i| format!("{prefix}-{i}"))
+            .start_handler(move |_| lower_priority(nice))
             .build()
             .with_context(|| format!("starting the {name} compile threads"))?;
         Ok(Lane {
@@ -51,6 +60,10 @@ impl Lane {
 pub(crate) struct Compiler {
     small: Lane,
     large: Lane,
+    /// Optimising compiles of services already served from baseline code:
+    /// one at a time, on threads the operating system schedules after
+    /// everything else (nice 10), so serving and first compiles go first.
+    background: Lane,
 }
 
 /// How long a compile waited for its lane and how long it ran.
@@ -71,7 +84,42 @@ impl Compiler {
         Ok(Compiler {
             small: Lane::new("small", cores, cores)?,
             large: Lane::new("large", 1, cores)?,
+            background: Lane::with_priority("background", 1, cores, BACKGROUND_NICE)?,
         })
+    }
+
+    /// Runs `compile` (blocking, CPU-heavy) for service `name` in the
+    /// background lane, once it has its turn, on what `still_wanted` then
+    /// gives it; `None` if that is nothing. Returns the value and how long
+    /// it waited and ran.
+    pub(crate) async fn run_background<W: Send + 'static, T: Send + 'static>(
+        &self,
+        name: &str,
+        still_wanted: impl FnOnce() -> Option<W>,
+        compile: impl FnOnce(W) -> Result<T> + Send + 'static,
+    ) -> Result<Option<(T, CompileTimes)>> {
+        let queued_at = Instant::now();
+        let _permit = self
+            .background
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| anyhow!("the compiler is shutting down"))?;
+        let Some(input) = still_wanted() else {
+            return Ok(None);
+        };
+        let queued = queued_at.elapsed();
+        let started = Instant::now();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.background.pool.spawn(move || {
+            // The receiver is gone only if the host shut down.
+            let _ = tx.send(compile(input));
+        });
+        let value = rx
+            .await
+            .map_err(|_| anyhow!("the optimising compile of {name} ended without a result"))??;
+        let compiled = started.elapsed();
+        Ok(Some((value, CompileTimes { queued, compiled })))
     }
 
     /// Runs `compile` (blocking, CPU-heavy) for service `name`, whose
@@ -136,6 +184,22 @@ async fn with_progress<F: Future>(name: &str, large: bool, started: Instant, don
                 );
             }
         }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to nice value `nice`
+/// (Linux schedules threads individually); a no-op for 0, and best effort:
+/// a thread that cannot be lowered compiles at normal priority.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid has no preconditions; setpriority on the calling
+    // thread's id changes only that thread's nice value.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
     }
 }
 

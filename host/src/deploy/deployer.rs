@@ -3,7 +3,7 @@
 //! one structured line per event.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use anyhow::{Result, anyhow};
 
@@ -15,7 +15,8 @@ use crate::deploy::compiler::Compiler;
 use crate::deploy::deployment::{self, Deployment, ServiceSpec};
 use crate::deploy::last_good::{LastGood, Saved};
 use crate::deploy::registry::Registry;
-use crate::guest::engine::Runtime;
+use crate::deploy::tiering;
+use crate::guest::engine::{Runtime, Tier, Tiers};
 use crate::guest::invoke;
 
 /// The log target of every deploy event line (deploy, replace, reject,
@@ -218,8 +219,9 @@ impl Deployer {
     /// Deploys (or replaces) a service. On failure nothing changes: the
     /// previous version, if any, keeps serving, and the rejection is logged
     /// and recorded.
-    pub(crate) async fn deploy(&self, spec: ServiceSpec) -> Result<Arc<Deployment>> {
+    pub(crate) async fn deploy(self: &Arc<Self>, spec: ServiceSpec) -> Result<Arc<Deployment>> {
         let name = spec.name.clone();
+        let wasm = spec.wasm.clone();
         let source = spec
             .source
             .as_ref()
@@ -315,6 +317,7 @@ impl Deployer {
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
                         memory_init = compile.memory_init.as_str(),
+                        tier = compile.tier.as_str(),
                         file = %source,
                         "service replaced"
                     ),
@@ -329,9 +332,13 @@ impl Deployer {
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
                         memory_init = compile.memory_init.as_str(),
+                        tier = compile.tier.as_str(),
                         file = %source,
                         "service deployed"
                     ),
+                }
+                if compile.tier == Tier::Baseline && self.runtime.tiers() == Tiers::Tiered {
+                    self.optimise_later(&new, wasm);
                 }
                 if let Some((wasm, manifest)) = keep {
                     self.save_last_good(&new, wasm, manifest).await;
@@ -343,6 +350,118 @@ impl Deployer {
                 Err(err)
             }
         }
+    }
+
+    /// Compiles `baseline` — just installed from Winch code — with
+    /// Cranelift in the background lane (after the runtime's optimise
+    /// delay), and swaps the optimised version in if `baseline` still
+    /// serves by then. Nothing holds the host or `baseline` alive meanwhile.
+    fn optimise_later(self: &Arc<Self>, baseline: &Arc<Deployment>, wasm: Arc<[u8]>) {
+        let deployer = Arc::downgrade(self);
+        let baseline = Arc::downgrade(baseline);
+        let delay = self.runtime.optimise_delay();
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(deployer) = deployer.upgrade() {
+                deployer.optimise(baseline, wasm).await;
+            }
+        });
+    }
+
+    /// See [`optimise_later`](Deployer::optimise_later).
+    async fn optimise(&self, baseline: Weak<Deployment>, wasm: Arc<[u8]>) {
+        // Whether `baseline` still serves: a newer version or a removal
+        // makes its optimised code worthless.
+        let serving = |baseline: &Weak<Deployment>| {
+            let baseline = baseline.upgrade()?;
+            let snapshot = self.registry.snapshot();
+            let current = snapshot.service(baseline.name())?;
+            Arc::ptr_eq(current, &baseline).then_some(baseline)
+        };
+        let Some(name) = baseline.upgrade().map(|d| d.name().to_string()) else {
+            return;
+        };
+        let (runtime, caches) = (self.runtime.clone(), self.caches.clone());
+        let compiled = self
+            .compiler
+            .run_background(
+                &name,
+                || {
+                    let current = serving(&baseline)?;
+                    tracing::info!(
+                        target: EVENTS,
+                        event = "optimising",
+                        service = %name,
+                        generation = current.generation(),
+                        digest = %current.digest(),
+                        "compiling {name} with Cranelift in the background; Winch code serves meanwhile"
+                    );
+                    Some(current)
+                },
+                move |current| tiering::optimise(&runtime, &caches, &current, &wasm),
+            )
+            .await;
+        let (optimised, times) = match compiled {
+            Ok(Some(done)) => done,
+            Ok(None) => {
+                tracing::info!(
+                    target: EVENTS,
+                    event = "superseded",
+                    service = %name,
+                    "a newer change to this service arrived before its optimising compile began; not optimising the old version"
+                );
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(
+                    target: EVENTS,
+                    event = "optimise-failed",
+                    service = %name,
+                    reason = %format!("{err:#}"),
+                    "the optimising compile failed; the Winch code keeps serving"
+                );
+                return;
+            }
+        };
+        if let Err(err) = invoke::probe(&self.runtime, optimised.guest()).await {
+            tracing::warn!(
+                target: EVENTS,
+                event = "optimise-failed",
+                service = %name,
+                reason = %format!("{err:#}"),
+                "the optimised code does not instantiate; the Winch code keeps serving"
+            );
+            return;
+        }
+        let swapped = serving(&baseline).and_then(|current| {
+            // Under the attempts lock, as an install is.
+            let _attempts = self.attempts();
+            self.registry.replace_tier(optimised, &current)
+        });
+        let Some(new) = swapped else {
+            tracing::info!(
+                target: EVENTS,
+                event = "superseded",
+                service = %name,
+                "a newer change to this service arrived while Cranelift compiled it; discarding the optimised code of the old version"
+            );
+            return;
+        };
+        let compile_ms = times.compiled.as_secs_f64() * 1000.0;
+        self.metrics.compiled(&name, times.compiled, false);
+        tracing::info!(
+            target: EVENTS,
+            event = "optimise",
+            service = %name,
+            generation = new.generation(),
+            digest = %new.digest(),
+            queue_ms = format_args!("{:.1}", times.queued.as_secs_f64() * 1000.0),
+            compile_ms = format_args!("{compile_ms:.1}"),
+            tier = Tier::Optimised.as_str(),
+            "service now runs Cranelift-optimised code; the Winch code finishes its requests"
+        );
     }
 
     /// Compiles and probes a service without installing it: whether
@@ -428,7 +547,8 @@ impl Deployer {
             .registry
             .snapshot()
             .service(&name)
-            .is_some_and(|d| Arc::ptr_eq(d, deployment));
+            // The same generation: a tier swap keeps it.
+            .is_some_and(|d| d.generation() == deployment.generation());
         if !current {
             return;
         }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use sha2::{Digest as _, Sha256};
-use wasmtime::component::Component;
 
 use crate::base::admission::Gate;
 use crate::base::limits::Limits;
@@ -20,9 +19,11 @@ use crate::capabilities::keyvalue::{KeyValueAccess, KeyValueLimits};
 use crate::capabilities::messaging::{MessagingAccess, MessagingGrant};
 use crate::capabilities::outbound::OutboundPolicy;
 use crate::deploy::cache::CodeCaches;
+use crate::deploy::deployer::EVENTS;
 use crate::deploy::router::Route;
+use crate::deploy::tiering::{self, Compiled};
 use crate::deploy::triggers::Triggers;
-use crate::guest::engine::{EngineKind, MemoryInit, Runtime};
+use crate::guest::engine::{MemoryInit, Runtime, Tier};
 use crate::guest::{Guest, GuestExports, GuestPolicy};
 
 /// The longest service name accepted.
@@ -145,6 +146,11 @@ pub struct CompileInfo {
     pub cache_hit: bool,
     /// How the engine initialises the guest's memory (chosen by its size).
     pub memory_init: MemoryInit,
+    /// Which compiler produced the code that serves.
+    pub tier: Tier,
+    /// When optimised code replaced the baseline code this version was
+    /// first served from; `None` if it never ran baseline code.
+    pub optimised_at: Option<SystemTime>,
 }
 
 /// One deployed version of a service: immutable once built. Requests hold an
@@ -240,6 +246,21 @@ impl Deployment {
         self.compile
     }
 
+    /// The same version run by `guest`, compiled as `compile` says: its
+    /// optimised code replacing the baseline code it was first served from.
+    pub(crate) fn with_guest(&self, guest: Arc<Guest>, compile: CompileInfo) -> Deployment {
+        Deployment {
+            generation: self.generation,
+            digest: self.digest.clone(),
+            source: self.source.clone(),
+            loaded_at: self.loaded_at,
+            config: self.config.clone(),
+            manifest: self.manifest.clone(),
+            compile,
+            guest,
+        }
+    }
+
     /// The compiled guest that runs this version's requests.
     pub fn guest(&self) -> &Arc<Guest> {
         &self.guest
@@ -309,7 +330,7 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
 /// The reason a component does not link, with advice when it was built for
 /// a WASI 0.3 release candidate (`@0.3.0-rc-…`): wasmtime 48 implements
 /// the released 0.3.0, and the candidates' interfaces differ from it.
-fn explain_link_error(error: &str) -> anyhow::Error {
+pub(crate) fn explain_link_error(error: &str) -> anyhow::Error {
     let candidate = error
         .split('`')
         .find(|name| name.contains("@0.3.0-rc"))
@@ -320,43 +341,6 @@ fn explain_link_error(error: &str) -> anyhow::Error {
         ),
         None => anyhow!("{error}"),
     }
-}
-
-/// Compiles `wasm` (whose digest is `digest`) on the engine that suits
-/// it, through `caches`: a component the engine without the async ABI
-/// refuses for using it (a WASI 0.3 component) goes to the one with it.
-/// Returns the component, its engine and whether it came from the cache.
-/// Blocking and CPU-heavy.
-pub(crate) fn compile(
-    runtime: &Runtime,
-    caches: &CodeCaches,
-    wasm: &[u8],
-    digest: &str,
-) -> Result<(Component, EngineKind, bool)> {
-    let compile_on = |kind: EngineKind| -> std::result::Result<(Component, bool), String> {
-        let engine = runtime.flavour(kind).engine();
-        let cache = caches.for_kind(kind);
-        if let Some(component) = cache.and_then(|cache| cache.load(engine, digest)) {
-            return Ok((component, true));
-        }
-        let component = Component::new(engine, wasm).map_err(|err| format!("{err:#}"))?;
-        if let Some(cache) = cache {
-            cache.store(digest, &component);
-        }
-        Ok((component, false))
-    };
-    let init = MemoryInit::for_component_size(wasm.len());
-    let plain = EngineKind::new(init, false);
-    let (compiled, kind) = match compile_on(plain) {
-        // Validation stops there at once, before any compiling.
-        Err(error) if error.contains("requires the component model async feature") => {
-            let concurrent = EngineKind::new(init, true);
-            (compile_on(concurrent), concurrent)
-        }
-        other => (other, plain),
-    };
-    let (component, cache_hit) = compiled.map_err(|error| anyhow!("invalid component: {error}"))?;
-    Ok((component, kind, cache_hit))
 }
 
 /// Compiles and links a service. Blocking and CPU-heavy: call it from a
@@ -372,14 +356,29 @@ pub(crate) fn build(
     check_header(&spec.wasm)?;
     let digest = spec.digest.unwrap_or_else(|| digest_of(&spec.wasm));
     let started = Instant::now();
-    let (component, kind, cache_hit) = compile(runtime, caches, &spec.wasm, &digest)?;
+    let Compiled {
+        component,
+        kind,
+        cache_hit,
+        baseline_refused,
+    } = tiering::compile_first(runtime, caches, &spec.wasm, &digest)?;
+    if let Some(reason) = baseline_refused {
+        tracing::warn!(
+            target: EVENTS,
+            service = %spec.name,
+            reason = %reason,
+            "Winch cannot compile {}; compiled with Cranelift instead",
+            spec.name
+        );
+    }
     let flavour = runtime.flavour(kind);
-    let memory_init = kind.init;
     let compile = CompileInfo {
         queued: Duration::ZERO,
         duration: started.elapsed(),
         cache_hit,
-        memory_init,
+        memory_init: kind.init,
+        tier: kind.tier,
+        optimised_at: None,
     };
     let instance_pre = flavour
         .linker()

@@ -49,6 +49,7 @@ use crate::deploy::ServiceConfig;
 use crate::deploy::cluster::ClusterConfig;
 use crate::deploy::router::Route;
 use crate::deploy::triggers::{TriggerTable, Triggers};
+use crate::guest::engine::Tiers;
 
 /// A manifest as written.
 #[derive(Debug, Default, Deserialize)]
@@ -306,6 +307,9 @@ impl Manifest {
 /// backend = "redis://HOST:PORT"        # or "embedded" (default), "nats://…"
 /// [messaging]
 /// backend = "nats://HOST:PORT"         # or "embedded" (default), "amqp://…"
+/// [engine]
+/// tiers = "tiered"                     # or "cranelift", "winch" (see `--tiers`)
+/// keep_resident = "8MiB"               # see `--keep-resident`
 /// [cluster]
 /// url = "nats://HOST:PORT"             # join this cluster (see `--cluster`)
 /// name = "prod"                        # default "default"
@@ -320,7 +324,17 @@ pub(crate) struct HostFile {
     keyvalue: HostKeyValueTable,
     #[serde(default)]
     messaging: HostMessagingTable,
+    #[serde(default)]
+    engine: HostEngineTable,
     cluster: Option<HostClusterTable>,
+}
+
+/// `[engine]`: read when the host starts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostEngineTable {
+    tiers: Option<String>,
+    keep_resident: Option<String>,
 }
 
 /// `[cluster]`: the host's name in it is not here, since one file often
@@ -357,6 +371,10 @@ pub struct HostSettings {
     pub messaging: Option<BrokerChoice>,
     /// The cluster to join, if named here.
     pub cluster: Option<ClusterConfig>,
+    /// Which compilers to use, if chosen here.
+    pub tiers: Option<Tiers>,
+    /// Memory kept resident per instance slot of a large guest, if set here.
+    pub keep_resident: Option<u64>,
 }
 
 impl HostFile {
@@ -389,11 +407,28 @@ impl HostFile {
                     .map_err(|why| format!("cluster: {why}"))
             })
             .transpose()?;
+        let tiers = file
+            .engine
+            .tiers
+            .as_deref()
+            .map(|t| t.parse().map_err(|why| format!("engine.tiers: {why}")))
+            .transpose()?;
+        let keep_resident = file
+            .engine
+            .keep_resident
+            .as_deref()
+            .map(|size| {
+                crate::base::limits::parse_memory(size)
+                    .map_err(|why| format!("engine.keep_resident: {why}"))
+            })
+            .transpose()?;
         Ok(HostSettings {
             limits: file.limits.validate()?,
             keyvalue,
             messaging,
             cluster,
+            tiers,
+            keep_resident,
         })
     }
 }

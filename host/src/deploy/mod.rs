@@ -1,7 +1,8 @@
 //! From files to deployments: the directory watcher (`watcher`) reads each
 //! service's component and manifest (`source`, `manifest`), a deploy compiles
 //! it — or loads it from the compiled-code cache (`cache`) — links and probes
-//! it (`deployment`), and the registry swaps it in atomically (`registry`,
+//! it (`deployment`, with Winch first and Cranelift in the background:
+//! `tiering`), and the registry swaps it in atomically (`registry`,
 //! with the route table from `router`); `deployer` orders all of this per
 //! service so the newest change always wins. A manifest's triggers
 //! (`triggers`) are checked here and run by the `serve` layer.
@@ -18,6 +19,7 @@ pub mod manifest;
 pub mod registry;
 pub mod router;
 pub(crate) mod source;
+pub(crate) mod tiering;
 pub mod triggers;
 pub(crate) mod upload;
 pub mod watcher;

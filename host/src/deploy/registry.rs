@@ -157,6 +157,34 @@ impl Registry {
         Ok((deployment, replaced))
     }
 
+    /// Replaces `current` — still the serving version of its service — by
+    /// `deployment`, the same version compiled by another tier, keeping its
+    /// generation. The swap is atomic: requests already running finish on
+    /// `current`. Returns `None`, changing nothing, if a newer version or a
+    /// removal replaced `current` meanwhile.
+    pub fn replace_tier(
+        &self,
+        mut deployment: Deployment,
+        current: &Arc<Deployment>,
+    ) -> Option<Arc<Deployment>> {
+        let _book = self.book();
+        let old = self.current.load_full();
+        let serving = old.services.get(current.name())?;
+        if !Arc::ptr_eq(serving, current) {
+            return None;
+        }
+        deployment.set_generation(current.generation());
+        let deployment = Arc::new(deployment);
+        let mut services = old.services.clone();
+        services.insert(current.name().to_string(), deployment.clone());
+        // The same routes as before: no conflict can arise.
+        if let Err(err) = self.publish(services) {
+            tracing::error!(error = %err, "route table rebuild failed after a tier swap");
+            return None;
+        }
+        Some(deployment)
+    }
+
     /// Removes a service. Requests already running finish on it.
     pub fn remove(&self, name: &str) -> Option<Arc<Deployment>> {
         let mut book = self.book();

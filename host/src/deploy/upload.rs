@@ -376,7 +376,7 @@ impl std::error::Error for InstallError {}
 /// the new component with the old manifest in between), then deploys it.
 /// The caller holds the service's file lock ([`Deployer::lock_files`]).
 pub(crate) async fn install(
-    deployer: &Deployer,
+    deployer: &std::sync::Arc<Deployer>,
     dir: &Path,
     spec: ServiceSpec,
     component: Staged,

@@ -132,6 +132,11 @@ impl DirState {
                         "the message broker",
                     ),
                     (settings.cluster != self.started_with.cluster, "the cluster"),
+                    (
+                        settings.tiers != self.started_with.tiers
+                            || settings.keep_resident != self.started_with.keep_resident,
+                        "[engine]",
+                    ),
                 ] {
                     if changed {
                         tracing::warn!(

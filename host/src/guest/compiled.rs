@@ -49,8 +49,9 @@ pub struct Guest {
     pre: InstancePre<HostState>,
     /// The handlers it exports.
     exports: GuestExports,
-    /// This version's request slots (the `concurrency` limit).
-    admission: Gate,
+    /// This version's request slots (the `concurrency` limit), shared
+    /// with the code of the same version compiled by another tier.
+    admission: Arc<Gate>,
     /// The service's request metrics (shared by its versions).
     metrics: Arc<ServiceMetrics>,
     /// Idle instances kept for reuse (empty unless `reuse` > 1).
@@ -152,7 +153,10 @@ impl Guest {
         metrics: Arc<ServiceMetrics>,
     ) -> Guest {
         Guest {
-            admission: Gate::new(policy.limits.concurrency as usize, "request slots"),
+            admission: Arc::new(Gate::new(
+                policy.limits.concurrency as usize,
+                "request slots",
+            )),
             name: policy.name,
             env: policy.env,
             limits: policy.limits,
@@ -169,6 +173,37 @@ impl Guest {
             warm: WarmPool::default(),
             workers: Workers::default(),
             cpu: Arc::default(),
+        }
+    }
+
+    /// The same version and policy run by other compiled code (`pre`, for
+    /// `engine`): optimised code taking over from baseline code. It shares
+    /// this guest's request slots, metrics and CPU record, so the swap
+    /// changes no limit, and starts with no warm instance.
+    pub(crate) fn recompiled(
+        &self,
+        engine: EngineKind,
+        pre: InstancePre<HostState>,
+        exports: GuestExports,
+    ) -> Guest {
+        Guest {
+            name: self.name.clone(),
+            env: self.env.clone(),
+            limits: self.limits,
+            outbound: self.outbound.clone(),
+            keyvalue: self.keyvalue.clone(),
+            config: self.config.clone(),
+            messaging: self.messaging.clone(),
+            reuse: self.reuse,
+            concurrent: self.concurrent,
+            engine,
+            pre,
+            exports,
+            admission: self.admission.clone(),
+            metrics: self.metrics.clone(),
+            warm: WarmPool::default(),
+            workers: Workers::default(),
+            cpu: self.cpu.clone(),
         }
     }
 

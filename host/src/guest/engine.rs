@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Strategy};
 
 use crate::base::admission::Gate;
 use crate::base::limits::MAX_MEMORY;
@@ -39,6 +39,17 @@ pub struct EngineOptions {
     /// `limits.memory` included): a version asking for more is refused
     /// here, whatever other hosts of a cluster accept.
     pub max_service_memory: u64,
+    /// Which compilers turn components into native code; see [`Tiers`].
+    /// `None`: what the services directory's `wharf.toml` says, else
+    /// [`Tiers::Tiered`].
+    pub tiers: Option<Tiers>,
+    /// How long a background (Cranelift) compile waits before it starts:
+    /// a burst of deploys settles first, and tests watch the baseline tier.
+    pub optimise_delay: Duration,
+    /// Linear memory kept resident per pool slot of a large guest (see
+    /// [`LARGE_GUEST_KEEP_RESIDENT`]). `None`: what `wharf.toml` says, else
+    /// that default.
+    pub keep_resident: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -48,6 +59,79 @@ impl Default for EngineOptions {
             max_instances: 1000,
             cache_dir: default_cache_dir(),
             max_service_memory: MAX_MEMORY,
+            tiers: None,
+            optimise_delay: Duration::ZERO,
+            keep_resident: None,
+        }
+    }
+}
+
+/// Which compilers a host uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tiers {
+    /// A component not in the compiled-code cache is compiled with Winch,
+    /// wasmtime's baseline compiler (several times faster to compile, slower
+    /// code), and served at once; Cranelift compiles it again in the
+    /// background and the optimised code replaces the baseline code without
+    /// downtime. The default.
+    #[default]
+    Tiered,
+    /// Cranelift only: a component serves once its optimised code is ready.
+    Cranelift,
+    /// Winch only, never optimised and never cached: for tests of the
+    /// baseline tier.
+    Winch,
+}
+
+impl Tiers {
+    /// The name used by `--tiers` and `wharf.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tiers::Tiered => "tiered",
+            Tiers::Cranelift => "cranelift",
+            Tiers::Winch => "winch",
+        }
+    }
+
+    /// The tier a component not in the cache is compiled to first.
+    pub fn first(self) -> Tier {
+        match self {
+            Tiers::Tiered | Tiers::Winch => Tier::Baseline,
+            Tiers::Cranelift => Tier::Optimised,
+        }
+    }
+}
+
+impl std::str::FromStr for Tiers {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Tiers, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "tiered" => Ok(Tiers::Tiered),
+            "cranelift" => Ok(Tiers::Cranelift),
+            "winch" => Ok(Tiers::Winch),
+            other => Err(format!(
+                "{other:?} is not a compiler tier setting: use \"tiered\" (Winch first, Cranelift in the background), \"cranelift\" or \"winch\""
+            )),
+        }
+    }
+}
+
+/// Which compiler produced a component's native code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Winch: compiled in a single pass, quickly, to slower code.
+    Baseline,
+    /// Cranelift: the optimising compiler.
+    Optimised,
+}
+
+impl Tier {
+    /// The compiler's name, for logs and the service list.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Baseline => "winch",
+            Tier::Optimised => "cranelift",
         }
     }
 }
@@ -111,7 +195,8 @@ impl MemoryInit {
 }
 
 /// Which engine compiles and runs a component: how it initialises memory,
-/// and whether it speaks the component model's async ABI.
+/// whether it speaks the component model's async ABI, and which compiler
+/// it uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineKind {
     /// How instances' linear memory is initialised.
@@ -122,25 +207,46 @@ pub struct EngineKind {
     /// which cost a WASI 0.2 hello 10% of its requests/s (14.6k -> 13.2k
     /// with `wrk -t1 -c32` on the 2-core VM) though it never used it.
     pub concurrent: bool,
+    /// The compiler.
+    pub tier: Tier,
 }
 
 impl EngineKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [EngineKind; 4] = [
-        EngineKind::new(MemoryInit::Copy, false),
-        EngineKind::new(MemoryInit::CopyOnWrite, false),
-        EngineKind::new(MemoryInit::Copy, true),
-        EngineKind::new(MemoryInit::CopyOnWrite, true),
-    ];
+    pub const ALL: [EngineKind; 8] = {
+        use MemoryInit::{Copy, CopyOnWrite};
+        use Tier::{Baseline, Optimised};
+        [
+            EngineKind::new(Copy, false, Optimised),
+            EngineKind::new(CopyOnWrite, false, Optimised),
+            EngineKind::new(Copy, true, Optimised),
+            EngineKind::new(CopyOnWrite, true, Optimised),
+            EngineKind::new(Copy, false, Baseline),
+            EngineKind::new(CopyOnWrite, false, Baseline),
+            EngineKind::new(Copy, true, Baseline),
+            EngineKind::new(CopyOnWrite, true, Baseline),
+        ]
+    };
 
-    /// The kind for `init` and `concurrent`.
-    pub const fn new(init: MemoryInit, concurrent: bool) -> EngineKind {
-        EngineKind { init, concurrent }
+    /// The kind for `init`, `concurrent` and `tier`.
+    pub const fn new(init: MemoryInit, concurrent: bool, tier: Tier) -> EngineKind {
+        EngineKind {
+            init,
+            concurrent,
+            tier,
+        }
+    }
+
+    /// The same kind with another compiler.
+    pub const fn with_tier(self, tier: Tier) -> EngineKind {
+        EngineKind::new(self.init, self.concurrent, tier)
     }
 
     /// Its position in [`EngineKind::ALL`].
     pub fn index(self) -> usize {
-        usize::from(self.concurrent) * 2 + usize::from(self.init == MemoryInit::CopyOnWrite)
+        usize::from(self.tier == Tier::Baseline) * 4
+            + usize::from(self.concurrent) * 2
+            + usize::from(self.init == MemoryInit::CopyOnWrite)
     }
 }
 
@@ -158,9 +264,13 @@ pub struct Flavour {
 
 impl Flavour {
     fn new(options: &EngineOptions, kind: EngineKind, pooling: bool) -> Result<Flavour> {
+        // The baseline tier serves a component only until its optimised
+        // code is ready (seconds), so its engines allocate instances on
+        // demand rather than reserve a second pool's address space.
+        let pooling = pooling && kind.tier == Tier::Optimised;
         let engine = Engine::new(&engine_config(kind, pooling.then_some(options)))
             .map_err(anyhow::Error::from)
-            .context("creating the wasmtime engine")?;
+            .with_context(|| format!("creating the wasmtime engine ({})", kind.tier.as_str()))?;
         let linker = build_linker(&engine, kind.concurrent)?;
         Ok(Flavour { engine, linker })
     }
@@ -177,15 +287,18 @@ impl Flavour {
 }
 
 /// The wasmtime engines and linkers shared by every deployment, plus the
-/// epoch ticker. There are four engines, identical but for how they
-/// initialise linear memory ([`MemoryInit`]) and whether they run WASI 0.3
-/// components ([`EngineKind`]); each deployment uses the one that suits
-/// it. Dropping the runtime stops the ticker thread.
+/// epoch ticker. There are eight engines, identical but for how they
+/// initialise linear memory ([`MemoryInit`]), whether they run WASI 0.3
+/// components, and which compiler they use ([`EngineKind`]); each
+/// deployment uses the one that suits it. Dropping the runtime stops the
+/// ticker thread.
 pub struct Runtime {
     /// Indexed by [`EngineKind::index`].
     flavours: Vec<Flavour>,
     pooling: bool,
     max_service_memory: u64,
+    tiers: Tiers,
+    optimise_delay: Duration,
     /// Slots for live instances across both engines: never more than a
     /// pool holds.
     instances: Gate,
@@ -220,6 +333,8 @@ impl Runtime {
             flavours,
             pooling,
             max_service_memory: options.max_service_memory.min(MAX_MEMORY),
+            tiers: options.tiers.unwrap_or_default(),
+            optimise_delay: options.optimise_delay,
             instances: Gate::new(options.max_instances as usize, "instance slots"),
             _ticker: ticker,
         })
@@ -240,6 +355,16 @@ impl Runtime {
         self.max_service_memory
     }
 
+    /// Which compilers turn components into native code.
+    pub fn tiers(&self) -> Tiers {
+        self.tiers
+    }
+
+    /// How long a background compile waits before it starts.
+    pub fn optimise_delay(&self) -> Duration {
+        self.optimise_delay
+    }
+
     /// The host-wide instance slots.
     pub fn instances(&self) -> &Gate {
         &self.instances
@@ -256,6 +381,10 @@ fn engine_config(kind: EngineKind, pool: Option<&EngineOptions>) -> Config {
     config.concurrency_support(kind.concurrent);
     config.epoch_interruption(true);
     config.memory_init_cow(init == MemoryInit::CopyOnWrite);
+    config.strategy(match kind.tier {
+        Tier::Baseline => Strategy::Winch,
+        Tier::Optimised => Strategy::Cranelift,
+    });
     if let Some(options) = pool {
         let mut pooling = PoolingAllocationConfig::new();
         // Each request instantiates a component that may hold several core
@@ -292,7 +421,12 @@ fn engine_config(kind: EngineKind, pool: Option<&EngineOptions>) -> Config {
             // Keeping the first pages resident resets them with memcpy from
             // the image instead: 500 -> 1190 requests/s for the JS hello.
             // The cost is up to this much RSS per pool slot in use.
-            pooling.linear_memory_keep_resident(LARGE_GUEST_KEEP_RESIDENT);
+            let keep = options
+                .keep_resident
+                .map_or(LARGE_GUEST_KEEP_RESIDENT, |bytes| {
+                    usize::try_from(bytes).unwrap_or(usize::MAX)
+                });
+            pooling.linear_memory_keep_resident(keep);
         }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     }
@@ -378,6 +512,24 @@ impl Drop for EpochTicker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_engine_kind_has_its_own_index() {
+        for (position, kind) in EngineKind::ALL.iter().enumerate() {
+            assert_eq!(kind.index(), position, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn tier_settings_parse_and_name_the_choices_when_wrong() {
+        assert_eq!("tiered".parse(), Ok(Tiers::Tiered));
+        assert_eq!(" Cranelift ".parse(), Ok(Tiers::Cranelift));
+        assert_eq!("winch".parse(), Ok(Tiers::Winch));
+        let wrong = "fast".parse::<Tiers>().unwrap_err();
+        assert!(wrong.contains("\"cranelift\""), "{wrong}");
+        assert_eq!(Tiers::default().first(), Tier::Baseline);
+        assert_eq!(Tiers::Cranelift.first(), Tier::Optimised);
+    }
 
     #[test]
     fn small_guests_copy_and_large_ones_map_copy_on_write() {

@@ -182,8 +182,10 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
             let runtime = deployer.runtime().clone();
             let unlinked = tokio::task::spawn_blocking(move || {
                 let uncached = crate::deploy::cache::CodeCaches::default();
-                crate::deploy::deployment::compile(&runtime, &uncached, &wasm, "")
-                    .map(|(component, ..)| component)
+                let init = crate::guest::engine::MemoryInit::for_component_size(wasm.len());
+                let tier = runtime.tiers().first();
+                crate::deploy::tiering::compile_tier(&runtime, &uncached, &wasm, "", init, tier)
+                    .map(|compiled| compiled.component)
             })
             .await
             .ok()
