@@ -4,7 +4,10 @@
 //! - Wharf (release build) serving the Rust and JavaScript hello services,
 //!   one fresh instance per request and, as separate services, with
 //!   `[instance] reuse = 128`; and the Rust hello built for WASI 0.3
-//!   (`guests/hello-p3`), fresh and with `reuse = 128, concurrent = 16`;
+//!   (`guests/hello-p3`), fresh and with `reuse = 128, concurrent = 16`.
+//!   One host serves the Rust services, one the JavaScript ones from
+//!   Cranelift's code and one from Winch's (`--tiers winch`), so each
+//!   row's peak memory is its own host's;
 //! - `wasmtime serve` 48.0.8 on the same components, default and with
 //!   `--max-instance-reuse-count 128` (installed with `cargo install` into
 //!   `target/bench/tools` if missing); for the 0.3 hello, with the same
@@ -193,44 +196,38 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     let express = express_app()?;
     let hyper = hyper_hello()?;
 
-    let services = tempfile::tempdir()?;
     let rust_hello = built.rust.join("hello.wasm");
     let js_hello = built.js.join("hello.wasm");
     // The fetch-event hello fails on a reused instance (StarlingMonkey
     // #247); the reuse modes run the same service written as an exported
     // wasi:http handler.
     let js_handler = built.js.join("hello-handler.wasm");
-    // Installs `component` as service `name`, with `manifest` if any.
-    let install = |name: &str, component: &Path, manifest: Option<String>| -> Result<()> {
-        std::fs::copy(component, services.path().join(format!("{name}.wasm")))?;
-        if let Some(manifest) = manifest {
-            std::fs::write(services.path().join(format!("{name}.toml")), manifest)?;
-        }
-        Ok(())
-    };
-    let reuse = format!("[instance]\nreuse = {REUSE}\n");
-    install("hello", &rust_hello, None)?;
-    install("hello-reuse", &rust_hello, Some(reuse.clone()))?;
     let p3_hello = built.rust.join("hello_p3.wasm");
-    install("p3", &p3_hello, None)?;
-    install(
-        "p3-shared",
-        &p3_hello,
-        Some(format!("{reuse}concurrent = {CONCURRENT}\n")),
-    )?;
-    if options.js {
-        install("js", &js_hello, None)?;
-        install("js-reuse", &js_handler, Some(reuse))?;
-    }
+    let reuse = format!("[instance]\nreuse = {REUSE}\n");
     let cache = root().join("target").join("bench").join("cache");
-
-    let mut wharf_cmd = Command::new(wharf_bin);
-    wharf_cmd
-        .arg("serve")
-        .arg(services.path())
-        .args(["--listen", "127.0.0.1:0", "--log", "warn", "--cache-dir"])
-        .arg(&cache);
-    let wharf = Server::start("wharf", wharf_cmd, "")?;
+    // One Wharf host for the Rust services and one per JavaScript tier, so
+    // each reports its own peak memory. `--tiers` is explicit: the
+    // Cranelift rows must never measure Winch code still being optimised.
+    let wharf_host = |label: &str,
+                      tiers: &str,
+                      services: &[(&str, &Path, Option<String>)]|
+     -> Result<(Server, tempfile::TempDir)> {
+        let dir = tempfile::tempdir()?;
+        for (name, component, manifest) in services {
+            std::fs::copy(component, dir.path().join(format!("{name}.wasm")))?;
+            if let Some(manifest) = manifest {
+                std::fs::write(dir.path().join(format!("{name}.toml")), manifest)?;
+            }
+        }
+        let mut command = Command::new(wharf_bin);
+        command
+            .arg("serve")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--log", "warn", "--tiers", tiers])
+            .arg("--cache-dir")
+            .arg(&cache);
+        Ok((Server::start(label, command, "")?, dir))
+    };
     // `reuse` and `concurrent` are passed explicitly: wasmtime serve's
     // defaults differ between WASI 0.2 (1, 1) and 0.3 (128, 16).
     let wasmtime_serve = |label: &str, component: &Path, reuse: u32, concurrent: u32| {
@@ -244,71 +241,113 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
         Server::start(label, command, "/")
     };
 
-    // (label, server, path) in the order they are measured each round.
-    let mut servers: Vec<(String, Server)> = Vec::new();
-    let base = wharf.url.clone();
-    let mut targets: Vec<(String, String)> = vec![
-        ("Wharf, Rust hello".to_string(), format!("{base}/hello")),
+    // The processes under test, and (label, URL, index of its process) in
+    // the order they are measured each round.
+    let mut processes: Vec<Server> = Vec::new();
+    let mut dirs = Vec::new();
+    let mut targets: Vec<(String, String, usize)> = Vec::new();
+    let (rust_host, dir) = wharf_host(
+        "wharf",
+        "cranelift",
+        &[
+            ("hello", &rust_hello, None),
+            ("hello-reuse", &rust_hello, Some(reuse.clone())),
+            ("p3", &p3_hello, None),
+            (
+                "p3-shared",
+                &p3_hello,
+                Some(format!("{reuse}concurrent = {CONCURRENT}\n")),
+            ),
+        ],
+    )?;
+    dirs.push(dir);
+    let base = rust_host.url.clone();
+    processes.push(rust_host);
+    for (label, path) in [
+        ("Wharf, Rust hello", "/hello"),
+        ("Wharf, Rust hello, reuse 128", "/hello-reuse"),
+        ("Wharf, Rust 0.3 hello", "/p3"),
         (
-            "Wharf, Rust hello, reuse 128".to_string(),
-            format!("{base}/hello-reuse"),
+            "Wharf, Rust 0.3 hello, reuse 128, concurrent 16",
+            "/p3-shared",
         ),
-        ("Wharf, Rust 0.3 hello".to_string(), format!("{base}/p3")),
+    ] {
+        targets.push((label.to_string(), format!("{base}{path}"), 0));
+    }
+    if options.js {
+        for (tiers, tier_label) in [("cranelift", "Cranelift"), ("winch", "Winch")] {
+            let (host, dir) = wharf_host(
+                &format!("wharf-js-{tiers}"),
+                tiers,
+                &[
+                    ("js", &js_hello, None),
+                    ("js-reuse", &js_handler, Some(reuse.clone())),
+                ],
+            )?;
+            dirs.push(dir);
+            let base = host.url.clone();
+            processes.push(host);
+            let index = processes.len() - 1;
+            targets.push((
+                format!("Wharf, JS hello, {tier_label}"),
+                format!("{base}/js"),
+                index,
+            ));
+            targets.push((
+                format!("Wharf, JS hello (handler), reuse 128, {tier_label}"),
+                format!("{base}/js-reuse"),
+                index,
+            ));
+        }
+    }
+    let mut peers: Vec<(String, Server)> = vec![
         (
-            "Wharf, Rust 0.3 hello, reuse 128, concurrent 16".to_string(),
-            format!("{base}/p3-shared"),
+            "wasmtime serve, Rust hello".to_string(),
+            wasmtime_serve("wasmtime", &rust_hello, 1, 1)?,
+        ),
+        (
+            "wasmtime serve, Rust hello, reuse 128".to_string(),
+            wasmtime_serve("wasmtime-reuse", &rust_hello, REUSE, 1)?,
+        ),
+        (
+            "wasmtime serve, Rust 0.3 hello".to_string(),
+            wasmtime_serve("wasmtime-p3", &p3_hello, 1, 1)?,
+        ),
+        (
+            "wasmtime serve, Rust 0.3 hello, reuse 128, concurrent 16".to_string(),
+            wasmtime_serve("wasmtime-p3-shared", &p3_hello, REUSE, CONCURRENT)?,
         ),
     ];
-    servers.push((
-        "wasmtime serve, Rust hello".to_string(),
-        wasmtime_serve("wasmtime", &rust_hello, 1, 1)?,
-    ));
-    servers.push((
-        "wasmtime serve, Rust hello, reuse 128".to_string(),
-        wasmtime_serve("wasmtime-reuse", &rust_hello, REUSE, 1)?,
-    ));
-    servers.push((
-        "wasmtime serve, Rust 0.3 hello".to_string(),
-        wasmtime_serve("wasmtime-p3", &p3_hello, 1, 1)?,
-    ));
-    servers.push((
-        "wasmtime serve, Rust 0.3 hello, reuse 128, concurrent 16".to_string(),
-        wasmtime_serve("wasmtime-p3-shared", &p3_hello, REUSE, CONCURRENT)?,
-    ));
     if options.js {
-        targets.push(("Wharf, JS hello".to_string(), format!("{base}/js")));
-        targets.push((
-            "Wharf, JS hello (handler), reuse 128".to_string(),
-            format!("{base}/js-reuse"),
-        ));
-        servers.push((
+        peers.push((
             "wasmtime serve, JS hello".to_string(),
             wasmtime_serve("wasmtime-js", &js_hello, 1, 1)?,
         ));
-        servers.push((
+        peers.push((
             "wasmtime serve, JS hello (handler), reuse 128".to_string(),
             wasmtime_serve("wasmtime-js-reuse", &js_handler, REUSE, 1)?,
         ));
     }
     let mut node = Command::new("node");
     node.arg(&express).arg("0");
-    servers.push((
+    peers.push((
         "Node.js + Express".to_string(),
         Server::start("express", node, "/hello")?,
     ));
     let mut bare = Command::new(&hyper);
     bare.arg("127.0.0.1:0");
-    servers.push((
+    peers.push((
         "bare hyper".to_string(),
         Server::start("hyper", bare, "/hello")?,
     ));
-    for (label, server) in &servers {
-        targets.push((label.clone(), server.url.clone()));
+    for (label, server) in peers {
+        targets.push((label, server.url.clone(), processes.len()));
+        processes.push(server);
     }
 
     let mut series: Vec<Series> = targets
         .iter()
-        .map(|(label, _)| Series {
+        .map(|(label, ..)| Series {
             label: label.clone(),
             results: Vec::new(),
             peak_rss_mib: 0.0,
@@ -317,7 +356,7 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     // Every target must answer its URL with 200 before it is measured: a
     // 404 served fast is not the same work.
     let agent = ureq::Agent::new_with_defaults();
-    for (label, url) in &targets {
+    for (label, url, _) in &targets {
         let status = agent
             .get(url)
             .call()
@@ -331,24 +370,17 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
         duration: Duration::from_secs(2),
         ..options.load
     };
-    for (_, url) in &targets {
+    for (_, url, _) in &targets {
         load::run(url, warm)?;
     }
     for round in 1..=options.rounds {
-        for ((label, url), series) in targets.iter().zip(series.iter_mut()) {
+        for ((label, url, _), series) in targets.iter().zip(series.iter_mut()) {
             eprintln!("xtask: round {round}/{}: {label}", options.rounds);
             series.results.push(load::run(url, options.load)?);
         }
     }
-    for series in &mut series {
-        series.peak_rss_mib = if series.label.starts_with("Wharf") {
-            wharf.peak_rss_mib()
-        } else {
-            servers
-                .iter()
-                .find(|(label, _)| *label == series.label)
-                .map_or(0.0, |(_, server)| server.peak_rss_mib())
-        };
+    for ((_, _, process), series) in targets.iter().zip(series.iter_mut()) {
+        series.peak_rss_mib = processes[*process].peak_rss_mib();
     }
     let idle = idle_memory(wharf_bin, &rust_hello, &express, &cache)?;
     write_report(&series, options, &idle, out_dir)
@@ -467,13 +499,21 @@ fn write_report(series: &[Series], options: Options, idle: &Idle, out_dir: &Path
             "Wharf, Rust 0.3 hello, reuse 128, concurrent 16",
             "Wharf, Rust hello",
         ),
-        ("Wharf, JS hello", "wasmtime serve, JS hello"),
-        ("Wharf, JS hello", "Node.js + Express"),
+        ("Wharf, JS hello, Cranelift", "wasmtime serve, JS hello"),
+        ("Wharf, JS hello, Cranelift", "Node.js + Express"),
         (
-            "Wharf, JS hello (handler), reuse 128",
+            "Wharf, JS hello (handler), reuse 128, Cranelift",
             "wasmtime serve, JS hello (handler), reuse 128",
         ),
-        ("Wharf, JS hello (handler), reuse 128", "Node.js + Express"),
+        (
+            "Wharf, JS hello (handler), reuse 128, Cranelift",
+            "Node.js + Express",
+        ),
+        ("Wharf, JS hello, Winch", "Wharf, JS hello, Cranelift"),
+        (
+            "Wharf, JS hello (handler), reuse 128, Winch",
+            "Wharf, JS hello (handler), reuse 128, Cranelift",
+        ),
     ];
     for (ours, theirs) in pairs {
         if let (Some(a), Some(b)) = (find(ours), find(theirs)) {
