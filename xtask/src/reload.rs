@@ -9,7 +9,8 @@
 //! generation answers. The time from the rename to that first answer is the
 //! reload time: it includes event delivery, debounce, reading, compiling or
 //! loading from cache, the trial instantiation and the registry swap. The
-//! poll sleeps 1 ms between requests, so the resolution is about 1 ms.
+//! poll sleeps 1 ms between requests for a small guest and 20 ms for a large
+//! one, which is the resolution of the times.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,10 @@ use crate::stats::Summary;
 const RELOADS: usize = 50;
 /// Reloads per series for a large guest (one fresh compile takes seconds).
 const LARGE_RELOADS: usize = 10;
+/// Poll interval for a small guest: the resolution of its reload times.
+const SMALL_POLL: Duration = Duration::from_millis(1);
+/// Poll interval for a large guest, whose reloads take seconds.
+const LARGE_POLL: Duration = Duration::from_millis(20);
 /// A guest above this size is measured with [`LARGE_RELOADS`].
 const LARGE: usize = 4 << 20;
 /// Services in the startup measurement.
@@ -76,11 +81,15 @@ fn generation(agent: &ureq::Agent, url: &str) -> Option<u64> {
 }
 
 /// Polls until `url` answers with generation `want`; the time since `since`.
+/// Each poll the old version answers costs it a request: `every` must leave
+/// the compile its CPU (a JavaScript hello takes about 1 ms of CPU per fresh
+/// instance, so polling it every millisecond took a core from the compile).
 fn wait_for_generation(
     agent: &ureq::Agent,
     url: &str,
     want: u64,
     since: Instant,
+    every: Duration,
 ) -> Result<Duration> {
     let deadline = since + Duration::from_secs(120);
     loop {
@@ -90,8 +99,7 @@ fn wait_for_generation(
         if Instant::now() > deadline {
             bail!("generation {want} never answered at {url}");
         }
-        // Polling flat out would steal the CPU the compile needs.
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(every);
     }
 }
 
@@ -119,10 +127,10 @@ fn wait_for_optimised(wharf: &WharfProcess, generation: u64) -> Result<()> {
 /// and with Cranelift only; then the same variants from the cache.
 fn reload_series(wharf_bin: &Path, guest: &Path, label: &str, report: &mut String) -> Result<()> {
     let component = std::fs::read(guest).with_context(|| format!("reading {}", guest.display()))?;
-    let reloads = if component.len() > LARGE {
-        LARGE_RELOADS
+    let (reloads, every) = if component.len() > LARGE {
+        (LARGE_RELOADS, LARGE_POLL)
     } else {
-        RELOADS
+        (RELOADS, SMALL_POLL)
     };
     let size = component.len() as f64 / 1024.0;
     for tiers in ["tiered", "cranelift"] {
@@ -144,7 +152,7 @@ fn reload_series(wharf_bin: &Path, guest: &Path, label: &str, report: &mut Strin
         )?;
         let url = wharf.url("/svc");
         let agent = ureq::Agent::new_with_defaults();
-        wait_for_generation(&agent, &url, 1, Instant::now())?;
+        wait_for_generation(&agent, &url, 1, Instant::now(), every)?;
         let tiered = tiers == "tiered";
         let mut generation = 1;
         let mut fresh = Vec::new();
@@ -163,7 +171,7 @@ fn reload_series(wharf_bin: &Path, guest: &Path, label: &str, report: &mut Strin
                 }
                 let at = install(services.path(), "svc.wasm", &variant(&component, n))?;
                 generation += 1;
-                pass.push(wait_for_generation(&agent, &url, generation, at)?);
+                pass.push(wait_for_generation(&agent, &url, generation, at, every)?);
             }
         }
         let mut rows = vec![(format!("cold cache, {tiers}"), Summary::of(&fresh))];

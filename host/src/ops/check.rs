@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::deploy::deployment::{ServiceSpec, check_header, digest_of, validate_name};
 use crate::deploy::{ServiceConfig, upload};
 use crate::guest::compiled::{export_names, is_http_handler};
-use crate::guest::engine::EngineOptions;
+use crate::guest::engine::{EngineOptions, Tiers};
 use crate::host::Host;
 
 /// What `wharf check` found.
@@ -141,6 +141,8 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
             pooling: false,
             max_instances: 8,
             cache_dir: None,
+            // Compile time and size of the code that serves for good.
+            tiers: Some(Tiers::Cranelift),
             ..EngineOptions::default()
         },
         ..Config::default()
