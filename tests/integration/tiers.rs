@@ -16,7 +16,7 @@ use crate::support::{ServiceDir, TestServer, WharfProcess, client, eventually, g
 const COMPILE: Duration = Duration::from_secs(180);
 
 fn tier_of(host: &Host, name: &str) -> Option<Tier> {
-    Some(host.services().service(name)?.compile_info().tier)
+    Some(host.services().service(name)?.tier())
 }
 
 fn cached_entries(cache: &ServiceDir) -> usize {
@@ -130,7 +130,7 @@ async fn only_optimised_code_is_cached_and_a_restart_serves_it_at_once() {
     let deployed = second.services().service("hello").unwrap().clone();
     let compile = deployed.compile_info();
     assert_eq!(
-        (compile.tier, compile.cache_hit, compile.optimised_at),
+        (deployed.tier(), compile.cache_hit, compile.optimised_at),
         (Tier::Optimised, true, None)
     );
     assert_eq!(cached_entries(&cache), 1);

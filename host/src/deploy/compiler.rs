@@ -54,6 +54,29 @@ impl Lane {
             pool,
         })
     }
+
+    /// Waits for one of the lane's permits, held as long as the guard.
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        // The semaphores are never closed.
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| anyhow!("the compiler is shutting down"))
+    }
+
+    /// Runs `compile` on the lane's threads; its result arrives through the
+    /// returned channel (closed without one only if the thread panicked).
+    fn spawn<T: Send + 'static>(
+        &self,
+        compile: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<Result<T>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pool.spawn(move || {
+            // The receiver is gone only if the deploy was abandoned.
+            let _ = tx.send(compile());
+        });
+        rx
+    }
 }
 
 /// The compile lanes of a host.
@@ -99,23 +122,15 @@ impl Compiler {
         compile: impl FnOnce(W) -> Result<T> + Send + 'static,
     ) -> Result<Option<(T, CompileTimes)>> {
         let queued_at = Instant::now();
-        let _permit = self
-            .background
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| anyhow!("the compiler is shutting down"))?;
+        let _permit = self.background.turn().await?;
         let Some(input) = still_wanted() else {
             return Ok(None);
         };
         let queued = queued_at.elapsed();
         let started = Instant::now();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.background.pool.spawn(move || {
-            // The receiver is gone only if the host shut down.
-            let _ = tx.send(compile(input));
-        });
-        let value = rx
+        let value = self
+            .background
+            .spawn(move || compile(input))
             .await
             .map_err(|_| anyhow!("the optimising compile of {name} ended without a result"))??;
         let compiled = started.elapsed();
@@ -135,12 +150,7 @@ impl Compiler {
         let large = size >= LARGE_COMPONENT;
         let lane = if large { &self.large } else { &self.small };
         let queued_at = Instant::now();
-        // The semaphores are never closed.
-        let _permit = lane
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| anyhow!("the compiler is shutting down"))?;
+        let _permit = lane.turn().await?;
         let queued = queued_at.elapsed();
         let started = Instant::now();
         if large {
@@ -154,12 +164,7 @@ impl Compiler {
                 format_size(size as u64)
             );
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lane.pool.spawn(move || {
-            // The receiver is gone only if the deploy was abandoned.
-            let _ = tx.send(compile());
-        });
-        let result = with_progress(name, large, started, rx).await;
+        let result = with_progress(name, large, started, lane.spawn(compile)).await;
         let compiled = started.elapsed();
         let value = result.map_err(|_| anyhow!("the compile thread ended without a result"))??;
         Ok((value, CompileTimes { queued, compiled }))

@@ -56,6 +56,18 @@ pub(crate) struct Deployer {
     saving: tokio::sync::Mutex<()>,
 }
 
+/// Logs that service `name`'s optimising compile failed: its Winch code
+/// keeps serving.
+fn optimise_failed(name: &str, err: &anyhow::Error) {
+    tracing::warn!(
+        target: EVENTS,
+        event = "optimise-failed",
+        service = %name,
+        reason = %format!("{err:#}"),
+        "the optimising compile failed; the Winch code keeps serving"
+    );
+}
+
 /// Keeps the watcher off one service while it lives; see
 /// [`Deployer::hold`].
 pub(crate) struct Hold<'a> {
@@ -317,7 +329,7 @@ impl Deployer {
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
                         memory_init = compile.memory_init.as_str(),
-                        tier = compile.tier.as_str(),
+                        tier = new.tier().as_str(),
                         file = %source,
                         "service replaced"
                     ),
@@ -332,12 +344,12 @@ impl Deployer {
                         compile_ms = format_args!("{compile_ms:.1}"),
                         cache = if compile.cache_hit { "hit" } else { "miss" },
                         memory_init = compile.memory_init.as_str(),
-                        tier = compile.tier.as_str(),
+                        tier = new.tier().as_str(),
                         file = %source,
                         "service deployed"
                     ),
                 }
-                if compile.tier == Tier::Baseline && self.runtime.tiers() == Tiers::Tiered {
+                if new.tier() == Tier::Baseline && self.runtime.tiers() == Tiers::Tiered {
                     self.optimise_later(&new, wasm);
                 }
                 if let Some((wasm, manifest)) = keep {
@@ -414,29 +426,17 @@ impl Deployer {
                 );
                 return;
             }
-            Err(err) => {
-                tracing::warn!(
-                    target: EVENTS,
-                    event = "optimise-failed",
-                    service = %name,
-                    reason = %format!("{err:#}"),
-                    "the optimising compile failed; the Winch code keeps serving"
-                );
-                return;
-            }
+            Err(err) => return optimise_failed(&name, &err),
         };
         if let Err(err) = invoke::probe(&self.runtime, optimised.guest()).await {
-            tracing::warn!(
-                target: EVENTS,
-                event = "optimise-failed",
-                service = %name,
-                reason = %format!("{err:#}"),
-                "the optimised code does not instantiate; the Winch code keeps serving"
+            return optimise_failed(
+                &name,
+                &err.context("the optimised code does not instantiate"),
             );
-            return;
         }
-        let swapped = serving(&baseline).and_then(|current| {
-            // Under the attempts lock, as an install is.
+        // Under the attempts lock, as an install is; the registry swaps only
+        // if the Winch version still serves.
+        let swapped = baseline.upgrade().and_then(|current| {
             let _attempts = self.attempts();
             self.registry.replace_tier(optimised, &current)
         });

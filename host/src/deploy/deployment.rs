@@ -146,8 +146,6 @@ pub struct CompileInfo {
     pub cache_hit: bool,
     /// How the engine initialises the guest's memory (chosen by its size).
     pub memory_init: MemoryInit,
-    /// Which compiler produced the code that serves.
-    pub tier: Tier,
     /// When optimised code replaced the baseline code this version was
     /// first served from; `None` if it never ran baseline code.
     pub optimised_at: Option<SystemTime>,
@@ -259,6 +257,11 @@ impl Deployment {
             compile,
             guest,
         }
+    }
+
+    /// Which compiler produced the code that serves this version.
+    pub fn tier(&self) -> Tier {
+        self.guest.engine_kind().tier
     }
 
     /// The compiled guest that runs this version's requests.
@@ -377,7 +380,6 @@ pub(crate) fn build(
         duration: started.elapsed(),
         cache_hit,
         memory_init: kind.init,
-        tier: kind.tier,
         optimised_at: None,
     };
     let instance_pre = flavour

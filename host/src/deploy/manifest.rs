@@ -377,22 +377,23 @@ pub struct HostSettings {
     pub keep_resident: Option<u64>,
 }
 
+/// Parses the value of `key`, if set, naming the key in the error.
+fn parse_key<T>(
+    value: Option<String>,
+    key: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    value
+        .map(|text| parse(&text).map_err(|why| format!("{key}: {why}")))
+        .transpose()
+}
+
 impl HostFile {
     /// Parses and validates the file's text.
     pub(crate) fn parse(text: &str) -> Result<HostSettings, String> {
         let file: HostFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
-        let keyvalue = file
-            .keyvalue
-            .backend
-            .as_deref()
-            .map(|b| b.parse().map_err(|why| format!("keyvalue.backend: {why}")))
-            .transpose()?;
-        let messaging = file
-            .messaging
-            .backend
-            .as_deref()
-            .map(|b| b.parse().map_err(|why| format!("messaging.backend: {why}")))
-            .transpose()?;
+        let keyvalue = parse_key(file.keyvalue.backend, "keyvalue.backend", str::parse)?;
+        let messaging = parse_key(file.messaging.backend, "messaging.backend", str::parse)?;
         let cluster = file
             .cluster
             .map(|table| {
@@ -407,21 +408,12 @@ impl HostFile {
                     .map_err(|why| format!("cluster: {why}"))
             })
             .transpose()?;
-        let tiers = file
-            .engine
-            .tiers
-            .as_deref()
-            .map(|t| t.parse().map_err(|why| format!("engine.tiers: {why}")))
-            .transpose()?;
-        let keep_resident = file
-            .engine
-            .keep_resident
-            .as_deref()
-            .map(|size| {
-                crate::base::limits::parse_memory(size)
-                    .map_err(|why| format!("engine.keep_resident: {why}"))
-            })
-            .transpose()?;
+        let tiers = parse_key(file.engine.tiers, "engine.tiers", str::parse)?;
+        let keep_resident = parse_key(
+            file.engine.keep_resident,
+            "engine.keep_resident",
+            crate::base::limits::parse_memory,
+        )?;
         Ok(HostSettings {
             limits: file.limits.validate()?,
             keyvalue,

@@ -46,11 +46,7 @@ pub(crate) fn compile_first(
     if tiers == Tiers::Tiered {
         for concurrent in [false, true] {
             let kind = EngineKind::new(init, concurrent, Tier::Optimised);
-            let engine = runtime.flavour(kind).engine();
-            if let Some(component) = caches
-                .for_kind(kind)
-                .and_then(|cache| cache.load(engine, digest))
-            {
+            if let Some(component) = cached(runtime, caches, kind, digest) {
                 return Ok(Compiled {
                     component,
                     kind,
@@ -117,16 +113,28 @@ fn compile_on(
     wasm: &[u8],
     digest: &str,
 ) -> std::result::Result<(Component, bool), String> {
-    let engine = runtime.flavour(kind).engine();
-    let cache = caches.for_kind(kind);
-    if let Some(component) = cache.and_then(|cache| cache.load(engine, digest)) {
+    if let Some(component) = cached(runtime, caches, kind, digest) {
         return Ok((component, true));
     }
-    let component = Component::new(engine, wasm).map_err(|err| format!("{err:#}"))?;
-    if let Some(cache) = cache {
+    let component =
+        Component::new(runtime.flavour(kind).engine(), wasm).map_err(|err| format!("{err:#}"))?;
+    if let Some(cache) = caches.for_kind(kind) {
         cache.store(digest, &component);
     }
     Ok((component, false))
+}
+
+/// `kind`'s compiled code for `digest` from the cache, if its engine has a
+/// cache and the entry is there.
+fn cached(
+    runtime: &Runtime,
+    caches: &CodeCaches,
+    kind: EngineKind,
+    digest: &str,
+) -> Option<Component> {
+    caches
+        .for_kind(kind)?
+        .load(runtime.flavour(kind).engine(), digest)
 }
 
 /// The optimised (Cranelift) version of `baseline`, a deployment served
@@ -156,7 +164,6 @@ pub(crate) fn optimise(
         duration: started.elapsed(),
         cache_hit,
         memory_init: kind.init,
-        tier: Tier::Optimised,
         optimised_at: Some(SystemTime::now()),
     };
     Ok(baseline.with_guest(Arc::new(guest), compile))
@@ -167,14 +174,17 @@ mod tests {
     use super::*;
     use crate::guest::engine::EngineOptions;
 
-    fn runtime(tiers: Tiers) -> Runtime {
-        Runtime::new(&EngineOptions {
+    /// Compiles the component `wat` for the first tier of `tiers`, with no
+    /// cache.
+    fn compile_wat(tiers: Tiers, wat: &str) -> Result<Compiled> {
+        let runtime = Runtime::new(&EngineOptions {
             pooling: false,
             cache_dir: None,
             tiers: Some(tiers),
             ..EngineOptions::default()
-        })
-        .unwrap()
+        })?;
+        let wasm = wat::parse_str(wat)?;
+        compile_first(&runtime, &CodeCaches::default(), &wasm, "")
     }
 
     /// A component whose core module uses a tail call, which Winch does
@@ -197,18 +207,14 @@ mod tests {
 
     #[test]
     fn a_new_component_is_compiled_with_winch_first() {
-        let runtime = runtime(Tiers::Tiered);
-        let wasm = wat::parse_str(PLAIN).unwrap();
-        let compiled = compile_first(&runtime, &CodeCaches::default(), &wasm, "").unwrap();
+        let compiled = compile_wat(Tiers::Tiered, PLAIN).unwrap();
         assert_eq!(compiled.kind.tier, Tier::Baseline);
         assert!(compiled.baseline_refused.is_none());
     }
 
     #[test]
     fn what_winch_cannot_compile_goes_to_cranelift_with_the_reason() {
-        let runtime = runtime(Tiers::Tiered);
-        let wasm = wat::parse_str(TAIL_CALLING).unwrap();
-        let compiled = compile_first(&runtime, &CodeCaches::default(), &wasm, "").unwrap();
+        let compiled = compile_wat(Tiers::Tiered, TAIL_CALLING).unwrap();
         assert_eq!(compiled.kind.tier, Tier::Optimised);
         let reason = compiled.baseline_refused.unwrap();
         assert!(reason.contains("tail call"), "{reason}");
@@ -216,21 +222,18 @@ mod tests {
 
     #[test]
     fn winch_only_refuses_what_winch_cannot_compile() {
-        let runtime = runtime(Tiers::Winch);
-        let wasm = wat::parse_str(TAIL_CALLING).unwrap();
-        let refused = compile_first(&runtime, &CodeCaches::default(), &wasm, "")
-            .err()
-            .unwrap();
+        let refused = compile_wat(Tiers::Winch, TAIL_CALLING).err().unwrap();
         assert!(format!("{refused:#}").contains("tail call"), "{refused:#}");
     }
 
     #[test]
     fn an_invalid_component_is_refused_with_cranelift_s_reason() {
-        let runtime = runtime(Tiers::Tiered);
-        let wasm = wat::parse_str("(component (core module (func (result i32))))").unwrap();
-        let refused = compile_first(&runtime, &CodeCaches::default(), &wasm, "")
-            .err()
-            .unwrap();
+        let refused = compile_wat(
+            Tiers::Tiered,
+            "(component (core module (func (result i32))))",
+        )
+        .err()
+        .unwrap();
         assert!(
             format!("{refused:#}").starts_with("invalid component"),
             "{refused:#}"

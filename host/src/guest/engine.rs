@@ -461,20 +461,24 @@ fn engine_config(kind: EngineKind, pool: Option<&EngineOptions>) -> Config {
 }
 
 /// Whether the kernel has the `PAGEMAP_SCAN` ioctl (Linux 6.7 and later),
-/// which wasmtime uses to reset only the pages an instance dirtied.
+/// which wasmtime uses to reset only the pages an instance dirtied. Read
+/// once per process.
 fn pagemap_scan_available() -> bool {
-    if !cfg!(target_os = "linux") {
-        return false;
-    }
-    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
-        return false;
-    };
-    let mut numbers = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    (major, minor) >= (6, 7)
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if !cfg!(target_os = "linux") {
+            return false;
+        }
+        let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+            return false;
+        };
+        let mut numbers = release
+            .trim()
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        (major, minor) >= (6, 7)
+    })
 }
 
 fn build_linker(engine: &Engine, concurrent: bool) -> Result<Linker<HostState>> {

@@ -471,7 +471,7 @@ fn services_json(host: &Host) -> Value {
                 "compile_ms": d.compile_info().duration.as_secs_f64() * 1000.0,
                 "cache_hit": d.compile_info().cache_hit,
                 "memory_init": d.compile_info().memory_init.as_str(),
-                "tier": d.compile_info().tier.as_str(),
+                "tier": d.tier().as_str(),
                 "optimised_at": d.compile_info().optimised_at
                     .map(|at| humantime::format_rfc3339_millis(at).to_string()),
                 "last_error": rejections.get(d.name()).map(|r| r.reason.clone()),

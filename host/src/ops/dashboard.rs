@@ -168,7 +168,7 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
                 "digest": d.digest(),
                 "wasi_http": d.guest().exports().http_export,
                 "memory_init": d.compile_info().memory_init.as_str(),
-                "tier": d.compile_info().tier.as_str(),
+                "tier": d.tier().as_str(),
                 "requests": total,
                 "server_errors": errors,
                 "in_flight": d.metrics().running(),
