@@ -278,9 +278,10 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
         &["again".to_string()].into(),
     )
     .await;
-    let (_, last) = get(&server.url(&format!("/pub/last?group={tag}-flaky")))
+    let (status, last) = get(&server.url(&format!("/pub/last?group={tag}-flaky")))
         .await
         .unwrap();
+    assert_eq!(status, 200, "{label}: {last}");
     let last: Value = serde_json::from_str(&last).unwrap();
     assert_eq!(last["attempt"], "3", "{label}: {last}");
 
