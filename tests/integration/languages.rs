@@ -129,7 +129,7 @@ async fn a_javascript_service_is_hot_replaced_by_a_new_version() {
 }
 
 /// Sends `n` GETs to `path`, each of which must get the hello JSON.
-async fn hello_n_times(server: &TestServer, path: &str, n: usize) {
+pub(crate) async fn hello_n_times(server: &TestServer, path: &str, n: usize) {
     for _ in 0..n {
         let response = client().get(server.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
@@ -151,7 +151,8 @@ async fn interpreted_services_under_instance_reuse() {
     for name in ["py", "js-handler", "js-fetch"] {
         dir.write(&format!("{name}.toml"), b"[instance]\nreuse = 8\n");
     }
-    let server = TestServer::for_dir(&dir).await;
+    // The swap's effect on reuse is pinned in `tiers`.
+    let server = TestServer::without_tier_swaps(&dir).await;
     let service = |name: &str| server.host.services().service(name).unwrap().clone();
 
     // componentize-py and a JS service exporting its handler survive reuse.

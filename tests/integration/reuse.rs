@@ -8,7 +8,7 @@ async fn server(manifest: &str) -> (ServiceDir, TestServer) {
     let dir = ServiceDir::new();
     dir.install("svc", "hostile");
     dir.write("svc.toml", manifest.as_bytes());
-    let server = TestServer::for_dir(&dir).await;
+    let server = TestServer::without_tier_swaps(&dir).await;
     (dir, server)
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+use wharf::guest::engine::Tiers;
 use wharf::{Config, Host};
 
 /// The guest target.
@@ -206,6 +207,14 @@ impl TestServer {
     /// A host serving `dir`, watched, with default limits.
     pub async fn for_dir(dir: &ServiceDir) -> TestServer {
         TestServer::start(Config::for_dir(dir.path())).await
+    }
+
+    /// A host serving `dir` with Cranelift's code from the start, for tests
+    /// that follow one instance across requests: under tiered compilation
+    /// the optimised code takes over with an empty pool, at a moment a cold
+    /// cache on a busy machine makes unpredictable.
+    pub async fn without_tier_swaps(dir: &ServiceDir) -> TestServer {
+        TestServer::start(Config::for_dir(dir.path()).tiers(Tiers::Cranelift)).await
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use wharf::guest::engine::{Tier, Tiers};
 use wharf::{Config, Host};
 
-use crate::languages::check_hello_service;
+use crate::languages::{check_hello_service, hello_n_times};
 use crate::support::{ServiceDir, TestServer, WharfProcess, client, eventually, get};
 
 /// Large components compile for seconds, Cranelift in a debug build on a
@@ -101,6 +101,42 @@ async fn a_request_in_flight_during_the_tier_swap_finishes_on_the_winch_code() {
 
     let (status, body) = in_flight.await.unwrap().unwrap();
     assert_eq!((status, body.as_str()), (200, "slept 4000 ms"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_guest_that_fails_on_reuse_keeps_reuse_off_after_the_tier_swap() {
+    // A fetch-event JS service fails on a reused instance (StarlingMonkey
+    // #247). Once its Winch code has shown that, the optimised code must not
+    // try reuse again: that would cost failed requests and retries anew.
+    let dir = ServiceDir::new();
+    dir.install_from("js-fetch", "js", "hello");
+    dir.write("js-fetch.toml", b"[instance]\nreuse = 8\n");
+    let mut config = Config::for_dir(dir.path())
+        .tiers(Tiers::Tiered)
+        .cache_dir(None);
+    config.engine.optimise_delay = Duration::from_secs(2);
+    let server = TestServer::start(config).await;
+    let host = server.host.clone();
+    let service = |name: &str| host.services().service(name).unwrap().clone();
+    assert!(service("js-fetch").reuses_instances());
+
+    hello_n_times(&server, "/js-fetch", 6).await;
+    assert!(!service("js-fetch").reuses_instances());
+    assert_eq!(
+        tier_of(&host, "js-fetch"),
+        Some(Tier::Baseline),
+        "reuse was turned off on the Winch code"
+    );
+    eventually(COMPILE, "the optimised code to take over", || async {
+        tier_of(&host, "js-fetch") == Some(Tier::Optimised)
+    })
+    .await;
+    assert!(
+        !service("js-fetch").reuses_instances(),
+        "the optimised code tries reuse again"
+    );
+    hello_n_times(&server, "/js-fetch", 3).await;
+    assert_eq!(service("js-fetch").warm_instances(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,7 +18,7 @@ async fn hostile_server(manifest: &str) -> (ServiceDir, TestServer) {
     dir.install("hostile", "hostile_p3");
     dir.write("hostile.toml", manifest.as_bytes());
     dir.install("hello", "hello");
-    let server = TestServer::for_dir(&dir).await;
+    let server = TestServer::without_tier_swaps(&dir).await;
     (dir, server)
 }
 

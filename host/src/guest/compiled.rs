@@ -178,8 +178,9 @@ impl Guest {
 
     /// The same version and policy run by other compiled code (`pre`, for
     /// `engine`): optimised code taking over from baseline code. It shares
-    /// this guest's request slots, metrics and CPU record, so the swap
-    /// changes no limit, and starts with no warm instance.
+    /// this guest's request slots, metrics, CPU record and what the guest
+    /// has shown about reuse, so the swap changes no limit, and starts with
+    /// no warm instance.
     pub(crate) fn recompiled(
         &self,
         engine: EngineKind,
@@ -201,7 +202,7 @@ impl Guest {
             exports,
             admission: self.admission.clone(),
             metrics: self.metrics.clone(),
-            warm: WarmPool::default(),
+            warm: self.warm.successor(),
             workers: Workers::default(),
             cpu: self.cpu.clone(),
         }

@@ -215,6 +215,14 @@ pub(crate) fn arm_deadline(
 #[derive(Default)]
 pub(crate) struct WarmPool {
     idle: Mutex<Vec<(Instance, Instant)>>,
+    /// Shared with the same component compiled by another tier: the
+    /// guest's code behaves the same whichever compiler built it.
+    verdict: Arc<ReuseVerdict>,
+}
+
+/// What a component has shown about serving on reused instances.
+#[derive(Default)]
+struct ReuseVerdict {
     /// Reused instances that crashed since the last one that succeeded.
     failures_in_a_row: AtomicU32,
     /// Set once the guest has proven it cannot serve a second request.
@@ -222,6 +230,16 @@ pub(crate) struct WarmPool {
 }
 
 impl WarmPool {
+    /// An empty pool for the same component compiled again (a tier swap):
+    /// its instances belong to another engine and cannot carry over, but
+    /// what the guest has shown about reuse does.
+    pub(crate) fn successor(&self) -> WarmPool {
+        WarmPool {
+            idle: Mutex::default(),
+            verdict: self.verdict.clone(),
+        }
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(Instance, Instant)>> {
         // The list is consistent between statements; a panic elsewhere while
         // holding the lock does not corrupt it.
@@ -231,19 +249,20 @@ impl WarmPool {
     /// Whether instances may still be reused: false once
     /// [`MAX_REUSE_FAILURES`] reused instances crashed in a row.
     pub(crate) fn enabled(&self) -> bool {
-        !self.disabled.load(Ordering::Relaxed)
+        !self.verdict.disabled.load(Ordering::Relaxed)
     }
 
     /// Notes that a reused instance served its request.
     pub(crate) fn reused_instance_succeeded(&self) {
-        self.failures_in_a_row.store(0, Ordering::Relaxed);
+        self.verdict.failures_in_a_row.store(0, Ordering::Relaxed);
     }
 
     /// Notes that a reused instance crashed; returns true when this turned
     /// reuse off (and dropped the idle instances).
     pub(crate) fn reused_instance_failed(&self) -> bool {
-        let failures = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < MAX_REUSE_FAILURES || self.disabled.swap(true, Ordering::Relaxed) {
+        let verdict = &self.verdict;
+        let failures = verdict.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < MAX_REUSE_FAILURES || verdict.disabled.swap(true, Ordering::Relaxed) {
             return false;
         }
         let retired = std::mem::take(&mut *self.idle());
