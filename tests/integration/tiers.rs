@@ -19,6 +19,16 @@ fn tier_of(host: &Host, name: &str) -> Option<Tier> {
     Some(host.services().service(name)?.tier())
 }
 
+/// A host serving `dir` tiered, with no code cache: every first deploy is
+/// Winch code, optimised `optimise_delay` later.
+async fn tiered_server(dir: &ServiceDir, optimise_delay: Duration) -> TestServer {
+    let mut config = Config::for_dir(dir.path())
+        .tiers(Tiers::Tiered)
+        .cache_dir(None);
+    config.engine.optimise_delay = optimise_delay;
+    TestServer::start(config).await
+}
+
 fn cached_entries(cache: &ServiceDir) -> usize {
     let Ok(engines) = std::fs::read_dir(cache.path()) else {
         return 0;
@@ -69,11 +79,7 @@ async fn a_request_in_flight_during_the_tier_swap_finishes_on_the_winch_code() {
     let dir = ServiceDir::new();
     dir.install("slow", "hostile");
     dir.write("slow.toml", b"[limits]\ntimeout = \"60s\"\n");
-    let mut config = Config::for_dir(dir.path())
-        .tiers(Tiers::Tiered)
-        .cache_dir(None);
-    config.engine.optimise_delay = Duration::from_millis(300);
-    let server = TestServer::start(config).await;
+    let server = tiered_server(&dir, Duration::from_millis(300)).await;
     let host = server.host.clone();
     assert_eq!(tier_of(&host, "slow"), Some(Tier::Baseline));
     let before = host.services().service("slow").unwrap().generation();
@@ -111,11 +117,7 @@ async fn regression_a_guest_that_fails_on_reuse_keeps_reuse_off_after_the_tier_s
     let dir = ServiceDir::new();
     dir.install_from("js-fetch", "js", "hello");
     dir.write("js-fetch.toml", b"[instance]\nreuse = 8\n");
-    let mut config = Config::for_dir(dir.path())
-        .tiers(Tiers::Tiered)
-        .cache_dir(None);
-    config.engine.optimise_delay = Duration::from_secs(2);
-    let server = TestServer::start(config).await;
+    let server = tiered_server(&dir, Duration::from_secs(2)).await;
     let host = server.host.clone();
     let service = |name: &str| host.services().service(name).unwrap().clone();
     assert!(service("js-fetch").reuses_instances());

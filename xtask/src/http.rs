@@ -189,6 +189,12 @@ impl Series {
     }
 }
 
+/// Adds `server` to the processes under test; its index there.
+fn keep(processes: &mut Vec<Server>, server: Server) -> usize {
+    processes.push(server);
+    processes.len() - 1
+}
+
 /// Runs the comparison and writes `http.md` and `http.svg` into `out_dir`.
 pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Path) -> Result<()> {
     load::require_wrk()?;
@@ -262,7 +268,7 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     )?;
     dirs.push(dir);
     let base = rust_host.url.clone();
-    processes.push(rust_host);
+    let rust_index = keep(&mut processes, rust_host);
     for (label, path) in [
         ("Wharf, Rust hello", "/hello"),
         ("Wharf, Rust hello, reuse 128", "/hello-reuse"),
@@ -272,7 +278,7 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
             "/p3-shared",
         ),
     ] {
-        targets.push((label.to_string(), format!("{base}{path}"), 0));
+        targets.push((label.to_string(), format!("{base}{path}"), rust_index));
     }
     if options.js {
         for (tiers, tier_label) in [("cranelift", "Cranelift"), ("winch", "Winch")] {
@@ -286,8 +292,7 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
             )?;
             dirs.push(dir);
             let base = host.url.clone();
-            processes.push(host);
-            let index = processes.len() - 1;
+            let index = keep(&mut processes, host);
             targets.push((
                 format!("Wharf, JS hello, {tier_label}"),
                 format!("{base}/js"),
@@ -341,8 +346,8 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
         Server::start("hyper", bare, "/hello")?,
     ));
     for (label, server) in peers {
-        targets.push((label, server.url.clone(), processes.len()));
-        processes.push(server);
+        let url = server.url.clone();
+        targets.push((label, url, keep(&mut processes, server)));
     }
 
     let mut series: Vec<Series> = targets
