@@ -6,16 +6,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::base::limits::{Limits, PartialLimits};
+use crate::capabilities::config::SecretSources;
 use crate::capabilities::keyvalue::backend::BackendChoice;
-use crate::capabilities::messaging::broker::BrokerChoice;
+use crate::capabilities::messaging::broker::{
+    BrokerChoice, MessagingLimits, PartialMessagingLimits,
+};
 use crate::guest::engine::EngineOptions;
 
 /// How long shutdown waits for in-flight requests by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most service-to-service hops by default.
 pub const DEFAULT_MAX_CALL_DEPTH: u32 = 10;
-/// Messages the broker holds undelivered by default before refusing more.
-pub const DEFAULT_MAX_PENDING_MESSAGES: u64 = 1_000_000;
 /// How long a client may stall by default.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,9 +50,12 @@ pub struct Config {
     /// The message broker; `None`: the one `wharf.toml` names, else the
     /// embedded broker.
     pub messaging: Option<BrokerChoice>,
-    /// Messages the broker may hold undelivered (per group on RabbitMQ)
-    /// before it refuses publishes.
-    pub max_pending_messages: u64,
+    /// What bounds the broker's queues and each service's publishing, under
+    /// the directory's `wharf.toml` (`[messaging]`).
+    pub messaging_limits: MessagingLimits,
+    /// Messaging bounds that override the directory's `wharf.toml` (the
+    /// command-line flags).
+    pub messaging_overrides: PartialMessagingLimits,
     /// How long a graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a client may stall: sending its request headers, idling
@@ -64,6 +68,10 @@ pub struct Config {
     /// cluster's index, and key-value and messaging default to its NATS.
     /// `None`: the one `wharf.toml` names, if any.
     pub cluster: Option<ClusterConfig>,
+    /// The directories and environment variables services' manifests may
+    /// name as secret sources, besides those `wharf.toml` hands out
+    /// (`--secret-dir`, `--secret-env`). Nothing by default.
+    pub secret_sources: SecretSources,
 }
 
 impl Default for Config {
@@ -78,11 +86,13 @@ impl Default for Config {
             data_dir: None,
             keyvalue: None,
             messaging: None,
-            max_pending_messages: DEFAULT_MAX_PENDING_MESSAGES,
+            messaging_limits: MessagingLimits::default(),
+            messaging_overrides: PartialMessagingLimits::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             max_call_depth: DEFAULT_MAX_CALL_DEPTH,
             cluster: None,
+            secret_sources: SecretSources::default(),
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::deploy::cache::CodeCaches;
 use crate::deploy::cluster::{Cluster, ClusterConfig};
 use crate::deploy::deployer::Deployer;
-use crate::deploy::manifest::HostSettings;
+use crate::deploy::manifest::{HostPolicy, HostSettings};
 use crate::deploy::registry::{Registry, Snapshot};
 use crate::deploy::source::SourceOptions;
 use crate::deploy::watcher::{self, DirWatcher, LoadReport, WatchOptions};
@@ -120,6 +120,19 @@ impl Host {
                     cluster
                 });
         let defaults = config.limit_overrides.apply(config.limits);
+        for (what, duration) in [
+            ("the default timeout", defaults.timeout),
+            ("the default cpu limit", defaults.cpu),
+            ("the drain timeout", config.drain_timeout),
+            ("the client timeout", config.client_timeout),
+        ] {
+            anyhow::ensure!(
+                duration <= crate::base::limits::MAX_DURATION,
+                "{what} ({}) is longer than the longest Wharf takes, {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(crate::base::limits::MAX_DURATION)
+            );
+        }
         if defaults.memory > config.engine.max_service_memory {
             anyhow::bail!(
                 "the default memory limit ({}) is more than --max-service-memory ({}): no service without its own limits.memory could deploy",
@@ -134,6 +147,10 @@ impl Host {
         let mut engine_options = config.engine.clone();
         engine_options.tiers = engine_options.tiers.or(from_file.tiers);
         engine_options.keep_resident = engine_options.keep_resident.or(from_file.keep_resident);
+        let policy = HostPolicy {
+            defaults,
+            secrets: config.secret_sources.merged(&from_file.secrets),
+        };
         let backends = open_backends(&config, from_file, cluster_config.as_ref(), &metrics).await?;
         let (runtime, caches) = tokio::task::spawn_blocking(move || {
             let runtime = Runtime::new(&engine_options)?;
@@ -148,7 +165,7 @@ impl Host {
             backends,
             Arc::new(Registry::new()),
             metrics,
-            config.limit_overrides.apply(config.limits),
+            policy,
             config.data_dir.as_deref(),
         )?);
         let dispatcher = Dispatcher::new(deployer, config.max_call_depth);
@@ -160,7 +177,7 @@ impl Host {
                     );
                 }
                 let cluster = Cluster::connect(cluster_config.clone()).await?;
-                tracing::info!(cluster = %cluster.name(), host = %cluster.host_id(), url = %cluster_config.url, "joining the cluster");
+                tracing::info!(cluster = %cluster.name(), host = %cluster.host_id(), url = %crate::base::redact::url(&cluster_config.url), "joining the cluster");
                 Some(cluster)
             }
             None => None,
@@ -195,6 +212,7 @@ impl Host {
                     },
                     base_limits: config.limits,
                     limit_overrides: config.limit_overrides,
+                    secret_sources: config.secret_sources.clone(),
                 };
                 let (report, watcher) = watcher::load_and_watch(
                     options,
@@ -519,14 +537,17 @@ async fn open_backends(
         .or(from_file.messaging)
         .or_else(|| cluster_nats.map(BrokerChoice::Nats))
         .unwrap_or_default();
+    let limits = config
+        .messaging_overrides
+        .apply(from_file.messaging_limits.apply(config.messaging_limits));
     let broker = choice
-        .open(config.data_dir.as_deref(), config.max_pending_messages)
+        .open(config.data_dir.as_deref(), limits)
         .await
         .context("opening the message broker")?;
     tracing::info!(broker = broker.kind(), detail = %broker.status().detail, "message broker");
     Ok(Backends {
         keyvalue: Some(keyvalue),
-        messaging: Some(MessagingHub::new(broker, metrics.clone())),
+        messaging: Some(MessagingHub::new(broker, limits, metrics.clone())?),
     })
 }
 

@@ -11,8 +11,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wharf::admin::AdminToken;
 use wharf::base::limits::{self, Limits, PartialLimits};
+use wharf::capabilities::config::SecretSources;
 use wharf::capabilities::keyvalue::backend::BackendChoice;
-use wharf::capabilities::messaging::broker::BrokerChoice;
+use wharf::capabilities::messaging::broker::{
+    BrokerChoice, MessagingLimits, PartialMessagingLimits,
+};
 use wharf::deploy::cluster::ClusterConfig;
 use wharf::guest::engine::{EngineOptions, Tiers};
 use wharf::ops::client::{AdminClient, DEFAULT_ADMIN_URL, DeployOutcome, render_status};
@@ -239,9 +242,10 @@ struct ServeArgs {
     broker: Option<BrokerChoice>,
 
     /// Messages the broker holds undelivered before it refuses publishes
-    /// (per consumer group on RabbitMQ).
-    #[arg(long, value_name = "N", default_value_t = wharf::config::DEFAULT_MAX_PENDING_MESSAGES)]
-    max_pending_messages: u64,
+    /// (per consumer group on RabbitMQ). [default: 1000000, or
+    /// messaging.max_pending in DIR/wharf.toml]
+    #[arg(long, value_name = "N")]
+    max_pending_messages: Option<u64>,
 
     /// Join the cluster on these NATS JetStream servers
     /// ("nats://HOST:PORT[,…]"): the services come from the cluster's
@@ -275,6 +279,18 @@ struct ServeArgs {
     /// (rejected by default).
     #[arg(long)]
     allow_external_symlinks: bool,
+
+    /// A directory whose files services' manifests may name as secrets
+    /// ([secrets] NAME = { file = "/DIR/…" }); repeatable. Nothing is handed
+    /// out by default (see also [secrets] dirs in DIR/wharf.toml).
+    #[arg(long = "secret-dir", value_name = "DIR")]
+    secret_dirs: Vec<PathBuf>,
+
+    /// An environment variable services' manifests may name as a secret
+    /// ([secrets] NAME = { env = "…" }); a trailing * hands out a prefix
+    /// (ORDERS_*); repeatable. None by default.
+    #[arg(long = "secret-env", value_name = "NAME")]
+    secret_env: Vec<String>,
 
     /// Serve the admin endpoint (health, readiness, metrics, service list,
     /// deploy API) on this address, e.g. 127.0.0.1:9090. Off by default.
@@ -424,8 +440,9 @@ fn admin_client(args: &AdminArgs) -> Result<AdminClient> {
         .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_string());
     let token = match &args.token_file {
         Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the admin token from {}", path.display()))?
+            wharf::base::files::read_bounded_text(path, wharf::admin::MAX_TOKEN_FILE)
+                .map_err(anyhow::Error::msg)
+                .context("reading the admin token")?
                 .trim()
                 .to_string(),
         ),
@@ -559,7 +576,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .or_else(|| wharf::config::default_data_dir(&dir)),
         keyvalue: args.kv.clone(),
         messaging: args.broker.clone(),
-        max_pending_messages: args.max_pending_messages,
+        messaging_limits: MessagingLimits::default(),
+        messaging_overrides: PartialMessagingLimits {
+            max_pending: args.max_pending_messages,
+            ..PartialMessagingLimits::default()
+        },
         cluster: args.cluster.clone().map(|url| ClusterConfig {
             url,
             name: args.cluster_name.clone(),
@@ -588,6 +609,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         drain_timeout: args.drain_timeout,
         client_timeout: args.client_timeout,
         max_call_depth: args.max_call_depth,
+        secret_sources: SecretSources::new(args.secret_dirs.clone(), args.secret_env.clone())
+            .map_err(anyhow::Error::msg)
+            .context("--secret-dir/--secret-env")?,
     };
     if let Some(data_dir) = &config.data_dir {
         tracing::info!(dir = %data_dir.display(), "data directory");

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wharf::Config;
-use wharf::capabilities::messaging::broker::BrokerChoice;
+use wharf::capabilities::messaging::broker::{
+    BrokerChoice, DEFAULT_MAX_PENDING, DeadLetterQuery, DeadLetter, Broker,
+};
 
 use crate::support::{
     NatsServer, RabbitServer, ServiceDir, TestServer, WharfProcess, client, eventually, get,
@@ -30,22 +32,29 @@ fn messenger(dir: &ServiceDir, name: &str, manifest: &str) {
     dir.write(&format!("{name}.toml"), manifest.as_bytes());
 }
 
-/// A trigger manifest for the messenger: records in `msgs`, handles `topic`
-/// in `group` at `path`.
+/// A trigger manifest for the messenger: records in `msgs`, subscribes to
+/// and handles `topic` in `group` at `path`.
 fn handler_manifest(topic: &str, group: &str, path: &str, extra: &str) -> String {
     format!(
-        "[keyvalue]\nbuckets = [\"msgs\"]\n[[trigger.message]]\ntopic = \"{topic}\"\ngroup = \"{group}\"\npath = \"{path}\"\nretry_delay = \"100ms\"\n{extra}"
+        "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"{topic}\"]\n[[trigger.message]]\ntopic = \"{topic}\"\ngroup = \"{group}\"\npath = \"{path}\"\nretry_delay = \"100ms\"\n{extra}"
     )
 }
 
+/// Up to `limit` dead letters of `group`, whole.
+async fn dead(broker: &Broker, group: &str, limit: usize) -> Result<Vec<DeadLetter>, String> {
+    let query = DeadLetterQuery {
+        after: None,
+        limit,
+        body_limit: 1 << 20,
+    };
+    broker
+        .dead_letters(group, query)
+        .await
+        .map_err(|err| err.to_string())
+}
+
 async fn start(broker: BrokerChoice, dir: &ServiceDir, data: &ServiceDir) -> TestServer {
-    start_bounded(
-        broker,
-        dir,
-        data,
-        wharf::config::DEFAULT_MAX_PENDING_MESSAGES,
-    )
-    .await
+    start_bounded(broker, dir, data, DEFAULT_MAX_PENDING).await
 }
 
 async fn start_bounded(
@@ -56,7 +65,7 @@ async fn start_bounded(
 ) -> TestServer {
     let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
     config.messaging = Some(broker);
-    config.max_pending_messages = max_pending;
+    config.messaging_overrides.max_pending = Some(max_pending);
     TestServer::start(config).await
 }
 
@@ -125,18 +134,16 @@ fn conformance_services(tag: &str) -> ServiceDir {
         "rec-b",
         &handler_manifest(&format!("{tag}.*"), &format!("{tag}-b"), "/record", ""),
     );
-    for member in ["share-1", "share-2"] {
-        messenger(
-            &dir,
-            member,
-            &handler_manifest(
-                &format!("{tag}.share"),
-                &format!("{tag}-shared"),
-                "/record",
-                "",
-            ),
-        );
-    }
+    messenger(
+        &dir,
+        "share",
+        &handler_manifest(
+            &format!("{tag}.share"),
+            &format!("{tag}-shared"),
+            "/record",
+            "concurrency = 8",
+        ),
+    );
     messenger(
         &dir,
         "flaky",
@@ -188,7 +195,7 @@ fn conformance_services(tag: &str) -> ServiceDir {
     dir.write(
         "wasi-h.toml",
         format!(
-            "[keyvalue]\nbuckets = [\"msgs\"]\n[[trigger.message]]\ntopic = \"{tag}.h\"\ngroup = \"{tag}-wasi\"\n[[trigger.message]]\ntopic = \"ask.{tag}.wasi\"\ngroup = \"{tag}-wasi-ask\"\n"
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"{tag}.h\", \"ask.{tag}.wasi\"]\n[[trigger.message]]\ntopic = \"{tag}.h\"\ngroup = \"{tag}-wasi\"\n[[trigger.message]]\ntopic = \"ask.{tag}.wasi\"\ngroup = \"{tag}-wasi-ask\"\n"
         )
         .as_bytes(),
     );
@@ -196,7 +203,7 @@ fn conformance_services(tag: &str) -> ServiceDir {
     dir.write(
         "wc-h.toml",
         format!(
-            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = []\n[[trigger.message]]\ntopic = \"{tag}.h\"\ngroup = \"{tag}-wc\"\n[[trigger.message]]\ntopic = \"ask.{tag}.wc\"\ngroup = \"{tag}-wc-ask\"\n"
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = []\nsubscribe = [\"{tag}.h\", \"ask.{tag}.wc\"]\n[[trigger.message]]\ntopic = \"{tag}.h\"\ngroup = \"{tag}-wc\"\n[[trigger.message]]\ntopic = \"ask.{tag}.wc\"\ngroup = \"{tag}-wc-ask\"\n"
         )
         .as_bytes(),
     );
@@ -249,8 +256,8 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
         "{label}: {last}"
     );
 
-    // Sharing within a group: two services in one group handle each
-    // message once between them.
+    // Within a group each message is handled once, however many handlers
+    // run at once.
     let (status, body) = post(
         &server,
         &format!("/pub/publish?topic={tag}.share&n=30&prefix=s"),
@@ -303,15 +310,33 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
         let hub = hub.clone();
         let group = group.clone();
         async move {
-            hub.broker()
-                .dead_letters(&group, 10)
+            dead(hub.broker(), &group, 10)
                 .await
                 .is_ok_and(|letters| letters.len() == 1)
         }
     })
     .await;
-    let letters = hub.broker().dead_letters(&group, 10).await.unwrap();
+    let letters = dead(hub.broker(), &group, 10).await.unwrap();
     assert_eq!(letters[0].message.body, "poison-1", "{label}");
+    assert_eq!(
+        hub.broker().count_dead_letters(&group).await,
+        Ok(1),
+        "{label}"
+    );
+    // Read in pages: nothing after the last one, and a body cut short.
+    let after = DeadLetterQuery {
+        after: Some(letters[0].position),
+        limit: 10,
+        body_limit: 1 << 20,
+    };
+    assert_eq!(hub.broker().dead_letters(&group, after).await.map(|l| l.len()), Ok(0), "{label}");
+    let cut = DeadLetterQuery {
+        after: None,
+        limit: 10,
+        body_limit: 3,
+    };
+    let cut = hub.broker().dead_letters(&group, cut).await.unwrap();
+    assert_eq!((&cut[0].message.body[..], cut[0].body_size), (&b"poi"[..], 8), "{label}");
     assert_eq!(letters[0].attempts, 3, "{label}");
     assert!(
         letters[0].reason.contains("500"),
@@ -441,7 +466,7 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
     // Deleting a group on the broker drops its dead letters with it.
     let deleted = hub.broker().delete_group(&group).await;
     assert!(matches!(deleted, Ok(true)), "{label}: {deleted:?}");
-    let letters = hub.broker().dead_letters(&group, 10).await.unwrap();
+    let letters = dead(hub.broker(), &group, 10).await.unwrap();
     assert!(
         letters.is_empty(),
         "{label}: {} dead letters left",

@@ -172,14 +172,47 @@ impl LimitsTable {
     }
 }
 
-/// Parses a duration such as `30s`, `250ms` or `2m`. Must be above zero.
+/// The longest duration any setting takes (a time limit, a drain, a client
+/// timeout): one day. Every duration Wharf reads is bounded when parsed, so
+/// no deadline computed from one can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Parses a duration such as `30s`, `250ms` or `2m`: above zero and at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_duration_within(text, Duration::from_nanos(1), MAX_DURATION)
+}
+
+/// Parses a duration such as `30s`, `250ms` or `2m`, from `min` to `max`
+/// inclusive: the one parser of every duration that comes from outside
+/// (settings, manifests, a guest's query), so none is unbounded.
+pub fn parse_duration_within(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text.trim())
         .map_err(|err| format!("{text:?} is not a duration like \"30s\" or \"500ms\": {err}"))?;
-    if duration.is_zero() {
+    if duration.is_zero() && !min.is_zero() {
         return Err(format!("{text:?} must be longer than zero"));
     }
+    if duration < min {
+        return Err(format!(
+            "{text:?} is shorter than the shortest allowed, {}",
+            humantime::format_duration(min)
+        ));
+    }
+    if duration > max {
+        return Err(format!(
+            "{text:?} is longer than the longest allowed, {}",
+            humantime::format_duration(max)
+        ));
+    }
     Ok(duration)
+}
+
+/// The instant `after` past `from`, or [`MAX_DURATION`] past it if that
+/// would overflow: deadlines never panic, whatever duration reaches them.
+pub fn deadline_after(from: std::time::Instant, after: Duration) -> std::time::Instant {
+    from.checked_add(after)
+        .or_else(|| from.checked_add(MAX_DURATION))
+        .unwrap_or(from)
 }
 
 /// Parses a size such as `128MiB`, `16 MiB`, `1GiB` or a plain byte count.
@@ -236,6 +269,22 @@ mod tests {
         );
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("30").is_err());
+    }
+
+    #[test]
+    fn regression_overflowing_durations_are_refused_when_parsed() {
+        for text in ["300000000000y", "25h", "2days"] {
+            let err = parse_duration(text).unwrap_err();
+            assert!(err.contains("longest allowed"), "{text}: {err}");
+        }
+        assert_eq!(parse_duration("24h").unwrap(), MAX_DURATION);
+        let now = std::time::Instant::now();
+        assert!(deadline_after(now, Duration::MAX) > now);
+        assert!(
+            parse_duration_within("1s", Duration::from_secs(2), MAX_DURATION)
+                .unwrap_err()
+                .contains("shortest")
+        );
     }
 
     #[test]

@@ -70,6 +70,7 @@ label_values! {
         Invalid => "invalid",
         Denied => "denied",
         Full => "full",
+        Throttled => "throttled",
         Unavailable => "unavailable",
         Error => "error",
     }
@@ -88,6 +89,8 @@ pub enum PublishResult {
     Denied,
     /// The broker is full.
     Full,
+    /// The service used its publishing quota.
+    Throttled,
     /// The broker cannot be reached.
     Unavailable,
     /// Anything else.
@@ -127,6 +130,11 @@ struct HandledLabels {
     service: String,
     group: String,
     outcome: HandledOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -443,6 +451,7 @@ pub struct Metrics {
     backend_up: Family<BackendLabels, Gauge>,
     messages_published: Family<PublishLabels, Counter>,
     messages_handled: Family<HandledLabels, Counter>,
+    dead_letters_pruned: Family<GroupLabels, Counter>,
     message_latency: HistogramFamily<ServiceLabels>,
     schedule_runs: Family<ScheduleLabels, Counter>,
     by_service: Mutex<HashMap<String, Arc<ServiceMetrics>>>,
@@ -499,6 +508,7 @@ impl Metrics {
             backend_up: Family::default(),
             messages_published: Family::default(),
             messages_handled: Family::default(),
+            dead_letters_pruned: Family::default(),
             message_latency: Family::new_with_constructor(latency_histogram),
             schedule_runs: Family::default(),
             by_service: Mutex::new(HashMap::new()),
@@ -599,6 +609,11 @@ impl Metrics {
             "messages_handled",
             "Deliveries of messages to triggered services, by service, group and outcome",
             metrics.messages_handled.clone(),
+        );
+        registry.register(
+            "dead_letters_pruned",
+            "Oldest dead letters dropped to keep a group within its bounds, by group",
+            metrics.dead_letters_pruned.clone(),
         );
         registry.register(
             "message_delivery_seconds",
@@ -756,6 +771,18 @@ impl Metrics {
                     service: service.to_string(),
                 })
                 .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Counts `pruned` dead letters of `group` dropped to keep it within
+    /// its bounds.
+    pub fn dead_letters_pruned(&self, group: &str, pruned: u64) {
+        if pruned > 0 {
+            self.dead_letters_pruned
+                .get_or_create(&GroupLabels {
+                    group: group.to_string(),
+                })
+                .inc_by(pruned);
         }
     }
 

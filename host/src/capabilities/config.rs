@@ -17,41 +17,161 @@
 //! `@0.2.0-draft` and `@0.2.0-draft-2024-09-27` (Spin), which share a shape.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker};
 
+use crate::base::files::RegularFile;
+
 /// Largest secret file read.
-const MAX_SECRET_FILE: u64 = 1 << 20;
+pub const MAX_SECRET_FILE: u64 = 1 << 20;
 
 /// Where a secret's value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     /// A host environment variable, by name.
     Env(String),
-    /// A file (its whole content, one trailing newline dropped).
+    /// A file (its whole content, one trailing newline dropped): an
+    /// absolute path.
     File(PathBuf),
 }
 
+/// What the operator hands out for secrets: the directories whose files
+/// and the environment variables a manifest may name as secret sources
+/// (`[secrets]` in `wharf.toml`, `--secret-dir`, `--secret-env`). Nothing by
+/// default: a manifest picks only from what was handed out, so a service's
+/// manifest can never read the host's files or environment on its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretSources {
+    /// Canonical directories: a file is handed out if the path it really
+    /// is (after every symlink) lies inside one.
+    dirs: Vec<PathBuf>,
+    /// Variable names, exact or a prefix ending in `*` (`ORDERS_*`).
+    env: Vec<String>,
+}
+
+impl SecretSources {
+    /// Sources from directories (made canonical here: each must exist) and
+    /// variable patterns; an error names the bad entry.
+    pub fn new(
+        dirs: impl IntoIterator<Item = PathBuf>,
+        env: impl IntoIterator<Item = String>,
+    ) -> Result<SecretSources, String> {
+        let mut sources = SecretSources::default();
+        for dir in dirs {
+            let canonical = std::fs::canonicalize(&dir).map_err(|err| {
+                format!("secret directory {}: {err}", dir.display())
+            })?;
+            if !canonical.is_dir() {
+                return Err(format!(
+                    "secret directory {} is not a directory",
+                    dir.display()
+                ));
+            }
+            if canonical == Path::new("/") {
+                return Err(
+                    "secret directory /: handing out the whole file system defeats the point; name the directories that hold secrets".into(),
+                );
+            }
+            if !sources.dirs.contains(&canonical) {
+                sources.dirs.push(canonical);
+            }
+        }
+        for pattern in env {
+            let name = pattern.strip_suffix('*').unwrap_or(&pattern);
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(format!(
+                    "secret variable {pattern:?}: use a variable name of letters, digits and '_', or a non-empty prefix ending in '*' (like \"ORDERS_*\")"
+                ));
+            }
+            if !sources.env.contains(&pattern) {
+                sources.env.push(pattern);
+            }
+        }
+        Ok(sources)
+    }
+
+    /// These sources and `other`'s together.
+    pub fn merged(&self, other: &SecretSources) -> SecretSources {
+        let mut merged = self.clone();
+        for dir in &other.dirs {
+            if !merged.dirs.contains(dir) {
+                merged.dirs.push(dir.clone());
+            }
+        }
+        for pattern in &other.env {
+            if !merged.env.contains(pattern) {
+                merged.env.push(pattern.clone());
+            }
+        }
+        merged
+    }
+
+    /// The directories handed out.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// The variable patterns handed out.
+    pub fn env(&self) -> &[String] {
+        &self.env
+    }
+
+    /// Whether variable `name` is handed out.
+    pub fn allows_env(&self, name: &str) -> bool {
+        self.env.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == pattern,
+        })
+    }
+
+    /// Whether the file that really is at `real_path` is handed out.
+    pub fn allows_file(&self, real_path: &Path) -> bool {
+        self.dirs.iter().any(|dir| real_path.starts_with(dir))
+    }
+}
+
 impl SecretSource {
-    /// Reads the value now. Blocking (a file read); an error says what is
-    /// missing without showing any value.
-    pub fn resolve(&self) -> Result<String, String> {
+    /// Reads the value now, if `sources` hands it out. Blocking (a file
+    /// read: regular files only, opened without blocking, at most
+    /// [`MAX_SECRET_FILE`] bytes). An error says what is wrong without
+    /// repeating the variable's name or the file's path, in case the value
+    /// itself was written there by mistake (the caller names the key).
+    pub fn resolve(&self, sources: &SecretSources) -> Result<String, String> {
         match self {
-            SecretSource::Env(variable) => std::env::var(variable)
-                .map_err(|_| format!("the environment variable {variable} is not set")),
-            SecretSource::File(path) => {
-                let meta = std::fs::metadata(path)
-                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-                if meta.len() > MAX_SECRET_FILE {
-                    return Err(format!(
-                        "{} is larger than {MAX_SECRET_FILE} bytes",
-                        path.display()
-                    ));
+            SecretSource::Env(variable) => {
+                if !sources.allows_env(variable) {
+                    return Err(
+                        "the environment variable it names is not handed out for secrets; the operator lists the variables manifests may name under [secrets] env in wharf.toml or with --secret-env".into(),
+                    );
                 }
-                let text = std::fs::read_to_string(path)
-                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+                std::env::var(variable)
+                    .map_err(|_| "the environment variable it names is not set".to_string())
+            }
+            SecretSource::File(path) => {
+                if !path.is_absolute() {
+                    return Err(
+                        "the file it names is not an absolute path; name the file by its full path".into(),
+                    );
+                }
+                let file = RegularFile::open(path).map_err(|_| {
+                    "the file it names cannot be read as a regular file (missing, unreadable, or a directory, device, FIFO or socket)".to_string()
+                })?;
+                if !sources.allows_file(file.real_path()) {
+                    return Err(
+                        "the file it names is not in a directory handed out for secrets; the operator lists them under [secrets] dirs in wharf.toml or with --secret-dir".into(),
+                    );
+                }
+                let bytes = file.read_to_end(MAX_SECRET_FILE).map_err(|_| {
+                    format!("the file it names cannot be read whole (at most {MAX_SECRET_FILE} bytes)")
+                })?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| "the file it names is not UTF-8 text".to_string())?;
                 Ok(text
                     .strip_suffix('\n')
                     .map(|t| t.strip_suffix('\r').unwrap_or(t))
@@ -254,10 +374,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
         std::fs::write(&file, "s3cret\n").unwrap();
-        assert_eq!(SecretSource::File(file).resolve().unwrap(), "s3cret");
+        let sources = SecretSources::new(
+            [dir.path().to_path_buf()],
+            ["WHARF_TEST_SURELY_*".to_string()],
+        )
+        .unwrap();
+        assert_eq!(SecretSource::File(file).resolve(&sources).unwrap(), "s3cret");
         let missing = SecretSource::Env("WHARF_TEST_SURELY_UNSET_VARIABLE".into())
-            .resolve()
+            .resolve(&sources)
             .unwrap_err();
-        assert!(missing.contains("WHARF_TEST_SURELY_UNSET_VARIABLE is not set"));
+        assert!(missing.contains("is not set"), "{missing}");
+        assert!(!missing.contains("WHARF_TEST"), "{missing}");
+    }
+
+    #[test]
+    fn regression_secrets_read_only_what_the_operator_handed_out() {
+        let handed = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let outside = other.path().join("key");
+        std::fs::write(&outside, "not yours").unwrap();
+        // A symlink inside a handed-out directory to a file outside it.
+        let link = handed.path().join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let sources = SecretSources::new([handed.path().to_path_buf()], ["APP_*".into()]).unwrap();
+        for path in [
+            outside.clone(),
+            link,
+            PathBuf::from("/proc/self/environ"),
+            PathBuf::from("/etc/passwd"),
+        ] {
+            let err = SecretSource::File(path.clone()).resolve(&sources).unwrap_err();
+            assert!(err.contains("not in a directory handed out"), "{}: {err}", path.display());
+            assert!(!err.contains("not yours") && !err.contains(&*path.to_string_lossy()));
+        }
+        let err = SecretSource::File("/dev/zero".into())
+            .resolve(&SecretSources::new([PathBuf::from("/dev")], []).unwrap())
+            .unwrap_err();
+        assert!(err.contains("regular file"), "{err}");
+        let err = SecretSource::Env("HOME".into()).resolve(&sources).unwrap_err();
+        assert!(err.contains("not handed out"), "{err}");
+        assert!(SecretSource::File("relative".into()).resolve(&sources).is_err());
+        assert!(sources.allows_env("APP_KEY") && !sources.allows_env("APPKEY"));
+        assert!(SecretSources::new([], ["*".into()]).is_err());
+        assert!(SecretSources::new([PathBuf::from("/")], []).is_err());
     }
 }

@@ -20,7 +20,7 @@ use http::uri::Scheme;
 use http::{HeaderValue, StatusCode};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-use crate::base::headers::{HOPS_HEADER, REQUEST_ID_HEADER};
+use crate::base::headers::{HOPS_HEADER, REQUEST_ID_HEADER, strip_host_headers};
 use crate::base::respond;
 use crate::base::trace::{TRACEPARENT, TraceContext};
 use crate::capabilities::messaging::MessagingAccess;
@@ -458,6 +458,8 @@ impl OutboundHooks {
             );
             return Box::new(async move { Ok((response, done())) });
         }
+        // The caller may not claim what only the host says of a request.
+        strip_host_headers(request.headers_mut());
         request
             .headers_mut()
             .insert(HOPS_HEADER, HeaderValue::from(hops));

@@ -67,7 +67,7 @@ const TICK_MEMORY: Duration = Duration::from_secs(3600);
 const MAX_MANIFEST: usize = 1 << 20;
 
 /// How a host joins a cluster (`--cluster`, or `[cluster]` in `wharf.toml`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// The NATS server(s): `nats://host:port[,nats://…]`.
     pub url: String,
@@ -78,6 +78,18 @@ pub struct ClusterConfig {
     /// This host's name in the cluster (default: the machine's host name
     /// and the process id).
     pub host_id: Option<String>,
+}
+
+/// Shows the address without its credentials.
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("url", &crate::base::redact::url(&self.url))
+            .field("name", &self.name)
+            .field("credentials", &self.credentials)
+            .field("host_id", &self.host_id)
+            .finish()
+    }
 }
 
 impl ClusterConfig {
@@ -212,6 +224,9 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Largest NATS credentials file read.
+pub const MAX_CREDENTIALS_FILE: u64 = 64 << 10;
+
 impl Cluster {
     /// Connects to the cluster's NATS (in the background: a host whose NATS
     /// is down still starts, and joins when it is up).
@@ -222,15 +237,22 @@ impl Cluster {
             .connection_timeout(Duration::from_secs(2))
             .name("wharf-cluster");
         if let Some(credentials) = &config.credentials {
+            let path = credentials.clone();
+            let text = tokio::task::spawn_blocking(move || {
+                crate::base::files::read_bounded_text(&path, MAX_CREDENTIALS_FILE)
+            })
+            .await
+            .context("reading NATS credentials")?
+            .map_err(|why| anyhow!(why))
+            .context("reading NATS credentials")?;
             options = options
-                .credentials_file(credentials)
-                .await
-                .with_context(|| format!("reading NATS credentials {}", credentials.display()))?;
+                .credentials(&text)
+                .with_context(|| format!("parsing NATS credentials {}", credentials.display()))?;
         }
         let client = options
             .connect(config.url.as_str())
             .await
-            .with_context(|| format!("connecting to the cluster at {}", config.url))?;
+            .with_context(|| format!("connecting to the cluster at {}", crate::base::redact::url(&config.url)))?;
         let host_id = config.host_id.clone().unwrap_or_else(default_host_id);
         Ok(Arc::new(Cluster {
             host_id,

@@ -14,10 +14,21 @@ use crate::deploy::cache::CodeCaches;
 use crate::deploy::compiler::Compiler;
 use crate::deploy::deployment::{self, Deployment, ServiceSpec};
 use crate::deploy::last_good::{LastGood, Saved};
+use crate::deploy::manifest::HostPolicy;
 use crate::deploy::registry::Registry;
 use crate::deploy::tiering;
 use crate::guest::engine::{Runtime, Tier, Tiers};
 use crate::guest::invoke;
+
+/// Longest a deploy waits for the broker to say who owns a group.
+const GROUP_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Why trigger `index` may not use `group`: `owner` has it.
+pub(crate) fn group_taken(index: usize, group: &str, owner: &str) -> String {
+    format!(
+        "trigger.message[{index}].group: group {group:?} belongs to service {owner:?}, which subscribed it first; choose another group (an operator can release it with DELETE /messages/groups/{group})"
+    )
+}
 
 /// The log target of every deploy event line (deploy, replace, reject,
 /// remove, superseded, compiling), whichever module writes it.
@@ -38,9 +49,9 @@ pub(crate) struct Deployer {
     /// newer deploy or removal of the same service began is discarded, so
     /// the last change always wins whatever order compilations finish in.
     attempts: Mutex<HashMap<String, u64>>,
-    /// Limits for services that set none, as currently in force (the
-    /// directory's `wharf.toml` may change them).
-    defaults: Mutex<Limits>,
+    /// Limits for services that set none and what the operator hands out,
+    /// as currently in force (the directory's `wharf.toml` may change them).
+    policy: Mutex<Arc<HostPolicy>>,
     /// Services whose files the admin API is writing: the watcher leaves
     /// them alone until the write is deployed, so it never deploys the
     /// half-written state (a new component with the old manifest).
@@ -94,7 +105,7 @@ impl Deployer {
         backends: Backends,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
-        defaults: Limits,
+        policy: HostPolicy,
         data_dir: Option<&std::path::Path>,
     ) -> Result<Deployer> {
         Ok(Deployer {
@@ -105,7 +116,7 @@ impl Deployer {
             metrics,
             compiler: Compiler::new()?,
             attempts: Mutex::new(HashMap::new()),
-            defaults: Mutex::new(defaults),
+            policy: Mutex::new(Arc::new(policy)),
             held: Mutex::new(HashMap::new()),
             file_locks: Mutex::new(HashMap::new()),
             last_good: data_dir.map(LastGood::new),
@@ -152,12 +163,17 @@ impl Deployer {
 
     /// The limits in force for services that set none.
     pub(crate) fn defaults(&self) -> Limits {
-        *self.defaults.lock().unwrap_or_else(|e| e.into_inner())
+        self.policy().defaults
     }
 
-    /// Changes the limits for services that set none.
-    pub(crate) fn set_defaults(&self, limits: Limits) {
-        *self.defaults.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    /// The host's policy in force: default limits, secret sources.
+    pub(crate) fn policy(&self) -> Arc<HostPolicy> {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the host's policy (for deploys from now on).
+    pub(crate) fn set_policy(&self, policy: HostPolicy) {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
     }
 
     pub(crate) fn runtime(&self) -> &Arc<Runtime> {
@@ -246,7 +262,10 @@ impl Deployer {
             .is_some()
             .then(|| (spec.wasm.clone(), spec.manifest.clone()));
         let attempt = self.begin(&name);
-        let built = self.build(spec).await;
+        let built = match self.build(spec).await {
+            Ok(deployment) => self.claim_groups(&deployment).await.map(|()| deployment),
+            Err(err) => Err(err),
+        };
 
         // Decided under the attempts lock, so no newer change can slip in
         // between the check and the install.
@@ -525,6 +544,38 @@ impl Deployer {
         tracing::debug!(service = %deployment.name(), "compiled; probing");
         invoke::probe(&self.runtime, deployment.guest()).await?;
         Ok(deployment)
+    }
+
+    /// Claims the consumer groups of `deployment`'s message triggers on the
+    /// broker: a group belongs to the service that first subscribed it
+    /// (on every host sharing the broker, across restarts), and a version
+    /// naming another service's group is refused. A broker that does not
+    /// answer in time does not hold the deploy up: each trigger claims its
+    /// group again before it joins, and stays off if it is not its own.
+    async fn claim_groups(&self, deployment: &Deployment) -> Result<()> {
+        let Some(hub) = &self.backends.messaging else {
+            return Ok(());
+        };
+        let name = deployment.name();
+        for (index, trigger) in deployment.config().triggers.messages.iter().enumerate() {
+            let group = trigger.group();
+            let claim = hub.broker().claim_group(group, name);
+            match tokio::time::timeout(GROUP_CLAIM_WAIT, claim).await {
+                Ok(Ok(owner)) if owner == name => {}
+                Ok(Ok(owner)) => anyhow::bail!("{}", group_taken(index, group, &owner)),
+                Ok(Err(err)) => tracing::warn!(
+                    service = %name,
+                    group = %group,
+                    "cannot check who owns the group now ({err}); its trigger checks again before it joins"
+                ),
+                Err(_) => tracing::warn!(
+                    service = %name,
+                    group = %group,
+                    "the broker did not say in time who owns the group; its trigger checks again before it joins"
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// Saves `deployment` (whose component is `wasm`, its manifest

@@ -44,8 +44,10 @@ pub const RESERVED_NAMES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Checks a service name: 1–63 ASCII letters, digits, `-` or `_`, starting
-/// with a letter or digit, and not one of the [`RESERVED_NAMES`]. Names
+/// Checks a service name: 1–63 lower-case ASCII letters, digits, `-` or
+/// `_`, starting with a letter or digit, and not one of the
+/// [`RESERVED_NAMES`]. Lower-case is the one canonical form (files, uploads,
+/// the cluster index and `NAME.internal` hosts all decide from it). Names
 /// appear in URLs, host names and file names, so nothing else is accepted.
 pub fn validate_name(name: &str) -> Result<(), String> {
     if let Some((reserved, why)) = RESERVED_NAMES
@@ -56,16 +58,25 @@ pub fn validate_name(name: &str) -> Result<(), String> {
             "{name:?} is reserved and cannot name a service: {why} (the name {reserved:?} is taken in any letter case)"
         ));
     }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        // One canonical form: `Hello` and `hello` would otherwise be two
+        // services that `http://Hello.internal` (a case-insensitive host)
+        // cannot tell apart.
+        return Err(format!(
+            "{name:?} is not a valid service name: names are lower-case (rename it {:?})",
+            name.to_ascii_lowercase()
+        ));
+    }
     let valid_chars = name
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     let starts_well = name
         .chars()
         .next()
         .is_some_and(|c| c.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > MAX_NAME_LEN || !valid_chars || !starts_well {
         return Err(format!(
-            "{name:?} is not a valid service name: use 1-{MAX_NAME_LEN} letters, digits, '-' or '_', starting with a letter or digit"
+            "{name:?} is not a valid service name: use 1-{MAX_NAME_LEN} lower-case letters, digits, '-' or '_', starting with a letter or digit"
         ));
     }
     Ok(())
@@ -476,7 +487,7 @@ mod tests {
 
     #[test]
     fn service_names() {
-        for good in ["hello", "orders-v2", "a_b", "9lives", "A"] {
+        for good in ["hello", "orders-v2", "a_b", "9lives", "a"] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
         for bad in ["", ".hidden", "-x", "a.b", "a b", "ü", &"x".repeat(64)] {
@@ -487,6 +498,15 @@ mod tests {
                 validate_name(reserved).unwrap_err().contains("reserved"),
                 "{reserved}"
             );
+        }
+    }
+
+    #[test]
+    fn regression_names_differing_only_in_case_are_one_name() {
+        for upper in ["Hello", "HELLO", "MyService"] {
+            let err = validate_name(upper).unwrap_err();
+            assert!(err.contains("lower-case"), "{upper}: {err}");
+            assert!(err.contains(&format!("{:?}", upper.to_ascii_lowercase())));
         }
     }
 

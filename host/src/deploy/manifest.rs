@@ -25,7 +25,7 @@
 //! signing_key = { file = "/run/secrets/signing" }
 //! [messaging]
 //! publish = ["orders.*"]         # topics it may publish to
-//! subscribe = ["payments.*"]     # if given: the only topics it may be triggered by
+//! subscribe = ["payments.*"]     # topics it may be triggered by (none without it)
 //! [[trigger.message]]            # and [[trigger.schedule]]: see `triggers`
 //! topic = "payments.done"
 //! path = "/on-payment"
@@ -37,12 +37,12 @@ use serde::Deserialize;
 
 use std::sync::Arc;
 
-use crate::base::limits::{Limits, LimitsTable, PartialLimits};
-use crate::capabilities::config::{ConfigValues, SecretSource};
+use crate::base::limits::{Limits, LimitsTable, PartialLimits, parse_size};
+use crate::capabilities::config::{ConfigValues, SecretSource, SecretSources};
 use crate::capabilities::keyvalue::KeyValueGrant;
 use crate::capabilities::keyvalue::backend::BackendChoice;
 use crate::capabilities::messaging::MessagingGrant;
-use crate::capabilities::messaging::broker::BrokerChoice;
+use crate::capabilities::messaging::broker::{BrokerChoice, PartialMessagingLimits};
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
 use crate::deploy::ServiceConfig;
@@ -68,8 +68,10 @@ struct ManifestFile {
     keyvalue: KeyValueTable,
     #[serde(default)]
     config: BTreeMap<String, String>,
+    /// Raw values: a wrong shape must be reported without echoing the value
+    /// (serde's own messages quote it), see [`secret_source`].
     #[serde(default)]
-    secrets: BTreeMap<String, SecretTable>,
+    secrets: BTreeMap<String, toml::Value>,
     #[serde(default)]
     messaging: MessagingTable,
     #[serde(default)]
@@ -81,7 +83,8 @@ struct ManifestFile {
 struct MessagingTable {
     #[serde(default)]
     publish: Vec<String>,
-    subscribe: Option<Vec<String>>,
+    #[serde(default)]
+    subscribe: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,12 +94,37 @@ struct KeyValueTable {
     buckets: Vec<String>,
 }
 
-/// Where one secret comes from: exactly one of the two keys.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SecretTable {
-    env: Option<String>,
-    file: Option<String>,
+/// Where secret `name` comes from, from its raw value in `[secrets]`:
+/// `{ env = "VARIABLE" }` or `{ file = "/absolute/path" }`. The error names
+/// the key and the expected shape but never the value, which may be the
+/// secret itself written where its source belongs.
+fn secret_source(name: &str, value: &toml::Value) -> Result<SecretSource, String> {
+    let shape = || {
+        format!(
+            "secrets.{name}: give a table with exactly one of env = \"VARIABLE\" or file = \"/absolute/path\" (a secret's value never goes in the manifest; the value given is not shown)"
+        )
+    };
+    let Some(table) = value.as_table() else {
+        return Err(shape());
+    };
+    if table.len() != 1 {
+        return Err(shape());
+    }
+    match table.iter().next() {
+        Some((key, toml::Value::String(variable))) if key == "env" && !variable.is_empty() => {
+            Ok(SecretSource::Env(variable.clone()))
+        }
+        Some((key, toml::Value::String(path))) if key == "file" && !path.is_empty() => {
+            let path = std::path::PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!(
+                    "secrets.{name}: the file is not named by an absolute path; name it by its full path, inside a directory the operator handed out for secrets (the path given is not shown)"
+                ));
+            }
+            Ok(SecretSource::File(path))
+        }
+        _ => Err(shape()),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -219,33 +247,20 @@ impl Manifest {
         let readable = file
             .messaging
             .subscribe
-            .as_ref()
-            .map(|entries| {
-                entries
-                    .iter()
-                    .map(|entry| TopicPattern::parse(entry))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|why| format!("messaging.subscribe: {why}"))
-            })
-            .transpose()?;
-        let triggers = file.trigger.validate(readable.as_deref())?;
+            .iter()
+            .map(|entry| TopicPattern::parse(entry))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|why| format!("messaging.subscribe: {why}"))?;
+        let triggers = file.trigger.validate(&readable)?;
+        let messaging = messaging.with_subscriptions(readable);
         let mut secrets = BTreeMap::new();
-        for (name, source) in file.secrets {
-            if file.config.contains_key(&name) {
+        for (name, value) in &file.secrets {
+            if file.config.contains_key(name) {
                 return Err(format!(
                     "secrets.{name}: {name:?} is also in [config]; a key is either plain or secret"
                 ));
             }
-            let source = match (source.env, source.file) {
-                (Some(env), None) if !env.is_empty() => SecretSource::Env(env),
-                (None, Some(file)) if !file.is_empty() => SecretSource::File(file.into()),
-                _ => {
-                    return Err(format!(
-                        "secrets.{name}: give exactly one of env = \"VARIABLE\" or file = \"/path\""
-                    ));
-                }
-            };
-            secrets.insert(name, source);
+            secrets.insert(name.clone(), secret_source(name, value)?);
         }
         Ok(Manifest {
             route,
@@ -262,15 +277,16 @@ impl Manifest {
         })
     }
 
-    /// The service configuration this manifest gives service `name`, over
-    /// the host's default limits. Reads the secrets (blocking: a secret may
-    /// be a file); a missing one is an error naming it, and nothing else of
-    /// it.
-    pub fn service_config(&self, name: &str, defaults: Limits) -> Result<ServiceConfig, String> {
+    /// The service configuration this manifest gives service `name` under
+    /// the host's `policy`. Reads the secrets (blocking: a secret may be a
+    /// file), only from what the policy hands out; a missing one is an error
+    /// naming it, and nothing else of it.
+    pub fn service_config(&self, name: &str, policy: &HostPolicy) -> Result<ServiceConfig, String> {
+        let defaults = policy.defaults;
         let mut secrets = BTreeMap::new();
         for (key, source) in &self.secrets {
             let value = source
-                .resolve()
+                .resolve(&policy.secrets)
                 .map_err(|why| format!("secrets.{key}: {why}"))?;
             secrets.insert(key.clone(), value);
         }
@@ -294,6 +310,27 @@ impl Manifest {
     }
 }
 
+/// What the host decides for every service, whatever its manifest says: the
+/// limits of a service that sets none, and what the operator hands out
+/// (secret sources) for manifests to pick from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostPolicy {
+    /// Limits for what a manifest does not set.
+    pub defaults: Limits,
+    /// The directories and variables manifests may name as secret sources.
+    pub secrets: SecretSources,
+}
+
+impl HostPolicy {
+    /// The policy with `defaults` and nothing handed out.
+    pub fn with_defaults(defaults: Limits) -> HostPolicy {
+        HostPolicy {
+            defaults,
+            secrets: SecretSources::default(),
+        }
+    }
+}
+
 /// The host-wide settings file, `wharf.toml` in the services directory:
 /// defaults for every service, and the host's backends.
 ///
@@ -307,6 +344,13 @@ impl Manifest {
 /// backend = "redis://HOST:PORT"        # or "embedded" (default), "nats://…"
 /// [messaging]
 /// backend = "nats://HOST:PORT"         # or "embedded" (default), "amqp://…"
+/// max_pending = 1000000                # deliveries waiting
+/// max_bytes = "1GiB"                   # stored in all, dead letters included
+/// max_group_bytes = "256MiB"           # waiting for one group
+/// max_dead_letters = 10000             # per group; the oldest dropped past it
+/// max_dead_bytes = "64MiB"             # per group; likewise
+/// publish_rate = 5000                  # messages/s per service (default "unlimited")
+/// publish_bytes = "64MiB"              # bytes/s per service, or "unlimited"
 /// [engine]
 /// tiers = "tiered"                     # or "cranelift", "winch" (see `--tiers`)
 /// keep_resident = "8MiB"               # see `--keep-resident`
@@ -314,6 +358,9 @@ impl Manifest {
 /// url = "nats://HOST:PORT"             # join this cluster (see `--cluster`)
 /// name = "prod"                        # default "default"
 /// credentials = "nats.creds"           # relative to this file's directory
+/// [secrets]                            # what manifests may name as secret sources
+/// dirs = ["/run/secrets"]              # files inside these (relative: to this file's directory)
+/// env = ["ORDERS_*", "DB_PASSWORD"]    # these variables (a trailing * is a prefix)
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +374,18 @@ pub(crate) struct HostFile {
     #[serde(default)]
     engine: HostEngineTable,
     cluster: Option<HostClusterTable>,
+    #[serde(default)]
+    secrets: HostSecretsTable,
+}
+
+/// `[secrets]`: the operator's hand-out of secret sources.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostSecretsTable {
+    #[serde(default)]
+    dirs: Vec<std::path::PathBuf>,
+    #[serde(default)]
+    env: Vec<String>,
 }
 
 /// `[engine]`: read when the host starts.
@@ -348,10 +407,67 @@ struct HostClusterTable {
     credentials: Option<std::path::PathBuf>,
 }
 
+/// `[messaging]`: the broker and its bounds.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HostMessagingTable {
     backend: Option<String>,
+    max_pending: Option<i64>,
+    max_bytes: Option<String>,
+    max_group_bytes: Option<String>,
+    max_dead_letters: Option<i64>,
+    max_dead_bytes: Option<String>,
+    /// Messages per second per service, or "unlimited".
+    publish_rate: Option<toml::Value>,
+    /// Bytes per second per service (`"64MiB"`), or "unlimited".
+    publish_bytes: Option<String>,
+}
+
+impl HostMessagingTable {
+    /// The bounds set; errors name the key.
+    fn limits(&self) -> Result<PartialMessagingLimits, String> {
+        let count = |key: &str, value: Option<i64>| -> Result<Option<u64>, String> {
+            value
+                .map(|n| {
+                    u64::try_from(n)
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("messaging.{key}: {n} is not a whole number above 0"))
+                })
+                .transpose()
+        };
+        let size = |key: &str, value: &Option<String>| {
+            parse_key(value.clone(), &format!("messaging.{key}"), parse_size)
+        };
+        let publish_rate = match &self.publish_rate {
+            None => None,
+            Some(toml::Value::String(text)) if text == "unlimited" => Some(None),
+            Some(toml::Value::Integer(n)) => Some(Some(
+                count("publish_rate", Some(*n))?.unwrap_or_default(),
+            )),
+            Some(_) => {
+                return Err(
+                    "messaging.publish_rate: give messages per second per service (a whole number) or \"unlimited\"".into(),
+                );
+            }
+        };
+        let publish_bytes = match self.publish_bytes.as_deref() {
+            None => None,
+            Some("unlimited") => Some(None),
+            Some(text) => Some(Some(
+                parse_size(text).map_err(|why| format!("messaging.publish_bytes: {why}"))?,
+            )),
+        };
+        Ok(PartialMessagingLimits {
+            max_pending: count("max_pending", self.max_pending)?,
+            max_bytes: size("max_bytes", &self.max_bytes)?,
+            max_group_bytes: size("max_group_bytes", &self.max_group_bytes)?,
+            max_dead_letters: count("max_dead_letters", self.max_dead_letters)?,
+            max_dead_bytes: size("max_dead_bytes", &self.max_dead_bytes)?,
+            publish_rate,
+            publish_bytes,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -375,6 +491,10 @@ pub struct HostSettings {
     pub tiers: Option<Tiers>,
     /// Memory kept resident per instance slot of a large guest, if set here.
     pub keep_resident: Option<u64>,
+    /// What `[secrets]` hands out (directories made canonical).
+    pub secrets: SecretSources,
+    /// The broker's bounds set under `[messaging]`.
+    pub messaging_limits: PartialMessagingLimits,
 }
 
 /// Parses the value of `key`, if set, naming the key in the error.
@@ -389,10 +509,18 @@ fn parse_key<T>(
 }
 
 impl HostFile {
-    /// Parses and validates the file's text.
-    pub(crate) fn parse(text: &str) -> Result<HostSettings, String> {
+    /// Parses and validates the file's text; relative paths in it are
+    /// resolved against `dir` (the file's directory), once, here. Blocking:
+    /// secret directories are made canonical.
+    pub(crate) fn parse(text: &str, dir: &std::path::Path) -> Result<HostSettings, String> {
         let file: HostFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
+        let secrets = SecretSources::new(
+            file.secrets.dirs.iter().map(|path| dir.join(path)),
+            file.secrets.env,
+        )
+        .map_err(|why| format!("secrets: {why}"))?;
         let keyvalue = parse_key(file.keyvalue.backend, "keyvalue.backend", str::parse)?;
+        let messaging_limits = file.messaging.limits()?;
         let messaging = parse_key(file.messaging.backend, "messaging.backend", str::parse)?;
         let cluster = file
             .cluster
@@ -401,7 +529,7 @@ impl HostFile {
                 if let Some(name) = table.name {
                     cluster.name = name;
                 }
-                cluster.credentials = table.credentials;
+                cluster.credentials = table.credentials.map(|path| dir.join(path));
                 cluster
                     .validate()
                     .map(|()| cluster)
@@ -421,6 +549,8 @@ impl HostFile {
             cluster,
             tiers,
             keep_resident,
+            secrets,
+            messaging_limits,
         })
     }
 }
@@ -430,6 +560,49 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    impl HostFile {
+        /// Parses a `wharf.toml` said to be in `/srv`.
+        fn parse_here(text: &str) -> Result<HostSettings, String> {
+            HostFile::parse(text, std::path::Path::new("/srv"))
+        }
+    }
+
+    #[test]
+    fn regression_secret_values_never_appear_in_manifest_errors() {
+        for text in [
+            "[secrets]\ndb_password = \"hunter2\"",
+            "[secrets]\ndb_password = { value = \"hunter2\" }",
+            "[secrets]\ndb_password = { env = \"hunter2\", file = \"/hunter2\" }",
+            "[secrets]\ndb_password = [\"hunter2\"]",
+            "[secrets]\ndb_password = { file = \"hunter2\" }",
+            "[secrets]\ndb_password = { env = 12345 }",
+        ] {
+            let err = Manifest::parse(text).unwrap_err();
+            assert!(err.contains("secrets.db_password"), "{text}: {err}");
+            assert!(!err.contains("hunter2") && !err.contains("12345"), "{text}: {err}");
+        }
+        let manifest =
+            Manifest::parse("[secrets]\na = { env = \"A\" }\nb = { file = \"/run/b\" }").unwrap();
+        assert_eq!(manifest.secrets["a"], SecretSource::Env("A".into()));
+        assert_eq!(manifest.secrets["b"], SecretSource::File("/run/b".into()));
+    }
+
+    #[test]
+    fn host_file_hands_out_secret_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        let settings = HostFile::parse(
+            "[secrets]\ndirs = [\"secrets\"]\nenv = [\"APP_*\"]\n",
+            dir.path(),
+        )
+        .unwrap();
+        let canonical = std::fs::canonicalize(dir.path().join("secrets")).unwrap();
+        assert_eq!(settings.secrets.dirs(), [canonical]);
+        assert!(settings.secrets.allows_env("APP_TOKEN"));
+        let err = HostFile::parse("[secrets]\ndirs = [\"missing\"]\n", dir.path()).unwrap_err();
+        assert!(err.contains("secrets: secret directory"), "{err}");
+    }
 
     #[test]
     fn full_manifest() {
@@ -452,7 +625,7 @@ mod tests {
         )
         .unwrap();
         let config = manifest
-            .service_config("orders", Limits::default())
+            .service_config("orders", &HostPolicy::default())
             .unwrap();
         assert_eq!(config.route.as_str(), "/api/orders");
         assert_eq!(config.env, [("GREETING".to_string(), "hello".to_string())]);
@@ -464,7 +637,9 @@ mod tests {
         assert_eq!(config.reuse, 128);
         assert_eq!(config.concurrent, 16);
         let plain = Manifest::parse("").unwrap();
-        let config = plain.service_config("orders", Limits::default()).unwrap();
+        let config = plain
+            .service_config("orders", &HostPolicy::default())
+            .unwrap();
         assert_eq!((config.reuse, config.concurrent), (1, 1));
     }
 
@@ -472,7 +647,7 @@ mod tests {
     fn empty_manifest_means_defaults() {
         let config = Manifest::parse("")
             .unwrap()
-            .service_config("svc", Limits::default())
+            .service_config("svc", &HostPolicy::default())
             .unwrap();
         assert_eq!(config, ServiceConfig::defaults("svc", Limits::default()));
     }
@@ -530,42 +705,63 @@ mod tests {
     }
     #[test]
     fn host_file_sets_default_limits() {
-        let settings = HostFile::parse("[limits]\ntimeout = \"10s\"").unwrap();
+        let settings = HostFile::parse_here("[limits]\ntimeout = \"10s\"").unwrap();
         assert_eq!(settings.limits.timeout, Some(Duration::from_secs(10)));
-        let settings = HostFile::parse("[keyvalue]\nbackend = \"redis://127.0.0.1:1\"").unwrap();
+        let settings = HostFile::parse_here("[keyvalue]\nbackend = \"redis://127.0.0.1:1\"").unwrap();
         assert_eq!(
             settings.keyvalue,
             Some(BackendChoice::Redis("redis://127.0.0.1:1".into()))
         );
         assert!(
-            HostFile::parse("[keyvalue]\nbackend = \"mongo://x\"")
+            HostFile::parse_here("[keyvalue]\nbackend = \"mongo://x\"")
                 .unwrap_err()
                 .contains("keyvalue.backend")
         );
         assert!(
-            HostFile::parse("[limit]\n")
+            HostFile::parse_here("[limit]\n")
                 .unwrap_err()
                 .contains("unknown field `limit`")
         );
         assert!(
-            HostFile::parse("[limits]\nbody = \"0\"")
+            HostFile::parse_here("[limits]\nbody = \"0\"")
                 .unwrap_err()
                 .contains("limits.body")
         );
     }
 
     #[test]
+    fn host_file_bounds_the_broker() {
+        let settings = HostFile::parse_here(
+            "[messaging]\nmax_bytes = \"10MiB\"\nmax_dead_letters = 5\npublish_rate = 100\npublish_bytes = \"unlimited\"\n",
+        )
+        .unwrap();
+        let limits = settings.messaging_limits;
+        assert_eq!(limits.max_bytes, Some(10 << 20));
+        assert_eq!(limits.max_dead_letters, Some(5));
+        assert_eq!(limits.publish_rate, Some(Some(100)));
+        assert_eq!(limits.publish_bytes, Some(None));
+        for (text, needle) in [
+            ("[messaging]\nmax_pending = 0\n", "messaging.max_pending"),
+            ("[messaging]\nmax_bytes = \"lots\"\n", "messaging.max_bytes"),
+            ("[messaging]\npublish_rate = \"fast\"\n", "messaging.publish_rate"),
+        ] {
+            let err = HostFile::parse_here(text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
     fn host_file_names_the_cluster() {
-        let settings = HostFile::parse(
+        let settings = HostFile::parse_here(
             "[cluster]\nurl = \"nats://nats.example:4222\"\nname = \"prod\"\ncredentials = \"nats.creds\"\n",
         )
         .unwrap();
         let cluster = settings.cluster.unwrap();
         assert_eq!(cluster.url, "nats://nats.example:4222");
         assert_eq!(cluster.name, "prod");
-        assert_eq!(cluster.credentials, Some("nats.creds".into()));
+        assert_eq!(cluster.credentials, Some("/srv/nats.creds".into()));
         assert_eq!(cluster.host_id, None);
-        let unnamed = HostFile::parse("[cluster]\nurl = \"nats://nats.example:4222\"\n").unwrap();
+        let unnamed = HostFile::parse_here("[cluster]\nurl = \"nats://nats.example:4222\"\n").unwrap();
         assert_eq!(unnamed.cluster.unwrap().name, "default");
         for (text, needle) in [
             ("[cluster]\nurl = \"http://x\"\n", "cluster: cluster URL"),
@@ -579,7 +775,7 @@ mod tests {
                 "unknown field `host_id`",
             ),
         ] {
-            let err = HostFile::parse(text).unwrap_err();
+            let err = HostFile::parse_here(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
     }

@@ -246,15 +246,18 @@ fn check_groups(current: &Snapshot, deployment: &Deployment) -> Result<()> {
             if other.name() == deployment.name() {
                 continue;
             }
-            for theirs in &other.config().triggers.messages {
-                if theirs.group() == trigger.group() && theirs.topic != trigger.topic {
-                    bail!(
-                        "trigger.message[{index}].group: group {:?} already takes {:?} for service {:?}; a group has one topic, so choose another group",
-                        trigger.group(),
-                        theirs.topic.as_str(),
-                        other.name()
-                    );
-                }
+            if other
+                .config()
+                .triggers
+                .messages
+                .iter()
+                .any(|theirs| theirs.group() == trigger.group())
+            {
+                bail!(
+                    "trigger.message[{index}].group: group {:?} belongs to service {:?}; a group is one service's, so choose another group",
+                    trigger.group(),
+                    other.name()
+                );
             }
         }
     }

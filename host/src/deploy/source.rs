@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::base::limits::Limits;
-use crate::deploy::manifest::{HostFile, HostSettings, Manifest};
+use crate::base::files::{RegularFile, read_bounded_text};
+use crate::deploy::manifest::{HostFile, HostPolicy, HostSettings, Manifest};
 use crate::deploy::{ServiceSpec, digest_of};
 
 /// Largest component file read.
@@ -150,11 +150,11 @@ fn age(meta: &std::fs::Metadata) -> Duration {
 
 /// Reads service `name` (its component and optional manifest) unless both
 /// fingerprints still equal `last`, or a file was modified less than
-/// `min_age` ago. Blocking: file I/O.
+/// `min_age` ago; the manifest applies under `policy`. Blocking: file I/O.
 pub(crate) fn load(
     options: &SourceOptions,
     name: &str,
-    defaults: Limits,
+    policy: &HostPolicy,
     last: Option<ServiceFingerprint>,
     min_age: Duration,
 ) -> Load {
@@ -226,13 +226,13 @@ pub(crate) fn load(
                 }
                 let text = read_toml(&manifest_path, meta).map_err(manifest_error)?;
                 let config = Manifest::parse(&text)
-                    .and_then(|manifest| manifest.service_config(name, defaults))
+                    .and_then(|manifest| manifest.service_config(name, policy))
                     .map_err(|why| manifest_error(anyhow!("{}: {why}", manifest_path.display())))?;
                 (config, Some(Arc::from(text)))
             }
             None => (
                 Manifest::default()
-                    .service_config(name, defaults)
+                    .service_config(name, policy)
                     .map_err(|why| component_error(anyhow!(why)))?,
                 None,
             ),
@@ -260,8 +260,17 @@ pub(crate) fn load(
 /// cost 200 MiB). Fails if the file changes length while it is read.
 pub(crate) fn read_shared(path: &Path) -> std::io::Result<Arc<[u8]>> {
     use std::io::Read as _;
-    let mut file = std::fs::File::open(path)?;
-    let len = usize::try_from(file.metadata()?.len())
+    // Opened without blocking and checked regular on the open file: a FIFO
+    // swapped in after the first look never stalls the reader.
+    let file = RegularFile::open(path).map_err(std::io::Error::other)?;
+    let len = file.reported_len();
+    if len > MAX_COMPONENT_FILE {
+        return Err(std::io::Error::other(format!(
+            "the file is {len} bytes, over the {MAX_COMPONENT_FILE} byte limit for a component"
+        )));
+    }
+    let mut file = file.into_file();
+    let len = usize::try_from(len)
         .map_err(|_| std::io::Error::other("the file is too large to read"))?;
     let mut buffer = Arc::<[u8]>::new_uninit_slice(len);
     // A fresh Arc has no other owner.
@@ -287,10 +296,8 @@ fn read_toml(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    if meta.len() > MAX_TOML_FILE {
-        bail!("{} is larger than {MAX_TOML_FILE} bytes", path.display());
-    }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    // The metadata was a first look: the read checks the opened file again.
+    read_bounded_text(path, MAX_TOML_FILE).map_err(|why| anyhow!(why))
 }
 
 fn check_symlink(options: &SourceOptions, path: &Path) -> Result<()> {
@@ -319,16 +326,8 @@ pub(crate) fn read_host_file(dir: &Path) -> Result<Option<HostSettings>> {
         return Ok(None);
     };
     let text = read_toml(&path, &meta)?;
-    let mut settings =
-        HostFile::parse(&text).map_err(|why| anyhow!("{}: {why}", path.display()))?;
-    if let Some(credentials) = settings
-        .cluster
-        .as_mut()
-        .and_then(|cluster| cluster.credentials.as_mut())
-        && credentials.is_relative()
-    {
-        *credentials = dir.join(&*credentials);
-    }
+    let settings =
+        HostFile::parse(&text, dir).map_err(|why| anyhow!("{}: {why}", path.display()))?;
     Ok(Some(settings))
 }
 

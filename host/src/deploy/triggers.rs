@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::base::limits::parse_duration_within;
 use crate::capabilities::messaging::topic::TopicPattern;
 
 /// Default deliveries of one message before it is dead-lettered.
@@ -38,6 +39,8 @@ pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 /// Shortest schedule interval.
 pub const MIN_EVERY: Duration = Duration::from_secs(1);
+/// Longest schedule interval: a year.
+pub const MAX_EVERY: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 /// Longest group name.
 pub const MAX_GROUP_NAME: usize = 64;
 
@@ -215,9 +218,10 @@ fn bounded(key: &str, value: Option<i64>, default: u32, max: u32) -> Result<u32,
 
 impl TriggerTable {
     /// Validates the triggers; `readable` is the service's
-    /// `[messaging] subscribe` list if it has one (every trigger's topic
-    /// must be within it). Errors name the key.
-    pub(crate) fn validate(self, readable: Option<&[TopicPattern]>) -> Result<Triggers, String> {
+    /// `[messaging] subscribe` grant: every trigger's topic must be within
+    /// it, so a service without one has no message triggers. Errors name the
+    /// key.
+    pub(crate) fn validate(self, readable: &[TopicPattern]) -> Result<Triggers, String> {
         let mut triggers = Triggers::default();
         for (index, table) in self.message.into_iter().enumerate() {
             let key = |name: &str| format!("trigger.message[{index}].{name}");
@@ -229,11 +233,9 @@ impl TriggerTable {
             })?;
             let topic =
                 TopicPattern::parse(&topic).map_err(|why| format!("{}: {why}", key("topic")))?;
-            if let Some(readable) = readable
-                && !readable.iter().any(|grant| grant.covers(&topic))
-            {
+            if !readable.iter().any(|grant| grant.covers(&topic)) {
                 return Err(format!(
-                    "{}: the service may not read {:?}: it is not within its [messaging] subscribe list",
+                    "{}: the service may not subscribe to {:?}: add it (or a pattern covering it) to subscribe under [messaging] in its manifest",
                     key("topic"),
                     topic.as_str()
                 ));
@@ -261,12 +263,10 @@ impl TriggerTable {
             )?;
             let retry_delay = match table.retry_delay {
                 None => DEFAULT_RETRY_DELAY,
-                Some(text) => humantime::parse_duration(&text).map_err(|err| {
-                    format!(
-                        "{}: {text:?} is not a duration like \"1s\": {err}",
-                        key("retry_delay")
-                    )
-                })?,
+                Some(text) => {
+                    parse_duration_within(&text, Duration::from_millis(1), MAX_RETRY_DELAY)
+                        .map_err(|why| format!("{}: {why}", key("retry_delay")))?
+                }
             };
             triggers.messages.push(MessageTrigger {
                 topic,
@@ -274,7 +274,7 @@ impl TriggerTable {
                 path,
                 max_attempts,
                 concurrency,
-                retry_delay: retry_delay.min(MAX_RETRY_DELAY),
+                retry_delay,
             });
         }
         for (index, table) in self.schedule.into_iter().enumerate() {
@@ -289,9 +289,8 @@ impl TriggerTable {
                     })?,
                 )),
                 (None, Some(text)) => {
-                    let every = humantime::parse_duration(&text).map_err(|err| {
-                        format!("{}: {text:?} is not a duration like \"30s\": {err}", key("every"))
-                    })?;
+                    let every = parse_duration_within(&text, Duration::ZERO, MAX_EVERY)
+                        .map_err(|why| format!("{}: {why}", key("every")))?;
                     if every < MIN_EVERY {
                         return Err(format!(
                             "{}: {text:?} is too often; the shortest interval is {}",
@@ -331,7 +330,7 @@ mod tests {
             trigger: TriggerTable,
         }
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
-        file.trigger.validate(None)
+        file.trigger.validate(&[TopicPattern::parse(">").unwrap()])
     }
 
     #[test]
@@ -420,6 +419,14 @@ mod tests {
             ),
             ("[[trigger.schedule]]\npath = \"/t\"", "exactly one of cron"),
             (
+                "[[trigger.schedule]]\nevery = \"300000000000y\"\npath = \"/t\"",
+                "longest allowed",
+            ),
+            (
+                "[[trigger.message]]\ntopic = \"a\"\nretry_delay = \"300000000000y\"",
+                "longest allowed",
+            ),
+            (
                 "[[trigger.schedule]]\nevery = \"1m\"",
                 "trigger.schedule[0].path: missing",
             ),
@@ -447,10 +454,26 @@ mod tests {
             }],
             schedule: Vec::new(),
         };
-        assert!(table("orders.created").validate(Some(&readable)).is_ok());
-        assert!(table("orders.*").validate(Some(&readable)).is_ok());
-        let err = table("orders.>").validate(Some(&readable)).unwrap_err();
-        assert!(err.contains("may not read"), "{err}");
-        assert!(table("payments.done").validate(Some(&readable)).is_err());
+        assert!(table("orders.created").validate(&readable).is_ok());
+        assert!(table("orders.*").validate(&readable).is_ok());
+        let err = table("orders.>").validate(&readable).unwrap_err();
+        assert!(err.contains("may not subscribe"), "{err}");
+        assert!(table("payments.done").validate(&readable).is_err());
+    }
+
+    #[test]
+    fn regression_subscriptions_need_a_grant() {
+        let table = TriggerTable {
+            message: vec![MessageTriggerTable {
+                topic: Some(">".into()),
+                ..Default::default()
+            }],
+            schedule: Vec::new(),
+        };
+        let err = table.validate(&[]).unwrap_err();
+        assert!(
+            err.contains("trigger.message[0].topic") && err.contains("\">\""),
+            "{err}"
+        );
     }
 }

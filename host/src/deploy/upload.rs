@@ -337,8 +337,8 @@ pub(crate) async fn service_config(
         Some(Ok(manifest)) => manifest,
         Some(Err(reason)) => return Err(format!("{name}.toml: {reason}")),
     };
-    let (defaults, owned) = (deployer.defaults(), name.to_string());
-    match tokio::task::spawn_blocking(move || manifest.service_config(&owned, defaults)).await {
+    let (policy, owned) = (deployer.policy(), name.to_string());
+    match tokio::task::spawn_blocking(move || manifest.service_config(&owned, &policy)).await {
         Ok(Ok(config)) => Ok(config),
         Ok(Err(reason)) => Err(format!("{name}.toml: {reason}")),
         Err(join) => Err(format!("{name}.toml: reading it failed: {join}")),

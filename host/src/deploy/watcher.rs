@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 use crate::base::limits::{Limits, PartialLimits};
 use crate::deploy::deployer::Deployer;
 use crate::deploy::deployer::EVENTS;
-use crate::deploy::manifest::{HostSettings, Manifest};
+use crate::capabilities::config::SecretSources;
+use crate::deploy::manifest::{HostPolicy, HostSettings, Manifest};
 use crate::deploy::source::{
     self, FileRole, HOST_FILE, Load, ServiceFingerprint, SourceOptions, file_role, scan_names,
 };
@@ -45,6 +46,9 @@ pub(crate) struct WatchOptions {
     pub base_limits: Limits,
     /// Limits over the directory's `wharf.toml` (command-line flags).
     pub limit_overrides: PartialLimits,
+    /// Secret sources handed out besides the directory's `wharf.toml`'s
+    /// (command-line flags, the embedder).
+    pub secret_sources: SecretSources,
 }
 
 /// How the initial load of a directory went.
@@ -82,6 +86,8 @@ struct DirState {
     deployer: Arc<Deployer>,
     /// The defaults from `wharf.toml`, if it exists and is valid.
     host_file: PartialLimits,
+    /// The secret sources `wharf.toml` hands out.
+    host_file_secrets: SecretSources,
     /// What `wharf.toml` said when the host started about what is only
     /// read at start (backends and cluster: switching needs a restart).
     started_with: HostSettings,
@@ -110,6 +116,18 @@ impl DirState {
         self.options
             .limit_overrides
             .apply(self.host_file.apply(self.options.base_limits))
+    }
+
+    /// The policy services deploy under: the defaults, and the secret
+    /// sources of the flags and of `wharf.toml` together.
+    fn policy(&self) -> HostPolicy {
+        HostPolicy {
+            defaults: self.defaults(),
+            secrets: self
+                .options
+                .secret_sources
+                .merged(&self.host_file_secrets),
+        }
     }
 
     /// Rereads `wharf.toml`. A bad file is reported and the previous defaults
@@ -146,13 +164,15 @@ impl DirState {
                     }
                 }
                 let limits = settings.limits;
-                if limits != self.host_file {
+                if limits != self.host_file || settings.secrets != self.host_file_secrets {
                     tracing::info!(
                         file = HOST_FILE,
-                        "default limits changed; re-checking every service"
+                        "default limits or secret sources changed; re-checking every service"
                     );
                     self.host_file = limits;
+                    self.host_file_secrets = settings.secrets;
                     self.applied.clear();
+                    self.deployer.set_policy(self.policy());
                 }
             }
             Err(err) => tracing::warn!(
@@ -256,11 +276,11 @@ impl DirState {
             return None;
         }
         let options = self.options.source.clone();
-        let defaults = self.defaults();
+        let policy = self.policy();
         let last = self.applied.get(name).copied();
         let owned_name = name.to_string();
         let loaded = tokio::task::spawn_blocking(move || {
-            source::load(&options, &owned_name, defaults, last, min_age)
+            source::load(&options, &owned_name, &policy, last, min_age)
         })
         .await
         .unwrap_or_else(|join| {
@@ -340,7 +360,7 @@ impl DirState {
             deployer: self.deployer.clone(),
             name: name.to_string(),
             component_path: self.dir().join(format!("{name}.wasm")),
-            defaults: self.defaults(),
+            policy: self.policy(),
         }
     }
 }
@@ -351,7 +371,7 @@ struct Fallback {
     deployer: Arc<Deployer>,
     name: String,
     component_path: std::path::PathBuf,
-    defaults: Limits,
+    policy: HostPolicy,
 }
 
 impl Fallback {
@@ -361,16 +381,16 @@ impl Fallback {
         let Some(saved) = self.deployer.last_good(&self.name).await else {
             return false;
         };
-        let config = saved
-            .manifest
-            .as_deref()
-            .map(Manifest::parse)
-            .transpose()
-            .and_then(|manifest| {
-                manifest
-                    .unwrap_or_default()
-                    .service_config(&self.name, self.defaults)
-            });
+        // Secrets may be files: read off the async threads.
+        let (text, name, policy) = (saved.manifest.clone(), self.name.clone(), self.policy);
+        let config = tokio::task::spawn_blocking(move || {
+            text.as_deref()
+                .map(Manifest::parse)
+                .transpose()
+                .and_then(|manifest| manifest.unwrap_or_default().service_config(&name, &policy))
+        })
+        .await
+        .unwrap_or_else(|join| Err(format!("reading it failed: {join}")));
         let config = match config {
             Ok(config) => config,
             Err(why) => {
@@ -531,6 +551,7 @@ pub(crate) async fn load_and_watch(
         options,
         deployer,
         host_file: settings.limits,
+        host_file_secrets: settings.secrets.clone(),
         started_with: settings,
         applied: HashMap::new(),
         invalid_names: HashSet::new(),
@@ -538,7 +559,7 @@ pub(crate) async fn load_and_watch(
         pending: HashMap::new(),
         initial: false,
     };
-    state.deployer.set_defaults(state.defaults());
+    state.deployer.set_policy(state.policy());
     if let Ok(present) = scan_names(&state.options.source.dir) {
         state.deployer.prune_last_good(present).await;
     }

@@ -121,6 +121,9 @@ impl Instance {
             guest.exports().messages.as_ref().ok_or_else(|| {
                 wasmtime::format_err!("the component exports no messaging handler")
             })?;
+        if let Some(reply_to) = &message.reply_to {
+            self.store.data_mut().messaging().ctx.owe_reply(reply_to);
+        }
         call_handler(
             exports,
             &mut self.store,

@@ -30,11 +30,15 @@ use tokio::net::TcpListener;
 
 use crate::deploy::source::{self, MAX_COMPONENT_FILE, MAX_TOML_FILE};
 use crate::deploy::upload::{self, AsyncStaging, InstallError, Staged};
+use crate::capabilities::messaging::broker::{DeadLetterQuery, MAX_DEAD_LETTER_PAGE};
 use crate::deploy::{ServiceSpec, check_header, validate_name};
 use crate::host::Host;
 
 /// How long a PUT waits for its version to be serving.
 const DEPLOY_WAIT: Duration = Duration::from_secs(60);
+
+/// Largest admin token file read.
+pub const MAX_TOKEN_FILE: u64 = 4 << 10;
 
 /// The bearer token that authorises admin writes.
 #[derive(Clone)]
@@ -48,10 +52,12 @@ impl AdminToken {
         Ok(AdminToken(Arc::from(token)))
     }
 
-    /// Reads a token from a file (its whole content, trimmed).
+    /// Reads a token from a file (its whole content, trimmed; a regular
+    /// file of at most [`MAX_TOKEN_FILE`] bytes).
     pub fn from_file(path: &std::path::Path) -> Result<AdminToken> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the admin token from {}", path.display()))?;
+        let text = crate::base::files::read_bounded_text(path, MAX_TOKEN_FILE)
+            .map_err(anyhow::Error::msg)
+            .context("reading the admin token")?;
         AdminToken::new(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -291,17 +297,10 @@ async fn route(
                 return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             }
             let group = &path["/messages/dead/".len()..];
-            let limit = request
-                .uri()
-                .query()
-                .and_then(|query| {
-                    query
-                        .split('&')
-                        .find_map(|pair| pair.strip_prefix("limit="))
-                        .and_then(|n| n.parse::<usize>().ok())
-                })
-                .unwrap_or(100);
-            dead_letters(host, group, limit).await
+            match DeadLetterParams::parse(request.uri().query()) {
+                Ok(params) => dead_letters(host, group, params).await,
+                Err(why) => text(StatusCode::BAD_REQUEST, &why),
+            }
         }
         (method, _) if path.starts_with("/services/") => {
             let name = path["/services/".len()..].to_string();
@@ -375,23 +374,95 @@ async fn delete_group(host: &Host, group: &str) -> AdminResponse {
     }
 }
 
-/// The most recent dead letters of one group, newest first, as JSON.
-async fn dead_letters(host: &Host, group: &str, limit: usize) -> AdminResponse {
+/// Body bytes a dead letter shows unless `bodies=full` is asked.
+pub const DEAD_LETTER_PREVIEW: usize = 1024;
+/// Most letters one read returns with whole bodies.
+pub const MAX_FULL_BODY_PAGE: usize = 10;
+
+/// What `GET /messages/dead/GROUP` asks: `?limit=N` (1-100, default 20),
+/// `?after=POSITION` (a previous page's `next`), `?bodies=full` (whole
+/// bodies, at most 10 letters; otherwise the first 1 KiB of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeadLetterParams {
+    limit: usize,
+    after: Option<u64>,
+    full_bodies: bool,
+}
+
+impl DeadLetterParams {
+    fn parse(query: Option<&str>) -> Result<DeadLetterParams, String> {
+        let mut params = DeadLetterParams {
+            limit: 20,
+            after: None,
+            full_bodies: false,
+        };
+        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "limit" => {
+                    params.limit = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_DEAD_LETTER_PAGE).contains(n))
+                        .ok_or_else(|| {
+                            format!("limit={value:?}: give a whole number from 1 to {MAX_DEAD_LETTER_PAGE}")
+                        })?;
+                }
+                "after" => {
+                    params.after = Some(value.parse::<u64>().map_err(|_| {
+                        format!("after={value:?}: give the position a previous page named as next")
+                    })?);
+                }
+                "bodies" if value == "full" => params.full_bodies = true,
+                "bodies" if value == "preview" => params.full_bodies = false,
+                other => {
+                    return Err(format!(
+                        "{other:?} is not a parameter here: use limit, after and bodies=full"
+                    ));
+                }
+            }
+        }
+        if params.full_bodies {
+            params.limit = params.limit.min(MAX_FULL_BODY_PAGE);
+        }
+        Ok(params)
+    }
+}
+
+/// A page of one group's dead letters, oldest first, as JSON: bodies cut
+/// to a preview unless asked, the group's count, and where the next page
+/// starts.
+async fn dead_letters(host: &Host, group: &str, params: DeadLetterParams) -> AdminResponse {
     if let Err(reason) = crate::deploy::triggers::validate_group(group) {
         return text(StatusCode::BAD_REQUEST, &reason);
     }
     let Some(messaging) = host.messaging() else {
         return text(StatusCode::NOT_FOUND, "this host has no messaging");
     };
-    let limit = limit.clamp(1, 1000);
-    match messaging.broker().dead_letters(group, limit).await {
+    let query = DeadLetterQuery {
+        after: params.after,
+        limit: params.limit,
+        body_limit: if params.full_bodies {
+            crate::capabilities::messaging::MAX_MESSAGE_SIZE
+        } else {
+            DEAD_LETTER_PREVIEW
+        },
+    };
+    let broker = messaging.broker();
+    let read = broker.dead_letters(group, query).await;
+    let count = broker.count_dead_letters(group).await.ok();
+    match read {
         Ok(letters) => {
+            let next = (letters.len() == params.limit)
+                .then(|| letters.last().map(|letter| letter.position))
+                .flatten();
             let letters: Vec<Value> = letters
                 .iter()
                 .map(|letter| {
                     let body = &letter.message.body;
                     json!({
                         "id": letter.message.id,
+                        "position": letter.position,
                         "topic": letter.message.topic,
                         "attempts": letter.attempts,
                         "reason": letter.reason,
@@ -401,12 +472,14 @@ async fn dead_letters(host: &Host, group: &str, limit: usize) -> AdminResponse {
                         "metadata": letter.message.metadata,
                         "body": String::from_utf8_lossy(body),
                         "body_utf8": std::str::from_utf8(body).is_ok(),
+                        "body_size": letter.body_size,
+                        "body_truncated": (body.len() as u64) < letter.body_size,
                     })
                 })
                 .collect();
             json_response(
                 StatusCode::OK,
-                &json!({ "group": group, "dead_letters": letters }),
+                &json!({ "group": group, "count": count, "dead_letters": letters, "next": next }),
             )
         }
         Err(err) => text(
@@ -449,7 +522,10 @@ fn services_json(host: &Host) -> Value {
                 "keyvalue": { "buckets": d.config().keyvalue.entries() },
                 "config": d.config().config.plain(),
                 "secrets": d.config().config.secret_names(),
-                "messaging": { "publish": d.config().messaging.entries() },
+                "messaging": {
+                    "publish": d.config().messaging.entries(),
+                    "subscribe": d.config().messaging.subscriptions(),
+                },
                 "triggers": {
                     "messages": d.config().triggers.messages.iter().map(|t| json!({
                         "topic": t.topic.to_string(),

@@ -207,14 +207,15 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
             })
             .collect();
         for group in groups {
+            // Counted, never read: a poll costs the same whatever the
+            // letters weigh.
             let count = tokio::time::timeout(
                 Duration::from_millis(500),
-                messaging.broker().dead_letters(&group, 100),
+                messaging.broker().count_dead_letters(&group),
             )
             .await
             .ok()
-            .and_then(Result::ok)
-            .map(|letters| letters.len());
+            .and_then(Result::ok);
             dead_letters.insert(group, json!(count));
         }
     }

@@ -19,7 +19,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperIncomingBody;
 
 use crate::base::headers::{
-    FORWARDED_PREFIX_HEADER, GENERATION_HEADER, HOPS_HEADER, REQUEST_ID_HEADER,
+    FORWARDED_PREFIX_HEADER, GENERATION_HEADER, REQUEST_ID_HEADER, strip_host_headers,
 };
 use crate::base::metrics::Metrics;
 use crate::base::respond::{self, Body};
@@ -182,8 +182,9 @@ impl Dispatcher {
     ) -> http::Response<Body> {
         let started = Instant::now();
         let request_id = self.request_ids.take(request.headers());
-        // Hop counts are the host's to keep, not a client's to claim.
-        request.headers_mut().remove(HOPS_HEADER);
+        // Hop counts and delivery headers are the host's to set, not a
+        // client's to claim.
+        strip_host_headers(request.headers_mut());
         let parent = request
             .headers()
             .get(TRACEPARENT)

@@ -10,16 +10,23 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 
-/// Builds a TLS acceptor from a PEM certificate chain and a PEM private key.
+use crate::base::files::read_bounded;
+
+/// Largest certificate or key file read.
+pub const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Builds a TLS acceptor from a PEM certificate chain and a PEM private key
+/// (regular files of at most [`MAX_PEM_FILE`] bytes).
 pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor> {
-    let certs = CertificateDer::pem_file_iter(cert_path)
-        .with_context(|| format!("reading certificates from {}", cert_path.display()))?
+    let pem = read_bounded(cert_path, MAX_PEM_FILE).map_err(anyhow::Error::msg)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing certificates in {}", cert_path.display()))?;
     if certs.is_empty() {
         bail!("{} holds no PEM certificate", cert_path.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key_path)
+    let pem = read_bounded(key_path, MAX_PEM_FILE).map_err(anyhow::Error::msg)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
         .with_context(|| format!("reading a PEM private key from {}", key_path.display()))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)

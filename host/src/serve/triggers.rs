@@ -275,16 +275,36 @@ async fn consume(
     let mut backoff = RESUBSCRIBE_BACKOFF.0;
     let mut reported_down = false;
     loop {
-        let subscribed =
-            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, hub.broker().subscribe(&subscription))
-                .await
-            {
-                Ok(subscribed) => subscribed,
-                Err(_) => Err(BrokerError::Unavailable(format!(
-                    "joining the group took longer than {}s",
-                    SUBSCRIBE_TIMEOUT.as_secs()
-                ))),
-            };
+        let joined = async {
+            // A group is one service's: claimed (or found ours) first.
+            let owner = hub
+                .broker()
+                .claim_group(&subscription.group, &service)
+                .await?;
+            if owner != service {
+                return Ok(Err(owner));
+            }
+            hub.broker().subscribe(&subscription).await.map(Ok)
+        };
+        let subscribed = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, joined).await {
+            Ok(Ok(Ok(consumer))) => Ok(consumer),
+            Ok(Ok(Err(owner))) => {
+                let reason = format!(
+                    "group {:?} belongs to service {owner:?}, which subscribed it first; this trigger stays off (choose another group)",
+                    subscription.group
+                );
+                tracing::error!(service = %service, group = %subscription.group, "{reason}");
+                if let Some(dispatcher) = dispatcher.upgrade() {
+                    dispatcher.deployer().note_rejection(&service, reason);
+                }
+                return;
+            }
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "joining the group took longer than {}s",
+                SUBSCRIBE_TIMEOUT.as_secs()
+            ))),
+        };
         joining.done();
         let mut consumer = match subscribed {
             Ok(consumer) => consumer,
@@ -426,12 +446,13 @@ async fn settle_dead(
         attempts = delivery.attempt(),
         "the message failed every attempt and is now a dead letter: {reason}"
     );
-    if let Err(err) = delivery.dead_letter(reason).await {
-        tracing::warn!(
+    match delivery.dead_letter(reason).await {
+        Ok(pruned) => hub.metrics().dead_letters_pruned(group, pruned),
+        Err(err) => tracing::warn!(
             service = %service,
             message_id = %message.id,
             "storing the dead letter failed ({err}); the message will be delivered again"
-        );
+        ),
     }
     hub.metrics()
         .message_handled(service, group, HandledOutcome::DeadLettered, None);

@@ -106,7 +106,7 @@ pub(crate) fn add_checked(current: i64, delta: i64) -> BackendResult<i64> {
 
 /// Which backend a host uses, as configured (`--kv`, or `backend` under
 /// `[keyvalue]` in `wharf.toml`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum BackendChoice {
     /// SQLite in the data directory (in memory without one).
     #[default]
@@ -115,6 +115,17 @@ pub enum BackendChoice {
     Redis(String),
     /// NATS JetStream: `nats://host:port[,nats://…]`.
     Nats(String),
+}
+
+/// Shows the address without its credentials.
+impl std::fmt::Debug for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendChoice::Embedded => f.write_str("Embedded"),
+            BackendChoice::Redis(url) => write!(f, "Redis({:?})", crate::base::redact::url(url)),
+            BackendChoice::Nats(url) => write!(f, "Nats({:?})", crate::base::redact::url(url)),
+        }
+    }
 }
 
 impl std::str::FromStr for BackendChoice {

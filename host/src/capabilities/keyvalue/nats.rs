@@ -133,7 +133,7 @@ impl NatsKv {
             sizes: Mutex::new(HashMap::new()),
             increments: Mutex::new(HashMap::new()),
             max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
-            shown_url: url.to_string(),
+            shown_url: crate::base::redact::url(url),
         }))
     }
 

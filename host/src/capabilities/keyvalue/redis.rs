@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands as _, Script};
 
+use crate::base::redact::url as redact;
 use crate::capabilities::keyvalue::backend::{
     BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version,
 };
@@ -128,15 +129,6 @@ fn failed(err: redis::RedisError) -> BackendError {
     }
 }
 
-/// `url` with any password replaced, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
 
 impl RedisKv {
     /// A backend for the server at `url`. Connects lazily: a server that is
@@ -390,7 +382,7 @@ mod tests {
     fn urls_are_shown_without_passwords() {
         assert_eq!(
             redact("redis://:secret@cache.example/0"),
-            "redis://***@cache.example/0"
+            "redis://:***@cache.example/0"
         );
         assert_eq!(redact("redis://cache.example"), "redis://cache.example");
     }

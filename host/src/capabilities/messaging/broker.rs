@@ -62,6 +62,18 @@ impl Message {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The bytes the message takes in a queue, as every bound counts them:
+    /// its body, topic and metadata (the metadata as the JSON brokers carry
+    /// it in).
+    pub fn stored_size(&self) -> u64 {
+        let metadata = if self.metadata.is_empty() {
+            0
+        } else {
+            self.metadata_json().len()
+        };
+        (self.body.len() + self.topic.len() + metadata) as u64
+    }
+
     /// The metadata as JSON text, for brokers that carry it in one header.
     pub(crate) fn metadata_json(&self) -> String {
         let pairs: Vec<serde_json::Value> = self
@@ -92,6 +104,8 @@ pub fn new_message_id() -> String {
 pub enum BrokerError {
     /// The broker cannot take more (a full queue): try later.
     Full(String),
+    /// The publisher used its quota: try after the given time.
+    Quota(String, Duration),
     /// The broker cannot be reached right now.
     Unavailable(String),
     /// Anything else.
@@ -102,6 +116,7 @@ impl std::fmt::Display for BrokerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BrokerError::Full(why) => write!(f, "the broker is full: {why}"),
+            BrokerError::Quota(why, _) => write!(f, "over the publishing quota: {why}"),
             BrokerError::Unavailable(why) => write!(f, "the broker is unavailable: {why}"),
             BrokerError::Other(why) => write!(f, "{why}"),
         }
@@ -133,8 +148,14 @@ pub struct Subscription {
 pub struct DeadLetter {
     /// The group it failed in.
     pub group: String,
-    /// The message.
+    /// The message; its body cut to the query's `body_limit`.
     pub message: Message,
+    /// The body's whole size, in bytes (more than `message.body` holds when
+    /// it was cut).
+    pub body_size: u64,
+    /// Its place in the group's dead letters: pass it as the next query's
+    /// `after` to read on from here.
+    pub position: u64,
     /// Attempts made.
     pub attempts: u32,
     /// Why the last attempt failed.
@@ -143,12 +164,129 @@ pub struct DeadLetter {
     pub dead_at: SystemTime,
 }
 
+/// Most dead letters one read returns.
+pub const MAX_DEAD_LETTER_PAGE: usize = 100;
+
+/// Which dead letters to read: a page of at most
+/// [`MAX_DEAD_LETTER_PAGE`] after a position, bodies cut to `body_limit`
+/// bytes, so a read costs at most `limit × body_limit` bytes of memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterQuery {
+    /// Start after this position (a previous letter's `position`); `None`:
+    /// from the oldest.
+    pub after: Option<u64>,
+    /// Letters wanted (capped at [`MAX_DEAD_LETTER_PAGE`]).
+    pub limit: usize,
+    /// Body bytes kept per letter.
+    pub body_limit: usize,
+}
+
+impl DeadLetterQuery {
+    /// The query with its limit capped.
+    pub fn bounded(self) -> DeadLetterQuery {
+        DeadLetterQuery {
+            limit: self.limit.clamp(1, MAX_DEAD_LETTER_PAGE),
+            ..self
+        }
+    }
+}
+
+/// What bounds a broker's queues, in messages and in bytes, and what
+/// one service may publish: every bound refuses with [`BrokerError::Full`]
+/// (or, for a publisher's quota, [`BrokerError::Quota`]) instead of letting a
+/// flood fill memory or disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessagingLimits {
+    /// Deliveries (embedded; messages on NATS; per group on RabbitMQ)
+    /// waiting at once.
+    pub max_pending: u64,
+    /// Bytes the broker holds in all: waiting messages and dead letters
+    /// (embedded: everything; NATS: each of its two streams).
+    pub max_bytes: u64,
+    /// Bytes waiting for one group (embedded and RabbitMQ; NATS bounds its
+    /// stream only).
+    pub max_group_bytes: u64,
+    /// Dead letters kept per group; past it the oldest are dropped.
+    pub max_dead_letters: u64,
+    /// Dead-letter bytes kept per group (embedded and RabbitMQ); past it
+    /// the oldest are dropped.
+    pub max_dead_bytes: u64,
+    /// Messages one service may publish per second, in bursts of up to a
+    /// second's worth; `None`: no limit.
+    pub publish_rate: Option<u64>,
+    /// Message bytes one service may publish per second, in bursts of up
+    /// to a second's worth; `None`: no limit.
+    pub publish_bytes: Option<u64>,
+}
+
+/// Messaging bounds of which only some are set: a layer (`[messaging]` in
+/// `wharf.toml`, command-line flags) applied over defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartialMessagingLimits {
+    /// See [`MessagingLimits::max_pending`].
+    pub max_pending: Option<u64>,
+    /// See [`MessagingLimits::max_bytes`].
+    pub max_bytes: Option<u64>,
+    /// See [`MessagingLimits::max_group_bytes`].
+    pub max_group_bytes: Option<u64>,
+    /// See [`MessagingLimits::max_dead_letters`].
+    pub max_dead_letters: Option<u64>,
+    /// See [`MessagingLimits::max_dead_bytes`].
+    pub max_dead_bytes: Option<u64>,
+    /// See [`MessagingLimits::publish_rate`] (`Some(None)`: no limit).
+    pub publish_rate: Option<Option<u64>>,
+    /// See [`MessagingLimits::publish_bytes`] (`Some(None)`: no limit).
+    pub publish_bytes: Option<Option<u64>>,
+}
+
+impl PartialMessagingLimits {
+    /// `base` with every bound set here replaced.
+    pub fn apply(&self, base: MessagingLimits) -> MessagingLimits {
+        MessagingLimits {
+            max_pending: self.max_pending.unwrap_or(base.max_pending),
+            max_bytes: self.max_bytes.unwrap_or(base.max_bytes),
+            max_group_bytes: self.max_group_bytes.unwrap_or(base.max_group_bytes),
+            max_dead_letters: self.max_dead_letters.unwrap_or(base.max_dead_letters),
+            max_dead_bytes: self.max_dead_bytes.unwrap_or(base.max_dead_bytes),
+            publish_rate: self.publish_rate.unwrap_or(base.publish_rate),
+            publish_bytes: self.publish_bytes.unwrap_or(base.publish_bytes),
+        }
+    }
+}
+
+/// Default most deliveries waiting.
+pub const DEFAULT_MAX_PENDING: u64 = 1_000_000;
+/// Default most bytes a broker holds: 1 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Default most bytes waiting for one group: 256 MiB.
+pub const DEFAULT_MAX_GROUP_BYTES: u64 = 256 << 20;
+/// Default dead letters kept per group.
+pub const DEFAULT_MAX_DEAD_LETTERS: u64 = 10_000;
+/// Default dead-letter bytes kept per group: 64 MiB.
+pub const DEFAULT_MAX_DEAD_BYTES: u64 = 64 << 20;
+/// Default message bytes one service may publish per second: 64 MiB.
+pub const DEFAULT_PUBLISH_BYTES: u64 = 64 << 20;
+
+impl Default for MessagingLimits {
+    fn default() -> Self {
+        MessagingLimits {
+            max_pending: DEFAULT_MAX_PENDING,
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_group_bytes: DEFAULT_MAX_GROUP_BYTES,
+            max_dead_letters: DEFAULT_MAX_DEAD_LETTERS,
+            max_dead_bytes: DEFAULT_MAX_DEAD_BYTES,
+            publish_rate: None,
+            publish_bytes: Some(DEFAULT_PUBLISH_BYTES),
+        }
+    }
+}
+
 /// Whether a broker is reachable, for readiness and metrics.
 pub use crate::capabilities::keyvalue::backend::BackendStatus as BrokerStatus;
 
 /// Which broker a host uses, as configured (`--broker`, or `backend` under
 /// `[messaging]` in `wharf.toml`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum BrokerChoice {
     /// SQLite in the data directory (in memory without one).
     #[default]
@@ -157,6 +295,17 @@ pub enum BrokerChoice {
     Nats(String),
     /// RabbitMQ: `amqp://user:password@host:port/vhost`.
     Rabbit(String),
+}
+
+/// Shows the address without its credentials.
+impl std::fmt::Debug for BrokerChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerChoice::Embedded => f.write_str("Embedded"),
+            BrokerChoice::Nats(url) => write!(f, "Nats({:?})", crate::base::redact::url(url)),
+            BrokerChoice::Rabbit(url) => write!(f, "Rabbit({:?})", crate::base::redact::url(url)),
+        }
+    }
 }
 
 impl std::str::FromStr for BrokerChoice {
@@ -179,26 +328,25 @@ impl std::str::FromStr for BrokerChoice {
 }
 
 impl BrokerChoice {
-    /// Opens the chosen broker: the embedded queue at `data_dir` (in memory
-    /// without one), holding at most `max_pending` undelivered deliveries;
-    /// NATS and RabbitMQ connect in the background (their streams and
-    /// queues hold at most `max_pending` messages too).
+    /// Opens the chosen broker, its queues bounded by `limits`: the embedded
+    /// queue at `data_dir` (in memory without one); NATS and RabbitMQ
+    /// connect in the background.
     pub async fn open(
         &self,
         data_dir: Option<&std::path::Path>,
-        max_pending: u64,
+        limits: MessagingLimits,
     ) -> anyhow::Result<Broker> {
         Ok(match self {
             BrokerChoice::Embedded => {
                 let path = data_dir.map(|dir| dir.join("messages.sqlite3"));
                 let broker = tokio::task::spawn_blocking(move || {
-                    EmbeddedBroker::open(path.as_deref(), max_pending)
+                    EmbeddedBroker::open(path.as_deref(), limits)
                 })
                 .await??;
                 Broker::Embedded(Arc::new(broker))
             }
-            BrokerChoice::Nats(url) => Broker::Nats(NatsBroker::connect(url, max_pending).await?),
-            BrokerChoice::Rabbit(url) => Broker::Rabbit(RabbitBroker::connect(url, max_pending)?),
+            BrokerChoice::Nats(url) => Broker::Nats(NatsBroker::connect(url, limits).await?),
+            BrokerChoice::Rabbit(url) => Broker::Rabbit(RabbitBroker::connect(url, limits)?),
         })
     }
 }
@@ -265,12 +413,39 @@ impl Broker {
         }
     }
 
-    /// Up to `limit` dead letters of `group`, oldest first.
-    pub async fn dead_letters(&self, group: &str, limit: usize) -> BrokerResult<Vec<DeadLetter>> {
+    /// A page of `group`'s dead letters, oldest first, as `query` asks
+    /// (its limit capped).
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        query: DeadLetterQuery,
+    ) -> BrokerResult<Vec<DeadLetter>> {
+        let query = query.bounded();
         match self {
-            Broker::Embedded(broker) => broker.dead_letters(group, limit).await,
-            Broker::Nats(broker) => broker.dead_letters(group, limit).await,
-            Broker::Rabbit(broker) => broker.dead_letters(group, limit).await,
+            Broker::Embedded(broker) => broker.dead_letters(group, query).await,
+            Broker::Nats(broker) => broker.dead_letters(group, query).await,
+            Broker::Rabbit(broker) => broker.dead_letters(group, query).await,
+        }
+    }
+
+    /// How many dead letters `group` has, without reading them.
+    pub async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
+        match self {
+            Broker::Embedded(broker) => broker.count_dead_letters(group).await,
+            Broker::Nats(broker) => broker.count_dead_letters(group).await,
+            Broker::Rabbit(broker) => broker.count_dead_letters(group).await,
+        }
+    }
+
+    /// Makes `service` the owner of `group` if it has none yet, and returns
+    /// the owner (`service` itself, or the service that claimed it first).
+    /// The claim lives with the broker — across restarts, and across every
+    /// host sharing the broker — until the group is deleted.
+    pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
+        match self {
+            Broker::Embedded(broker) => broker.claim_group(group, service).await,
+            Broker::Nats(broker) => broker.claim_group(group, service).await,
+            Broker::Rabbit(broker) => broker.claim_group(group, service).await,
         }
     }
 
@@ -363,7 +538,9 @@ impl Delivery {
     }
 
     /// Every attempt failed: keep it as a dead letter, with `reason`.
-    pub async fn dead_letter(self, reason: &str) -> BrokerResult<()> {
+    /// Returns how many of the group's oldest dead letters were dropped to
+    /// stay within its bounds (where the broker prunes itself, 0).
+    pub async fn dead_letter(self, reason: &str) -> BrokerResult<u64> {
         delivery!(self, d => d.dead_letter(reason).await)
     }
 }

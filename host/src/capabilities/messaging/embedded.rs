@@ -9,8 +9,13 @@
 //! its handler succeeded — so a message not yet acknowledged survives a
 //! restart or `kill -9` and is delivered after it (leases from before a
 //! restart are void). A failed delivery gets a later `ready_at`; one that
-//! failed its last attempt moves to the dead letters. The queue is bounded:
-//! past `max_pending` undelivered deliveries, publishing fails with "full".
+//! failed its last attempt moves to the dead letters. The queue is bounded
+//! in messages and in bytes ([`MessagingLimits`]): past `max_pending`
+//! undelivered deliveries, `max_bytes` stored in all (dead letters
+//! included) or `max_group_bytes` waiting for one group, publishing fails
+//! with "full"; a group's dead letters past `max_dead_letters` or
+//! `max_dead_bytes` are dropped oldest first. The owner of each group (the
+//! service that first subscribed it) is kept here too.
 //!
 //! As with the key-value store (same reasoning, see
 //! `capabilities::keyvalue::embedded`): one SQLite connection owned by one
@@ -30,7 +35,8 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{Notify, oneshot};
 
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, Message, Subscription,
+    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message,
+    MessagingLimits, Subscription,
 };
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::sqlite::{self, in_savepoint, in_transaction};
@@ -55,6 +61,11 @@ fn now_ms() -> i64 {
     millis(SystemTime::now())
 }
 
+/// The bytes a stored message (a row of `messages` or `dead`) counts, in
+/// SQL: what [`Message::stored_size`] counts.
+const STORED_SIZE: &str =
+    "(length(body) + length(CAST(topic AS BLOB)) + CASE WHEN metadata = '[]' THEN 0 ELSE length(CAST(metadata AS BLOB)) END)";
+
 /// One leased delivery, as the store thread hands it out.
 struct Leased {
     seq: i64,
@@ -76,6 +87,8 @@ enum Op {
     Ack {
         group: String,
         seq: i64,
+        /// The message's stored size, which the acknowledgement frees.
+        size: u64,
     },
     Retry {
         group: String,
@@ -91,14 +104,25 @@ enum Op {
         group: String,
         seq: i64,
         reason: String,
+        /// The message's stored size.
+        size: u64,
     },
-    /// Forgets a group: its binding, waiting deliveries and dead letters.
+    /// Forgets a group: its binding, waiting deliveries, dead letters and
+    /// owner.
     DeleteGroup {
         group: String,
     },
     DeadLetters {
         group: String,
-        limit: usize,
+        query: DeadLetterQuery,
+    },
+    CountDead {
+        group: String,
+    },
+    /// Records the group's owner if it has none; answers the owner.
+    Claim {
+        group: String,
+        service: String,
     },
 }
 
@@ -108,6 +132,10 @@ enum Reply {
     Leased(Vec<Leased>),
     Dead(Vec<DeadLetter>),
     Deleted(bool),
+    /// Dead letters dropped to keep a group within its bounds.
+    Pruned(u64),
+    Count(u64),
+    Owner(String),
 }
 
 type Job = (Op, oneshot::Sender<BrokerResult<Reply>>);
@@ -122,9 +150,9 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Opens (creating if needed) the queue at `path`, or an in-memory one
-    /// if `path` is `None` (nothing survives the process), holding at most
-    /// `max_pending` undelivered deliveries.
-    pub fn open(path: Option<&Path>, max_pending: u64) -> Result<EmbeddedBroker> {
+    /// if `path` is `None` (nothing survives the process), bounded by
+    /// `limits`.
+    pub fn open(path: Option<&Path>, limits: MessagingLimits) -> Result<EmbeddedBroker> {
         let connection = sqlite::open(path, "message queue")?;
         connection
             .execute_batch(
@@ -165,6 +193,11 @@ impl EmbeddedBroker {
                      reason TEXT NOT NULL,
                      dead_ms INTEGER NOT NULL
                  );
+                 CREATE INDEX IF NOT EXISTS dead_by_group ON dead (grp);
+                 CREATE TABLE IF NOT EXISTS group_owners (
+                     grp TEXT PRIMARY KEY,
+                     service TEXT NOT NULL
+                 ) WITHOUT ROWID;
                  -- Leases taken before a restart are void: their consumers
                  -- are gone, so the deliveries are due again at once.
                  UPDATE deliveries SET leased_until_ms = 0;",
@@ -174,12 +207,14 @@ impl EmbeddedBroker {
             .query_row("SELECT COUNT(*) FROM deliveries", [], |row| row.get(0))
             .context("counting pending deliveries")?;
         let bindings = load_bindings(&connection)?;
+        let usage = Usage::measure(&connection).context("measuring the message queue")?;
         let (jobs, receiver) = mpsc::channel::<Job>();
         let state = StoreThread {
             connection,
             bindings,
             pending: pending.max(0) as u64,
-            max_pending,
+            usage,
+            limits,
         };
         std::thread::Builder::new()
             .name("wharf-messages".into())
@@ -267,15 +302,48 @@ impl EmbeddedBroker {
         })
     }
 
-    pub async fn dead_letters(&self, group: &str, limit: usize) -> BrokerResult<Vec<DeadLetter>> {
+    /// A page of the group's dead letters, oldest first (positions are
+    /// row ids).
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        query: DeadLetterQuery,
+    ) -> BrokerResult<Vec<DeadLetter>> {
         match self
             .call(Op::DeadLetters {
                 group: group.to_string(),
-                limit,
+                query,
             })
             .await?
         {
             Reply::Dead(letters) => Ok(letters),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// How many dead letters the group has.
+    pub async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
+        match self
+            .call(Op::CountDead {
+                group: group.to_string(),
+            })
+            .await?
+        {
+            Reply::Count(count) => Ok(count),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Records `service` as the group's owner unless it has one; the owner.
+    pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
+        match self
+            .call(Op::Claim {
+                group: group.to_string(),
+                service: service.to_string(),
+            })
+            .await?
+        {
+            Reply::Owner(owner) => Ok(owner),
             _ => Err(unexpected()),
         }
     }
@@ -376,13 +444,16 @@ impl EmbeddedDelivery {
         self.attempt
     }
 
-    /// Marks the delivery settled and returns what an operation on it needs.
-    fn settle(mut self) -> (Arc<EmbeddedBroker>, String, i64) {
+    /// Marks the delivery settled and returns what an operation on it
+    /// needs: the broker, the group, the sequence number and the message's
+    /// stored size.
+    fn settle(mut self) -> (Arc<EmbeddedBroker>, String, i64, u64) {
         self.settled = true;
         (
             self.broker.clone(),
             std::mem::take(&mut self.group),
             self.seq,
+            self.message.stored_size(),
         )
     }
 
@@ -394,22 +465,35 @@ impl EmbeddedDelivery {
     /// consumer's next lease go through the same queue, in order, so a
     /// consumer never runs ahead of its acknowledgements.
     pub async fn ack(self) -> BrokerResult<()> {
-        let (broker, group, seq) = self.settle();
-        broker.send(Op::Ack { group, seq })
+        let (broker, group, seq, size) = self.settle();
+        broker.send(Op::Ack { group, seq, size })
     }
 
     /// Makes the delivery due again after `delay`.
     pub async fn retry(self, delay: Duration) -> BrokerResult<()> {
-        let at_ms = now_ms() + delay.as_millis() as i64;
-        let (broker, group, seq) = self.settle();
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        let at_ms = now_ms().saturating_add(delay_ms);
+        let (broker, group, seq, _) = self.settle();
         broker.call(Op::Retry { group, seq, at_ms }).await.map(drop)
     }
 
-    /// Moves the message to the group's dead letters.
-    pub async fn dead_letter(self, reason: &str) -> BrokerResult<()> {
+    /// Moves the message to the group's dead letters; how many old ones
+    /// were dropped to make room.
+    pub async fn dead_letter(self, reason: &str) -> BrokerResult<u64> {
         let reason = reason.to_string();
-        let (broker, group, seq) = self.settle();
-        broker.call(Op::Dead { group, seq, reason }).await.map(drop)
+        let (broker, group, seq, size) = self.settle();
+        match broker
+            .call(Op::Dead {
+                group,
+                seq,
+                reason,
+                size,
+            })
+            .await?
+        {
+            Reply::Pruned(pruned) => Ok(pruned),
+            _ => Ok(0),
+        }
     }
 }
 
@@ -463,7 +547,67 @@ struct StoreThread {
     bindings: Vec<(String, TopicPattern)>,
     /// Deliveries not yet acknowledged or dead.
     pending: u64,
-    max_pending: u64,
+    /// The bytes stored, in all and per group.
+    usage: Usage,
+    limits: MessagingLimits,
+}
+
+/// The bytes the queue holds, as the byte bounds count them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Usage {
+    /// Every stored message (once, however many groups wait for it) and
+    /// every dead letter.
+    total: u64,
+    /// Per group: the messages waiting for it.
+    groups: HashMap<String, u64>,
+}
+
+impl Usage {
+    /// Measures what the database holds (at open, and after a group is
+    /// deleted).
+    fn measure(connection: &Connection) -> rusqlite::Result<Usage> {
+        let stored: i64 = connection.query_row(
+            &format!(
+                "SELECT COALESCE((SELECT SUM({STORED_SIZE}) FROM messages), 0)
+                      + COALESCE((SELECT SUM({STORED_SIZE}) FROM dead), 0)"
+            ),
+            [],
+            |row| row.get(0),
+        )?;
+        let mut statement = connection.prepare(&format!(
+            "SELECT d.grp, SUM({}) FROM deliveries d JOIN messages m ON m.seq = d.seq GROUP BY d.grp",
+            STORED_SIZE
+                .replace("body", "m.body")
+                .replace("topic", "m.topic")
+                .replace("metadata", "m.metadata")
+        ))?;
+        let groups = statement
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?.max(0) as u64))
+            })?
+            .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+        Ok(Usage {
+            total: stored.max(0) as u64,
+            groups,
+        })
+    }
+
+    /// `group`'s waiting bytes.
+    fn group(&self, group: &str) -> u64 {
+        self.groups.get(group).copied().unwrap_or(0)
+    }
+
+    /// Applies an operation's changes.
+    fn apply(&mut self, effect: &Effect) {
+        self.total = self.total.saturating_add_signed(effect.bytes);
+        for (group, change) in &effect.group_bytes {
+            let bytes = self.groups.entry(group.clone()).or_insert(0);
+            *bytes = bytes.saturating_add_signed(*change);
+            if *bytes == 0 {
+                self.groups.remove(group);
+            }
+        }
+    }
 }
 
 impl StoreThread {
@@ -487,34 +631,42 @@ impl StoreThread {
     /// savepoint; the answers, and the changes to the bindings and the
     /// pending count, count only once the commit succeeded.
     fn run_batch(&mut self, batch: &[Job]) -> Vec<BrokerResult<Reply>> {
-        let mut pending = self.pending;
-        let mut bindings = self.bindings.clone();
-        let max_pending = self.max_pending;
+        let mut state = State {
+            pending: self.pending,
+            usage: self.usage.clone(),
+            bindings: self.bindings.clone(),
+            limits: self.limits,
+        };
         let outcome = in_transaction(&self.connection, |connection| {
             batch
                 .iter()
                 .map(|(op, _)| {
                     // A failed operation leaves nothing behind.
-                    in_savepoint(connection, sql, |connection| {
-                        apply(connection, op, pending, &bindings, max_pending)
-                    })
-                    .map(|(reply, effect)| {
-                        pending = pending.saturating_add_signed(effect.pending);
-                        if let Some(binding) = effect.binding {
-                            bindings.push(binding);
-                        }
-                        if let Some(group) = effect.unbound {
-                            bindings.retain(|(g, _)| *g != group);
-                        }
-                        reply
-                    })
+                    in_savepoint(connection, sql, |connection| apply(connection, op, &state))
+                        .map(|(reply, effect)| {
+                            state.pending = state.pending.saturating_add_signed(effect.pending);
+                            state.usage.apply(&effect);
+                            if effect.remeasure
+                                && let Ok(usage) = Usage::measure(connection)
+                            {
+                                state.usage = usage;
+                            }
+                            if let Some(binding) = effect.binding {
+                                state.bindings.push(binding);
+                            }
+                            if let Some(group) = effect.unbound {
+                                state.bindings.retain(|(g, _)| *g != group);
+                            }
+                            reply
+                        })
                 })
                 .collect::<Vec<_>>()
         });
         match outcome {
             Ok(results) => {
-                self.pending = pending;
-                self.bindings = bindings;
+                self.pending = state.pending;
+                self.usage = state.usage;
+                self.bindings = state.bindings;
                 results
             }
             Err(err) => batch.iter().map(|_| Err(sql_text(&err))).collect(),
@@ -522,15 +674,34 @@ impl StoreThread {
     }
 }
 
+/// What an operation sees of the store thread's memory, as of the
+/// operations before it in the batch.
+struct State {
+    pending: u64,
+    usage: Usage,
+    bindings: Vec<(String, TopicPattern)>,
+    limits: MessagingLimits,
+}
+
 /// How an operation changes what the store thread keeps in memory.
 #[derive(Default)]
 struct Effect {
     /// Change to the pending-delivery count.
     pending: i64,
+    /// Change to the bytes stored in all.
+    bytes: i64,
+    /// Changes to groups' waiting bytes.
+    group_bytes: Vec<(String, i64)>,
+    /// Measure the bytes again from the database (after a bulk delete).
+    remeasure: bool,
     /// A new binding.
     binding: Option<(String, TopicPattern)>,
     /// A group whose bindings are gone.
     unbound: Option<String>,
+}
+
+fn signed(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 fn sql_text(err: &rusqlite::Error) -> BrokerError {
@@ -549,30 +720,66 @@ fn read_message(row: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Mess
     })
 }
 
-/// Drops one reference to message `seq`, deleting it with the last.
-fn release(connection: &Connection, seq: i64) -> BrokerResult<()> {
+/// Drops one reference to message `seq`, deleting it with the last;
+/// whether it was deleted.
+fn release(connection: &Connection, seq: i64) -> BrokerResult<bool> {
     connection
         .prepare_cached("UPDATE messages SET refs = refs - 1 WHERE seq = ?1")
         .and_then(|mut s| s.execute(params![seq]))
         .map_err(sql)?;
-    connection
+    let deleted = connection
         .prepare_cached("DELETE FROM messages WHERE seq = ?1 AND refs <= 0")
         .and_then(|mut s| s.execute(params![seq]))
         .map_err(sql)?;
-    Ok(())
+    Ok(deleted > 0)
 }
 
-fn apply(
+/// Drops `group`'s oldest dead letters until it is within the count and
+/// byte bounds; how many were dropped and their bytes.
+fn prune_dead(
     connection: &Connection,
-    op: &Op,
-    pending: u64,
-    bindings: &[(String, TopicPattern)],
-    max_pending: u64,
-) -> BrokerResult<(Reply, Effect)> {
+    group: &str,
+    limits: &MessagingLimits,
+) -> BrokerResult<(u64, u64)> {
+    let (count, bytes): (i64, i64) = connection
+        .prepare_cached(&format!(
+            "SELECT COUNT(*), COALESCE(SUM({STORED_SIZE}), 0) FROM dead WHERE grp = ?1"
+        ))
+        .and_then(|mut s| s.query_row(params![group], |row| Ok((row.get(0)?, row.get(1)?))))
+        .map_err(sql)?;
+    let (mut count, mut bytes) = (count.max(0) as u64, bytes.max(0) as u64);
+    let (mut pruned, mut freed) = (0, 0);
+    while count > limits.max_dead_letters || bytes > limits.max_dead_bytes {
+        let oldest: Option<(i64, i64)> = connection
+            .prepare_cached(&format!(
+                "SELECT rowid, {STORED_SIZE} FROM dead WHERE grp = ?1 ORDER BY rowid LIMIT 1"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![group], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
+            .map_err(sql)?;
+        let Some((rowid, size)) = oldest else { break };
+        connection
+            .prepare_cached("DELETE FROM dead WHERE rowid = ?1")
+            .and_then(|mut s| s.execute(params![rowid]))
+            .map_err(sql)?;
+        let size = size.max(0) as u64;
+        count -= 1;
+        bytes = bytes.saturating_sub(size);
+        pruned += 1;
+        freed += size;
+    }
+    Ok((pruned, freed))
+}
+
+fn apply(connection: &Connection, op: &Op, state: &State) -> BrokerResult<(Reply, Effect)> {
     let done = |reply| Ok((reply, Effect::default()));
+    let limits = &state.limits;
     match op {
         Op::Publish(message) => {
-            let mut groups: Vec<String> = bindings
+            let mut groups: Vec<String> = state
+                .bindings
                 .iter()
                 .filter(|(_, pattern)| pattern.matches(&message.topic))
                 .map(|(group, _)| group.clone())
@@ -583,9 +790,27 @@ fn apply(
                 // No group subscribes to this topic: nothing to keep.
                 return done(Reply::Published(groups));
             }
-            if pending + groups.len() as u64 > max_pending {
+            let pending = state.pending;
+            if pending + groups.len() as u64 > limits.max_pending {
                 return Err(BrokerError::Full(format!(
                     "{pending} messages are waiting for delivery, the most the embedded broker holds"
+                )));
+            }
+            let size = message.stored_size();
+            if state.usage.total.saturating_add(size) > limits.max_bytes {
+                return Err(BrokerError::Full(format!(
+                    "the embedded broker holds {} bytes of messages and dead letters, its most is {}",
+                    state.usage.total, limits.max_bytes
+                )));
+            }
+            if let Some(group) = groups
+                .iter()
+                .find(|group| state.usage.group(group).saturating_add(size) > limits.max_group_bytes)
+            {
+                return Err(BrokerError::Full(format!(
+                    "group {group} has {} bytes of messages waiting, its most is {}",
+                    state.usage.group(group),
+                    limits.max_group_bytes
                 )));
             }
             connection
@@ -618,6 +843,8 @@ fn apply(
             }
             let effect = Effect {
                 pending: groups.len() as i64,
+                bytes: signed(size),
+                group_bytes: groups.iter().map(|g| (g.clone(), signed(size))).collect(),
                 ..Effect::default()
             };
             Ok((Reply::Published(groups), effect))
@@ -629,7 +856,12 @@ fn apply(
                 .map_err(sql)?;
             let binding = TopicPattern::parse(pattern)
                 .ok()
-                .filter(|parsed| !bindings.iter().any(|(g, p)| g == group && p == parsed))
+                .filter(|parsed| {
+                    !state
+                        .bindings
+                        .iter()
+                        .any(|(g, p)| g == group && p == parsed)
+                })
                 .map(|parsed| (group.clone(), parsed));
             Ok((
                 Reply::Done,
@@ -673,7 +905,7 @@ fn apply(
             }
             done(Reply::Leased(rows))
         }
-        Op::Ack { group, seq } => {
+        Op::Ack { group, seq, size } => {
             let removed = connection
                 .prepare_cached("DELETE FROM deliveries WHERE grp = ?1 AND seq = ?2")
                 .and_then(|mut s| s.execute(params![group, seq]))
@@ -681,11 +913,13 @@ fn apply(
             if removed == 0 {
                 return done(Reply::Done);
             }
-            release(connection, *seq)?;
+            let deleted = release(connection, *seq)?;
             Ok((
                 Reply::Done,
                 Effect {
                     pending: -1,
+                    bytes: if deleted { -signed(*size) } else { 0 },
+                    group_bytes: vec![(group.clone(), -signed(*size))],
                     ..Effect::default()
                 },
             ))
@@ -708,7 +942,12 @@ fn apply(
                 .map_err(sql)?;
             done(Reply::Done)
         }
-        Op::Dead { group, seq, reason } => {
+        Op::Dead {
+            group,
+            seq,
+            reason,
+            size,
+        } => {
             let attempts: Option<i64> = connection
                 .prepare_cached("SELECT attempts FROM deliveries WHERE grp = ?1 AND seq = ?2")
                 .and_then(|mut s| {
@@ -730,11 +969,16 @@ fn apply(
                 .prepare_cached("DELETE FROM deliveries WHERE grp = ?1 AND seq = ?2")
                 .and_then(|mut s| s.execute(params![group, seq]))
                 .map_err(sql)?;
-            release(connection, *seq)?;
+            let deleted = release(connection, *seq)?;
+            let (pruned, freed) = prune_dead(connection, group, limits)?;
+            // The dead copy is stored; the message itself may be gone.
+            let stored = signed(*size) - if deleted { signed(*size) } else { 0 };
             Ok((
-                Reply::Done,
+                Reply::Pruned(pruned),
                 Effect {
                     pending: -1,
+                    bytes: stored - signed(freed),
+                    group_bytes: vec![(group.clone(), -signed(*size))],
                     ..Effect::default()
                 },
             ))
@@ -762,35 +1006,68 @@ fn apply(
                 .prepare_cached("DELETE FROM dead WHERE grp = ?1")
                 .and_then(|mut s| s.execute(params![group]))
                 .map_err(sql)?;
+            let owned = connection
+                .prepare_cached("DELETE FROM group_owners WHERE grp = ?1")
+                .and_then(|mut s| s.execute(params![group]))
+                .map_err(sql)?;
             Ok((
-                Reply::Deleted(unbound + seqs.len() + dead > 0),
+                Reply::Deleted(unbound + seqs.len() + dead + owned > 0),
                 Effect {
                     pending: -(seqs.len() as i64),
+                    remeasure: true,
                     unbound: Some(group.clone()),
                     ..Effect::default()
                 },
             ))
         }
-        Op::DeadLetters { group, limit } => {
+        Op::DeadLetters { group, query } => {
+            // The body is cut in SQL: a page never loads more than
+            // `limit × body_limit` bytes of bodies.
             let mut statement = connection
                 .prepare_cached(
-                    "SELECT id, topic, body, content_type, metadata, NULL, published_ms, attempts, reason, dead_ms
-                     FROM dead WHERE grp = ?1 ORDER BY rowid LIMIT ?2",
+                    "SELECT id, topic, substr(body, 1, ?4), content_type, metadata, NULL, published_ms,
+                            attempts, reason, dead_ms, rowid, length(body)
+                     FROM dead WHERE grp = ?1 AND rowid > ?2 ORDER BY rowid LIMIT ?3",
                 )
                 .map_err(sql)?;
+            let after = query.after.map_or(0, |after| signed(after));
+            let body_limit = i64::try_from(query.body_limit).unwrap_or(i64::MAX);
             let letters = statement
-                .query_map(params![group, *limit as i64], |row| {
-                    Ok(DeadLetter {
-                        group: group.clone(),
-                        message: read_message(row, 0)?,
-                        attempts: row.get::<_, i64>(7)? as u32,
-                        reason: row.get(8)?,
-                        dead_at: from_millis(row.get(9)?),
-                    })
-                })
+                .query_map(
+                    params![group, after, query.limit as i64, body_limit],
+                    |row| {
+                        Ok(DeadLetter {
+                            group: group.clone(),
+                            message: read_message(row, 0)?,
+                            attempts: row.get::<_, i64>(7)? as u32,
+                            reason: row.get(8)?,
+                            dead_at: from_millis(row.get(9)?),
+                            position: row.get::<_, i64>(10)?.max(0) as u64,
+                            body_size: row.get::<_, i64>(11)?.max(0) as u64,
+                        })
+                    },
+                )
                 .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
                 .map_err(sql)?;
             done(Reply::Dead(letters))
+        }
+        Op::CountDead { group } => {
+            let count: i64 = connection
+                .prepare_cached("SELECT COUNT(*) FROM dead WHERE grp = ?1")
+                .and_then(|mut s| s.query_row(params![group], |row| row.get(0)))
+                .map_err(sql)?;
+            done(Reply::Count(count.max(0) as u64))
+        }
+        Op::Claim { group, service } => {
+            connection
+                .prepare_cached("INSERT OR IGNORE INTO group_owners (grp, service) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![group, service]))
+                .map_err(sql)?;
+            let owner: String = connection
+                .prepare_cached("SELECT service FROM group_owners WHERE grp = ?1")
+                .and_then(|mut s| s.query_row(params![group], |row| row.get(0)))
+                .map_err(sql)?;
+            done(Reply::Owner(owner))
         }
     }
 }
@@ -798,6 +1075,109 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(max_pending: u64) -> MessagingLimits {
+        MessagingLimits {
+            max_pending,
+            ..MessagingLimits::default()
+        }
+    }
+
+    fn page(limit: usize) -> DeadLetterQuery {
+        DeadLetterQuery {
+            after: None,
+            limit,
+            body_limit: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn regression_a_flood_of_large_messages_is_refused_by_bytes_not_count() {
+        let broker = Arc::new(
+            EmbeddedBroker::open(
+                None,
+                MessagingLimits {
+                    max_bytes: 64 << 10,
+                    max_group_bytes: 32 << 10,
+                    ..MessagingLimits::default()
+                },
+            )
+            .unwrap(),
+        );
+        broker.subscribe(&subscription("slow", "t")).await.unwrap();
+        let body = Bytes::from(vec![b'x'; 4 << 10]);
+        let mut accepted = 0;
+        let err = loop {
+            match broker.publish(Message::new("t", body.clone())).await {
+                Ok(()) => accepted += 1,
+                Err(err) => break err,
+            }
+            assert!(accepted < 100, "the byte bound never refused");
+        };
+        // 32 KiB for the group: 7 messages of 4 KiB and a bit fit, not 8.
+        assert_eq!(accepted, 7);
+        assert!(matches!(&err, BrokerError::Full(why) if why.contains("group slow")), "{err}");
+        // Another group still has room until the total bound.
+        broker.subscribe(&subscription("other", "u")).await.unwrap();
+        broker
+            .publish(Message::new("u", body.clone()))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn regression_dead_letters_are_capped_and_pruned_oldest_first() {
+        let broker = Arc::new(
+            EmbeddedBroker::open(
+                None,
+                MessagingLimits {
+                    max_dead_letters: 3,
+                    ..MessagingLimits::default()
+                },
+            )
+            .unwrap(),
+        );
+        let mut consumer = broker.subscribe(&subscription("g", "t")).await.unwrap();
+        let mut pruned = 0;
+        for i in 0..5 {
+            broker
+                .publish(Message::new("t", Bytes::from(format!("m{i}"))))
+                .await
+                .unwrap();
+            pruned += consumer.next().await.unwrap().dead_letter("no").await.unwrap();
+        }
+        assert_eq!(pruned, 2);
+        assert_eq!(broker.count_dead_letters("g").await.unwrap(), 3);
+        let letters = broker.dead_letters("g", page(10)).await.unwrap();
+        let bodies: Vec<_> = letters.iter().map(|l| l.message.body.clone()).collect();
+        assert_eq!(bodies, ["m2", "m3", "m4"]);
+        // Paged by position, bodies cut to the query's limit.
+        let next = broker
+            .dead_letters(
+                "g",
+                DeadLetterQuery {
+                    after: Some(letters[0].position),
+                    limit: 1,
+                    body_limit: 1,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].message.body, "m");
+        assert_eq!(next[0].body_size, 2);
+        assert_eq!(next[0].position, letters[1].position);
+    }
+
+    #[tokio::test]
+    async fn a_group_belongs_to_the_service_that_claimed_it_first() {
+        let broker = Arc::new(EmbeddedBroker::open(None, limits(10)).unwrap());
+        assert_eq!(broker.claim_group("billing", "billing").await.unwrap(), "billing");
+        assert_eq!(broker.claim_group("billing", "spy").await.unwrap(), "billing");
+        assert_eq!(broker.claim_group("billing", "billing").await.unwrap(), "billing");
+        broker.delete_group("billing").await.unwrap();
+        assert_eq!(broker.claim_group("billing", "spy").await.unwrap(), "spy");
+    }
 
     fn subscription(group: &str, pattern: &str) -> Subscription {
         Subscription {
@@ -811,7 +1191,7 @@ mod tests {
 
     #[tokio::test]
     async fn fan_out_to_groups_ack_retry_and_dead_letters() {
-        let broker = Arc::new(EmbeddedBroker::open(None, 100).unwrap());
+        let broker = Arc::new(EmbeddedBroker::open(None, limits(100)).unwrap());
         let mut billing = broker
             .subscribe(&subscription("billing", "orders.*"))
             .await
@@ -835,7 +1215,7 @@ mod tests {
         let again = billing.next().await.unwrap();
         assert_eq!(again.attempt(), 2);
         again.dead_letter("always fails").await.unwrap();
-        let letters = broker.dead_letters("billing", 10).await.unwrap();
+        let letters = broker.dead_letters("billing", page(10)).await.unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].reason, "always fails");
         assert_eq!(letters[0].attempts, 2);
@@ -846,7 +1226,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_delivery_dropped_unsettled_comes_back_at_once() {
-        let broker = Arc::new(EmbeddedBroker::open(None, 100).unwrap());
+        let broker = Arc::new(EmbeddedBroker::open(None, limits(100)).unwrap());
         let mut consumer = broker.subscribe(&subscription("g", "t")).await.unwrap();
         broker
             .publish(Message::new("t", Bytes::from_static(b"m")))
@@ -861,7 +1241,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_publishes() {
-        let broker = Arc::new(EmbeddedBroker::open(None, 2).unwrap());
+        let broker = Arc::new(EmbeddedBroker::open(None, limits(2)).unwrap());
         broker.subscribe(&subscription("g", ">")).await.unwrap();
         for _ in 0..2 {
             broker
@@ -885,7 +1265,7 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let broker = Arc::new(EmbeddedBroker::open(Some(&path), 100).unwrap());
+            let broker = Arc::new(EmbeddedBroker::open(Some(&path), limits(100)).unwrap());
             let mut consumer = broker.subscribe(&subscription("g", "t")).await.unwrap();
             broker
                 .publish(Message::new("t", Bytes::from_static(b"kept")))
@@ -895,7 +1275,7 @@ mod tests {
             std::mem::forget(consumer.next().await.unwrap());
         });
         runtime.block_on(async {
-            let broker = Arc::new(EmbeddedBroker::open(Some(&path), 100).unwrap());
+            let broker = Arc::new(EmbeddedBroker::open(Some(&path), limits(100)).unwrap());
             // The binding survived too: new messages still reach the group.
             broker
                 .publish(Message::new("t", Bytes::from_static(b"new")))

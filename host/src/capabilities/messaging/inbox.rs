@@ -1,18 +1,22 @@
 //! Reply inboxes for request-reply: a requester opens an inbox, publishes
 //! its request with the inbox's address as `reply_to`, and waits there for
-//! replies. Addresses are `_inbox.HOST.N`, where HOST is random per host
-//! process: a reply to this host's inbox is delivered in-process, and a
-//! reply from another host comes through the broker, which forwards what it
-//! receives for this host's prefix (see each broker's
-//! `listen_for_replies`). Topics starting with `_` are reserved, so guests
-//! can reach an inbox only by replying to a message that names it.
+//! replies. Addresses are `_inbox.HOST.ID`, where HOST is random per host
+//! process (so a reply from another host can be routed here: each broker's
+//! `listen_for_replies` forwards what it receives for this host's prefix)
+//! and ID is 128 bits from the operating system's CSPRNG, fresh for every
+//! inbox: knowing one address tells nothing about any other.
+//!
+//! Guests cannot publish to `_` topics, and may reply only to an inbox named
+//! by a message delivered to them in the same invocation (see
+//! `MessagingCtx::owe_reply`): an inbox is reached by answering the request
+//! that named it, never by naming it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use crate::base::random::unguessable_hex;
 use crate::capabilities::messaging::broker::Message;
 
 /// The first token of every inbox address.
@@ -30,18 +34,16 @@ pub fn is_inbox(topic: &str) -> bool {
 pub struct Inboxes {
     /// `_inbox.HOST.`
     prefix: String,
-    next: AtomicU64,
     open: Mutex<HashMap<String, mpsc::Sender<Message>>>,
 }
 
 impl Inboxes {
     /// The inboxes of a new host process.
-    pub fn new() -> Arc<Inboxes> {
-        Arc::new(Inboxes {
-            prefix: format!("{INBOX_PREFIX}{:016x}.", fastrand::u64(..)),
-            next: AtomicU64::new(0),
+    pub fn new() -> Result<Arc<Inboxes>, String> {
+        Ok(Arc::new(Inboxes {
+            prefix: format!("{INBOX_PREFIX}{}.", unguessable_hex::<8>()?),
             open: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     /// `_inbox.HOST.`: every address of this host starts with it.
@@ -53,20 +55,17 @@ impl Inboxes {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Opens a new inbox; it closes when dropped.
-    pub fn open(self: &Arc<Self>) -> Inbox {
-        let address = format!(
-            "{}{}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
+    /// Opens a new inbox with an unguessable address; it closes when
+    /// dropped.
+    pub fn open(self: &Arc<Self>) -> Result<Inbox, String> {
+        let address = format!("{}{}", self.prefix, unguessable_hex::<16>()?);
         let (sender, receiver) = mpsc::channel(INBOX_CAPACITY);
         self.open_map().insert(address.clone(), sender);
-        Inbox {
+        Ok(Inbox {
             address,
             receiver,
             inboxes: self.clone(),
-        }
+        })
     }
 
     /// Delivers a reply to the inbox at `address`; false if no such inbox
@@ -114,10 +113,22 @@ impl Drop for Inbox {
 mod tests {
     use super::*;
 
+    #[test]
+    fn regression_inbox_addresses_are_unguessable() {
+        let inboxes = Inboxes::new().unwrap();
+        let (a, b) = (inboxes.open().unwrap(), inboxes.open().unwrap());
+        let id = |inbox: &Inbox| inbox.address()[inboxes.prefix().len()..].to_string();
+        // 128 bits of hex each, not a counter.
+        assert_eq!(id(&a).len(), 32);
+        assert_ne!(id(&a), id(&b));
+        assert!(id(&a).bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(id(&a), "0");
+    }
+
     #[tokio::test]
     async fn replies_reach_the_open_inbox_only() {
-        let inboxes = Inboxes::new();
-        let mut inbox = inboxes.open();
+        let inboxes = Inboxes::new().unwrap();
+        let mut inbox = inboxes.open().unwrap();
         assert!(is_inbox(inbox.address()) && inboxes.is_local(inbox.address()));
         let reply = Message::new("x", bytes::Bytes::from_static(b"re"));
         assert!(inboxes.deliver(inbox.address(), reply));

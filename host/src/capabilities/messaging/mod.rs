@@ -36,7 +36,9 @@ use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use crate::base::metrics::{Metrics, PublishResult};
 use crate::base::trace::{TRACEPARENT, TraceContext};
-use crate::capabilities::messaging::broker::{Broker, BrokerError, BrokerStatus, Message};
+use crate::capabilities::messaging::broker::{
+    Broker, BrokerError, BrokerStatus, Message, MessagingLimits,
+};
 use crate::capabilities::messaging::inbox::{Inboxes, is_inbox};
 use crate::capabilities::messaging::topic::{TopicPattern, validate_topic};
 use crate::capabilities::outbound::CallContext;
@@ -44,8 +46,15 @@ use crate::capabilities::outbound::CallContext;
 /// Largest message body, in bytes (NATS's default maximum payload).
 pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
 
+/// Most bytes of metadata (keys and values) one message may carry.
+pub const MAX_METADATA_SIZE: usize = 16 << 10;
+
 /// How long a request waits for its replies when the guest gives no time.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest a request may wait for replies (it never outlives the
+/// requesting request's own time limit either).
+pub const MAX_REPLY_WAIT: Duration = Duration::from_secs(60 * 60);
 
 /// Most replies one request may wait for.
 pub const MAX_EXPECTED_REPLIES: u32 = 64;
@@ -53,20 +62,39 @@ pub const MAX_EXPECTED_REPLIES: u32 = 64;
 /// Metadata key carrying the publishing request's id.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
 
-/// The topics a service may publish to: its manifest's `[messaging] publish`.
+/// The topics a service may publish to and subscribe to: its manifest's
+/// `[messaging] publish` and `subscribe`. Nothing without them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MessagingGrant {
     publish: Vec<TopicPattern>,
+    subscribe: Vec<TopicPattern>,
 }
 
 impl MessagingGrant {
-    /// A grant from a manifest's list; an error names the bad entry.
+    /// A grant of publishing to `entries`; an error names the bad entry.
     pub fn parse(entries: &[String]) -> Result<MessagingGrant, String> {
         let publish = entries
             .iter()
             .map(|entry| TopicPattern::parse(entry))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(MessagingGrant { publish })
+        Ok(MessagingGrant {
+            publish,
+            subscribe: Vec::new(),
+        })
+    }
+
+    /// The grant with the subscriptions `subscribe` (already parsed).
+    pub fn with_subscriptions(mut self, subscribe: Vec<TopicPattern>) -> MessagingGrant {
+        self.subscribe = subscribe;
+        self
+    }
+
+    /// The subscription patterns as written.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.subscribe
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect()
     }
 
     /// Whether `topic` may be published to.
@@ -118,6 +146,7 @@ impl MessagingError {
             MessagingError::Invalid(_) => PublishResult::Invalid,
             MessagingError::Denied(_) => PublishResult::Denied,
             MessagingError::Broker(BrokerError::Full(_)) => PublishResult::Full,
+            MessagingError::Broker(BrokerError::Quota(..)) => PublishResult::Throttled,
             MessagingError::Broker(BrokerError::Unavailable(_)) | MessagingError::Timeout(_) => {
                 PublishResult::Unavailable
             }
@@ -126,25 +155,32 @@ impl MessagingError {
     }
 }
 
-/// The host's broker with what every service shares: the reply inboxes and
-/// the metrics.
+/// The host's broker with what every service shares: the reply inboxes,
+/// the bounds and the metrics.
 pub struct MessagingHub {
     broker: Broker,
     inboxes: Arc<Inboxes>,
+    limits: MessagingLimits,
     metrics: Arc<Metrics>,
 }
 
 impl MessagingHub {
-    /// The hub of `broker`; starts listening for replies to this host's
-    /// inboxes that come through the broker.
-    pub fn new(broker: Broker, metrics: Arc<Metrics>) -> Arc<MessagingHub> {
-        let inboxes = Inboxes::new();
+    /// The hub of `broker`, whose publishers are held to `limits`; starts
+    /// listening for replies to this host's inboxes that come through the
+    /// broker.
+    pub fn new(
+        broker: Broker,
+        limits: MessagingLimits,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<MessagingHub>> {
+        let inboxes = Inboxes::new().map_err(anyhow::Error::msg)?;
         broker.listen_for_replies(&inboxes);
-        Arc::new(MessagingHub {
+        Ok(Arc::new(MessagingHub {
             broker,
             inboxes,
+            limits,
             metrics,
-        })
+        }))
     }
 
     /// The broker.
@@ -192,19 +228,23 @@ pub struct MessagingAccess {
     hub: Arc<MessagingHub>,
     grant: MessagingGrant,
     service: Arc<str>,
+    /// The service's publishing quota.
+    quota: PublishQuota,
 }
 
 impl MessagingAccess {
-    /// Access to `hub` for `service` within `grant`.
+    /// Access to `hub` for `service` within `grant` and the hub's quotas.
     pub fn new(
         hub: Arc<MessagingHub>,
         grant: MessagingGrant,
         service: Arc<str>,
     ) -> MessagingAccess {
+        let quota = PublishQuota::new(hub.limits.publish_rate, hub.limits.publish_bytes);
         MessagingAccess {
             hub,
             grant,
             service,
+            quota,
         }
     }
 
@@ -216,12 +256,7 @@ impl MessagingAccess {
     /// Checks that the service may publish `body` to `topic`.
     pub fn check(&self, topic: &str, body: &[u8]) -> Result<(), MessagingError> {
         validate_topic(topic).map_err(MessagingError::Invalid)?;
-        if body.len() > MAX_MESSAGE_SIZE {
-            return Err(MessagingError::Invalid(format!(
-                "the message is {} bytes, over the limit of {MAX_MESSAGE_SIZE}",
-                body.len()
-            )));
-        }
+        check_size(body.len())?;
         if !self.grant.allows(topic) {
             return Err(MessagingError::Denied(format!(
                 "service {} may not publish to {topic:?}: not in its [messaging] publish list",
@@ -261,7 +296,20 @@ impl MessagingAccess {
         context: &CallContext,
     ) -> Result<(), MessagingError> {
         self.check(&message.topic, &message.body)?;
+        check_metadata(message)?;
         stamp(message, context);
+        self.quota
+            .take(message.stored_size())
+            .map_err(|wait| {
+                MessagingError::Broker(BrokerError::Quota(
+                    format!(
+                        "service {} publishes more than this host allows per second; try again in {}",
+                        self.service,
+                        humantime::format_duration(wait)
+                    ),
+                    wait,
+                ))
+            })?;
         let publish = self.hub.broker.publish(message.clone());
         match tokio::time::timeout_at(context.deadline.into(), publish).await {
             Ok(result) => result.map_err(MessagingError::Broker),
@@ -281,11 +329,16 @@ impl MessagingAccess {
         timeout: Duration,
         expected: u32,
     ) -> Result<Vec<Message>, MessagingError> {
-        let mut inbox = self.hub.inboxes.open();
+        let mut inbox = self
+            .hub
+            .inboxes
+            .open()
+            .map_err(|why| MessagingError::Broker(BrokerError::Other(why)))?;
         message.reply_to = Some(inbox.address().to_string());
         self.publish(message, context).await?;
         let started = Instant::now();
-        let until = (started + timeout).min(context.deadline);
+        let until = crate::base::limits::deadline_after(started, timeout.min(MAX_REPLY_WAIT))
+            .min(context.deadline);
         let expected = expected.clamp(1, MAX_EXPECTED_REPLIES) as usize;
         let mut replies = Vec::new();
         while replies.len() < expected {
@@ -311,14 +364,110 @@ impl MessagingAccess {
         mut message: Message,
         context: &CallContext,
     ) -> Result<(), MessagingError> {
-        if message.body.len() > MAX_MESSAGE_SIZE {
-            return Err(MessagingError::Invalid(format!(
-                "the reply is {} bytes, over the limit of {MAX_MESSAGE_SIZE}",
-                message.body.len()
-            )));
-        }
+        check_size(message.body.len())?;
+        check_metadata(&message)?;
         stamp(&mut message, context);
         self.hub.reply(reply_to, message).await
+    }
+}
+
+/// Refuses a body over [`MAX_MESSAGE_SIZE`].
+fn check_size(len: usize) -> Result<(), MessagingError> {
+    if len > MAX_MESSAGE_SIZE {
+        return Err(MessagingError::Invalid(format!(
+            "the message is {len} bytes, over the limit of {MAX_MESSAGE_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses metadata over [`MAX_METADATA_SIZE`] bytes in all.
+fn check_metadata(message: &Message) -> Result<(), MessagingError> {
+    let size: usize = message
+        .metadata
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum();
+    if size > MAX_METADATA_SIZE {
+        return Err(MessagingError::Invalid(format!(
+            "the message's metadata is {size} bytes, over the limit of {MAX_METADATA_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// A service's publishing quota: token buckets of messages and bytes per
+/// second, each holding at most one second's worth (bytes: at least one
+/// largest message, so any message can pass).
+struct PublishQuota {
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+}
+
+impl PublishQuota {
+    fn new(rate: Option<u64>, bytes: Option<u64>) -> PublishQuota {
+        let largest = (MAX_MESSAGE_SIZE + MAX_METADATA_SIZE + topic::MAX_TOPIC) as u64;
+        PublishQuota {
+            messages: rate.map(|rate| TokenBucket::new(rate, rate.max(1))),
+            bytes: bytes.map(|rate| TokenBucket::new(rate, rate.max(largest))),
+        }
+    }
+
+    /// Takes one message of `size` bytes, or says how long until it fits.
+    fn take(&self, size: u64) -> Result<(), Duration> {
+        let now = Instant::now();
+        let waits = [
+            self.messages.as_ref().map(|b| b.wait_for(1, now)),
+            self.bytes.as_ref().map(|b| b.wait_for(size, now)),
+        ];
+        if let Some(wait) = waits.iter().flatten().flatten().max() {
+            return Err(*wait);
+        }
+        if let Some(bucket) = &self.messages {
+            bucket.take(1, now);
+        }
+        if let Some(bucket) = &self.bytes {
+            bucket.take(size, now);
+        }
+        Ok(())
+    }
+}
+
+/// Tokens refilled at `rate` per second up to `capacity`.
+struct TokenBucket {
+    rate: u64,
+    capacity: u64,
+    /// Tokens now, and when they were counted.
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    fn new(rate: u64, capacity: u64) -> TokenBucket {
+        TokenBucket {
+            rate: rate.max(1),
+            capacity,
+            state: std::sync::Mutex::new((capacity as f64, Instant::now())),
+        }
+    }
+
+    fn refilled(&self, state: &mut (f64, Instant), now: Instant) {
+        let elapsed = now.saturating_duration_since(state.1).as_secs_f64();
+        state.0 = (state.0 + elapsed * self.rate as f64).min(self.capacity as f64);
+        state.1 = now;
+    }
+
+    /// `None` if `amount` tokens are there now, else how long until they are.
+    fn wait_for(&self, amount: u64, now: Instant) -> Option<Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.refilled(&mut state, now);
+        let missing = amount as f64 - state.0;
+        (missing > 0.0).then(|| Duration::from_secs_f64(missing / self.rate as f64))
+    }
+
+    fn take(&self, amount: u64, now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.refilled(&mut state, now);
+        state.0 -= amount as f64;
     }
 }
 
@@ -346,17 +495,48 @@ pub struct MessagingCtx {
     access: Option<Arc<MessagingAccess>>,
     /// The request the guest publishes on behalf of.
     context: CallContext,
+    /// The inboxes this invocation may reply to: those named by the
+    /// messages delivered to it. A reply to any other is refused, so no
+    /// service can answer (or forge an answer to) a request it was not
+    /// given.
+    owed_replies: Vec<String>,
 }
 
 impl MessagingCtx {
     /// The context of a request described by `context`.
     pub(crate) fn new(access: Option<Arc<MessagingAccess>>, context: CallContext) -> MessagingCtx {
-        MessagingCtx { access, context }
+        MessagingCtx {
+            access,
+            context,
+            owed_replies: Vec::new(),
+        }
     }
 
-    /// Hands the context to the next request of a reused instance.
+    /// Hands the context to the next request of a reused instance; what
+    /// the previous invocation was owed is no longer.
     pub(crate) fn begin_request(&mut self, context: CallContext) {
         self.context = context;
+        self.owed_replies.clear();
+    }
+
+    /// Records that the message being delivered to this invocation asked
+    /// for replies at `reply_to`: the guest may now reply there.
+    pub(crate) fn owe_reply(&mut self, reply_to: &str) {
+        if !self.owed_replies.iter().any(|owed| owed == reply_to) {
+            self.owed_replies.push(reply_to.to_string());
+        }
+    }
+
+    /// Refuses a reply to `reply_to` unless a delivery to this invocation
+    /// named it.
+    fn check_owed(&self, reply_to: &str) -> Result<(), MessagingError> {
+        if self.owed_replies.iter().any(|owed| owed == reply_to) {
+            return Ok(());
+        }
+        Err(MessagingError::Denied(
+            "a service may reply only to a request delivered to it, while it handles that request"
+                .into(),
+        ))
     }
 }
 
@@ -455,6 +635,7 @@ impl MessagingView<'_> {
         let access = self.access()?.clone();
         let context = self.ctx.context.clone();
         if is_inbox(topic) {
+            self.ctx.check_owed(topic)?;
             return access
                 .reply(topic, message.to_message(topic), &context)
                 .await;
@@ -489,6 +670,7 @@ impl MessagingView<'_> {
         message: &MessageHandle,
     ) -> Result<(), MessagingError> {
         let access = self.access()?.clone();
+        self.ctx.check_owed(reply_to)?;
         let context = self.ctx.context.clone();
         access
             .reply(reply_to, message.to_message(reply_to), &context)
@@ -510,6 +692,21 @@ mod tests {
         assert!(MessagingGrant::default().is_empty());
         assert!(MessagingGrant::parse(&["a..b".into()]).is_err());
         assert!(MessagingGrant::parse(&["_inbox.>".into()]).is_err());
+    }
+
+    #[test]
+    fn regression_a_publisher_over_its_quota_is_told_when_to_retry() {
+        let quota = PublishQuota::new(Some(2), Some(10 << 20));
+        assert!(quota.take(10).is_ok());
+        assert!(quota.take(10).is_ok());
+        let wait = quota.take(10).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        let bytes = PublishQuota::new(None, Some(1000));
+        // One largest message always fits an idle bucket...
+        assert!(bytes.take(MAX_MESSAGE_SIZE as u64).is_ok());
+        // ...and then the bucket is empty for a while.
+        assert!(bytes.take(MAX_MESSAGE_SIZE as u64).is_err());
+        assert!(PublishQuota::new(None, None).take(u64::MAX).is_ok());
     }
 
     #[test]

@@ -7,15 +7,20 @@
 //! pull consumer named after the group, filtered to `wharf.msg.PATTERN`,
 //! with explicit acknowledgement; every host running the group's service
 //! pulls from the same consumer, so they share its messages. The stream is
-//! bounded ([`BrokerChoice::open`]'s `max_pending` messages, new ones
-//! refused when full), and each message's id is JetStream's `Nats-Msg-Id`,
-//! so a publish retried after a lost acknowledgement is stored once.
+//! bounded ([`MessagingLimits`]: `max_pending` messages and `max_bytes`
+//! bytes, new ones refused when full; JetStream cannot bound one consumer's
+//! share, so `max_group_bytes` does not apply here), and each message's id
+//! is JetStream's `Nats-Msg-Id`, so a publish retried after a lost
+//! acknowledgement is stored once.
 //!
 //! Retries are negative acknowledgements with a delay; the attempt number
 //! is JetStream's delivery count. Dead letters go to the stream
-//! `WHARF_DEAD` (subject `wharf.dead.GROUP`, the newest 100,000 kept) and
-//! the original is terminated. Replies to requests are plain NATS messages
-//! to the requester's inbox subject.
+//! `WHARF_DEAD` (subject `wharf.dead.GROUP`; per group the newest
+//! `max_dead_letters` kept, `max_bytes` in all, the oldest dropped first)
+//! and the original is terminated. Replies to requests are plain NATS
+//! messages to the requester's inbox subject. Each group's owner is a key
+//! of the key-value bucket `wharf-group-owners`, written with create
+//! semantics so the first claim wins on every host.
 //!
 //! Only what NATS 2.9 offers is used (Debian's version): one filter subject
 //! per consumer — if a group's topic changes, its consumer is recreated.
@@ -33,7 +38,8 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, Message, Subscription,
+    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message,
+    MessagingLimits, Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
 
@@ -45,8 +51,8 @@ const SUBJECT_PREFIX: &str = "wharf.msg.";
 const DEAD_STREAM: &str = "WHARF_DEAD";
 /// Subject prefix of dead letters.
 const DEAD_PREFIX: &str = "wharf.dead.";
-/// Dead letters kept, newest first.
-const MAX_DEAD: i64 = 100_000;
+/// The key-value bucket naming each group's owner.
+const OWNERS_BUCKET: &str = "wharf-group-owners";
 /// How long an operation waits for the client to be connected.
 const CONNECT_WAIT: Duration = Duration::from_secs(1);
 
@@ -84,6 +90,11 @@ fn classify(err: impl std::fmt::Display) -> BrokerError {
     } else {
         BrokerError::Other(format!("nats: {text}"))
     }
+}
+
+/// A bound as JetStream takes it.
+fn bound(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 fn millis(time: SystemTime) -> u64 {
@@ -143,8 +154,8 @@ fn message_of(subject_topic: &str, headers: Option<&HeaderMap>, payload: Bytes) 
 pub struct NatsBroker {
     client: async_nats::Client,
     jetstream: jetstream::Context,
-    /// Most messages the stream holds.
-    max_pending: i64,
+    /// What bounds the streams.
+    limits: MessagingLimits,
     /// Whether the streams have been created (since the last reconnect).
     streams_ready: tokio::sync::Mutex<bool>,
     /// The consumer of every group this host has asked to join, by group:
@@ -156,10 +167,10 @@ pub struct NatsBroker {
 }
 
 impl NatsBroker {
-    /// A broker on the NATS server(s) at `url` (comma-separated), holding at
-    /// most `max_pending` messages. Connects in the background: a host whose
+    /// A broker on the NATS server(s) at `url` (comma-separated), its
+    /// streams bounded by `limits`. Connects in the background: a host whose
     /// NATS is down at start still starts.
-    pub async fn connect(url: &str, max_pending: u64) -> Result<Arc<NatsBroker>> {
+    pub async fn connect(url: &str, limits: MessagingLimits) -> Result<Arc<NatsBroker>> {
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
@@ -170,10 +181,10 @@ impl NatsBroker {
         Ok(Arc::new(NatsBroker {
             client,
             jetstream,
-            max_pending: i64::try_from(max_pending).unwrap_or(i64::MAX),
+            limits,
             streams_ready: tokio::sync::Mutex::new(false),
             groups: std::sync::Mutex::new(HashMap::new()),
-            shown_url: url.to_string(),
+            shown_url: crate::base::redact::url(url),
         }))
     }
 
@@ -212,7 +223,8 @@ impl NatsBroker {
                 retention: stream::RetentionPolicy::Interest,
                 storage: stream::StorageType::File,
                 discard: stream::DiscardPolicy::New,
-                max_messages: self.max_pending,
+                max_messages: bound(self.limits.max_pending),
+                max_bytes: bound(self.limits.max_bytes),
                 duplicate_window: Duration::from_secs(120),
                 num_replicas: 1,
                 ..Default::default()
@@ -226,7 +238,8 @@ impl NatsBroker {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 discard: stream::DiscardPolicy::Old,
-                max_messages: MAX_DEAD,
+                max_messages_per_subject: bound(self.limits.max_dead_letters),
+                max_bytes: bound(self.limits.max_bytes),
                 num_replicas: 1,
                 ..Default::default()
             })
@@ -338,26 +351,101 @@ impl NatsBroker {
             .filter(format!("{DEAD_PREFIX}{group}"))
             .await
             .map_err(classify)?;
+        let owners = self.owners().await?;
+        owners.purge(group).await.map_err(classify)?;
         Ok(existed)
     }
 
-    /// Up to `limit` dead letters of `group`, oldest first.
-    pub async fn dead_letters(&self, group: &str, limit: usize) -> BrokerResult<Vec<DeadLetter>> {
+    /// The bucket of group owners, created on first use.
+    async fn owners(&self) -> BrokerResult<jetstream::kv::Store> {
+        self.connected().await?;
+        if let Ok(store) = self.jetstream.get_key_value(OWNERS_BUCKET).await {
+            return Ok(store);
+        }
+        self.jetstream
+            .create_key_value(jetstream::kv::Config {
+                bucket: OWNERS_BUCKET.to_string(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| classify(format!("creating bucket {OWNERS_BUCKET}: {err}")))
+    }
+
+    /// Records `service` as the group's owner unless it has one (a create:
+    /// the first claim wins on every host); the owner.
+    pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
+        let owners = self.owners().await?;
+        if owners
+            .create(group, Bytes::from(service.to_string()))
+            .await
+            .is_ok()
+        {
+            return Ok(service.to_string());
+        }
+        match owners.get(group).await.map_err(classify)? {
+            Some(owner) => Ok(String::from_utf8_lossy(&owner).into_owned()),
+            None => Err(BrokerError::Other(format!(
+                "nats: the owner of group {group} could be neither written nor read"
+            ))),
+        }
+    }
+
+    /// How many dead letters the group has (from the stream's subject
+    /// counts, reading none).
+    pub async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
         self.ensure_streams().await?;
         let stream = self
             .jetstream
             .get_stream(DEAD_STREAM)
             .await
             .map_err(classify)?;
+        let subject = format!("{DEAD_PREFIX}{group}");
+        let info = stream
+            .info_with_subjects(subject.clone())
+            .await
+            .map_err(classify)?;
+        let mut subjects = info;
+        let mut count = 0;
+        while let Some(entry) = subjects.next().await {
+            let (name, n) = entry.map_err(classify)?;
+            if name == subject {
+                count += n as u64;
+            }
+        }
+        Ok(count)
+    }
+
+    /// A page of the group's dead letters, oldest first (positions are
+    /// stream sequence numbers).
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        query: DeadLetterQuery,
+    ) -> BrokerResult<Vec<DeadLetter>> {
+        self.ensure_streams().await?;
+        let stream = self
+            .jetstream
+            .get_stream(DEAD_STREAM)
+            .await
+            .map_err(classify)?;
+        let deliver_policy = match query.after {
+            Some(after) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after.saturating_add(1),
+            },
+            None => consumer::DeliverPolicy::All,
+        };
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: format!("{DEAD_PREFIX}{group}"),
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy,
                 ..Default::default()
             })
             .await
             .map_err(classify)?;
-        let pending = consumer.cached_info().num_pending.min(limit as u64) as usize;
+        let pending = consumer.cached_info().num_pending.min(query.limit as u64) as usize;
         let mut letters = Vec::with_capacity(pending);
         if pending == 0 {
             return Ok(letters);
@@ -376,9 +464,16 @@ impl NatsBroker {
                 .map_or(SystemTime::UNIX_EPOCH, |ms| {
                     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
                 });
+            let position = message.info().map_or(0, |info| info.stream_sequence);
+            let body_size = message.payload.len() as u64;
+            let body = message
+                .payload
+                .slice(..message.payload.len().min(query.body_limit));
             letters.push(DeadLetter {
                 group: group.to_string(),
-                message: message_of("", headers, message.payload.clone()),
+                message: message_of("", headers, body),
+                body_size,
+                position,
                 attempts,
                 reason,
                 dead_at,
@@ -500,7 +595,8 @@ impl NatsDelivery {
     }
 
     /// Stores the message in the dead-letter stream, then terminates it.
-    pub async fn dead_letter(self, reason: &str) -> BrokerResult<()> {
+    /// The stream drops a group's oldest letters itself: 0 pruned here.
+    pub async fn dead_letter(self, reason: &str) -> BrokerResult<u64> {
         let mut headers = headers_of(&self.message);
         // A dead letter is not a duplicate of the message it was.
         headers.insert(
@@ -523,6 +619,7 @@ impl NatsDelivery {
             .await
             .map_err(classify)?;
         ack.await.map_err(classify)?;
-        self.raw.ack_with(AckKind::Term).await.map_err(classify)
+        self.raw.ack_with(AckKind::Term).await.map_err(classify)?;
+        Ok(0)
     }
 }

@@ -10,6 +10,7 @@
 //! | 403 | the service's `[messaging] publish` does not name the topic |
 //! | 405 | not a POST |
 //! | 413 | the body is over [`MAX_MESSAGE_SIZE`] |
+//! | 429 | the service used its publishing quota (with `Retry-After`) |
 //! | 503 | the broker is full or cannot be reached (with `Retry-After`) |
 //! | 504 | no reply, or the broker did not answer, in time |
 //!
@@ -24,9 +25,12 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt as _;
 use wasmtime_wasi_http::WasiBody;
 
+use crate::base::limits::parse_duration_within;
 use crate::base::respond;
 use crate::capabilities::messaging::broker::{BrokerError, Message};
-use crate::capabilities::messaging::{MAX_MESSAGE_SIZE, MessagingAccess, MessagingError};
+use crate::capabilities::messaging::{
+    MAX_MESSAGE_SIZE, MAX_REPLY_WAIT, MessagingAccess, MessagingError,
+};
 use crate::capabilities::outbound::CallContext;
 
 /// The host name guests publish to.
@@ -63,9 +67,9 @@ fn reply_within(query: Option<&str>) -> Result<Option<Duration>, String> {
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if key == "reply-within" {
-            return humantime::parse_duration(value).map(Some).map_err(|err| {
-                format!("reply-within={value:?} is not a duration like \"2s\": {err}")
-            });
+            return parse_duration_within(value, Duration::from_millis(1), MAX_REPLY_WAIT)
+                .map(Some)
+                .map_err(|why| format!("reply-within: {why}"));
         }
     }
     Ok(None)
@@ -164,20 +168,25 @@ pub(crate) async fn publish(
 
 /// The answer to a publish that failed.
 fn refused(err: &MessagingError) -> http::Response<WasiBody> {
-    let status = match err {
-        MessagingError::Invalid(_) => StatusCode::BAD_REQUEST,
-        MessagingError::Denied(_) => StatusCode::FORBIDDEN,
+    let (status, retry_after) = match err {
+        MessagingError::Invalid(_) => (StatusCode::BAD_REQUEST, None),
+        MessagingError::Denied(_) => (StatusCode::FORBIDDEN, None),
         MessagingError::Broker(BrokerError::Full(_) | BrokerError::Unavailable(_)) => {
-            StatusCode::SERVICE_UNAVAILABLE
+            (StatusCode::SERVICE_UNAVAILABLE, Some(1))
         }
-        MessagingError::Broker(BrokerError::Other(_)) => StatusCode::BAD_GATEWAY,
-        MessagingError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        MessagingError::Broker(BrokerError::Quota(_, wait)) => {
+            // Whole seconds, rounded up: never "0".
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            (StatusCode::TOO_MANY_REQUESTS, Some(seconds.max(1)))
+        }
+        MessagingError::Broker(BrokerError::Other(_)) => (StatusCode::BAD_GATEWAY, None),
+        MessagingError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, None),
     };
     let mut response = answer(status, &err.to_string());
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if let Some(seconds) = retry_after {
         response
             .headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     response
 }
@@ -195,5 +204,7 @@ mod tests {
             Ok(Some(Duration::from_secs(2)))
         );
         assert!(reply_within(Some("reply-within=soon")).is_err());
+        let err = reply_within(Some("reply-within=300000000000y")).unwrap_err();
+        assert!(err.contains("longest allowed"), "{err}");
     }
 }

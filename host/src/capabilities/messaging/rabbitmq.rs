@@ -6,9 +6,10 @@
 //! group is the durable queue `wharf.GROUP`, bound to the exchange with the
 //! group's topic pattern (`>` becomes `#`), consumed with manual
 //! acknowledgement and a prefetch of the trigger's concurrency. The queue
-//! holds at most `max_pending` messages and then refuses publishes
-//! (`x-overflow: reject-publish`, which the publisher sees as a negative
-//! confirm: "full").
+//! holds at most `max_pending` messages and `max_group_bytes` bytes
+//! ([`MessagingLimits`]) and then refuses publishes (`x-overflow:
+//! reject-publish`, which the publisher sees as a negative confirm:
+//! "full"). RabbitMQ has no bound across queues: `max_bytes` does not apply.
 //!
 //! A retry is a copy of the message, with its attempt number in the
 //! `x-wharf-attempt` header, published to a delay queue
@@ -17,9 +18,16 @@
 //! delays are rounded up to a fixed ladder so a group has few delay queues.
 //! A delivery RabbitMQ marks redelivered (its consumer vanished before
 //! acknowledging) counts as one more attempt. Dead letters go to the
-//! durable queue `wharf.dead.GROUP` (the newest 100,000 kept), with the
-//! reason and attempt count as headers. Replies to requests go through the
-//! default exchange to the requesting host's exclusive inbox queue.
+//! durable queue `wharf.dead.GROUP` (the newest `max_dead_letters` and
+//! `max_dead_bytes` kept: `x-overflow: drop-head`), with the reason and
+//! attempt count as headers. Replies to requests go through the default
+//! exchange to the requesting host's exclusive inbox queue.
+//!
+//! A group's owner is the one message of the durable queue
+//! `wharf.owner.GROUP` (`x-max-length: 1`, `reject-publish`): the first
+//! claim's publish is confirmed, every later one refused, so the first
+//! claim wins on every host; the owner is read back with a get that puts
+//! the message back.
 //!
 //! The connection is made on demand and again after it breaks, at most
 //! once a second; meanwhile operations fail with "unavailable".
@@ -42,15 +50,15 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 
+use crate::base::redact::url as redact;
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, Message, Subscription, new_message_id,
+    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message,
+    MessagingLimits, Subscription, new_message_id,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
 
 /// The topic exchange every message is published to.
 pub const EXCHANGE: &str = "wharf";
-/// Dead letters kept per group.
-const MAX_DEAD: i64 = 100_000;
 /// Least time between connection attempts.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// Longest a connection attempt may take.
@@ -203,7 +211,8 @@ pub struct RabbitBroker {
     runtime: tokio::runtime::Handle,
     link: tokio::sync::Mutex<Option<Link>>,
     last_attempt: Mutex<Option<Instant>>,
-    max_pending: i64,
+    /// What bounds the queues.
+    limits: MessagingLimits,
     /// Every group this host has asked to join, with its binding key: their
     /// queues are declared on each new connection before anything is
     /// published, so a message published while a trigger is still
@@ -213,24 +222,13 @@ pub struct RabbitBroker {
     shown_url: String,
 }
 
-/// `amqp://user:password@host` shown without its password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
 
 impl RabbitBroker {
-    /// A broker on the RabbitMQ server at `url`, queues holding at most
-    /// `max_pending` messages. Connects on first use (and again after a
-    /// failure): a host whose RabbitMQ is down at start still starts. Must
-    /// be called inside a Tokio runtime, which the connections then use.
-    pub fn connect(url: &str, max_pending: u64) -> Result<Arc<RabbitBroker>> {
+    /// A broker on the RabbitMQ server at `url`, queues bounded by
+    /// `limits`. Connects on first use (and again after a failure): a host
+    /// whose RabbitMQ is down at start still starts. Must be called inside a
+    /// Tokio runtime, which the connections then use.
+    pub fn connect(url: &str, limits: MessagingLimits) -> Result<Arc<RabbitBroker>> {
         url.parse::<lapin::uri::AMQPUri>()
             .map_err(|why| anyhow::anyhow!("{} is not an AMQP URL: {why}", redact(url)))?;
         Ok(Arc::new(RabbitBroker {
@@ -238,7 +236,7 @@ impl RabbitBroker {
             runtime: tokio::runtime::Handle::current(),
             link: tokio::sync::Mutex::new(None),
             last_attempt: Mutex::new(None),
-            max_pending: i64::try_from(max_pending).unwrap_or(i64::MAX),
+            limits,
             groups: Mutex::new(HashMap::new()),
             shown_url: redact(url),
         }))
@@ -294,7 +292,7 @@ impl RabbitBroker {
             .iter()
             .map(|(group, key)| (group.clone(), key.clone()))
             .collect();
-        let max_pending = self.max_pending;
+        let limits = self.limits;
         let connecting = self.runtime.spawn(async move {
             let connection = Connection::connect(
                 &url,
@@ -317,7 +315,7 @@ impl RabbitBroker {
                 )
                 .await?;
             for (group, binding_key) in &groups {
-                declare_group_queue(&publisher, group, binding_key, max_pending).await?;
+                declare_group_queue(&publisher, group, binding_key, &limits).await?;
             }
             lapin::Result::Ok((connection, publisher))
         });
@@ -373,7 +371,7 @@ impl RabbitBroker {
             &channel,
             &subscription.group,
             &binding_key,
-            self.max_pending,
+            &self.limits,
         )
         .await
         .map_err(classify)?;
@@ -395,6 +393,7 @@ impl RabbitBroker {
             consumer,
             channel: Arc::new(ChannelGuard(channel)),
             group: subscription.group.clone(),
+            limits: self.limits,
         })
     }
 
@@ -422,7 +421,7 @@ impl RabbitBroker {
             .is_ok();
         let _ = probe.close(200, "done".into()).await;
         let channel = connection.create_channel().await.map_err(classify)?;
-        for name in [queue, format!("wharf.dead.{group}")] {
+        for name in [queue, dead_queue(group), owner_queue(group)] {
             channel
                 .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await
@@ -432,15 +431,51 @@ impl RabbitBroker {
         Ok(existed)
     }
 
-    /// Up to `limit` dead letters of `group`, oldest first: read and put
-    /// back (unacknowledged, so RabbitMQ requeues them in place).
-    pub async fn dead_letters(&self, group: &str, limit: usize) -> BrokerResult<Vec<DeadLetter>> {
+    /// Records `service` as the group's owner unless it has one; the owner.
+    pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await.map_err(classify)?;
-        let queue = declare_dead_queue(&channel, group).await?;
+        let answer = claim_on(&channel, group, service).await;
+        let _ = channel.close(200, "done".into()).await;
+        answer
+    }
+
+    /// How many dead letters the group has (a passive declare's count).
+    pub async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
+        let (connection, _) = self.link().await?;
+        // A passive declare of a missing queue closes its channel.
+        let channel = connection.create_channel().await.map_err(classify)?;
+        let declared = channel
+            .queue_declare(
+                dead_queue(group).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(declared.map_or(0, |queue| u64::from(queue.message_count())))
+    }
+
+    /// A page of the group's dead letters, oldest first: read and put back
+    /// (unacknowledged, so RabbitMQ requeues them in place). A queue has no
+    /// sequence numbers, so a position is an index from the head: reading
+    /// after it walks past the earlier letters (holding none of them).
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        query: DeadLetterQuery,
+    ) -> BrokerResult<Vec<DeadLetter>> {
+        let (connection, _) = self.link().await?;
+        let channel = connection.create_channel().await.map_err(classify)?;
+        let queue = declare_dead_queue(&channel, group, &self.limits).await?;
         let mut letters = Vec::new();
         let mut last_tag = None;
-        while letters.len() < limit {
+        let first = query.after.map_or(0, |after| after.saturating_add(1));
+        let mut index = 0u64;
+        while letters.len() < query.limit {
             let got = channel
                 .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
                 .await
@@ -448,6 +483,11 @@ impl RabbitBroker {
             let Some(got) = got else { break };
             let delivery = got.delivery;
             last_tag = Some(delivery.delivery_tag);
+            let position = index;
+            index += 1;
+            if position < first {
+                continue;
+            }
             let attempts = header_text(&delivery.properties, header::ATTEMPT)
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
@@ -457,13 +497,14 @@ impl RabbitBroker {
                 .map_or(SystemTime::UNIX_EPOCH, |ms| {
                     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
                 });
+            let body_size = delivery.data.len() as u64;
+            let mut body = delivery.data;
+            body.truncate(query.body_limit);
             letters.push(DeadLetter {
                 group: group.to_string(),
-                message: message_of(
-                    delivery.routing_key.as_str(),
-                    &delivery.properties,
-                    delivery.data,
-                ),
+                message: message_of(delivery.routing_key.as_str(), &delivery.properties, body),
+                body_size,
+                position,
                 attempts,
                 reason,
                 dead_at,
@@ -568,16 +609,79 @@ fn inbox_queue(address: &str) -> &str {
     }
 }
 
-/// Declares `group`'s durable queue, bounded to `max_pending` messages,
-/// and binds it to the exchange with `binding_key`; returns its name.
+/// The queue of `group`'s dead letters.
+fn dead_queue(group: &str) -> String {
+    format!("wharf.dead.{group}")
+}
+
+/// The queue holding `group`'s owner.
+fn owner_queue(group: &str) -> String {
+    format!("wharf.owner.{group}")
+}
+
+/// Claims `group` for `service` on `channel`; the owner.
+async fn claim_on(channel: &Channel, group: &str, service: &str) -> BrokerResult<String> {
+    let queue = owner_queue(group);
+    declare_bounded_queue(channel, &queue, 1, None, "reject-publish")
+        .await
+        .map_err(classify)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(classify)?;
+    let claimed = publish_confirmed(
+        channel,
+        "",
+        &queue,
+        service.as_bytes(),
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await;
+    match claimed {
+        Ok(()) => return Ok(service.to_string()),
+        Err(BrokerError::Full(_)) => {}
+        Err(err) => return Err(err),
+    }
+    let got = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .map_err(classify)?;
+    let Some(got) = got else {
+        return Err(BrokerError::Other(format!(
+            "rabbitmq: the owner of group {group} could be neither written nor read"
+        )));
+    };
+    let owner = String::from_utf8_lossy(&got.delivery.data).into_owned();
+    channel
+        .basic_nack(
+            got.delivery.delivery_tag,
+            BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            },
+        )
+        .await
+        .map_err(classify)?;
+    Ok(owner)
+}
+
+/// Declares `group`'s durable queue, bounded by `limits`, and binds it to
+/// the exchange with `binding_key`; returns its name.
 async fn declare_group_queue(
     channel: &Channel,
     group: &str,
     binding_key: &str,
-    max_pending: i64,
+    limits: &MessagingLimits,
 ) -> lapin::Result<String> {
     let queue = group_queue(group);
-    declare_bounded_queue(channel, &queue, max_pending, "reject-publish").await?;
+    declare_bounded_queue(
+        channel,
+        &queue,
+        bound(limits.max_pending),
+        Some(bound(limits.max_group_bytes)),
+        "reject-publish",
+    )
+    .await?;
     channel
         .queue_bind(
             queue.as_str().into(),
@@ -590,25 +694,48 @@ async fn declare_group_queue(
     Ok(queue)
 }
 
-async fn declare_dead_queue(channel: &Channel, group: &str) -> BrokerResult<String> {
-    let queue = format!("wharf.dead.{group}");
-    declare_bounded_queue(channel, &queue, MAX_DEAD, "drop-head")
-        .await
-        .map_err(classify)?;
+async fn declare_dead_queue(
+    channel: &Channel,
+    group: &str,
+    limits: &MessagingLimits,
+) -> BrokerResult<String> {
+    let queue = dead_queue(group);
+    declare_bounded_queue(
+        channel,
+        &queue,
+        bound(limits.max_dead_letters),
+        Some(bound(limits.max_dead_bytes)),
+        "drop-head",
+    )
+    .await
+    .map_err(classify)?;
     Ok(queue)
 }
 
+/// A bound as a queue argument takes it.
+fn bound(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 /// Declares the durable queue `queue`, holding at most `max_length`
-/// messages; `overflow` is what RabbitMQ does past that (`reject-publish`:
-/// refuse new ones; `drop-head`: drop the oldest).
+/// messages and `max_bytes` bytes of bodies; `overflow` is what RabbitMQ
+/// does past that (`reject-publish`: refuse new ones; `drop-head`: drop the
+/// oldest).
 async fn declare_bounded_queue(
     channel: &Channel,
     queue: &str,
     max_length: i64,
+    max_bytes: Option<i64>,
     overflow: &str,
 ) -> lapin::Result<()> {
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
+    if let Some(max_bytes) = max_bytes {
+        arguments.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(max_bytes),
+        );
+    }
     arguments.insert("x-overflow".into(), long_string(overflow));
     channel
         .queue_declare(
@@ -674,6 +801,8 @@ pub struct RabbitConsumer {
     consumer: lapin::Consumer,
     channel: Arc<ChannelGuard>,
     group: String,
+    /// The bounds its dead-letter queue is declared with.
+    limits: MessagingLimits,
 }
 
 impl RabbitConsumer {
@@ -696,6 +825,7 @@ impl RabbitConsumer {
                     attempt,
                     channel: self.channel.clone(),
                     group: self.group.clone(),
+                    limits: self.limits,
                 })
             }
             Some(Err(err)) => Err(classify(err)),
@@ -711,6 +841,7 @@ pub struct RabbitDelivery {
     attempt: u32,
     channel: Arc<ChannelGuard>,
     group: String,
+    limits: MessagingLimits,
 }
 
 impl RabbitDelivery {
@@ -778,10 +909,11 @@ impl RabbitDelivery {
     }
 
     /// Copies the message to the group's dead-letter queue, then
-    /// acknowledges it.
-    pub async fn dead_letter(self, reason: &str) -> BrokerResult<()> {
+    /// acknowledges it. The queue drops its oldest letters itself: 0
+    /// pruned here.
+    pub async fn dead_letter(self, reason: &str) -> BrokerResult<u64> {
         let channel = &self.channel.0;
-        let queue = declare_dead_queue(channel, &self.group).await?;
+        let queue = declare_dead_queue(channel, &self.group, &self.limits).await?;
         let properties = properties_of(
             &self.message,
             &[
@@ -798,7 +930,8 @@ impl RabbitDelivery {
             .await
             .map_err(classify)?;
         publish_confirmed(channel, "", &queue, &self.message.body, properties).await?;
-        self.ack().await
+        self.ack().await?;
+        Ok(0)
     }
 }
 
