@@ -150,6 +150,7 @@ impl Host {
         let policy = HostPolicy {
             defaults,
             secrets: config.secret_sources.merged(&from_file.secrets),
+            bucket_quotas: from_file.bucket_quotas.clone(),
         };
         let backends = open_backends(&config, from_file, cluster_config.as_ref(), &metrics).await?;
         let (runtime, caches) = tokio::task::spawn_blocking(move || {

@@ -303,6 +303,12 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
 
+    /// A host name the admin endpoint answers to besides IP addresses and
+    /// localhost (a browser can be steered to a loopback endpoint through
+    /// any other name); repeatable, e.g. --admin-host wharf-admin.prod.svc.
+    #[arg(long = "admin-host", value_name = "NAME")]
+    admin_hosts: Vec<String>,
+
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM certificate
     /// chain; needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -647,10 +653,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
                     "admin deploys are disabled: no --admin-token-file or WHARF_ADMIN_TOKEN"
                 );
             }
-            Some(tokio::spawn(wharf::admin::serve(
+            Some(tokio::spawn(wharf::admin::serve_guarded(
                 host.clone(),
                 listener,
-                token,
+                wharf::admin::AdminGuard::new(token, &args.admin_hosts),
                 stopped(admin_stop_rx),
             )))
         }

@@ -278,7 +278,7 @@ async fn schedules_run_once_per_tick_and_messages_once_per_group_across_the_clus
     members[0].dir.install_bytes("pub.wasm", &messenger);
     members[0].dir.write(
         "rec.toml",
-        b"[keyvalue]\nbuckets = [\"msgs\"]\n[[trigger.message]]\ntopic = \"work.t\"\ngroup = \"workers\"\npath = \"/record\"\n",
+        b"[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"work.t\"]\n[[trigger.message]]\ntopic = \"work.t\"\ngroup = \"workers\"\npath = \"/record\"\n",
     );
     members[0].dir.install_bytes("rec.wasm", &messenger);
     let digest_of_messenger = wasm_digest(&messenger);
@@ -571,7 +571,7 @@ async fn a_host_killed_under_load_behind_haproxy_loses_no_request_and_no_message
         (
             "rec",
             "messenger",
-            "[limits]\ntimeout = \"2s\"\n[keyvalue]\nbuckets = [\"msgs\"]\n[[trigger.message]]\ntopic = \"lb.t\"\ngroup = \"lb\"\npath = \"/slow?ms=1000\"\n",
+            "[limits]\ntimeout = \"2s\"\n[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"lb.t\"]\n[[trigger.message]]\ntopic = \"lb.t\"\ngroup = \"lb\"\npath = \"/slow?ms=1000\"\n",
         ),
         ("hello", "hello", ""),
     ];

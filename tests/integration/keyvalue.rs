@@ -17,8 +17,8 @@ use crate::support::{
 
 /// The services every suite run deploys: `kv` (draft2) and `kv-draft`
 /// (draft) sharing `default`, with key and value limits small enough to
-/// reach, and `kv-small`, the only writer of a bucket with a small quota (a
-/// NATS bucket takes the quota of the service that creates it).
+/// reach, and `kv-small`, the only writer of `small`, a bucket whose own
+/// quota (set for the host in `wharf.toml`) is small.
 fn services() -> ServiceDir {
     let dir = ServiceDir::new();
     dir.install("kv", "kv");
@@ -31,16 +31,16 @@ buckets = ["default", "pages"]
 [limits]
 kv_key_size = "64B"
 kv_value_size = "2KiB"
-kv_bucket_quota = "1MiB"
 [config]
 greeting = "hello"
 [secrets]
 token = { env = "WHARF_KV_TEST_TOKEN" }
 "#,
     );
+    dir.write("kv-small.toml", b"[keyvalue]\nbuckets = [\"small\"]\n");
     dir.write(
-        "kv-small.toml",
-        b"[keyvalue]\nbuckets = [\"small\"]\n[limits]\nkv_bucket_quota = \"16KiB\"\n",
+        "wharf.toml",
+        b"[limits]\nkv_bucket_quota = \"1MiB\"\n[keyvalue]\nquotas = { small = \"16KiB\" }\n[secrets]\nenv = [\"WHARF_KV_TEST_TOKEN\"]\n",
     );
     dir.write(
         "kv-draft.toml",
@@ -403,6 +403,10 @@ async fn a_missing_secret_rejects_the_deployment_and_the_previous_version_keeps_
         "one"
     );
     dir.write(
+        "wharf.toml",
+        b"[secrets]\nenv = [\"WHARF_SURELY_UNSET_SECRET\"]\n",
+    );
+    dir.write(
         "svc.toml",
         b"[config]\nmode = \"two\"\n[secrets]\nkey = { env = \"WHARF_SURELY_UNSET_SECRET\" }\n",
     );
@@ -414,7 +418,7 @@ async fn a_missing_secret_rejects_the_deployment_and_the_previous_version_keeps_
     .await;
     let reason = server.host.registry().rejection("svc").unwrap().reason;
     assert!(
-        reason.contains("WHARF_SURELY_UNSET_SECRET is not set"),
+        reason.contains("secrets.key: the environment variable it names is not set"),
         "{reason}"
     );
     assert_eq!(

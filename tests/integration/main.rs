@@ -13,6 +13,7 @@ mod embed;
 mod hostile;
 mod keyvalue;
 mod languages;
+mod least_privilege;
 mod manifest;
 mod messaging;
 mod observability;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use wharf::Config;
 use wharf::capabilities::messaging::broker::{
-    BrokerChoice, DEFAULT_MAX_PENDING, DeadLetterQuery, DeadLetter, Broker,
+    Broker, BrokerChoice, DEFAULT_MAX_PENDING, DeadLetter, DeadLetterQuery,
 };
 
 use crate::support::{
@@ -329,14 +329,25 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
         limit: 10,
         body_limit: 1 << 20,
     };
-    assert_eq!(hub.broker().dead_letters(&group, after).await.map(|l| l.len()), Ok(0), "{label}");
+    assert_eq!(
+        hub.broker()
+            .dead_letters(&group, after)
+            .await
+            .map(|l| l.len()),
+        Ok(0),
+        "{label}"
+    );
     let cut = DeadLetterQuery {
         after: None,
         limit: 10,
         body_limit: 3,
     };
     let cut = hub.broker().dead_letters(&group, cut).await.unwrap();
-    assert_eq!((&cut[0].message.body[..], cut[0].body_size), (&b"poi"[..], 8), "{label}");
+    assert_eq!(
+        (&cut[0].message.body[..], cut[0].body_size),
+        (&b"poi"[..], 8),
+        "{label}"
+    );
     assert_eq!(letters[0].attempts, 3, "{label}");
     assert!(
         letters[0].reason.contains("500"),
@@ -758,7 +769,10 @@ async fn bad_triggers_are_rejected_with_the_key_and_the_old_version_keeps_runnin
     ] {
         dir.write(
             "rec.toml",
-            format!("[keyvalue]\nbuckets = [\"msgs\"]\n{manifest}").as_bytes(),
+            format!(
+                "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"bad.t\"]\n{manifest}"
+            )
+            .as_bytes(),
         );
         eventually(
             PATIENCE,

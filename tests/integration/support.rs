@@ -576,15 +576,22 @@ impl NatsServer {
 
     /// Starts one on `port` (for a host configured before its broker).
     pub fn start_on(port: u16) -> NatsServer {
+        NatsServer::start_with(port, &[])
+    }
+
+    /// Starts one on `port` with `extra` arguments (say `--user U --pass P`).
+    pub fn start_with(port: u16, extra: &[&str]) -> NatsServer {
         let dir = TempDir::new().expect("temp dir");
         let path = dir.path().to_path_buf();
         let program = server_program("nats-server", "nats-server");
+        let extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
         let server = ServerProcess::start("nats-server", port, STARTUP, move || {
             let mut command = Command::new(&program);
             command
                 .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
                 .arg("-sd")
-                .arg(&path);
+                .arg(&path)
+                .args(&extra);
             command
         });
         NatsServer { server, _dir: dir }

@@ -150,7 +150,7 @@ fn measure_wharf(
     std::fs::write(
         services.path().join("sink.toml"),
         format!(
-            "[[trigger.message]]\ntopic = \"bench.t\"\npath = \"/\"\n{}",
+            "[messaging]\nsubscribe = [\"bench.t\"]\n[[trigger.message]]\ntopic = \"bench.t\"\npath = \"/\"\n{}",
             if reuse {
                 "[instance]\nreuse = 10000\n"
             } else {
@@ -160,7 +160,7 @@ fn measure_wharf(
     )?;
     std::fs::write(
         services.path().join("lat.toml"),
-        "[[trigger.message]]\ntopic = \"bench.lat\"\npath = \"/latency\"\n",
+        "[messaging]\nsubscribe = [\"bench.lat\"]\n[[trigger.message]]\ntopic = \"bench.lat\"\npath = \"/latency\"\n",
     )?;
     let data_path = data.path().display().to_string();
     let wharf = WharfProcess::start(

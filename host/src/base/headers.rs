@@ -39,7 +39,12 @@ mod tests {
     #[test]
     fn regression_clients_cannot_claim_host_headers() {
         let mut headers = http::HeaderMap::new();
-        for name in [HOPS_HEADER, "x-wharf-group", "X-Wharf-Topic", "x-wharf-attempt"] {
+        for name in [
+            HOPS_HEADER,
+            "x-wharf-group",
+            "X-Wharf-Topic",
+            "x-wharf-attempt",
+        ] {
             headers.append(
                 http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 http::HeaderValue::from_static("forged"),

@@ -24,6 +24,8 @@ pub const DEFAULT_KV_KEY_SIZE: u64 = 1 << 10;
 pub const DEFAULT_KV_VALUE_SIZE: u64 = 1 << 20;
 /// Default most bytes one key-value bucket may hold: 100 MiB.
 pub const DEFAULT_KV_BUCKET_QUOTA: u64 = 100 << 20;
+/// Default most distinct buckets one service may open (per deployment).
+pub const DEFAULT_KV_MAX_BUCKETS: u32 = 64;
 
 /// The largest memory cap a service may ask for. Every pooled memory slot
 /// reserves address space for this much, so it is a host-wide ceiling.
@@ -49,9 +51,13 @@ pub struct Limits {
     pub kv_key_size: u64,
     /// Largest key-value value, in bytes.
     pub kv_value_size: u64,
-    /// Most bytes (keys and values) a bucket may hold when this service
-    /// writes to it.
+    /// Most bytes a bucket may hold (keys, values and a fixed overhead per
+    /// entry), whoever writes to it: the host's, never a manifest's (see
+    /// also `[keyvalue] quotas` in `wharf.toml` for single buckets).
     pub kv_bucket_quota: u64,
+    /// Most distinct buckets one service may open: the host's, never a
+    /// manifest's.
+    pub kv_max_buckets: u32,
 }
 
 impl Default for Limits {
@@ -65,6 +71,7 @@ impl Default for Limits {
             kv_key_size: DEFAULT_KV_KEY_SIZE,
             kv_value_size: DEFAULT_KV_VALUE_SIZE,
             kv_bucket_quota: DEFAULT_KV_BUCKET_QUOTA,
+            kv_max_buckets: DEFAULT_KV_MAX_BUCKETS,
         }
     }
 }
@@ -89,6 +96,8 @@ pub struct PartialLimits {
     pub kv_value_size: Option<u64>,
     /// See [`Limits::kv_bucket_quota`].
     pub kv_bucket_quota: Option<u64>,
+    /// See [`Limits::kv_max_buckets`].
+    pub kv_max_buckets: Option<u32>,
 }
 
 impl PartialLimits {
@@ -103,6 +112,7 @@ impl PartialLimits {
             kv_key_size: self.kv_key_size.unwrap_or(base.kv_key_size),
             kv_value_size: self.kv_value_size.unwrap_or(base.kv_value_size),
             kv_bucket_quota: self.kv_bucket_quota.unwrap_or(base.kv_bucket_quota),
+            kv_max_buckets: self.kv_max_buckets.unwrap_or(base.kv_max_buckets),
         }
     }
 }
@@ -119,6 +129,7 @@ pub struct LimitsTable {
     kv_key_size: Option<String>,
     kv_value_size: Option<String>,
     kv_bucket_quota: Option<String>,
+    kv_max_buckets: Option<i64>,
 }
 
 impl LimitsTable {
@@ -167,6 +178,18 @@ impl LimitsTable {
                 .kv_bucket_quota
                 .as_deref()
                 .map(|s| key("kv_bucket_quota", parse_size(s)))
+                .transpose()?,
+            kv_max_buckets: self
+                .kv_max_buckets
+                .map(|n| {
+                    key(
+                        "kv_max_buckets",
+                        u32::try_from(n)
+                            .ok()
+                            .filter(|n| (1..=100_000).contains(n))
+                            .ok_or_else(|| format!("{n} is not a whole number from 1 to 100000")),
+                    )
+                })
                 .transpose()?,
         })
     }

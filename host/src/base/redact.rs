@@ -73,19 +73,43 @@ mod tests {
     #[test]
     fn regression_every_backend_kind_hides_its_credentials() {
         for (given, shown) in [
-            ("nats://user:hunter2@127.0.0.1:4222", "nats://user:***@127.0.0.1:4222"),
-            ("tls://user:hunter2@nats.example:4222", "tls://user:***@nats.example:4222"),
+            (
+                "nats://user:hunter2@127.0.0.1:4222",
+                "nats://user:***@127.0.0.1:4222",
+            ),
+            (
+                "tls://user:hunter2@nats.example:4222",
+                "tls://user:***@nats.example:4222",
+            ),
             (
                 "nats://a:hunter2@h1:4222,nats://b:hunter2@h2:4222",
                 "nats://a:***@h1:4222,nats://b:***@h2:4222",
             ),
             ("nats://hunter2@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
-            ("redis://:hunter2@cache.example/0", "redis://:***@cache.example/0"),
-            ("rediss://default:hunter2@cache:6380", "rediss://default:***@cache:6380"),
-            ("redis://cache?password=hunter2&db=1", "redis://cache?password=***&db=1"),
-            ("amqp://guest:hunter2@broker/%2f", "amqp://guest:***@broker/%2f"),
-            ("amqps://guest:hunter2@broker:5671", "amqps://guest:***@broker:5671"),
-            ("kafka://user:hunter2@k1:9092,k2:9092", "kafka://user:***@k1:9092,k2:9092"),
+            (
+                "redis://:hunter2@cache.example/0",
+                "redis://:***@cache.example/0",
+            ),
+            (
+                "rediss://default:hunter2@cache:6380",
+                "rediss://default:***@cache:6380",
+            ),
+            (
+                "redis://cache?password=hunter2&db=1",
+                "redis://cache?password=***&db=1",
+            ),
+            (
+                "amqp://guest:hunter2@broker/%2f",
+                "amqp://guest:***@broker/%2f",
+            ),
+            (
+                "amqps://guest:hunter2@broker:5671",
+                "amqps://guest:***@broker:5671",
+            ),
+            (
+                "kafka://user:hunter2@k1:9092,k2:9092",
+                "kafka://user:***@k1:9092,k2:9092",
+            ),
             ("redis://cache.example", "redis://cache.example"),
             ("embedded", "embedded"),
             ("amqp://guest:p@ss@host/", "amqp://guest:***@host/"),

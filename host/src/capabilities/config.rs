@@ -60,9 +60,8 @@ impl SecretSources {
     ) -> Result<SecretSources, String> {
         let mut sources = SecretSources::default();
         for dir in dirs {
-            let canonical = std::fs::canonicalize(&dir).map_err(|err| {
-                format!("secret directory {}: {err}", dir.display())
-            })?;
+            let canonical = std::fs::canonicalize(&dir)
+                .map_err(|err| format!("secret directory {}: {err}", dir.display()))?;
             if !canonical.is_dir() {
                 return Err(format!(
                     "secret directory {} is not a directory",
@@ -80,10 +79,8 @@ impl SecretSources {
         }
         for pattern in env {
             let name = pattern.strip_suffix('*').unwrap_or(&pattern);
-            let valid = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            let valid =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !valid {
                 return Err(format!(
                     "secret variable {pattern:?}: use a variable name of letters, digits and '_', or a non-empty prefix ending in '*' (like \"ORDERS_*\")"
@@ -124,10 +121,12 @@ impl SecretSources {
 
     /// Whether variable `name` is handed out.
     pub fn allows_env(&self, name: &str) -> bool {
-        self.env.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => name == pattern,
-        })
+        self.env
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == pattern,
+            })
     }
 
     /// Whether the file that really is at `real_path` is handed out.
@@ -156,7 +155,8 @@ impl SecretSource {
             SecretSource::File(path) => {
                 if !path.is_absolute() {
                     return Err(
-                        "the file it names is not an absolute path; name the file by its full path".into(),
+                        "the file it names is not an absolute path; name the file by its full path"
+                            .into(),
                     );
                 }
                 let file = RegularFile::open(path).map_err(|_| {
@@ -168,7 +168,9 @@ impl SecretSource {
                     );
                 }
                 let bytes = file.read_to_end(MAX_SECRET_FILE).map_err(|_| {
-                    format!("the file it names cannot be read whole (at most {MAX_SECRET_FILE} bytes)")
+                    format!(
+                        "the file it names cannot be read whole (at most {MAX_SECRET_FILE} bytes)"
+                    )
                 })?;
                 let text = String::from_utf8(bytes)
                     .map_err(|_| "the file it names is not UTF-8 text".to_string())?;
@@ -379,7 +381,10 @@ mod tests {
             ["WHARF_TEST_SURELY_*".to_string()],
         )
         .unwrap();
-        assert_eq!(SecretSource::File(file).resolve(&sources).unwrap(), "s3cret");
+        assert_eq!(
+            SecretSource::File(file).resolve(&sources).unwrap(),
+            "s3cret"
+        );
         let missing = SecretSource::Env("WHARF_TEST_SURELY_UNSET_VARIABLE".into())
             .resolve(&sources)
             .unwrap_err();
@@ -403,17 +408,29 @@ mod tests {
             PathBuf::from("/proc/self/environ"),
             PathBuf::from("/etc/passwd"),
         ] {
-            let err = SecretSource::File(path.clone()).resolve(&sources).unwrap_err();
-            assert!(err.contains("not in a directory handed out"), "{}: {err}", path.display());
+            let err = SecretSource::File(path.clone())
+                .resolve(&sources)
+                .unwrap_err();
+            assert!(
+                err.contains("not in a directory handed out"),
+                "{}: {err}",
+                path.display()
+            );
             assert!(!err.contains("not yours") && !err.contains(&*path.to_string_lossy()));
         }
         let err = SecretSource::File("/dev/zero".into())
             .resolve(&SecretSources::new([PathBuf::from("/dev")], []).unwrap())
             .unwrap_err();
         assert!(err.contains("regular file"), "{err}");
-        let err = SecretSource::Env("HOME".into()).resolve(&sources).unwrap_err();
+        let err = SecretSource::Env("HOME".into())
+            .resolve(&sources)
+            .unwrap_err();
         assert!(err.contains("not handed out"), "{err}");
-        assert!(SecretSource::File("relative".into()).resolve(&sources).is_err());
+        assert!(
+            SecretSource::File("relative".into())
+                .resolve(&sources)
+                .is_err()
+        );
         assert!(sources.allows_env("APP_KEY") && !sources.allows_env("APPKEY"));
         assert!(SecretSources::new([], ["*".into()]).is_err());
         assert!(SecretSources::new([PathBuf::from("/")], []).is_err());

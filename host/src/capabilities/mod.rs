@@ -16,6 +16,7 @@
 pub mod config;
 pub mod keyvalue;
 pub mod messaging;
+pub mod nats;
 pub mod outbound;
 pub(crate) mod sqlite;
 

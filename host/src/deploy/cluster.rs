@@ -49,6 +49,7 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt as _;
 
+use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
 use crate::deploy::deployer::Deployer;
 use crate::deploy::deployment::{ServiceSpec, digest_of, validate_name};
 use crate::deploy::source::{MAX_COMPONENT_FILE, remove_service};
@@ -203,6 +204,8 @@ struct Stores {
 pub struct Cluster {
     config: ClusterConfig,
     host_id: String,
+    /// The shared connection to the cluster's NATS.
+    connection: Arc<NatsConnection>,
     jetstream: jetstream::Context,
     stores: tokio::sync::OnceCell<Stores>,
     synced: Mutex<HashMap<String, Synced>>,
@@ -232,31 +235,29 @@ impl Cluster {
     /// is down still starts, and joins when it is up).
     pub async fn connect(config: ClusterConfig) -> Result<Arc<Cluster>> {
         config.validate().map_err(|why| anyhow!(why))?;
-        let mut options = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(2))
-            .name("wharf-cluster");
-        if let Some(credentials) = &config.credentials {
-            let path = credentials.clone();
-            let text = tokio::task::spawn_blocking(move || {
-                crate::base::files::read_bounded_text(&path, MAX_CREDENTIALS_FILE)
-            })
+        let credentials = match &config.credentials {
+            Some(path) => {
+                let path = path.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        crate::base::files::read_bounded_text(&path, MAX_CREDENTIALS_FILE)
+                    })
+                    .await
+                    .context("reading NATS credentials")?
+                    .map_err(|why| anyhow!(why))
+                    .context("reading NATS credentials")?,
+                )
+            }
+            None => None,
+        };
+        let connection = NatsConnection::shared(&config.url, credentials.as_deref())
             .await
-            .context("reading NATS credentials")?
-            .map_err(|why| anyhow!(why))
-            .context("reading NATS credentials")?;
-            options = options
-                .credentials(&text)
-                .with_context(|| format!("parsing NATS credentials {}", credentials.display()))?;
-        }
-        let client = options
-            .connect(config.url.as_str())
-            .await
-            .with_context(|| format!("connecting to the cluster at {}", crate::base::redact::url(&config.url)))?;
+            .context("joining the cluster")?;
         let host_id = config.host_id.clone().unwrap_or_else(default_host_id);
         Ok(Arc::new(Cluster {
             host_id,
-            jetstream: jetstream::new(client),
+            jetstream: connection.jetstream().clone(),
+            connection,
             stores: tokio::sync::OnceCell::new(),
             synced: Mutex::new(HashMap::new()),
             failed: Mutex::new(BTreeMap::new()),
@@ -331,40 +332,22 @@ impl Cluster {
             .await
     }
 
-    /// The key-value bucket `bucket`, created if missing. Its stream is
-    /// created directly, as JetStream's key-value layer defines it, rather
-    /// than with `create_key_value`, which first asks for account details
-    /// in a form only NATS servers from 2.10 give (Debian's is 2.9).
+    /// The key-value bucket `bucket`, created if missing.
     async fn key_value(
         &self,
         bucket: String,
         history: i64,
         max_age: Duration,
     ) -> Result<kv::Store> {
-        let duplicate_window = if max_age.is_zero() {
-            Duration::from_secs(120)
-        } else {
-            max_age.min(Duration::from_secs(120))
+        let spec = KeyValueSpec {
+            history,
+            max_age,
+            ..KeyValueSpec::default()
         };
-        self.jetstream
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("KV_{bucket}"),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: history,
-                max_age,
-                max_bytes: -1,
-                storage: jetstream::stream::StorageType::File,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: jetstream::stream::DiscardPolicy::New,
-                duplicate_window,
-                num_replicas: 1,
-                ..Default::default()
-            })
+        self.connection
+            .key_value(&bucket, spec)
             .await
-            .map_err(|err| anyhow!("{err}"))?;
-        Ok(self.jetstream.get_key_value(&bucket).await?)
+            .map_err(|why| anyhow!(why))
     }
 
     /// Starts keeping `dir` and the index together, and the heartbeat.

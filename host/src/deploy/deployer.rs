@@ -168,7 +168,10 @@ impl Deployer {
 
     /// The host's policy in force: default limits, secret sources.
     pub(crate) fn policy(&self) -> Arc<HostPolicy> {
-        self.policy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Changes the host's policy (for deploys from now on).

@@ -2,6 +2,7 @@
 //! compilation, pre-instantiation and a trial instantiation, so a bad
 //! component is rejected here with a clear reason — never on its first request.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -107,6 +108,8 @@ pub struct ServiceConfig {
     pub messaging: MessagingGrant,
     /// What triggers it besides HTTP requests.
     pub triggers: Triggers,
+    /// The host's quotas of single buckets (over `limits.kv_bucket_quota`).
+    pub bucket_quotas: Arc<BTreeMap<String, u64>>,
 }
 
 impl ServiceConfig {
@@ -124,6 +127,7 @@ impl ServiceConfig {
             config: Arc::default(),
             messaging: MessagingGrant::default(),
             triggers: Triggers::default(),
+            bucket_quotas: Arc::default(),
         }
     }
 }
@@ -415,6 +419,8 @@ pub(crate) fn build(
                 key_size: limits.kv_key_size,
                 value_size: limits.kv_value_size,
                 bucket_quota: limits.kv_bucket_quota,
+                bucket_quotas: spec.config.bucket_quotas.clone(),
+                max_buckets: limits.kv_max_buckets,
             },
             keyvalue_metrics,
         ))),

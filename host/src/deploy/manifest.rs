@@ -206,6 +206,11 @@ impl Manifest {
             }
         }
         let limits = file.limits.validate()?;
+        if limits.kv_bucket_quota.is_some() || limits.kv_max_buckets.is_some() {
+            return Err(
+                "limits: kv_bucket_quota and kv_max_buckets are the host's to set ([limits] and [keyvalue] quotas in wharf.toml): a bucket's quota is the same for every service that writes to it".into(),
+            );
+        }
         let rules = file
             .outbound
             .allow
@@ -306,6 +311,7 @@ impl Manifest {
             config: Arc::new(ConfigValues::new(self.config.clone(), secrets)),
             messaging: self.messaging.clone(),
             triggers,
+            bucket_quotas: Arc::new(policy.bucket_quotas.clone()),
         })
     }
 }
@@ -319,6 +325,9 @@ pub struct HostPolicy {
     pub defaults: Limits,
     /// The directories and variables manifests may name as secret sources.
     pub secrets: SecretSources,
+    /// Quotas of single buckets (`[keyvalue] quotas`), over the default
+    /// `limits.kv_bucket_quota`.
+    pub bucket_quotas: BTreeMap<String, u64>,
 }
 
 impl HostPolicy {
@@ -327,6 +336,7 @@ impl HostPolicy {
         HostPolicy {
             defaults,
             secrets: SecretSources::default(),
+            bucket_quotas: BTreeMap::new(),
         }
     }
 }
@@ -342,6 +352,7 @@ impl HostPolicy {
 /// body = "4MiB"
 /// [keyvalue]
 /// backend = "redis://HOST:PORT"        # or "embedded" (default), "nats://…"
+/// quotas = { carts = "10MiB" }         # single buckets; others: [limits] kv_bucket_quota
 /// [messaging]
 /// backend = "nats://HOST:PORT"         # or "embedded" (default), "amqp://…"
 /// max_pending = 1000000                # deliveries waiting
@@ -429,10 +440,9 @@ impl HostMessagingTable {
         let count = |key: &str, value: Option<i64>| -> Result<Option<u64>, String> {
             value
                 .map(|n| {
-                    u64::try_from(n)
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| format!("messaging.{key}: {n} is not a whole number above 0"))
+                    u64::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!("messaging.{key}: {n} is not a whole number above 0")
+                    })
                 })
                 .transpose()
         };
@@ -442,9 +452,9 @@ impl HostMessagingTable {
         let publish_rate = match &self.publish_rate {
             None => None,
             Some(toml::Value::String(text)) if text == "unlimited" => Some(None),
-            Some(toml::Value::Integer(n)) => Some(Some(
-                count("publish_rate", Some(*n))?.unwrap_or_default(),
-            )),
+            Some(toml::Value::Integer(n)) => {
+                Some(Some(count("publish_rate", Some(*n))?.unwrap_or_default()))
+            }
             Some(_) => {
                 return Err(
                     "messaging.publish_rate: give messages per second per service (a whole number) or \"unlimited\"".into(),
@@ -474,6 +484,9 @@ impl HostMessagingTable {
 #[serde(deny_unknown_fields)]
 struct HostKeyValueTable {
     backend: Option<String>,
+    /// Quotas of single buckets, by name.
+    #[serde(default)]
+    quotas: BTreeMap<String, String>,
 }
 
 /// What `wharf.toml` sets.
@@ -495,6 +508,8 @@ pub struct HostSettings {
     pub secrets: SecretSources,
     /// The broker's bounds set under `[messaging]`.
     pub messaging_limits: PartialMessagingLimits,
+    /// Quotas of single buckets (`[keyvalue] quotas`).
+    pub bucket_quotas: BTreeMap<String, u64>,
 }
 
 /// Parses the value of `key`, if set, naming the key in the error.
@@ -519,6 +534,14 @@ impl HostFile {
             file.secrets.env,
         )
         .map_err(|why| format!("secrets: {why}"))?;
+        let mut bucket_quotas = BTreeMap::new();
+        for (bucket, quota) in &file.keyvalue.quotas {
+            crate::capabilities::keyvalue::validate_bucket_name(bucket)
+                .map_err(|why| format!("keyvalue.quotas: {why}"))?;
+            let quota =
+                parse_size(quota).map_err(|why| format!("keyvalue.quotas.{bucket}: {why}"))?;
+            bucket_quotas.insert(bucket.clone(), quota);
+        }
         let keyvalue = parse_key(file.keyvalue.backend, "keyvalue.backend", str::parse)?;
         let messaging_limits = file.messaging.limits()?;
         let messaging = parse_key(file.messaging.backend, "messaging.backend", str::parse)?;
@@ -551,6 +574,7 @@ impl HostFile {
             keep_resident,
             secrets,
             messaging_limits,
+            bucket_quotas,
         })
     }
 }
@@ -580,7 +604,10 @@ mod tests {
         ] {
             let err = Manifest::parse(text).unwrap_err();
             assert!(err.contains("secrets.db_password"), "{text}: {err}");
-            assert!(!err.contains("hunter2") && !err.contains("12345"), "{text}: {err}");
+            assert!(
+                !err.contains("hunter2") && !err.contains("12345"),
+                "{text}: {err}"
+            );
         }
         let manifest =
             Manifest::parse("[secrets]\na = { env = \"A\" }\nb = { file = \"/run/b\" }").unwrap();
@@ -697,6 +724,11 @@ mod tests {
                 "[instance]\nconcurrent = 4",
                 "instance.concurrent: 4 is more than instance.reuse (1)",
             ),
+            (
+                "[limits]\nkv_bucket_quota = \"100GiB\"",
+                "the host's to set",
+            ),
+            ("[limits]\nkv_max_buckets = 100000", "the host's to set"),
         ] {
             let err = Manifest::parse(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
@@ -707,7 +739,8 @@ mod tests {
     fn host_file_sets_default_limits() {
         let settings = HostFile::parse_here("[limits]\ntimeout = \"10s\"").unwrap();
         assert_eq!(settings.limits.timeout, Some(Duration::from_secs(10)));
-        let settings = HostFile::parse_here("[keyvalue]\nbackend = \"redis://127.0.0.1:1\"").unwrap();
+        let settings =
+            HostFile::parse_here("[keyvalue]\nbackend = \"redis://127.0.0.1:1\"").unwrap();
         assert_eq!(
             settings.keyvalue,
             Some(BackendChoice::Redis("redis://127.0.0.1:1".into()))
@@ -743,7 +776,10 @@ mod tests {
         for (text, needle) in [
             ("[messaging]\nmax_pending = 0\n", "messaging.max_pending"),
             ("[messaging]\nmax_bytes = \"lots\"\n", "messaging.max_bytes"),
-            ("[messaging]\npublish_rate = \"fast\"\n", "messaging.publish_rate"),
+            (
+                "[messaging]\npublish_rate = \"fast\"\n",
+                "messaging.publish_rate",
+            ),
         ] {
             let err = HostFile::parse_here(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
@@ -761,7 +797,8 @@ mod tests {
         assert_eq!(cluster.name, "prod");
         assert_eq!(cluster.credentials, Some("/srv/nats.creds".into()));
         assert_eq!(cluster.host_id, None);
-        let unnamed = HostFile::parse_here("[cluster]\nurl = \"nats://nats.example:4222\"\n").unwrap();
+        let unnamed =
+            HostFile::parse_here("[cluster]\nurl = \"nats://nats.example:4222\"\n").unwrap();
         assert_eq!(unnamed.cluster.unwrap().name, "default");
         for (text, needle) in [
             ("[cluster]\nurl = \"http://x\"\n", "cluster: cluster URL"),

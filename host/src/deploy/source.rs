@@ -270,8 +270,8 @@ pub(crate) fn read_shared(path: &Path) -> std::io::Result<Arc<[u8]>> {
         )));
     }
     let mut file = file.into_file();
-    let len = usize::try_from(len)
-        .map_err(|_| std::io::Error::other("the file is too large to read"))?;
+    let len =
+        usize::try_from(len).map_err(|_| std::io::Error::other("the file is too large to read"))?;
     let mut buffer = Arc::<[u8]>::new_uninit_slice(len);
     // A fresh Arc has no other owner.
     let Some(slots) = Arc::get_mut(&mut buffer) else {

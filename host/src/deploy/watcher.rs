@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::base::limits::{Limits, PartialLimits};
+use crate::capabilities::config::SecretSources;
 use crate::deploy::deployer::Deployer;
 use crate::deploy::deployer::EVENTS;
-use crate::capabilities::config::SecretSources;
 use crate::deploy::manifest::{HostPolicy, HostSettings, Manifest};
 use crate::deploy::source::{
     self, FileRole, HOST_FILE, Load, ServiceFingerprint, SourceOptions, file_role, scan_names,
@@ -88,6 +88,8 @@ struct DirState {
     host_file: PartialLimits,
     /// The secret sources `wharf.toml` hands out.
     host_file_secrets: SecretSources,
+    /// The quotas of single buckets `wharf.toml` sets.
+    host_file_quotas: std::collections::BTreeMap<String, u64>,
     /// What `wharf.toml` said when the host started about what is only
     /// read at start (backends and cluster: switching needs a restart).
     started_with: HostSettings,
@@ -123,10 +125,8 @@ impl DirState {
     fn policy(&self) -> HostPolicy {
         HostPolicy {
             defaults: self.defaults(),
-            secrets: self
-                .options
-                .secret_sources
-                .merged(&self.host_file_secrets),
+            secrets: self.options.secret_sources.merged(&self.host_file_secrets),
+            bucket_quotas: self.host_file_quotas.clone(),
         }
     }
 
@@ -164,13 +164,26 @@ impl DirState {
                     }
                 }
                 let limits = settings.limits;
-                if limits != self.host_file || settings.secrets != self.host_file_secrets {
+                let changed: Vec<&str> = [
+                    (limits != self.host_file, "default limits"),
+                    (settings.secrets != self.host_file_secrets, "secret sources"),
+                    (
+                        settings.bucket_quotas != self.host_file_quotas,
+                        "bucket quotas",
+                    ),
+                ]
+                .into_iter()
+                .filter_map(|(changed, what)| changed.then_some(what))
+                .collect();
+                if !changed.is_empty() {
                     tracing::info!(
                         file = HOST_FILE,
-                        "default limits or secret sources changed; re-checking every service"
+                        "{} changed; re-checking every service",
+                        changed.join(", ")
                     );
                     self.host_file = limits;
                     self.host_file_secrets = settings.secrets;
+                    self.host_file_quotas = settings.bucket_quotas;
                     self.applied.clear();
                     self.deployer.set_policy(self.policy());
                 }
@@ -552,6 +565,7 @@ pub(crate) async fn load_and_watch(
         deployer,
         host_file: settings.limits,
         host_file_secrets: settings.secrets.clone(),
+        host_file_quotas: settings.bucket_quotas.clone(),
         started_with: settings,
         applied: HashMap::new(),
         invalid_names: HashSet::new(),

@@ -28,11 +28,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use crate::capabilities::messaging::broker::{DeadLetterQuery, MAX_DEAD_LETTER_PAGE};
 use crate::deploy::source::{self, MAX_COMPONENT_FILE, MAX_TOML_FILE};
 use crate::deploy::upload::{self, AsyncStaging, InstallError, Staged};
-use crate::capabilities::messaging::broker::{DeadLetterQuery, MAX_DEAD_LETTER_PAGE};
 use crate::deploy::{ServiceSpec, check_header, validate_name};
 use crate::host::Host;
+use crate::ops::guard::Credentials;
 
 /// How long a PUT waits for its version to be serving.
 const DEPLOY_WAIT: Duration = Duration::from_secs(60);
@@ -40,18 +41,9 @@ const DEPLOY_WAIT: Duration = Duration::from_secs(60);
 /// Largest admin token file read.
 pub const MAX_TOKEN_FILE: u64 = 4 << 10;
 
-/// The bearer token that authorises admin writes.
-#[derive(Clone)]
-pub struct AdminToken(Arc<str>);
+pub use crate::ops::guard::{AdminGuard, AdminToken};
 
 impl AdminToken {
-    /// A token; leading and trailing whitespace is ignored. Empty is refused.
-    pub fn new(token: &str) -> Result<AdminToken> {
-        let token = token.trim();
-        anyhow::ensure!(!token.is_empty(), "the admin token is empty");
-        Ok(AdminToken(Arc::from(token)))
-    }
-
     /// Reads a token from a file (its whole content, trimmed; a regular
     /// file of at most [`MAX_TOKEN_FILE`] bytes).
     pub fn from_file(path: &std::path::Path) -> Result<AdminToken> {
@@ -59,30 +51,6 @@ impl AdminToken {
             .map_err(anyhow::Error::msg)
             .context("reading the admin token")?;
         AdminToken::new(&text).with_context(|| format!("in {}", path.display()))
-    }
-
-    /// Whether an `Authorization` header value carries this token, compared
-    /// in constant time.
-    fn accepts(&self, header: Option<&HeaderValue>) -> bool {
-        let Some(given) = header
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
-            return false;
-        };
-        let (given, expected) = (given.trim().as_bytes(), self.0.as_bytes());
-        given.len() == expected.len()
-            && given
-                .iter()
-                .zip(expected)
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0
-    }
-}
-
-impl std::fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(…)")
     }
 }
 
@@ -108,11 +76,24 @@ fn json_response(status: StatusCode, value: &Value) -> AdminResponse {
     response
 }
 
-/// Serves the admin endpoint on `listener` until `shutdown` resolves.
+/// Serves the admin endpoint on `listener` until `shutdown` resolves, with
+/// `token` (none: writes disabled) and no host names beyond IP literals and
+/// `localhost` (see [`serve_guarded`]).
 pub async fn serve(
     host: Host,
     listener: TcpListener,
     token: Option<AdminToken>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    serve_guarded(host, listener, AdminGuard::new(token, &[]), shutdown).await
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` resolves, every
+/// request passing `guard` (host names, token, failure budget) first.
+pub async fn serve_guarded(
+    host: Host,
+    listener: TcpListener,
+    guard: AdminGuard,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -123,7 +104,7 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -134,10 +115,14 @@ pub async fn serve(
                 }
             },
         };
-        let (host, token) = (host.clone(), token.clone());
+        let (host, guard) = (host.clone(), guard.clone());
         let service = service_fn(move |request: http::Request<Incoming>| {
-            let (host, token) = (host.clone(), token.clone());
-            async move { Ok::<_, std::convert::Infallible>(route(&host, token.as_ref(), request).await) }
+            let (host, guard) = (host.clone(), guard.clone());
+            let caller = Caller {
+                guard,
+                peer: peer.ip(),
+            };
+            async move { Ok::<_, std::convert::Infallible>(route(&host, &caller, request).await) }
         });
         let connection = graceful.watch(
             builder
@@ -156,35 +141,91 @@ pub async fn serve(
     Ok(())
 }
 
-/// The answer refusing a write (or a token check) that `request` may not
-/// make: writes disabled without a token, or a missing or wrong bearer
-/// token. `None`: it may.
-fn refuse_write<B>(
-    token: Option<&AdminToken>,
-    request: &http::Request<B>,
-) -> Option<AdminResponse> {
-    let Some(token) = token else {
-        return Some(text(
-            StatusCode::FORBIDDEN,
-            "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
-        ));
-    };
-    if token.accepts(request.headers().get(http::header::AUTHORIZATION)) {
-        return None;
+/// Who sent a request: the gate to check it against and its address.
+struct Caller {
+    guard: AdminGuard,
+    peer: std::net::IpAddr,
+}
+
+impl Caller {
+    /// The request's credentials (a wrong token counts against the address).
+    fn credentials<B>(&self, request: &http::Request<B>) -> Credentials {
+        self.guard.check(
+            request.headers().get(http::header::AUTHORIZATION),
+            self.peer,
+        )
     }
-    let mut response = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+
+    /// The answer refusing a write (or a token check) that `request` may
+    /// not make: writes disabled without a token, a missing or wrong bearer
+    /// token, or too many failures. `None`: it may.
+    fn refuse_write<B>(&self, request: &http::Request<B>) -> Option<AdminResponse> {
+        match self.credentials(request) {
+            Credentials::Valid => None,
+            Credentials::NoTokenConfigured => Some(text(
+                StatusCode::FORBIDDEN,
+                "admin writes are disabled: start wharf with --admin-token-file or WHARF_ADMIN_TOKEN",
+            )),
+            Credentials::Refused => Some(unauthorized()),
+            Credentials::Blocked(wait) => Some(blocked(wait)),
+        }
+    }
+
+    /// The answer refusing a read of what guests printed or sent when a
+    /// token is configured and `request` lacks it. `None`: it may.
+    fn refuse_private_read<B>(&self, request: &http::Request<B>) -> Option<AdminResponse> {
+        match self.credentials(request) {
+            Credentials::Valid | Credentials::NoTokenConfigured => None,
+            Credentials::Refused => Some(unauthorized()),
+            Credentials::Blocked(wait) => Some(blocked(wait)),
+        }
+    }
+}
+
+/// 401 with how to pass the token.
+fn unauthorized() -> AdminResponse {
+    let mut response = text(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token: send \"Authorization: Bearer TOKEN\" (wharf deploy/rm/status read it from --token-file or WHARF_ADMIN_TOKEN)",
+    );
     response.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer"),
     );
-    Some(response)
+    response
 }
 
-async fn route(
-    host: &Host,
-    token: Option<&AdminToken>,
-    request: http::Request<Incoming>,
-) -> AdminResponse {
+/// 429: this address failed too often.
+fn blocked(wait: Duration) -> AdminResponse {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut response = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("too many failed authentications from this address; try again in {seconds}s"),
+    );
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}
+
+async fn route(host: &Host, caller: &Caller, request: http::Request<Incoming>) -> AdminResponse {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(http::header::HOST)
+                .map(|v| v.to_str().unwrap_or("\u{0}").to_string())
+        });
+    if !caller.guard.allows_host(authority.as_deref()) {
+        tracing::warn!(client = %caller.peer, host = ?authority, "admin request refused: unknown Host");
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this admin endpoint answers to IP addresses, localhost and the names given with --admin-host; add this name there to reach it by it",
+        );
+    }
     let path = request.uri().path().to_string();
     match (request.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
@@ -201,9 +242,7 @@ async fn route(
         (&Method::GET, "/dashboard/state") => {
             // Log lines may carry what guests print: with a token
             // configured, they need it (the rest is what /services shows).
-            let logs = token.is_none_or(|token| {
-                token.accepts(request.headers().get(http::header::AUTHORIZATION))
-            });
+            let logs = caller.refuse_private_read(&request).is_none();
             let since = request.uri().query().and_then(|query| {
                 query
                     .split('&')
@@ -277,13 +316,13 @@ async fn route(
             // `wharf deploy` asks before streaming a large file, since a
             // refusal sent while the file is still being sent reaches the
             // client as a broken pipe instead of its reason.
-            match refuse_write(token, &request) {
+            match caller.refuse_write(&request) {
                 Some(refusal) => refusal,
                 None => text(StatusCode::OK, "token accepted"),
             }
         }
         (&Method::DELETE, _) if path.starts_with("/messages/groups/") => {
-            if let Some(refusal) = refuse_write(token, &request) {
+            if let Some(refusal) = caller.refuse_write(&request) {
                 return refusal;
             }
             delete_group(host, &path["/messages/groups/".len()..]).await
@@ -291,10 +330,8 @@ async fn route(
         (&Method::GET, _) if path.starts_with("/messages/dead/") => {
             // Dead letters carry message bodies: with a token configured,
             // reading them needs it like a write does.
-            if let Some(token) = token
-                && !token.accepts(request.headers().get(http::header::AUTHORIZATION))
-            {
-                return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            if let Some(refusal) = caller.refuse_private_read(&request) {
+                return refusal;
             }
             let group = &path["/messages/dead/".len()..];
             match DeadLetterParams::parse(request.uri().query()) {
@@ -307,10 +344,7 @@ async fn route(
             if *method != Method::PUT && *method != Method::DELETE {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE");
             }
-            if let Some(refusal) = refuse_write(token, &request) {
-                if refusal.status() == StatusCode::UNAUTHORIZED {
-                    tracing::warn!(method = %method, path = %path, "admin request refused: missing or wrong bearer token");
-                }
+            if let Some(refusal) = caller.refuse_write(&request) {
                 return refusal;
             }
             if let Err(reason) = validate_name(&name) {
@@ -396,7 +430,11 @@ impl DeadLetterParams {
             after: None,
             full_bodies: false,
         };
-        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
                 "limit" => {
@@ -850,14 +888,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_compare_exactly() {
-        let token = AdminToken::new(" s3cret\n").unwrap();
-        let header = |v: &str| HeaderValue::from_str(v).unwrap();
-        assert!(token.accepts(Some(&header("Bearer s3cret"))));
-        assert!(!token.accepts(Some(&header("Bearer s3cre"))));
-        assert!(!token.accepts(Some(&header("Bearer s3cretx"))));
-        assert!(!token.accepts(Some(&header("Basic s3cret"))));
-        assert!(!token.accepts(None));
-        assert!(AdminToken::new("  ").is_err());
+    fn regression_dead_letter_reads_are_bounded() {
+        let params = |query| DeadLetterParams::parse(Some(query));
+        assert!(params("limit=100000").unwrap_err().contains("1 to 100"));
+        assert_eq!(params("limit=100").unwrap().limit, 100);
+        // Whole bodies: ten letters at most.
+        let full = params("limit=100&bodies=full").unwrap();
+        assert_eq!((full.limit, full.full_bodies), (MAX_FULL_BODY_PAGE, true));
+        assert_eq!(params("after=7").unwrap().after, Some(7));
+        assert!(params("after=-1").is_err());
+        assert!(params("limt=5").is_err());
+        let default = DeadLetterParams::parse(None).unwrap();
+        assert_eq!(
+            (default.limit, default.after, default.full_bodies),
+            (20, None, false)
+        );
     }
 }

@@ -11,4 +11,5 @@ pub mod admin;
 pub mod check;
 pub mod client;
 pub mod dashboard;
+pub mod guard;
 pub mod scaffold;

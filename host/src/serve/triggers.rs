@@ -276,7 +276,11 @@ async fn consume(
     let mut reported_down = false;
     loop {
         let joined = async {
-            // A group is one service's: claimed (or found ours) first.
+            // Subscribed first, so the broker keeps the group's messages
+            // from now on even if the claim below has to wait for it; no
+            // message is handed out before the claim says the group is
+            // this service's (a consumer dropped unread loses nothing).
+            let consumer = hub.broker().subscribe(&subscription).await?;
             let owner = hub
                 .broker()
                 .claim_group(&subscription.group, &service)
@@ -284,7 +288,7 @@ async fn consume(
             if owner != service {
                 return Ok(Err(owner));
             }
-            hub.broker().subscribe(&subscription).await.map(Ok)
+            Ok(Ok(consumer))
         };
         let subscribed = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, joined).await {
             Ok(Ok(Ok(consumer))) => Ok(consumer),

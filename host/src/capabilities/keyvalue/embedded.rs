@@ -25,6 +25,7 @@ use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::oneshot;
 
+use crate::capabilities::keyvalue::ENTRY_OVERHEAD;
 use crate::capabilities::keyvalue::backend::{
     BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version, add_checked,
     parse_counter,
@@ -111,6 +112,7 @@ impl Embedded {
                  ) WITHOUT ROWID;",
             )
             .context("preparing the key-value store")?;
+        count_entry_overhead(&connection).context("upgrading the key-value store")?;
         let (jobs, receiver) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("wharf-kv-embedded".into())
@@ -324,9 +326,32 @@ fn run_batch(connection: &mut Connection, batch: &[Job]) -> Vec<BackendResult<Re
     }
 }
 
-/// The bytes `key` and `value` count against a bucket's quota.
+/// The bytes `key` and `value` count against a bucket's quota: both, and
+/// the per-entry overhead.
 fn footprint(key: &str, value_len: usize) -> i64 {
-    (key.len() + value_len) as i64
+    (key.len() + value_len) as i64 + ENTRY_OVERHEAD as i64
+}
+
+/// The store's format: 1 counted keys and values only; 2 also counts
+/// [`ENTRY_OVERHEAD`] per entry.
+const FORMAT: i64 = 2;
+
+/// Recounts every bucket's bytes with the per-entry overhead, once, for a
+/// store written before it was counted.
+fn count_entry_overhead(connection: &Connection) -> rusqlite::Result<()> {
+    let format: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if format >= FORMAT {
+        return Ok(());
+    }
+    connection.execute_batch(&format!(
+        "BEGIN;
+         DELETE FROM buckets;
+         INSERT INTO buckets (bucket, bytes)
+             SELECT bucket, SUM(length(CAST(key AS BLOB)) + length(value) + {ENTRY_OVERHEAD})
+             FROM kv GROUP BY bucket;
+         PRAGMA user_version = {FORMAT};
+         COMMIT;"
+    ))
 }
 
 fn stored_len(connection: &Connection, bucket: &str, key: &str) -> rusqlite::Result<Option<i64>> {
@@ -505,21 +530,63 @@ mod tests {
     #[tokio::test]
     async fn operations_and_quota() {
         let store = Embedded::open(None).unwrap();
-        store.set("b", "k", b"v", 100).await.unwrap();
+        // Each entry counts its key, its value and the overhead.
+        let quota = 100 + ENTRY_OVERHEAD;
+        store.set("b", "k", b"v", quota).await.unwrap();
         assert_eq!(store.get("b", "k").await.unwrap(), Some(b"v".to_vec()));
         assert!(store.exists("b", "k").await.unwrap());
         assert_eq!(store.get("other", "k").await.unwrap(), None);
-        let err = store.set("b", "big", &[0; 200], 100).await.unwrap_err();
+        let err = store.set("b", "big", &[0; 90], quota).await.unwrap_err();
         assert!(matches!(err, BackendError::Quota(_)), "{err}");
-        // Shrinking a value is always allowed; the count follows.
+        // Deleting frees the entry whole; the count follows.
         store.delete("b", "k").await.unwrap();
-        store.set("b", "big", &[0; 90], 100).await.unwrap();
+        store.set("b", "big", &[0; 90], quota).await.unwrap();
         assert_eq!(store.increment("b", "n", 5, 1000).await.unwrap(), 5);
         assert_eq!(store.increment("b", "n", -2, 1000).await.unwrap(), 3);
         assert!(matches!(
             store.increment("b", "big", 1, 1000).await.unwrap_err(),
             BackendError::Invalid(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn regression_many_small_entries_count_what_they_cost() {
+        let store = Embedded::open(None).unwrap();
+        // 1 KiB of quota: all hundred two-byte entries would have fit when
+        // only keys and values counted; with the per-entry overhead, 15 do.
+        let mut written = 0;
+        for i in 10..110 {
+            if store.set("b", &format!("{i}"), b"v", 1024).await.is_err() {
+                break;
+            }
+            written += 1;
+        }
+        assert_eq!(written, 1024 / (2 + ENTRY_OVERHEAD) as usize);
+    }
+
+    #[test]
+    fn a_store_from_before_the_overhead_is_recounted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.sqlite3");
+        {
+            let connection = sqlite::open(Some(&path), "test").unwrap();
+            connection
+                .execute_batch(
+                    "CREATE TABLE kv (bucket TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (bucket, key)) WITHOUT ROWID;
+                     CREATE TABLE buckets (bucket TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
+                     INSERT INTO kv VALUES ('b', 'k1', x'0102'), ('b', 'k2', x'03');
+                     INSERT INTO buckets VALUES ('b', 7);",
+                )
+                .unwrap();
+        }
+        drop(Embedded::open(Some(&path)).unwrap());
+        let connection = sqlite::open(Some(&path), "test").unwrap();
+        let bytes: i64 = connection
+            .query_row("SELECT bytes FROM buckets WHERE bucket = 'b'", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(bytes, 7 + 2 * ENTRY_OVERHEAD as i64);
     }
 
     #[tokio::test]

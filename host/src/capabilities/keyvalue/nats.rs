@@ -27,14 +27,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use async_nats::jetstream;
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt as _;
 
 use crate::capabilities::keyvalue::backend::{
     BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version, add_checked,
     parse_counter,
 };
+use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
 
 /// Attempts at an increment before giving up under contention (from other
 /// hosts: this host's increments of one key are coalesced).
@@ -57,7 +57,8 @@ pub const SIZE_FRESH_FOR: Duration = Duration::from_millis(250);
 
 /// The NATS JetStream KV backend.
 pub struct NatsKv {
-    client: async_nats::Client,
+    /// The shared connection.
+    connection: Arc<NatsConnection>,
     jetstream: jetstream::Context,
     /// Buckets opened so far.
     buckets: Mutex<HashMap<String, kv::Store>>,
@@ -67,7 +68,6 @@ pub struct NatsKv {
     increments: Mutex<HashMap<(String, String), PendingIncrements>>,
     /// The limits buckets are created with.
     max_value_size: i32,
-    shown_url: String,
 }
 
 /// A JetStream key for a guest's key.
@@ -119,31 +119,24 @@ impl NatsKv {
     /// created with values up to `max_value_size` bytes. Connects in the
     /// background; must be called inside a Tokio runtime.
     pub async fn connect(url: &str, max_value_size: u64) -> Result<Arc<NatsKv>> {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(2))
-            .name("wharf")
-            .connect(url)
-            .await?;
-        let jetstream = jetstream::new(client.clone());
+        let connection = NatsConnection::shared(url, None).await?;
         Ok(Arc::new(NatsKv {
-            client,
-            jetstream,
+            jetstream: connection.jetstream().clone(),
+            connection,
             buckets: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
             increments: Mutex::new(HashMap::new()),
             max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
-            shown_url: crate::base::redact::url(url),
         }))
     }
 
     /// Whether the client is connected now.
     pub fn status(&self) -> BackendStatus {
-        let state = self.client.connection_state();
+        let (up, detail) = self.connection.state();
         BackendStatus {
             kind: "nats",
-            up: state == async_nats::connection::State::Connected,
-            detail: format!("{}: {state}", self.shown_url),
+            up,
+            detail,
         }
     }
 
@@ -151,17 +144,10 @@ impl NatsKv {
     /// background, and a request may come first); fails clearly if it is
     /// not, rather than holding the request.
     async fn connected(&self) -> BackendResult<()> {
-        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
-        while self.client.connection_state() != async_nats::connection::State::Connected {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(BackendError::Unavailable(format!(
-                    "nats: not connected to {}",
-                    self.shown_url
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(())
+        self.connection
+            .connected(CONNECT_WAIT)
+            .await
+            .map_err(|why| BackendError::Unavailable(format!("nats: {why}")))
     }
 
     fn cached(&self, bucket: &str) -> Option<kv::Store> {
@@ -206,37 +192,16 @@ impl NatsKv {
         if let Some(store) = self.lookup(bucket).await? {
             return Ok(store);
         }
-        // The stream behind a KV bucket, as JetStream's KV layer defines it.
-        // Created directly rather than with `create_key_value`, which first
-        // asks for account details in a form only servers from 2.10 give
-        // (Debian's NATS is 2.9).
         let name = format!("wharf-kv-{bucket}");
-        let created = self
-            .jetstream
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("KV_{name}"),
-                subjects: vec![format!("$KV.{name}.>")],
-                max_messages_per_subject: 1,
-                // No byte limit: see the module docs (quota checked by Wharf).
-                max_bytes: -1,
-                max_message_size: self.max_value_size,
-                storage: jetstream::stream::StorageType::File,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: jetstream::stream::DiscardPolicy::New,
-                num_replicas: 1,
-                ..Default::default()
-            })
-            .await;
-        if let Err(err) = created {
-            return Err(other(format!("{err}: {err:?}")));
-        }
+        let spec = KeyValueSpec {
+            max_value_size: self.max_value_size,
+            ..KeyValueSpec::default()
+        };
         let store = self
-            .jetstream
-            .get_key_value(&name)
+            .connection
+            .key_value(&name, spec)
             .await
-            .map_err(|err| other(format!("{err}: {err:?}")))?;
+            .map_err(other)?;
         self.remember(bucket, &store);
         Ok(store)
     }

@@ -29,13 +29,16 @@ use crate::capabilities::keyvalue::backend::{
 /// How often the server is pinged for the status.
 const HEALTH_EVERY: Duration = Duration::from_secs(2);
 
+// The scripts count an entry as its field, its value and 64 bytes: the
+// per-entry overhead, `ENTRY_OVERHEAD` (a test checks they agree).
+
 /// Writes a value if the bucket stays within its quota.
 /// KEYS: hash, bytes. ARGV: field, value, quota. Returns 1, or -1 over quota.
 const SET: &str = r"
 local old = redis.call('HSTRLEN', KEYS[1], ARGV[1])
 local had = redis.call('HEXISTS', KEYS[1], ARGV[1])
 local delta = string.len(ARGV[2]) - old
-if had == 0 then delta = delta + string.len(ARGV[1]) end
+if had == 0 then delta = delta + string.len(ARGV[1]) + 64 end
 local total = tonumber(redis.call('GET', KEYS[2]) or '0')
 if delta > 0 and total + delta > tonumber(ARGV[3]) then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -46,7 +49,7 @@ return 1
 /// Deletes a value and its bytes. KEYS: hash, bytes. ARGV: field.
 const DELETE: &str = r"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-local size = redis.call('HSTRLEN', KEYS[1], ARGV[1]) + string.len(ARGV[1])
+local size = redis.call('HSTRLEN', KEYS[1], ARGV[1]) + string.len(ARGV[1]) + 64
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('DECRBY', KEYS[2], size)
 return 1
@@ -63,7 +66,7 @@ if current then
   if number == nil or string.find(current, '^%-?%d+$') == nil then return {-2} end
   old = string.len(current)
 else
-  old = -string.len(ARGV[1])
+  old = -string.len(ARGV[1]) - 64
 end
 local value = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 local delta = string.len(tostring(value)) - old
@@ -87,7 +90,7 @@ elseif current ~= ARGV[3] then
   return 0
 end
 local old = 0
-if current then old = string.len(current) else old = -string.len(ARGV[1]) end
+if current then old = string.len(current) else old = -string.len(ARGV[1]) - 64 end
 local delta = string.len(ARGV[4]) - old
 local total = tonumber(redis.call('GET', KEYS[2]) or '0')
 if delta > 0 and total + delta > tonumber(ARGV[5]) then return -1 end
@@ -128,7 +131,6 @@ fn failed(err: redis::RedisError) -> BackendError {
         BackendError::Other(format!("redis: {err}"))
     }
 }
-
 
 impl RedisKv {
     /// A backend for the server at `url`. Connects lazily: a server that is
@@ -377,6 +379,18 @@ async fn health(backend: std::sync::Weak<RedisKv>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scripts_count_the_entry_overhead() {
+        let overhead = crate::capabilities::keyvalue::ENTRY_OVERHEAD.to_string();
+        for script in [SET, DELETE, INCREMENT, SWAP] {
+            assert!(
+                script.contains(&format!(" {overhead} "))
+                    || script.contains(&format!(" {overhead}\n")),
+                "{script}"
+            );
+        }
+    }
 
     #[test]
     fn urls_are_shown_without_passwords() {

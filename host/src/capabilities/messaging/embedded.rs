@@ -35,8 +35,8 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{Notify, oneshot};
 
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message,
-    MessagingLimits, Subscription,
+    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message, MessagingLimits,
+    Subscription,
 };
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::sqlite::{self, in_savepoint, in_transaction};
@@ -63,8 +63,7 @@ fn now_ms() -> i64 {
 
 /// The bytes a stored message (a row of `messages` or `dead`) counts, in
 /// SQL: what [`Message::stored_size`] counts.
-const STORED_SIZE: &str =
-    "(length(body) + length(CAST(topic AS BLOB)) + CASE WHEN metadata = '[]' THEN 0 ELSE length(CAST(metadata AS BLOB)) END)";
+const STORED_SIZE: &str = "(length(body) + length(CAST(topic AS BLOB)) + CASE WHEN metadata = '[]' THEN 0 ELSE length(CAST(metadata AS BLOB)) END)";
 
 /// One leased delivery, as the store thread hands it out.
 struct Leased {
@@ -583,7 +582,10 @@ impl Usage {
         ))?;
         let groups = statement
             .query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?.max(0) as u64))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?.max(0) as u64,
+                ))
             })?
             .collect::<rusqlite::Result<HashMap<_, _>>>()?;
         Ok(Usage {
@@ -642,8 +644,8 @@ impl StoreThread {
                 .iter()
                 .map(|(op, _)| {
                     // A failed operation leaves nothing behind.
-                    in_savepoint(connection, sql, |connection| apply(connection, op, &state))
-                        .map(|(reply, effect)| {
+                    in_savepoint(connection, sql, |connection| apply(connection, op, &state)).map(
+                        |(reply, effect)| {
                             state.pending = state.pending.saturating_add_signed(effect.pending);
                             state.usage.apply(&effect);
                             if effect.remeasure
@@ -658,7 +660,8 @@ impl StoreThread {
                                 state.bindings.retain(|(g, _)| *g != group);
                             }
                             reply
-                        })
+                        },
+                    )
                 })
                 .collect::<Vec<_>>()
         });
@@ -803,10 +806,9 @@ fn apply(connection: &Connection, op: &Op, state: &State) -> BrokerResult<(Reply
                     state.usage.total, limits.max_bytes
                 )));
             }
-            if let Some(group) = groups
-                .iter()
-                .find(|group| state.usage.group(group).saturating_add(size) > limits.max_group_bytes)
-            {
+            if let Some(group) = groups.iter().find(|group| {
+                state.usage.group(group).saturating_add(size) > limits.max_group_bytes
+            }) {
                 return Err(BrokerError::Full(format!(
                     "group {group} has {} bytes of messages waiting, its most is {}",
                     state.usage.group(group),
@@ -1030,7 +1032,7 @@ fn apply(connection: &Connection, op: &Op, state: &State) -> BrokerResult<(Reply
                      FROM dead WHERE grp = ?1 AND rowid > ?2 ORDER BY rowid LIMIT ?3",
                 )
                 .map_err(sql)?;
-            let after = query.after.map_or(0, |after| signed(after));
+            let after = query.after.map_or(0, signed);
             let body_limit = i64::try_from(query.body_limit).unwrap_or(i64::MAX);
             let letters = statement
                 .query_map(
@@ -1116,7 +1118,10 @@ mod tests {
         };
         // 32 KiB for the group: 7 messages of 4 KiB and a bit fit, not 8.
         assert_eq!(accepted, 7);
-        assert!(matches!(&err, BrokerError::Full(why) if why.contains("group slow")), "{err}");
+        assert!(
+            matches!(&err, BrokerError::Full(why) if why.contains("group slow")),
+            "{err}"
+        );
         // Another group still has room until the total bound.
         broker.subscribe(&subscription("other", "u")).await.unwrap();
         broker
@@ -1144,7 +1149,13 @@ mod tests {
                 .publish(Message::new("t", Bytes::from(format!("m{i}"))))
                 .await
                 .unwrap();
-            pruned += consumer.next().await.unwrap().dead_letter("no").await.unwrap();
+            pruned += consumer
+                .next()
+                .await
+                .unwrap()
+                .dead_letter("no")
+                .await
+                .unwrap();
         }
         assert_eq!(pruned, 2);
         assert_eq!(broker.count_dead_letters("g").await.unwrap(), 3);
@@ -1172,9 +1183,18 @@ mod tests {
     #[tokio::test]
     async fn a_group_belongs_to_the_service_that_claimed_it_first() {
         let broker = Arc::new(EmbeddedBroker::open(None, limits(10)).unwrap());
-        assert_eq!(broker.claim_group("billing", "billing").await.unwrap(), "billing");
-        assert_eq!(broker.claim_group("billing", "spy").await.unwrap(), "billing");
-        assert_eq!(broker.claim_group("billing", "billing").await.unwrap(), "billing");
+        assert_eq!(
+            broker.claim_group("billing", "billing").await.unwrap(),
+            "billing"
+        );
+        assert_eq!(
+            broker.claim_group("billing", "spy").await.unwrap(),
+            "billing"
+        );
+        assert_eq!(
+            broker.claim_group("billing", "billing").await.unwrap(),
+            "billing"
+        );
         broker.delete_group("billing").await.unwrap();
         assert_eq!(broker.claim_group("billing", "spy").await.unwrap(), "spy");
     }

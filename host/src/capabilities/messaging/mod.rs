@@ -298,18 +298,16 @@ impl MessagingAccess {
         self.check(&message.topic, &message.body)?;
         check_metadata(message)?;
         stamp(message, context);
-        self.quota
-            .take(message.stored_size())
-            .map_err(|wait| {
-                MessagingError::Broker(BrokerError::Quota(
-                    format!(
-                        "service {} publishes more than this host allows per second; try again in {}",
-                        self.service,
-                        humantime::format_duration(wait)
-                    ),
-                    wait,
-                ))
-            })?;
+        self.quota.take(message.stored_size()).map_err(|wait| {
+            MessagingError::Broker(BrokerError::Quota(
+                format!(
+                    "service {} publishes more than this host allows per second; try again in {}",
+                    self.service,
+                    humantime::format_duration(wait)
+                ),
+                wait,
+            ))
+        })?;
         let publish = self.hub.broker.publish(message.clone());
         match tokio::time::timeout_at(context.deadline.into(), publish).await {
             Ok(result) => result.map_err(MessagingError::Broker),
@@ -534,7 +532,7 @@ impl MessagingCtx {
             return Ok(());
         }
         Err(MessagingError::Denied(
-            "a service may reply only to a request delivered to it, while it handles that request"
+            "this service may not reply there: a service replies only to a request delivered to it, while it handles that request"
                 .into(),
         ))
     }
@@ -700,7 +698,10 @@ mod tests {
         assert!(quota.take(10).is_ok());
         assert!(quota.take(10).is_ok());
         let wait = quota.take(10).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         let bytes = PublishQuota::new(None, Some(1000));
         // One largest message always fits an idle bucket...
         assert!(bytes.take(MAX_MESSAGE_SIZE as u64).is_ok());

@@ -38,10 +38,11 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message,
-    MessagingLimits, Subscription,
+    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message, MessagingLimits,
+    Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
+use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
 
 /// The stream holding every message.
 const STREAM: &str = "WHARF_MESSAGES";
@@ -152,6 +153,8 @@ fn message_of(subject_topic: &str, headers: Option<&HeaderMap>, payload: Bytes) 
 
 /// The NATS JetStream broker.
 pub struct NatsBroker {
+    /// The shared connection.
+    connection: Arc<NatsConnection>,
     client: async_nats::Client,
     jetstream: jetstream::Context,
     /// What bounds the streams.
@@ -163,7 +166,6 @@ pub struct NatsBroker {
     /// a message published while a trigger is still retrying to join is
     /// kept for it (the stream keeps a message only for existing consumers).
     groups: std::sync::Mutex<HashMap<String, consumer::pull::Config>>,
-    shown_url: String,
 }
 
 impl NatsBroker {
@@ -171,42 +173,32 @@ impl NatsBroker {
     /// streams bounded by `limits`. Connects in the background: a host whose
     /// NATS is down at start still starts.
     pub async fn connect(url: &str, limits: MessagingLimits) -> Result<Arc<NatsBroker>> {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(2))
-            .name("wharf-messaging")
-            .connect(url)
-            .await?;
-        let jetstream = jetstream::new(client.clone());
+        let connection = NatsConnection::shared(url, None).await?;
         Ok(Arc::new(NatsBroker {
-            client,
-            jetstream,
+            client: connection.client().clone(),
+            jetstream: connection.jetstream().clone(),
+            connection,
             limits,
             streams_ready: tokio::sync::Mutex::new(false),
             groups: std::sync::Mutex::new(HashMap::new()),
-            shown_url: crate::base::redact::url(url),
         }))
     }
 
     /// Whether the client is connected now.
     pub fn status(&self) -> BrokerStatus {
-        let state = self.client.connection_state();
+        let (up, detail) = self.connection.state();
         BrokerStatus {
             kind: "nats",
-            up: state == async_nats::connection::State::Connected,
-            detail: format!("{}: {state}", self.shown_url),
+            up,
+            detail,
         }
     }
 
     async fn connected(&self) -> BrokerResult<()> {
-        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
-        while self.client.connection_state() != async_nats::connection::State::Connected {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(unavailable(format!("not connected to {}", self.shown_url)));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(())
+        self.connection
+            .connected(CONNECT_WAIT)
+            .await
+            .map_err(unavailable)
     }
 
     /// Creates the two streams if they do not exist yet.
@@ -359,19 +351,10 @@ impl NatsBroker {
     /// The bucket of group owners, created on first use.
     async fn owners(&self) -> BrokerResult<jetstream::kv::Store> {
         self.connected().await?;
-        if let Ok(store) = self.jetstream.get_key_value(OWNERS_BUCKET).await {
-            return Ok(store);
-        }
-        self.jetstream
-            .create_key_value(jetstream::kv::Config {
-                bucket: OWNERS_BUCKET.to_string(),
-                history: 1,
-                storage: stream::StorageType::File,
-                num_replicas: 1,
-                ..Default::default()
-            })
+        self.connection
+            .key_value(OWNERS_BUCKET, KeyValueSpec::default())
             .await
-            .map_err(|err| classify(format!("creating bucket {OWNERS_BUCKET}: {err}")))
+            .map_err(classify)
     }
 
     /// Records `service` as the group's owner unless it has one (a create:

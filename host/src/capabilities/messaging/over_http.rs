@@ -196,6 +196,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn refusals_tell_when_to_come_back() {
+        let retry_after = |err: MessagingError| {
+            let response = refused(&err);
+            let header = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_string());
+            (response.status().as_u16(), header)
+        };
+        assert_eq!(
+            retry_after(MessagingError::Broker(BrokerError::Quota(
+                "q".into(),
+                Duration::from_millis(1500)
+            ))),
+            (429, Some("2".into()))
+        );
+        assert_eq!(
+            retry_after(MessagingError::Broker(BrokerError::Quota(
+                "q".into(),
+                Duration::ZERO
+            ))),
+            (429, Some("1".into()))
+        );
+        assert_eq!(
+            retry_after(MessagingError::Broker(BrokerError::Full("f".into()))),
+            (503, Some("1".into()))
+        );
+        assert_eq!(retry_after(MessagingError::Denied("d".into())), (403, None));
+    }
+
+    #[test]
     fn reply_within_is_parsed_from_the_query() {
         assert_eq!(reply_within(None), Ok(None));
         assert_eq!(reply_within(Some("a=1")), Ok(None));

@@ -52,8 +52,8 @@ use lapin::{
 
 use crate::base::redact::url as redact;
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message,
-    MessagingLimits, Subscription, new_message_id,
+    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message, MessagingLimits,
+    Subscription, new_message_id,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
 
@@ -222,7 +222,6 @@ pub struct RabbitBroker {
     shown_url: String,
 }
 
-
 impl RabbitBroker {
     /// A broker on the RabbitMQ server at `url`, queues bounded by
     /// `limits`. Connects on first use (and again after a failure): a host
@@ -367,14 +366,9 @@ impl RabbitBroker {
             .insert(subscription.group.clone(), binding_key.clone());
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await.map_err(classify)?;
-        let queue = declare_group_queue(
-            &channel,
-            &subscription.group,
-            &binding_key,
-            &self.limits,
-        )
-        .await
-        .map_err(classify)?;
+        let queue = declare_group_queue(&channel, &subscription.group, &binding_key, &self.limits)
+            .await
+            .map_err(classify)?;
         let prefetch = u16::try_from(subscription.prefetch.max(1)).unwrap_or(u16::MAX);
         channel
             .basic_qos(prefetch, BasicQosOptions::default())

@@ -1,0 +1,222 @@
+//! The one way Wharf talks to NATS, shared by the key-value backend, the
+//! broker and the cluster: a connection to a list of servers (any of which
+//! may be down; the client tries the others and reconnects in the
+//! background), its status for readiness, and the JetStream key-value
+//! buckets every user creates the same way.
+//!
+//! Connections are shared: every user naming the same servers with the same
+//! credentials gets the same client, so a host whose key-value store,
+//! broker and cluster all live on one NATS keeps one connection to it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, kv};
+use async_nats::{ConnectOptions, ServerAddr};
+
+use crate::base::redact;
+
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection to NATS and its JetStream context.
+pub struct NatsConnection {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    /// The servers, without credentials, for people.
+    shown: String,
+}
+
+/// What tells one shared connection from another: the servers as given and
+/// the credentials' text.
+type ConnectionKey = (String, Option<String>);
+
+/// Every connection still in use, by what it connects to.
+fn connections() -> &'static Mutex<HashMap<ConnectionKey, Weak<NatsConnection>>> {
+    static CONNECTIONS: std::sync::OnceLock<Mutex<HashMap<ConnectionKey, Weak<NatsConnection>>>> =
+        std::sync::OnceLock::new();
+    CONNECTIONS.get_or_init(Default::default)
+}
+
+/// Parses `list`, comma-separated NATS URLs (`nats://`, `tls://`, with
+/// optional credentials in each), into server addresses; an error names the
+/// bad entry without its credentials.
+pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, String> {
+    let servers: Vec<ServerAddr> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry.parse::<ServerAddr>().map_err(|err| {
+                format!("{} is not a NATS server address: {err}", redact::url(entry))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if servers.is_empty() {
+        return Err("no NATS server given".into());
+    }
+    Ok(servers)
+}
+
+impl NatsConnection {
+    /// The connection to the servers in `list` (comma-separated URLs) with
+    /// the NATS `credentials` file text, if any: an existing one if another
+    /// user already opened it, else a new one, which connects in the
+    /// background (a host whose NATS is down at start still starts).
+    pub async fn shared(list: &str, credentials: Option<&str>) -> Result<Arc<NatsConnection>> {
+        let servers = parse_servers(list).map_err(anyhow::Error::msg)?;
+        let key = (list.trim().to_string(), credentials.map(str::to_string));
+        if let Some(existing) = connections()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .and_then(Weak::upgrade)
+        {
+            return Ok(existing);
+        }
+        let mut options = ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(CONNECT_TIMEOUT)
+            .name("wharf");
+        if let Some(credentials) = credentials {
+            options = options
+                .credentials(credentials)
+                .context("the NATS credentials are not valid")?;
+        }
+        let shown = redact::url(list);
+        let client = options
+            .connect(servers)
+            .await
+            .with_context(|| format!("connecting to NATS at {shown}"))?;
+        let connection = Arc::new(NatsConnection {
+            jetstream: jetstream::new(client.clone()),
+            client,
+            shown,
+        });
+        let mut shared = connections().lock().unwrap_or_else(|e| e.into_inner());
+        shared.retain(|_, weak| weak.strong_count() > 0);
+        // Two users may have connected at once: the first one kept wins.
+        if let Some(existing) = shared.get(&key).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        shared.insert(key, Arc::downgrade(&connection));
+        Ok(connection)
+    }
+
+    /// The client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// The servers, without credentials.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// Whether the client is connected now, and a line saying so.
+    pub fn state(&self) -> (bool, String) {
+        let state = self.client.connection_state();
+        (
+            state == async_nats::connection::State::Connected,
+            format!("{}: {state}", self.shown),
+        )
+    }
+
+    /// Waits up to `wait` for the client to be connected (it connects in
+    /// the background, and a request may come first); an error says it is
+    /// not, rather than holding the caller.
+    pub async fn connected(&self, wait: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("not connected to {}", self.shown));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// The key-value bucket `bucket`, created as `spec` says if it is
+    /// missing. Its stream is created directly, as JetStream's key-value
+    /// layer defines it, rather than with `create_key_value`, which first
+    /// asks for account details in a form only servers from 2.10 give
+    /// (Debian's NATS is 2.9).
+    pub async fn key_value(&self, bucket: &str, spec: KeyValueSpec) -> Result<kv::Store, String> {
+        let duplicate_window = if spec.max_age.is_zero() {
+            Duration::from_secs(120)
+        } else {
+            spec.max_age.min(Duration::from_secs(120))
+        };
+        self.jetstream
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: spec.history,
+                max_age: spec.max_age,
+                max_bytes: -1,
+                max_message_size: spec.max_value_size,
+                storage: jetstream::stream::StorageType::File,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                duplicate_window,
+                num_replicas: spec.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| format!("creating bucket {bucket}: {err}"))?;
+        self.jetstream
+            .get_key_value(bucket)
+            .await
+            .map_err(|err| format!("opening bucket {bucket}: {err}"))
+    }
+}
+
+/// How a key-value bucket is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyValueSpec {
+    /// Values kept per key.
+    pub history: i64,
+    /// How long an entry lives (zero: for ever).
+    pub max_age: Duration,
+    /// Largest value (-1: the server's limit).
+    pub max_value_size: i32,
+    /// Servers holding a copy.
+    pub replicas: usize,
+}
+
+impl Default for KeyValueSpec {
+    fn default() -> Self {
+        KeyValueSpec {
+            history: 1,
+            max_age: Duration::ZERO,
+            max_value_size: -1,
+            replicas: 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_a_list_of_servers_is_parsed_one_by_one() {
+        let servers =
+            parse_servers("nats://127.0.0.1:4222, nats://user:pw@127.0.0.1:4223,tls://h:4224")
+                .unwrap();
+        assert_eq!(servers.len(), 3);
+        let err = parse_servers("nats://a:1,nats://user:hunter2@b:notaport").unwrap_err();
+        assert!(err.contains("nats://user:***@b:notaport"), "{err}");
+        assert!(!err.contains("hunter2"));
+        assert!(parse_servers(" , ").is_err());
+    }
+}
