@@ -22,6 +22,8 @@ use wharf::ops::client::{AdminClient, DEFAULT_ADMIN_URL, DeployOutcome, render_s
 use wharf::ops::scaffold::{self, Language};
 use wharf::{Config, Host};
 
+mod cli;
+
 /// Wharf: a serverless WebAssembly microservice host.
 ///
 /// Every NAME.wasm component in the services directory that exports
@@ -51,6 +53,9 @@ enum Command {
     /// Show a running host's services: generation, requests/s, errors,
     /// in-flight requests and the last deploy's result.
     Status(StatusArgs),
+    /// Develop a service project: build it, serve it, rebuild and hot-swap
+    /// it on every save, and show its log.
+    Dev(cli::dev::DevArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -374,6 +379,10 @@ fn main() -> Result<()> {
         Command::Deploy(args) => client_runtime()?.block_on(deploy(args)),
         Command::Rm(args) => client_runtime()?.block_on(remove(args)),
         Command::Status(args) => client_runtime()?.block_on(status(args)),
+        Command::Dev(args) => {
+            init_dev_logging()?;
+            client_runtime()?.block_on(cli::dev::run(args, shutdown_signal()))
+        }
     }
 }
 
@@ -542,6 +551,23 @@ fn init_logging(filter: Option<&str>, format: LogFormat) -> Result<()> {
         .with(json)
         // The dashboard's log lines and deploy history.
         .with(wharf::ops::dashboard::LogRingLayer)
+        .init();
+    Ok(())
+}
+
+/// `wharf dev`'s log: what the service prints, one line per request, deploys
+/// and every warning, without the noise of a production log.
+fn init_dev_logging() -> Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("warn,wharf::guest=info,wharf::access=info,wharf::deploy=info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .compact()
         .init();
     Ok(())
 }

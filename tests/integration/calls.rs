@@ -37,8 +37,11 @@ async fn the_gateway_merges_users_and_orders_in_process() {
     assert_eq!(doc["orders"].as_array().unwrap().len(), 3);
     assert_eq!(doc["users"][0]["name"], "Ada");
 
+    // One user: that user and their orders, not everyone.
     let (_, body) = get(&server.url("/gateway?user=1")).await.unwrap();
     let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["user"]["name"], "Ada", "{doc}");
+    assert!(doc.get("users").is_none(), "{doc}");
     let items: Vec<&str> = doc["orders"]
         .as_array()
         .unwrap()

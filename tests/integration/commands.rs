@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::support::{ServiceDir, WharfProcess, eventually, get, guest, guest_bytes};
 
-fn wharf(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn wharf(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
     command
         .args(args)
@@ -19,11 +19,11 @@ fn wharf(args: &[&str], env: &[(&str, &str)]) -> Output {
     command.output().expect("run wharf")
 }
 
-fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
@@ -261,7 +261,12 @@ async fn deploy_status_and_rm_drive_a_running_host() {
 }
 
 /// Runs a build step of a generated project, failing with its output.
-fn build_step(dir: &std::path::Path, program: &str, args: &[&str], path_first: Option<&str>) {
+pub(crate) fn build_step(
+    dir: &std::path::Path,
+    program: &str,
+    args: &[&str],
+    path_first: Option<&str>,
+) {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -288,7 +293,7 @@ fn build_step(dir: &std::path::Path, program: &str, args: &[&str], path_first: O
 }
 
 /// `wharf new NAME --lang LANG`, the printed next steps, and the project.
-fn new_project(name: &str, lang: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+pub(crate) fn new_project(name: &str, lang: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join(name);
     let output = wharf(
@@ -345,6 +350,23 @@ async fn serve_and_probe(name: &str, project: &std::path::Path, wasm: &std::path
     assert_eq!(echoed["bytes"], 12, "{echoed}");
     let (status, _) = get(&server.url(&format!("/{name}/nowhere"))).await.unwrap();
     assert_eq!(status, 404);
+    // Key-value and messaging out of the box: the template's own bucket and
+    // topics, granted by its own manifest, through its helper module.
+    for expected in [1, 2] {
+        let (status, body) = get(&server.url(&format!("/{name}/count"))).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let count: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(count["count"], expected, "{body}");
+    }
+    let response = crate::support::client()
+        .post(server.url(&format!("/{name}/publish")))
+        .body("an event")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let sent: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(sent["topic"], format!("{name}.events"), "{sent}");
 }
 
 fn workspace() -> std::path::PathBuf {

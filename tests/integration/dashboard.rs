@@ -186,6 +186,15 @@ async fn the_dashboard_shows_services_traffic_and_rejections_in_a_browser() {
             .is_some()
     })
     .await;
+    // At 1400 px the page fits its window: a wide table scrolls inside its
+    // section (it overflowed the page before).
+    let overflow = browser
+        .eval("return document.documentElement.scrollWidth - window.innerWidth;")
+        .await;
+    assert!(
+        overflow.as_i64().is_some_and(|px| px <= 0),
+        "the page is {overflow} px wider than its window"
+    );
     let artifact =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/artifacts/dashboard.png");
     browser.screenshot(&artifact).await;

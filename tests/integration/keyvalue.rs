@@ -99,6 +99,13 @@ async fn conformance(backend: BackendChoice) {
         204
     );
     assert_eq!(call(&server, "GET", "/kv/get?key=a", b"").await.1, "two");
+    // The empty name, which components built for wasmtime serve -Skeyvalue
+    // and wasmCloud open, is the bucket "default" (granted like any other).
+    assert_eq!(
+        call(&server, "GET", "/kv/get?bucket=&key=a", b"").await,
+        (200, "two".into()),
+        "{label}"
+    );
     assert_eq!(
         call(&server, "DELETE", "/kv/delete?key=a", b"").await.0,
         204

@@ -11,6 +11,7 @@ mod commands;
 mod dashboard;
 mod embed;
 mod hostile;
+mod javascript;
 mod keyvalue;
 mod languages;
 mod least_privilege;

@@ -867,7 +867,7 @@ async fn an_abandoned_group_holds_messages_until_the_admin_deletes_it() {
         assert_eq!(publish(&format!("m{i}")).await.0, 200);
     }
     let (status, body) = publish("one too many").await;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 503, "{body}\n{}", wharf.log());
     assert!(body.contains("full"), "{body}");
 
     let delete = |group: &str, token: Option<&str>| {

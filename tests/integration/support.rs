@@ -268,13 +268,24 @@ impl WharfProcess {
     /// one, removed with the process (tests never write to the user's data
     /// directory).
     pub fn start_with(configure: impl FnOnce(&mut Command)) -> WharfProcess {
+        WharfProcess::start_announcing("wharf: listening on ", configure)
+    }
+
+    /// Like [`start_with`](WharfProcess::start_with), for a command that
+    /// announces its address with a line starting with `announcement`
+    /// (`wharf dev` says "wharf dev: listening on ").
+    pub fn start_announcing(
+        announcement: &'static str,
+        configure: impl FnOnce(&mut Command),
+    ) -> WharfProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
         command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         configure(&mut command);
-        let data = (!command.get_args().any(|arg| arg == "--data-dir"))
+        let serves = command.get_args().next().is_some_and(|arg| arg == "serve");
+        let data = (serves && !command.get_args().any(|arg| arg == "--data-dir"))
             .then(|| TempDir::new().expect("a temporary data directory"));
         if let Some(data) = &data {
             command.arg("--data-dir").arg(data.path());
@@ -290,7 +301,7 @@ impl WharfProcess {
                     let Ok(line) = line else { break };
                     // The public listener's line (the admin one says "admin
                     // listening on").
-                    if let Some(addr) = line.strip_prefix("wharf: listening on ") {
+                    if let Some(addr) = line.strip_prefix(announcement) {
                         let _ = addr_tx.send(addr.trim().to_string());
                     }
                     let mut log = log.lock().unwrap();

@@ -5,6 +5,8 @@
 //! - `wit`: regenerate `wit/` from the WASI WIT in the `wasip2` crate.
 //! - `demo [--listen ADDR]`: build the guests, put them in
 //!   `examples/services/` and serve that directory.
+//! - `install`: put the release `wharf` (the demo's build) on the PATH, in
+//!   Cargo's bin directory.
 //! - `test`: build the guests, then run formatting and lint checks and every
 //!   test. This is what CI runs.
 //! - `bench reload`: reload and start-up times (see `reload.rs`).
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Some("guests") => build_guests_for(&args[1..]).map(|_| ()),
         Some("wit") => guests::regenerate_wit(),
         Some("demo") => demo(&args[1..]),
+        Some("install") => install(),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         _ => {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
                  guests [LANG...]    build the example and test guests (rust, js, python; default all)\n  \
                  wit                 regenerate wit/ from the wasip2 crate\n  \
                  demo [--listen A]   build the guests and serve examples/services\n  \
+                 install             put the release wharf on the PATH (~/.cargo/bin)\n  \
                  test                build the guests and run every check and test (CI)\n  \
                  bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
                  bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)\n  \
@@ -129,7 +133,7 @@ fn demo(args: &[String]) -> Result<()> {
     };
     eprintln!(
         "xtask: building the demo. The first run compiles Wharf in release mode and builds the \
-         Rust, JavaScript and Python services (about 15 minutes on a 2-core machine); later \
+         Rust, JavaScript and Python services (12 to 17 minutes on a 2-core machine); later \
          runs take seconds."
     );
     // Release: the demo is what people measure by hand.
@@ -194,7 +198,8 @@ fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
                  curl {base}/visits-py\n  \
                  curl -d '{{\"user_id\":1,\"item\":\"coffee\",\"amount_cents\":450}}' {base}/orders\n  \
                  curl {base}/billing   curl {base}/email   curl {base}/report   (triggered by the order)\n\
-                 Ctrl-C stops it.\n"
+                 Ctrl-C stops it. To use `wharf new`, `wharf dev` and the other commands, put this build on\n\
+                 the PATH with `cargo xtask install`.\n"
             );
         }
     }
@@ -236,6 +241,32 @@ fn test() -> Result<()> {
     run(cargo()
         .current_dir(&root)
         .args(["test", "--workspace", "--doc"]))
+}
+
+/// Copies the release `wharf` (built if needed: the demo's build) into
+/// Cargo's bin directory, which rustup put on the PATH — all or nothing,
+/// so a running `wharf` is never half overwritten.
+fn install() -> Result<()> {
+    let built = build_release_wharf()?;
+    let bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set: cannot tell where Cargo's bin directory is")?
+        .join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    let target = bin.join("wharf");
+    let temp = bin.join(".wharf.installing");
+    std::fs::copy(&built, &temp)
+        .with_context(|| format!("copying {} to {}", built.display(), temp.display()))?;
+    std::fs::File::open(&temp)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("syncing {}", temp.display()))?;
+    std::fs::rename(&temp, &target).with_context(|| format!("installing {}", target.display()))?;
+    eprintln!(
+        "xtask: installed {}; `wharf --version` works wherever ~/.cargo/bin is on the PATH (rustup put it there)",
+        target.display()
+    );
+    Ok(())
 }
 
 /// Builds the release `wharf` binary and returns its path.

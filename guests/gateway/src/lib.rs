@@ -3,6 +3,9 @@
 //! JSON — the classic "microservice 1 calls microservice 2" shape. Needs
 //! `allow = ["http://users.internal", "http://orders.internal"]` in its
 //! manifest.
+//!
+//! - `GET /` — every user and the orders: `{"users": [...], "orders": ...}`
+//! - `GET /?user=ID` — that user and their orders: `{"user": {...}, "orders": ...}`
 
 use kit::wasip2;
 use serde_json::{Value, json};
@@ -24,14 +27,16 @@ fn call(service: &str, path: &str) -> Result<Value, (u16, String)> {
 impl wasip2::exports::http::incoming_handler::Guest for Gateway {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_default();
-        let orders_path = match kit::query_param(&path, "user") {
-            Some(user) => format!("/?user={user}"),
-            None => "/".to_string(),
+        let merged = match kit::query_param(&path, "user") {
+            Some(user) => call("users", &format!("/{user}")).and_then(|found| {
+                let orders = call("orders", &format!("/?user={user}"))?;
+                Ok(json!({"user": found, "orders": orders}))
+            }),
+            None => call("users", "/").and_then(|users| {
+                let orders = call("orders", "/")?;
+                Ok(json!({"users": users, "orders": orders}))
+            }),
         };
-        let merged = call("users", "/").and_then(|users| {
-            let orders = call("orders", &orders_path)?;
-            Ok(json!({"users": users, "orders": orders}))
-        });
         let json_type = &[("content-type", "application/json")];
         match merged {
             Ok(document) => kit::respond(out, 200, json_type, document.to_string().as_bytes()),

@@ -25,6 +25,7 @@ use crate::deploy::router::Route;
 use crate::deploy::tiering::{self, Compiled};
 use crate::deploy::triggers::Triggers;
 use crate::guest::engine::{MemoryInit, Runtime, Tier};
+use crate::guest::source_map::SourceMapper;
 use crate::guest::{Guest, GuestExports, GuestPolicy};
 
 /// The longest service name accepted.
@@ -110,7 +111,24 @@ pub struct ServiceConfig {
     pub triggers: Triggers,
     /// The host's quotas of single buckets (over `limits.kv_bucket_quota`).
     pub bucket_quotas: Arc<BTreeMap<String, u64>>,
+    /// How requests are presented to it (`[http]`).
+    pub http: HttpOptions,
 }
+
+/// How requests are presented to a guest: its manifest's `[http]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HttpOptions {
+    /// Show `x-request-id` and `traceparent` on every request, not only
+    /// when the client sent them (the host keeps correlating its logs and
+    /// propagating the trace on the guest's calls either way).
+    pub request_id_header: bool,
+    /// Tell the guest it may put error details in its 500s: the variable
+    /// `WHARF_EXPOSE_ERRORS=1` (never by default; `wharf dev` sets it).
+    pub expose_errors: bool,
+}
+
+/// The variable that tells a guest error details may go in its answers.
+pub const EXPOSE_ERRORS_VARIABLE: &str = "WHARF_EXPOSE_ERRORS";
 
 impl ServiceConfig {
     /// The configuration of a service without a manifest: mounted at
@@ -128,6 +146,7 @@ impl ServiceConfig {
             messaging: MessagingGrant::default(),
             triggers: Triggers::default(),
             bucket_quotas: Arc::default(),
+            http: HttpOptions::default(),
         }
     }
 }
@@ -413,6 +432,7 @@ pub(crate) fn build(
     let limits = spec.config.limits;
     let keyvalue = match (&backends.keyvalue, keyvalue_metrics) {
         (Some(backend), Some(keyvalue_metrics)) => Some(Arc::new(KeyValueAccess::new(
+            Arc::from(spec.name.as_str()),
             backend.clone(),
             spec.config.keyvalue.clone(),
             KeyValueLimits {
@@ -434,9 +454,15 @@ pub(crate) fn build(
             name.clone(),
         ))
     });
+    let source_map = SourceMapper::find(&name, &spec.wasm).map(Arc::new);
+    let mut env = spec.config.env.clone();
+    if spec.config.http.expose_errors {
+        env.retain(|(key, _)| key != EXPOSE_ERRORS_VARIABLE);
+        env.push((EXPOSE_ERRORS_VARIABLE.to_string(), "1".to_string()));
+    }
     let policy = GuestPolicy {
         name,
-        env: spec.config.env.clone(),
+        env,
         limits,
         outbound: spec.config.outbound.clone(),
         keyvalue,
@@ -444,6 +470,7 @@ pub(crate) fn build(
         messaging,
         reuse: spec.config.reuse,
         concurrent: spec.config.concurrent,
+        source_map,
     };
     Ok(Deployment {
         generation: 0,

@@ -26,6 +26,9 @@
 //! [messaging]
 //! publish = ["orders.*"]         # topics it may publish to
 //! subscribe = ["payments.*"]     # topics it may be triggered by (none without it)
+//! [http]
+//! request_id_header = true       # always show x-request-id and traceparent
+//! expose_errors = true           # WHARF_EXPOSE_ERRORS=1: error details in 500s
 //! [[trigger.message]]            # and [[trigger.schedule]]: see `triggers`
 //! topic = "payments.done"
 //! path = "/on-payment"
@@ -45,10 +48,10 @@ use crate::capabilities::messaging::MessagingGrant;
 use crate::capabilities::messaging::broker::{BrokerChoice, PartialMessagingLimits};
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
-use crate::deploy::ServiceConfig;
 use crate::deploy::cluster::ClusterConfig;
 use crate::deploy::router::Route;
 use crate::deploy::triggers::{TriggerTable, Triggers};
+use crate::deploy::{HttpOptions, ServiceConfig};
 use crate::guest::engine::Tiers;
 
 /// A manifest as written.
@@ -76,6 +79,16 @@ struct ManifestFile {
     messaging: MessagingTable,
     #[serde(default)]
     trigger: TriggerTable,
+    #[serde(default)]
+    http: HttpTable,
+}
+
+/// `[http]`: how requests are presented to the guest.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpTable {
+    request_id_header: Option<bool>,
+    expose_errors: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +185,8 @@ pub struct Manifest {
     pub messaging: MessagingGrant,
     /// What triggers it besides HTTP (groups not yet defaulted).
     pub triggers: Triggers,
+    /// How requests are presented to it.
+    pub http: HttpOptions,
 }
 
 /// Renders a TOML error as one line: `line N: message`.
@@ -279,6 +294,10 @@ impl Manifest {
             secrets,
             messaging,
             triggers,
+            http: HttpOptions {
+                request_id_header: file.http.request_id_header.unwrap_or(false),
+                expose_errors: file.http.expose_errors.unwrap_or(false),
+            },
         })
     }
 
@@ -312,6 +331,7 @@ impl Manifest {
             messaging: self.messaging.clone(),
             triggers,
             bucket_quotas: Arc::new(policy.bucket_quotas.clone()),
+            http: self.http,
         })
     }
 }

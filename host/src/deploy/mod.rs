@@ -27,6 +27,6 @@ pub mod watcher;
 pub use compiler::CompileTimes;
 pub use deployer::EVENTS;
 pub use deployment::{
-    CompileInfo, Deployment, MAX_NAME_LEN, RESERVED_NAMES, ServiceConfig, ServiceSpec,
-    check_header, digest_of, validate_name,
+    CompileInfo, Deployment, EXPOSE_ERRORS_VARIABLE, HttpOptions, MAX_NAME_LEN, RESERVED_NAMES,
+    ServiceConfig, ServiceSpec, check_header, digest_of, validate_name,
 };

@@ -17,6 +17,7 @@ use crate::capabilities::outbound::OutboundPolicy;
 use crate::guest::engine::EngineKind;
 use crate::guest::instance::WarmPool;
 use crate::guest::scheduler::ServiceCpu;
+use crate::guest::source_map::SourceMapper;
 use crate::guest::state::HostState;
 use crate::guest::worker::Workers;
 
@@ -43,6 +44,8 @@ pub struct Guest {
     reuse: u32,
     /// Requests one instance of a WASI 0.3 service may serve at once.
     concurrent: u32,
+    /// The source map the component carries, for its stack traces.
+    source_map: Option<Arc<SourceMapper>>,
     /// Which engine runs it (chosen by its size and WASI version).
     engine: EngineKind,
     /// The component, linked and ready to instantiate.
@@ -82,6 +85,8 @@ pub struct GuestPolicy {
     pub reuse: u32,
     /// See [`Guest::concurrent`].
     pub concurrent: u32,
+    /// See [`Guest::source_map`].
+    pub source_map: Option<Arc<SourceMapper>>,
 }
 
 /// The entry points a component exports, found once when it is deployed.
@@ -166,6 +171,7 @@ impl Guest {
             messaging: policy.messaging,
             reuse: policy.reuse,
             concurrent: policy.concurrent,
+            source_map: policy.source_map,
             engine,
             pre,
             exports,
@@ -197,6 +203,7 @@ impl Guest {
             messaging: self.messaging.clone(),
             reuse: self.reuse,
             concurrent: self.concurrent,
+            source_map: self.source_map.clone(),
             engine,
             pre,
             exports,
@@ -206,6 +213,11 @@ impl Guest {
             workers: Workers::default(),
             cpu: self.cpu.clone(),
         }
+    }
+
+    /// The source map the component carries, if any.
+    pub(crate) fn source_map(&self) -> Option<&Arc<SourceMapper>> {
+        self.source_map.as_ref()
     }
 
     /// The service name.

@@ -145,8 +145,19 @@ pub(crate) fn new_store(
 ) -> Store<HostState> {
     let service = guest.name_arc();
     let deadline = context.deadline;
-    let stdout = GuestOutput::new(Stream::Stdout, service.clone(), context.request_id.clone());
-    let stderr = GuestOutput::new(Stream::Stderr, service.clone(), context.request_id.clone());
+    let source_map = guest.source_map().cloned();
+    let stdout = GuestOutput::new(
+        Stream::Stdout,
+        service.clone(),
+        context.request_id.clone(),
+        source_map.clone(),
+    );
+    let stderr = GuestOutput::new(
+        Stream::Stderr,
+        service.clone(),
+        context.request_id.clone(),
+        source_map,
+    );
     let mut wasi = WasiCtx::builder();
     wasi.envs(guest.env())
         .stdout(stdout.clone())

@@ -14,6 +14,7 @@ pub mod engine;
 pub(crate) mod instance;
 pub mod invoke;
 pub mod scheduler;
+pub mod source_map;
 pub mod state;
 pub mod stdio;
 pub(crate) mod worker;

@@ -10,6 +10,8 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
+use crate::guest::source_map::SourceMapper;
+
 /// Bytes of output per stream and request that reach the log; the rest is
 /// dropped (the guest is not told) after one "truncated" line.
 pub const OUTPUT_BUDGET: usize = 64 * 1024;
@@ -42,12 +44,21 @@ pub(crate) struct GuestOutput {
 }
 
 impl GuestOutput {
-    pub(crate) fn new(stream: Stream, service: Arc<str>, request_id: Arc<str>) -> GuestOutput {
+    /// The output of `service`'s request `request_id` on `stream`; stack
+    /// frames in it are rewritten through `source_map`, if the component
+    /// carries one.
+    pub(crate) fn new(
+        stream: Stream,
+        service: Arc<str>,
+        request_id: Arc<str>,
+        source_map: Option<Arc<SourceMapper>>,
+    ) -> GuestOutput {
         GuestOutput {
             lines: Arc::new(Mutex::new(LineLog {
                 stream,
                 service,
                 request_id,
+                source_map,
                 pending: Vec::new(),
                 logged: 0,
                 truncated: false,
@@ -114,6 +125,8 @@ struct LineLog {
     stream: Stream,
     service: Arc<str>,
     request_id: Arc<str>,
+    /// Where the guest's stack frames really point.
+    source_map: Option<Arc<SourceMapper>>,
     pending: Vec<u8>,
     logged: usize,
     truncated: bool,
@@ -167,6 +180,10 @@ impl LineLog {
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches('\r');
+        let text = match &self.source_map {
+            Some(map) => map.rewrite(text),
+            None => std::borrow::Cow::Borrowed(text),
+        };
         tracing::info!(
             target: "wharf::guest",
             service = %self.service,
@@ -194,6 +211,7 @@ mod tests {
             stream: Stream::Stdout,
             service: "svc".into(),
             request_id: "r1".into(),
+            source_map: None,
             pending: Vec::new(),
             logged: 0,
             truncated: false,

@@ -36,8 +36,9 @@ impl std::str::FromStr for Language {
     }
 }
 
-/// The WASI 0.2 dependencies of the proxy world, at the version each
-/// toolchain implements.
+/// The WIT every project carries, self-contained (no symlinks): the WASI
+/// 0.2 dependencies of the proxy world at the version each toolchain
+/// implements, and wasi:keyvalue and wasi:config.
 macro_rules! wasi_deps {
     ($version:literal) => {
         &[
@@ -73,11 +74,25 @@ macro_rules! wasi_deps {
                 "wit/deps/sockets.wit",
                 include_str!(concat!("../../../wit/wasi-", $version, "/deps/sockets.wit")),
             ),
+            KEYVALUE_WIT,
+            CONFIG_WIT,
         ]
     };
 }
 
-type Files = &'static [(&'static str, &'static str)];
+type File = (&'static str, &'static str);
+type Files = &'static [File];
+
+/// wasi:keyvalue at the version Wharf's JavaScript, Python and Rust helpers use.
+const KEYVALUE_WIT: File = (
+    "wit/deps/keyvalue.wit",
+    include_str!("../../../wit/keyvalue-0.2.0-draft/keyvalue.wit"),
+);
+/// wasi:config likewise.
+const CONFIG_WIT: File = (
+    "wit/deps/config.wit",
+    include_str!("../../../wit/config-0.2.0-rc.1/config.wit"),
+);
 
 const RUST: Files = &[
     (
@@ -88,6 +103,53 @@ const RUST: Files = &[
         "src/lib.rs",
         include_str!("../../templates/rust/src/lib.rs"),
     ),
+    (
+        "src/wharf.rs",
+        include_str!("../../templates/rust/src/wharf.rs"),
+    ),
+    (
+        "wit/world.wit",
+        include_str!("../../templates/wit/capabilities.wit"),
+    ),
+    KEYVALUE_WIT,
+    CONFIG_WIT,
+    (".gitignore", "target/\n"),
+];
+/// The JavaScript runtime and build every JavaScript or TypeScript project
+/// carries in `wharf/`.
+const JS_RUNTIME: Files = &[
+    (
+        "wharf/index.js",
+        include_str!("../../templates/js-runtime/index.js"),
+    ),
+    (
+        "wharf/index.d.ts",
+        include_str!("../../templates/js-runtime/index.d.ts"),
+    ),
+    (
+        "wharf/globals.js",
+        include_str!("../../templates/js-runtime/globals.js"),
+    ),
+    (
+        "wharf/process.js",
+        include_str!("../../templates/js-runtime/process.js"),
+    ),
+    (
+        "wharf/url.js",
+        include_str!("../../templates/js-runtime/url.js"),
+    ),
+    (
+        "wharf/build.mjs",
+        include_str!("../../templates/js-runtime/build.mjs"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../../templates/js-runtime/gitignore"),
+    ),
+    (
+        "wit/service.wit",
+        include_str!("../../templates/wit/service-0.2.10.wit"),
+    ),
 ];
 const JAVASCRIPT: Files = &[
     (
@@ -96,10 +158,6 @@ const JAVASCRIPT: Files = &[
     ),
     ("build.mjs", include_str!("../../templates/js/build.mjs")),
     ("index.js", include_str!("../../templates/js/index.js")),
-    (
-        "wit/service.wit",
-        "package wharf:service;\n\nworld service {\n  include wasi:http/proxy@0.2.10;\n}\n",
-    ),
 ];
 const JAVASCRIPT_WIT: Files = wasi_deps!("0.2.10");
 const TYPESCRIPT: Files = &[
@@ -113,13 +171,10 @@ const TYPESCRIPT: Files = &[
     ),
     ("build.mjs", include_str!("../../templates/ts/build.mjs")),
     ("index.ts", include_str!("../../templates/ts/index.ts")),
-    (
-        "wit/service.wit",
-        "package wharf:service;\n\nworld service {\n  include wasi:http/proxy@0.2.10;\n}\n",
-    ),
 ];
 const PYTHON: Files = &[
     ("app.py", include_str!("../../templates/python/app.py")),
+    ("wharf.py", include_str!("../../templates/python/wharf.py")),
     (
         "pyproject.toml",
         include_str!("../../templates/python/pyproject.toml"),
@@ -127,8 +182,9 @@ const PYTHON: Files = &[
     ("build.sh", include_str!("../../templates/python/build.sh")),
     (
         "wit/service.wit",
-        "package wharf:service;\n\nworld service {\n  include wasi:http/proxy@0.2.12;\n}\n",
+        include_str!("../../templates/wit/service-0.2.12.wit"),
     ),
+    (".gitignore", "__pycache__/\n.venv/\n*.wasm\n"),
 ];
 const PYTHON_WIT: Files = wasi_deps!("0.2.12");
 const MANIFEST: &str = include_str!("../../templates/manifest.toml");
@@ -158,8 +214,8 @@ pub fn create(name: &str, language: Language, dir: &Path) -> Result<Project> {
     }
     let sets: &[Files] = match language {
         Language::Rust => &[RUST],
-        Language::JavaScript => &[JAVASCRIPT, JAVASCRIPT_WIT],
-        Language::TypeScript => &[TYPESCRIPT, JAVASCRIPT_WIT],
+        Language::JavaScript => &[JAVASCRIPT, JS_RUNTIME, JAVASCRIPT_WIT],
+        Language::TypeScript => &[TYPESCRIPT, JS_RUNTIME, JAVASCRIPT_WIT],
         Language::Python => &[PYTHON, PYTHON_WIT],
     };
     let mut files = Vec::new();
@@ -174,8 +230,10 @@ pub fn create(name: &str, language: Language, dir: &Path) -> Result<Project> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        std::fs::write(&target, text.replace("{{name}}", name))
-            .with_context(|| format!("writing {}", target.display()))?;
+        let text = text
+            .replace("{{name}}", name)
+            .replace("{{NAME}}", &name.to_ascii_uppercase().replace('-', "_"));
+        std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
         files.push(path.to_string());
     }
     #[cfg(unix)]
@@ -205,7 +263,7 @@ pub fn create(name: &str, language: Language, dir: &Path) -> Result<Project> {
         }
     };
     let next_steps = format!(
-        "cd {shown}\n  {build}\n  wharf check {artefact} --manifest {name}.toml --name {name}\n  cp {name}.toml path/to/services/ && cp {artefact} path/to/services/{name}.wasm   # a running `wharf serve` deploys it at /{name}\n  # or: wharf deploy {artefact} --manifest {name}.toml --name {name} --to http://HOST:ADMIN_PORT"
+        "cd {shown}\n  {build}\n  wharf dev                                # serve it at http://127.0.0.1:8080/{name}, rebuilt on every save\n  wharf check {artefact} --manifest {name}.toml --name {name}\n  wharf deploy {artefact} --manifest {name}.toml --name {name} --to http://HOST:ADMIN_PORT\n  # or copy {name}.toml and {artefact} (as {name}.wasm) into a directory `wharf serve` watches"
     );
     Ok(Project {
         dir: dir.to_path_buf(),
@@ -241,6 +299,22 @@ mod tests {
         assert!(package.contains("\"name\": \"orders\""), "{package}");
         assert!(!package.contains("{{name}}"));
         assert!(target.join("wit/deps/http.wit").is_file());
+        // Self-contained: real files, the whole world, the runtime.
+        for file in [
+            "wit/deps/keyvalue.wit",
+            "wit/deps/config.wit",
+            "wharf/index.js",
+        ] {
+            let meta = std::fs::symlink_metadata(target.join(file)).unwrap();
+            assert!(meta.is_file(), "{file}");
+        }
+        let world = std::fs::read_to_string(target.join("wit/service.wit")).unwrap();
+        assert!(world.contains("wasi:keyvalue/store@0.2.0-draft"), "{world}");
+        let manifest = std::fs::read_to_string(target.join("orders.toml")).unwrap();
+        assert!(
+            manifest.contains("ORDERS_API_KEY") && !manifest.contains("{{"),
+            "{manifest}"
+        );
         assert!(
             create("orders", Language::Rust, &target)
                 .unwrap_err()

@@ -102,7 +102,7 @@ impl Dispatcher {
             .unwrap_or_else(|| self.request_ids.take(&http::HeaderMap::new()));
         let trace = TraceContext::child_of(cause.trace.as_ref());
         let path = request.uri().path().to_string();
-        prepare_headers(&mut request, "/", &request_id);
+        prepare_headers(&mut request, "/", Some(&request_id));
         request
             .headers_mut()
             .insert(TRACEPARENT, trace.header_value());
@@ -181,6 +181,8 @@ impl Dispatcher {
         scheme: Scheme,
     ) -> http::Response<Body> {
         let started = Instant::now();
+        let sent_request_id = request.headers().contains_key(REQUEST_ID_HEADER);
+        let sent_trace = request.headers().contains_key(TRACEPARENT);
         let request_id = self.request_ids.take(request.headers());
         // Hop counts and delivery headers are the host's to set, not a
         // client's to claim.
@@ -210,10 +212,21 @@ impl Dispatcher {
             Err(reason) => return respond::text(StatusCode::BAD_REQUEST, &reason),
         };
         *request.uri_mut() = uri;
-        prepare_headers(&mut request, deployment.route().as_str(), &request_id);
-        request
-            .headers_mut()
-            .insert(TRACEPARENT, trace.header_value());
+        // The guest sees the request as the client sent it: the request id
+        // and trace context only if the client sent them (the trace as this
+        // hop's child span) or the manifest asks for them. Logs and the
+        // guest's own calls carry both either way.
+        let asked = deployment.config().http.request_id_header;
+        prepare_headers(
+            &mut request,
+            deployment.route().as_str(),
+            (sent_request_id || asked).then_some(&*request_id),
+        );
+        if sent_trace || asked {
+            request
+                .headers_mut()
+                .insert(TRACEPARENT, trace.header_value());
+        }
         let meta = RequestMeta {
             request_id,
             scheme,
@@ -273,6 +286,12 @@ impl Dispatcher {
         let method = request.method().clone();
         let mut response =
             invoke::invoke(self.deployer.runtime(), deployment.guest(), request, &meta).await;
+        if response.status() == StatusCode::INTERNAL_SERVER_ERROR
+            && deployment.config().http.expose_errors
+            && let Some(map) = deployment.guest().source_map()
+        {
+            response = map_error_body(response, map).await;
+        }
         response.headers_mut().insert(
             GENERATION_HEADER,
             HeaderValue::from(deployment.generation()),
@@ -295,6 +314,38 @@ impl Dispatcher {
         set_request_id(&mut response, &meta.request_id);
         response
     }
+}
+
+/// Largest error body whose stack frames are mapped to the original source.
+const MAX_MAPPED_ERROR: usize = 64 << 10;
+
+/// `response` (a 500 with error details, shown because the manifest asks
+/// for them) with the stack frames in its body moved to the original
+/// source through the component's source map, as the log shows them. A
+/// body too large, or not text, is passed on as it was.
+async fn map_error_body(
+    response: http::Response<Body>,
+    map: &crate::guest::source_map::SourceMapper,
+) -> http::Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    let collected = http_body_util::Limited::new(body, MAX_MAPPED_ERROR)
+        .collect()
+        .await;
+    let bytes = match collected {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return http::Response::from_parts(
+                parts,
+                respond::full("the error's details were too large to show"),
+            );
+        }
+    };
+    let mapped = match std::str::from_utf8(&bytes) {
+        Ok(text) => Bytes::from(map.rewrite(text).into_owned()),
+        Err(_) => bytes,
+    };
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    http::Response::from_parts(parts, respond::full(mapped))
 }
 
 /// What caused a triggered run: the request id and trace it continues.
@@ -359,9 +410,14 @@ fn rewrite_uri(original: &Uri, rest: &str) -> Result<Uri, String> {
     Uri::from_parts(parts).map_err(|err| format!("invalid request URI: {err}"))
 }
 
-/// Adds the forwarding headers, and a Host header if the request has no
-/// authority at all (HTTP/1.0, in-process calls), which wasi:http requires.
-fn prepare_headers(request: &mut http::Request<HyperIncomingBody>, route: &str, request_id: &str) {
+/// Adds the forwarding headers, the request id if given, and a Host header
+/// if the request has no authority at all (HTTP/1.0, in-process calls),
+/// which wasi:http requires.
+fn prepare_headers(
+    request: &mut http::Request<HyperIncomingBody>,
+    route: &str,
+    request_id: Option<&str>,
+) {
     let has_authority =
         request.uri().authority().is_some() || request.headers().contains_key(http::header::HOST);
     let headers = request.headers_mut();
@@ -373,7 +429,7 @@ fn prepare_headers(request: &mut http::Request<HyperIncomingBody>, route: &str, 
     {
         headers.insert(FORWARDED_PREFIX_HEADER, value);
     }
-    if let Ok(value) = HeaderValue::from_str(request_id) {
+    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         headers.insert(REQUEST_ID_HEADER, value);
     }
 }

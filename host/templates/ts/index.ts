@@ -1,31 +1,26 @@
 // {{name}}: a Wharf service. It answers
 //
-//   GET  /                -> a JSON greeting
+//   GET  /                -> a JSON greeting (its text from GREETING in {{name}}.toml)
 //   GET  /hello?name=Ada  -> a greeting for the query parameter
 //   POST /echo            -> the JSON body it was sent
+//   GET  /count           -> a counter kept in the "{{name}}" bucket
+//   POST /publish         -> publishes the body to {{name}}.events
 //   anything else         -> 404
 //
-// Wharf strips the service's route (/{{name}}) from the path first. This is
-// the fetch-event API: one Request in, one Response out, as in a service
-// worker. `tsc` compiles it to dist/index.js, which ComponentizeJS builds.
+// Wharf strips the service's route (/{{name}}) from the path first. A
+// handler gets a standard Request and returns a Response, text or JSON-able
+// data; `npm install` any package and import it (bundled at build time).
+import { serve, kv, env, publish, json, type Answer } from './wharf/index.js';
 
-interface FetchEvent extends Event {
-  readonly request: Request;
-  respondWith(response: Response | Promise<Response>): void;
-}
+type Route = (request: Request, url: URL) => Answer | Promise<Answer>;
 
-type Route = (request: Request, url: URL) => Response | Promise<Response>;
-
-const json = (value: unknown, status = 200): Response =>
-  new Response(JSON.stringify(value), {
-    status,
-    headers: { 'content-type': 'application/json' },
-  });
+const greeting = (): string => env.GREETING ?? 'Hello';
 
 const routes: Record<string, Route> = {
-  'GET /': () => json({ message: 'Hello from {{name}}!' }),
-  'GET /hello': (_request, url) =>
-    json({ message: `Hello, ${url.searchParams.get('name') ?? 'world'}!` }),
+  'GET /': () => ({ message: `${greeting()} from {{name}}!` }),
+  'GET /hello': (_request, url) => ({
+    message: `${greeting()}, ${url.searchParams.get('name') ?? 'world'}!`,
+  }),
   'POST /echo': async (request) => {
     const text = await request.text();
     let received: unknown;
@@ -34,20 +29,22 @@ const routes: Record<string, Route> = {
     } catch {
       return json({ error: 'the body is not JSON' }, 400);
     }
-    return json({ received, bytes: new TextEncoder().encode(text).length });
+    return { received, bytes: new TextEncoder().encode(text).length };
+  },
+  // State: the "{{name}}" bucket, granted in {{name}}.toml.
+  'GET /count': () => ({ count: kv.open('{{name}}').increment('count') }),
+  // Messages: {{name}}.events, granted in {{name}}.toml.
+  'POST /publish': async (request) => {
+    const sent = await publish('{{name}}.events', await request.text());
+    return json(sent, 202);
   },
 };
 
-addEventListener('fetch', (event) => {
-  const fetchEvent = event as FetchEvent;
-  fetchEvent.respondWith(
-    (async () => {
-      const url = new URL(fetchEvent.request.url);
-      const route = routes[`${fetchEvent.request.method} ${url.pathname}`];
-      if (!route) {
-        return json({ error: `no route for ${fetchEvent.request.method} ${url.pathname}` }, 404);
-      }
-      return route(fetchEvent.request, url);
-    })(),
-  );
+serve(async (request) => {
+  const url = new URL(request.url);
+  const route = routes[`${request.method} ${url.pathname}`];
+  if (!route) {
+    return json({ error: `no route for ${request.method} ${url.pathname}` }, 404);
+  }
+  return route(request, url);
 });

@@ -47,6 +47,9 @@ pub const PAGE_SIZE: usize = 1000;
 /// Longest bucket name.
 pub const MAX_BUCKET_NAME: usize = 64;
 
+/// The bucket the empty name opens.
+pub const DEFAULT_BUCKET: &str = "default";
+
 /// Checks a bucket name: 1–64 ASCII letters, digits, `-` or `_` (names that
 /// every backend can use as they are).
 pub fn validate_bucket_name(name: &str) -> Result<(), String> {
@@ -152,11 +155,17 @@ pub struct KeyValueAccess {
     /// `limits.max_buckets`, so `buckets = ["*"]` cannot mean unlimited
     /// buckets (each with its own quota).
     opened: std::sync::Mutex<BTreeSet<String>>,
+    /// The service, for the lines that explain a refusal.
+    service: Arc<str>,
+    /// Buckets whose refusal has been logged (once each per deployment).
+    refusals_logged: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl KeyValueAccess {
-    /// Access to `backend` within `grant` and `limits`, counted in `metrics`.
+    /// Access for `service` to `backend` within `grant` and `limits`,
+    /// counted in `metrics`.
     pub fn new(
+        service: Arc<str>,
         backend: Backend,
         grant: KeyValueGrant,
         limits: KeyValueLimits,
@@ -168,6 +177,26 @@ impl KeyValueAccess {
             limits,
             metrics,
             opened: std::sync::Mutex::new(BTreeSet::new()),
+            service,
+            refusals_logged: std::sync::Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Logs, once per bucket, that `bucket` is not granted and how to grant
+    /// it: the guest only gets `access-denied`, which says nothing of why.
+    fn explain_refusal(&self, bucket: &str) {
+        let first = self
+            .refusals_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bucket.to_string());
+        if first {
+            tracing::warn!(
+                service = %self.service,
+                bucket,
+                "bucket {bucket:?} is not granted to service {0}: add it to buckets under [keyvalue] in {0}.toml",
+                self.service
+            );
         }
     }
 
@@ -283,13 +312,21 @@ impl<'a> KeyValueView<'a> {
         self.ctx.access.as_ref().ok_or(Refusal::AccessDenied)
     }
 
-    /// Opens `name` if the grant allows it.
+    /// Opens `name` if the grant allows it. The empty name, which
+    /// `wasmtime serve -Skeyvalue` and wasmCloud's examples open, is the
+    /// bucket [`DEFAULT_BUCKET`], granted like any other.
     pub(crate) fn open(&mut self, name: String) -> Result<BucketHandle, Refusal> {
+        let name = if name.is_empty() {
+            DEFAULT_BUCKET.to_string()
+        } else {
+            name
+        };
         if validate_bucket_name(&name).is_err() {
             return Err(Refusal::NoSuchStore);
         }
         let access = self.access()?;
         if !access.grant.allows(&name) {
+            access.explain_refusal(&name);
             return Err(Refusal::AccessDenied);
         }
         access.note_opened(&name)?;
@@ -490,6 +527,7 @@ mod tests {
     #[test]
     fn regression_a_wildcard_grant_opens_a_bounded_number_of_buckets() {
         let access = KeyValueAccess::new(
+            Arc::from("svc"),
             Backend::Embedded(Arc::new(embedded::Embedded::open(None).unwrap())),
             KeyValueGrant::parse(&["*".into()]).unwrap(),
             limits(2),

@@ -3,11 +3,15 @@
 //! - `GET /` with a JSON greeting (its text from the GREETING variable),
 //! - `GET /hello?name=Ada` with a greeting for the query parameter,
 //! - `POST /echo` with the request body it was sent and its length,
+//! - `GET /count` with a counter kept in the `{{name}}` bucket,
+//! - `POST /publish` by publishing the body to `{{name}}.events`,
 //! - anything else with 404 and the method and path it did not know.
 //!
 //! Wharf strips the service's route (`/{{name}}`) from the path first.
 
 use std::io::{Read as _, Write as _};
+
+mod wharf;
 
 use wasip2::http::types::{
     Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -39,6 +43,21 @@ impl wasip2::exports::http::incoming_handler::Guest for Service {
                         body.len()
                     ),
                 )
+            }
+            // State: the "{{name}}" bucket, granted in {{name}}.toml.
+            (Method::Get, "/count") => match wharf::Bucket::open("{{name}}")
+                .and_then(|bucket| bucket.increment("count", 1))
+            {
+                Ok(count) => (200, format!(r#"{{"count":{count}}}"#)),
+                Err(why) => (500, format!(r#"{{"error":"{}"}}"#, json_escape(&why))),
+            },
+            // Messages: {{name}}.events, granted in {{name}}.toml.
+            (Method::Post, "/publish") => {
+                let body = read_body(&request);
+                match wharf::publish("{{name}}.events", &body, "text/plain") {
+                    Ok(sent) => (202, sent),
+                    Err(why) => (500, format!(r#"{{"error":"{}"}}"#, json_escape(&why))),
+                }
             }
             (method, path) => (
                 404,
