@@ -1,16 +1,14 @@
 //! Host-wide configuration: where services come from, the default limits,
 //! engine sizing and shutdown behaviour. Built by the CLI or by an embedder.
 
-use crate::deploy::cluster::ClusterConfig;
+use crate::deploy::source::cluster::ClusterConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::base::limits::{Limits, PartialLimits};
-use crate::capabilities::config::SecretSources;
-use crate::capabilities::keyvalue::backend::BackendChoice;
-use crate::capabilities::messaging::broker::{
-    BrokerChoice, MessagingLimits, PartialMessagingLimits,
-};
+use crate::capabilities::keyvalue::KeyValueChoice;
+use crate::capabilities::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
+use crate::capabilities::wasi_config::SecretSources;
 use crate::guest::engine::EngineOptions;
 
 /// How long shutdown waits for in-flight requests by default.
@@ -46,7 +44,7 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// The key-value backend; `None`: the one `wharf.toml` names, else the
     /// embedded store.
-    pub keyvalue: Option<BackendChoice>,
+    pub keyvalue: Option<KeyValueChoice>,
     /// The message broker; `None`: the one `wharf.toml` names, else the
     /// embedded broker.
     pub messaging: Option<BrokerChoice>,

@@ -14,22 +14,24 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::base::metrics::{BackendGauge, Metrics};
 use crate::base::respond::Body;
+use crate::capabilities::BackendStatus;
 use crate::capabilities::Backends;
-use crate::capabilities::keyvalue::backend::{BackendChoice, BackendStatus};
+use crate::capabilities::keyvalue::KeyValueChoice;
 use crate::capabilities::messaging::MessagingHub;
-use crate::capabilities::messaging::broker::BrokerChoice;
+use crate::capabilities::messaging::choice::BrokerChoice;
 use crate::config::Config;
-use crate::deploy::cache::CodeCaches;
-use crate::deploy::cluster::{Cluster, ClusterConfig};
-use crate::deploy::deployer::Deployer;
-use crate::deploy::manifest::{HostPolicy, HostSettings};
-use crate::deploy::registry::{Registry, Snapshot};
-use crate::deploy::source::SourceOptions;
-use crate::deploy::watcher::{self, DirWatcher, LoadReport, WatchOptions};
+use crate::deploy::build::cache::CodeCaches;
+use crate::deploy::install::deployer::Deployer;
+use crate::deploy::install::registry::{Registry, Snapshot};
+use crate::deploy::source::cluster::{Cluster, ClusterConfig};
+use crate::deploy::source::files::SourceOptions;
+use crate::deploy::source::manifest::HostSettings;
+use crate::deploy::source::watcher::{self, DirWatcher, LoadReport, WatchOptions};
+use crate::deploy::spec::HostPolicy;
 use crate::deploy::{Deployment, ServiceConfig, ServiceSpec, validate_name};
 use crate::guest::engine::Runtime;
 use crate::serve::dispatch::Dispatcher;
-use crate::serve::triggers::TriggerProgress;
+use crate::serve::trigger_runner::TriggerProgress;
 
 /// A Wharf host: services deployed from a directory (and kept in step with
 /// it), served over HTTP or called in-process. Cheap to clone; all clones
@@ -99,10 +101,12 @@ impl Host {
         let from_file = match &services_dir {
             Some(dir) => {
                 let dir = dir.clone();
-                tokio::task::spawn_blocking(move || crate::deploy::source::read_host_file(&dir))
-                    .await
-                    .context("reading wharf.toml failed")??
-                    .unwrap_or_default()
+                tokio::task::spawn_blocking(move || {
+                    crate::deploy::source::files::read_host_file(&dir)
+                })
+                .await
+                .context("reading wharf.toml failed")??
+                .unwrap_or_default()
             }
             None => HostSettings::default(),
         };
@@ -116,7 +120,7 @@ impl Host {
                 .map(|mut cluster| {
                     cluster
                         .host_id
-                        .get_or_insert_with(crate::deploy::cluster::default_host_id);
+                        .get_or_insert_with(crate::deploy::source::cluster::default_host_id);
                     cluster
                 });
         let defaults = config.limit_overrides.apply(config.limits);
@@ -184,7 +188,7 @@ impl Host {
             None => None,
         };
         let broker = dispatcher.deployer().backends().messaging.clone();
-        let triggers = crate::serve::triggers::start(&dispatcher, broker, cluster.clone());
+        let triggers = crate::serve::trigger_runner::start(&dispatcher, broker, cluster.clone());
         let inner = Arc::new(Inner {
             triggers,
             cluster,
@@ -524,7 +528,7 @@ async fn open_backends(
         .keyvalue
         .clone()
         .or(from_file.keyvalue)
-        .or_else(|| cluster_nats.clone().map(BackendChoice::Nats))
+        .or_else(|| cluster_nats.clone().map(KeyValueChoice::Nats))
         .unwrap_or_default();
     let defaults = config.limit_overrides.apply(config.limits);
     let keyvalue = choice

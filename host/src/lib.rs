@@ -76,7 +76,7 @@ pub use base::limits::Limits;
 pub use base::respond::Body;
 pub use config::Config;
 pub use deploy::Deployment;
-pub use deploy::watcher::LoadReport;
+pub use deploy::source::watcher::LoadReport;
 pub use host::{Host, Serving};
 /// The admin endpoint; also at [`ops::admin`].
 pub use ops::admin;

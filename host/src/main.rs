@@ -11,12 +11,10 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wharf::admin::AdminToken;
 use wharf::base::limits::{self, Limits, PartialLimits};
-use wharf::capabilities::config::SecretSources;
-use wharf::capabilities::keyvalue::backend::BackendChoice;
-use wharf::capabilities::messaging::broker::{
-    BrokerChoice, MessagingLimits, PartialMessagingLimits,
-};
-use wharf::deploy::cluster::ClusterConfig;
+use wharf::capabilities::keyvalue::KeyValueChoice;
+use wharf::capabilities::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
+use wharf::capabilities::wasi_config::SecretSources;
+use wharf::deploy::source::cluster::ClusterConfig;
 use wharf::guest::engine::{EngineOptions, Tiers};
 use wharf::ops::client::{AdminClient, DEFAULT_ADMIN_URL, DeployOutcome, render_status};
 use wharf::ops::scaffold::{self, Language};
@@ -237,7 +235,7 @@ struct ServeArgs {
     /// "nats://HOST:PORT". [default: keyvalue.backend in DIR/wharf.toml, else
     /// embedded]
     #[arg(long, value_name = "BACKEND")]
-    kv: Option<BackendChoice>,
+    kv: Option<KeyValueChoice>,
 
     /// The message broker services publish to and are triggered from:
     /// "embedded" (SQLite in the data directory), "nats://HOST:PORT"
@@ -598,7 +596,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     } else {
         args.cache_dir
             .clone()
-            .or_else(wharf::deploy::cache::default_dir)
+            .or_else(wharf::deploy::build::cache::default_dir)
     };
     let config = Config {
         services_dir: Some(dir.clone()),

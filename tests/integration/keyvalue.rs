@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wharf::Config;
-use wharf::capabilities::keyvalue::backend::BackendChoice;
+use wharf::capabilities::keyvalue::KeyValueChoice;
 
 use crate::support::{
     NatsServer, RedisServer, ServiceDir, TestServer, WharfProcess, client, eventually, get,
@@ -49,7 +49,7 @@ token = { env = "WHARF_KV_TEST_TOKEN" }
     dir
 }
 
-async fn start(backend: BackendChoice, dir: &ServiceDir, data: &ServiceDir) -> TestServer {
+async fn start(backend: KeyValueChoice, dir: &ServiceDir, data: &ServiceDir) -> TestServer {
     // SAFETY: tests only read this variable; setting it to the same value
     // from several tests is harmless.
     unsafe { std::env::set_var("WHARF_KV_TEST_TOKEN", "t0ken") };
@@ -69,7 +69,7 @@ async fn call(server: &TestServer, method: &str, path: &str, body: &[u8]) -> (u1
 }
 
 /// The conformance suite: the same behaviour from every backend.
-async fn conformance(backend: BackendChoice) {
+async fn conformance(backend: KeyValueChoice) {
     let dir = services();
     let data = ServiceDir::new();
     let server = start(backend.clone(), &dir, &data).await;
@@ -322,26 +322,26 @@ async fn conformance(backend: BackendChoice) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn conformance_on_the_embedded_store() {
-    conformance(BackendChoice::Embedded).await;
+    conformance(KeyValueChoice::Embedded).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn conformance_on_redis() {
     let redis = RedisServer::start();
-    conformance(BackendChoice::Redis(redis.url())).await;
+    conformance(KeyValueChoice::Redis(redis.url())).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn conformance_on_nats_jetstream() {
     let nats = NatsServer::start();
-    conformance(BackendChoice::Nats(nats.url())).await;
+    conformance(KeyValueChoice::Nats(nats.url())).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn config_values_and_secrets_reach_the_guest_and_stay_out_of_the_service_list() {
     let dir = services();
     let data = ServiceDir::new();
-    let server = start(BackendChoice::Embedded, &dir, &data).await;
+    let server = start(KeyValueChoice::Embedded, &dir, &data).await;
     // wasi:config@0.2.0-rc.1 and @0.2.0-draft-2024-09-27.
     assert_eq!(
         get(&server.url("/kv/config?key=greeting")).await.unwrap(),
@@ -541,7 +541,7 @@ async fn a_redis_restart_mid_run_is_reconnected_and_other_services_keep_serving(
     let dir = services();
     dir.install("hello", "hello");
     let data = ServiceDir::new();
-    let server = start(BackendChoice::Redis(redis.url()), &dir, &data).await;
+    let server = start(KeyValueChoice::Redis(redis.url()), &dir, &data).await;
     assert_eq!(call(&server, "PUT", "/kv/set?key=a", b"1").await.0, 204);
     redis.stop();
     // Down: key-value calls fail with an error the guest handles (a 5xx it
@@ -584,7 +584,7 @@ async fn a_host_whose_backend_is_down_at_start_still_starts() {
     dir.install("hello", "hello");
     let data = ServiceDir::new();
     let server = start(
-        BackendChoice::Redis(format!("redis://127.0.0.1:{port}")),
+        KeyValueChoice::Redis(format!("redis://127.0.0.1:{port}")),
         &dir,
         &data,
     )

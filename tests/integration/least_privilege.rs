@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wharf::Config;
-use wharf::capabilities::config::SecretSources;
+use wharf::capabilities::wasi_config::SecretSources;
 
 use crate::support::{
     NatsServer, ServiceDir, TestServer, WharfProcess, client, eventually, free_port, get,

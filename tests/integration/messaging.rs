@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wharf::Config;
-use wharf::capabilities::messaging::broker::{
+use wharf::capabilities::messaging::{
     Broker, BrokerChoice, DEFAULT_MAX_PENDING, DeadLetter, DeadLetterQuery,
 };
 

@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A regular file, open for reading: checked on the opened file, so
 /// swapping the path between a check and the open changes nothing.
@@ -112,6 +113,42 @@ fn real_path_of(file: &File, path: &Path) -> PathBuf {
     }
     let _ = file;
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Reads a whole file into shared memory in one allocation (collecting into
+/// a `Vec` and converting would hold two copies at once: a 100 MiB upload
+/// cost 200 MiB). Fails if the file changes length while it is read.
+pub fn read_shared(path: &Path, max: u64) -> std::io::Result<Arc<[u8]>> {
+    // Opened without blocking and checked regular on the open file: a FIFO
+    // swapped in after the first look never stalls the reader.
+    let file = RegularFile::open(path).map_err(std::io::Error::other)?;
+    let len = file.reported_len();
+    if len > max {
+        return Err(std::io::Error::other(format!(
+            "the file is {len} bytes, over the {max} byte limit"
+        )));
+    }
+    let mut file = file.into_file();
+    let len =
+        usize::try_from(len).map_err(|_| std::io::Error::other("the file is too large to read"))?;
+    let mut buffer = Arc::<[u8]>::new_uninit_slice(len);
+    // A fresh Arc has no other owner.
+    let Some(slots) = Arc::get_mut(&mut buffer) else {
+        return Err(std::io::Error::other("a fresh buffer was shared"));
+    };
+    for slot in slots.iter_mut() {
+        slot.write(0);
+    }
+    // SAFETY: every element was just initialised.
+    let mut buffer = unsafe { buffer.assume_init() };
+    let Some(bytes) = Arc::get_mut(&mut buffer) else {
+        return Err(std::io::Error::other("a fresh buffer was shared"));
+    };
+    file.read_exact(bytes)?;
+    if file.read(&mut [0u8; 1])? != 0 {
+        return Err(std::io::Error::other("the file grew while it was read"));
+    }
+    Ok(buffer)
 }
 
 #[cfg(test)]

@@ -13,21 +13,35 @@
 //!
 //! Uses: `base`. Used by: `guest` and everything above it.
 
-pub mod config;
+pub(crate) mod call;
 pub mod keyvalue;
 pub mod messaging;
 pub mod nats;
 pub mod outbound;
 pub(crate) mod sqlite;
+pub mod wasi_config;
 
 use std::sync::Arc;
+
+/// Whether a backend (a key-value store, a broker) is reachable, for
+/// readiness and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStatus {
+    /// The backend's kind: `embedded`, `redis`, `nats`, `rabbitmq`.
+    pub kind: &'static str,
+    /// Whether the last check reached it.
+    pub up: bool,
+    /// What the last check found, for people (addresses without
+    /// credentials).
+    pub detail: String,
+}
 
 /// The host's capability backends, shared by every deployment.
 #[derive(Clone, Default)]
 pub struct Backends {
-    /// The key-value backend; `None` on a host built without one, where
+    /// The key-value store; `None` on a host built without one, where
     /// opening any bucket is `access-denied`.
-    pub keyvalue: Option<keyvalue::backend::Backend>,
+    pub keyvalue: Option<keyvalue::Store>,
     /// The message broker; `None` on a host built without one, where every
     /// publish is refused and message triggers never fire.
     pub messaging: Option<Arc<messaging::MessagingHub>>,
@@ -35,7 +49,7 @@ pub struct Backends {
 
 impl Backends {
     /// Whether each backend is reachable, for readiness and metrics.
-    pub fn statuses(&self) -> Vec<(&'static str, keyvalue::backend::BackendStatus)> {
+    pub fn statuses(&self) -> Vec<(&'static str, BackendStatus)> {
         let keyvalue = self
             .keyvalue
             .iter()

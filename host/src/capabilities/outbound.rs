@@ -14,7 +14,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::uri::Scheme;
 use http::{HeaderValue, StatusCode};
@@ -23,6 +22,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpH
 use crate::base::headers::{HOPS_HEADER, REQUEST_ID_HEADER, strip_host_headers};
 use crate::base::respond;
 use crate::base::trace::{TRACEPARENT, TraceContext};
+use crate::capabilities::call::CallContext;
 use crate::capabilities::messaging::MessagingAccess;
 use crate::capabilities::messaging::over_http::{self, MESSAGES_HOST};
 
@@ -288,19 +288,6 @@ impl OutboundPolicy {
 
 /// Host-name suffix that routes a request to another service in-process.
 pub const INTERNAL_SUFFIX: &str = ".internal";
-
-/// Facts about the calling request that bound and label its outgoing calls.
-#[derive(Debug, Clone)]
-pub(crate) struct CallContext {
-    /// The request id, propagated to every call.
-    pub request_id: Arc<str>,
-    /// Hops that led to the calling request (0 for a client's request).
-    pub hops: u32,
-    /// When the calling request's time is up; callees get no more.
-    pub deadline: Instant,
-    /// The calling request's span.
-    pub trace: TraceContext,
-}
 
 /// In-process delivery of `http://NAME.internal/...` requests to service NAME.
 pub(crate) trait InternalCalls: Send + Sync {

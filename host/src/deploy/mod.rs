@@ -1,32 +1,27 @@
-//! From files to deployments: the directory watcher (`watcher`) reads each
-//! service's component and manifest (`source`, `manifest`), a deploy compiles
-//! it — or loads it from the compiled-code cache (`cache`) — links and probes
-//! it (`deployment`, with Winch first and Cranelift in the background:
-//! `tiering`), and the registry swaps it in atomically (`registry`,
-//! with the route table from `router`); `deployer` orders all of this per
-//! service so the newest change always wins. A manifest's triggers
-//! (`triggers`) are checked here and run by the `serve` layer.
+//! From files to deployments, as a pipeline of rooms:
+//!
+//! | room | what it does |
+//! | --- | --- |
+//! | [`source`] | where a version comes from: the services directory (`files`, watched by `watcher`), the admin API (`upload`), the cluster's index in NATS JetStream (`cluster`), and what their manifests say (`manifest`) |
+//! | [`build`] | how a version is built: compiled (`compiler`, in lanes), or loaded from the code cache (`cache`), Winch first and Cranelift in the background (`tiering`), then linked and probed (`link`) into a [`Deployment`] |
+//! | [`install`] | how it is installed: the `deployer` orders build and install per service so the newest change wins, the `registry` swaps it in atomically, and the last good version is kept (`last_good`) |
+//!
+//! Beside them, what every room shares: [`spec`] (what a version is and
+//! may do), [`router`] (routes) and [`triggers`] (a manifest's triggers,
+//! run by the `serve` layer).
 //!
 //! Uses: `guest`, `capabilities`, `base`. Used by: `serve`, the host, `ops`.
 
-pub mod cache;
-pub mod cluster;
-mod compiler;
-pub(crate) mod deployer;
-pub(crate) mod deployment;
-mod last_good;
-pub mod manifest;
-pub mod registry;
+pub mod build;
+pub mod install;
 pub mod router;
-pub(crate) mod source;
-pub(crate) mod tiering;
+pub mod source;
+pub mod spec;
 pub mod triggers;
-pub(crate) mod upload;
-pub mod watcher;
 
-pub use compiler::CompileTimes;
-pub use deployer::EVENTS;
-pub use deployment::{
-    CompileInfo, Deployment, EXPOSE_ERRORS_VARIABLE, HttpOptions, MAX_NAME_LEN, RESERVED_NAMES,
+pub use build::compiler::CompileTimes;
+pub use build::deployment::{CompileInfo, Deployment};
+pub use spec::{
+    EVENTS, EXPOSE_ERRORS_VARIABLE, HostPolicy, HttpOptions, MAX_NAME_LEN, RESERVED_NAMES,
     ServiceConfig, ServiceSpec, check_header, digest_of, validate_name,
 };

@@ -17,12 +17,9 @@ use wasmtime::{
 
 use crate::base::admission::Gate;
 use crate::base::limits::MAX_MEMORY;
-use crate::capabilities::{config, keyvalue, messaging};
+use crate::capabilities::{keyvalue, messaging, wasi_config};
+use crate::guest::scheduler::EPOCH_TICK;
 use crate::guest::state::HostState;
-
-/// How often the epoch advances. A guest running wasm code notices its
-/// deadline (and yields to other requests) within one tick.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Knobs for the engine, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -507,7 +504,7 @@ fn build_linker(engine: &Engine, concurrent: bool) -> Result<Linker<HostState>> 
     keyvalue::add_to_linker(&mut linker, HostState::keyvalue)
         .map_err(anyhow::Error::from)
         .context("linking wasi:keyvalue")?;
-    config::add_to_linker(&mut linker, HostState::config)
+    wasi_config::add_to_linker(&mut linker, HostState::config)
         .map_err(anyhow::Error::from)
         .context("linking wasi:config")?;
     messaging::add_to_linker(&mut linker, HostState::messaging)

@@ -12,11 +12,12 @@ use wasmtime::component::InstancePre;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 
-use crate::capabilities::config::ConfigCtx;
+use crate::capabilities::call::CallContext;
 use crate::capabilities::keyvalue::KeyValueCtx;
-use crate::capabilities::messaging::broker::Message;
+use crate::capabilities::messaging::message::Message;
 use crate::capabilities::messaging::{MessagingCtx, call_handler};
-use crate::capabilities::outbound::{CallContext, InternalCalls, OutboundHooks};
+use crate::capabilities::outbound::{InternalCalls, OutboundHooks};
+use crate::capabilities::wasi_config::ConfigCtx;
 use crate::guest::Guest;
 use crate::guest::engine::Runtime;
 use crate::guest::scheduler::{self, CpuMeter, Verdict};

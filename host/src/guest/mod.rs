@@ -11,6 +11,7 @@
 pub(crate) mod body;
 pub(crate) mod compiled;
 pub mod engine;
+pub(crate) mod failure;
 pub(crate) mod instance;
 pub mod invoke;
 pub mod scheduler;

@@ -9,10 +9,11 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use std::sync::Arc;
 
-use crate::capabilities::config::ConfigCtx;
+use crate::capabilities::call::CallContext;
 use crate::capabilities::keyvalue::{KeyValueCtx, KeyValueView};
 use crate::capabilities::messaging::{MessagingCtx, MessagingView};
-use crate::capabilities::outbound::{CallContext, OutboundHooks};
+use crate::capabilities::outbound::OutboundHooks;
+use crate::capabilities::wasi_config::ConfigCtx;
 use crate::guest::scheduler::CpuMeter;
 use crate::guest::stdio::GuestOutput;
 

@@ -31,12 +31,13 @@ use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::{FieldMap, WasiHttpView};
 
 use crate::base::respond::Body;
-use crate::capabilities::outbound::{CallContext, InternalCalls};
+use crate::capabilities::call::CallContext;
+use crate::capabilities::outbound::InternalCalls;
 use crate::guest::Guest;
 use crate::guest::body::FailureNote;
 use crate::guest::engine::Runtime;
+use crate::guest::failure::{Failure, classify};
 use crate::guest::instance::{IDLE_TIMEOUT, arm_deadline, new_store};
-use crate::guest::invoke::{Failure, classify};
 use crate::guest::scheduler::{self, CpuMeter};
 use crate::guest::state::HostState;
 

@@ -28,9 +28,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::capabilities::messaging::broker::{DeadLetterQuery, MAX_DEAD_LETTER_PAGE};
-use crate::deploy::source::{self, MAX_COMPONENT_FILE, MAX_TOML_FILE};
-use crate::deploy::upload::{self, AsyncStaging, InstallError, Staged};
+use crate::base::files::read_shared;
+use crate::capabilities::messaging::{DeadLetterQuery, MAX_DEAD_LETTER_PAGE};
+use crate::deploy::source::files::{self, MAX_TOML_FILE};
+use crate::deploy::source::upload::{self, AsyncStaging, InstallError, Staged};
+use crate::deploy::spec::MAX_COMPONENT_FILE;
 use crate::deploy::{ServiceSpec, check_header, validate_name};
 use crate::host::Host;
 use crate::ops::guard::Credentials;
@@ -857,7 +859,7 @@ fn read_component(path: &std::path::Path) -> Result<Arc<[u8]>> {
     let mut header = [0u8; 8];
     let read = file.read(&mut header)?;
     check_header(&header[..read])?;
-    Ok(source::read_shared(path)?)
+    Ok(read_shared(path, MAX_COMPONENT_FILE)?)
 }
 
 async fn delete_service(host: &Host, name: &str) -> AdminResponse {
@@ -868,7 +870,7 @@ async fn delete_service(host: &Host, name: &str) -> AdminResponse {
     let _turn = deployer.lock_files(name).await;
     let _hold = deployer.hold(name);
     let owned = name.to_string();
-    let removed = tokio::task::spawn_blocking(move || source::remove_service(&dir, &owned)).await;
+    let removed = tokio::task::spawn_blocking(move || files::remove_service(&dir, &owned)).await;
     let had_file = match removed {
         Ok(Ok(had_file)) => had_file,
         Ok(Err(err)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),

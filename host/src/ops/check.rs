@@ -13,8 +13,9 @@ use wasmtime::component::Component;
 
 use crate::base::limits::format_size;
 use crate::config::Config;
-use crate::deploy::deployment::{ServiceSpec, check_header, digest_of, validate_name};
-use crate::deploy::{ServiceConfig, upload};
+use crate::deploy::ServiceConfig;
+use crate::deploy::source::upload;
+use crate::deploy::spec::{ServiceSpec, check_header, digest_of, validate_name};
 use crate::guest::compiled::{export_names, is_http_handler};
 use crate::guest::engine::{EngineOptions, Tiers};
 use crate::host::Host;
@@ -183,11 +184,13 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
             // exports (nothing to list if it does not compile at all).
             let runtime = deployer.runtime().clone();
             let unlinked = tokio::task::spawn_blocking(move || {
-                let uncached = crate::deploy::cache::CodeCaches::default();
+                let uncached = crate::deploy::build::cache::CodeCaches::default();
                 let init = crate::guest::engine::MemoryInit::for_component_size(wasm.len());
                 let tier = runtime.tiers().first();
-                crate::deploy::tiering::compile_tier(&runtime, &uncached, &wasm, "", init, tier)
-                    .map(|compiled| compiled.component)
+                crate::deploy::build::tiering::compile_tier(
+                    &runtime, &uncached, &wasm, "", init, tier,
+                )
+                .map(|compiled| compiled.component)
             })
             .await
             .ok()

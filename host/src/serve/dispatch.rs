@@ -24,9 +24,10 @@ use crate::base::headers::{
 use crate::base::metrics::Metrics;
 use crate::base::respond::{self, Body};
 use crate::base::trace::{TRACEPARENT, TraceContext};
-use crate::capabilities::outbound::{CallContext, InternalCalls};
+use crate::capabilities::call::CallContext;
+use crate::capabilities::outbound::InternalCalls;
 use crate::deploy::Deployment;
-use crate::deploy::deployer::Deployer;
+use crate::deploy::install::deployer::Deployer;
 use crate::guest::invoke::{self, RequestMeta};
 
 /// Routes requests to the deployed services and runs them: the request path
@@ -123,7 +124,7 @@ impl Dispatcher {
     pub(crate) async fn deliver_message(
         &self,
         deployment: &Arc<Deployment>,
-        message: &crate::capabilities::messaging::broker::Message,
+        message: &crate::capabilities::messaging::message::Message,
         cause: Cause,
     ) -> Result<(), invoke::Failure> {
         let started = Instant::now();

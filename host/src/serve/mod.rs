@@ -3,7 +3,7 @@
 //! and routing each request to its service and running it there
 //! (`dispatch`): request ids, trace context, the path the service sees, the
 //! access log, and `NAME.internal` calls coming back in — and the services
-//! started by messages and schedules instead of requests (`triggers`).
+//! started by messages and schedules instead of requests (`trigger_runner`).
 //!
 //! Uses: `deploy`, `guest`, `capabilities`, `base`. Used by: the host.
 
@@ -11,4 +11,4 @@ pub(crate) mod dispatch;
 pub(crate) mod server;
 mod stall;
 pub mod tls;
-pub mod triggers;
+pub mod trigger_runner;

@@ -3,7 +3,7 @@
 
 use wasmtime::component::{Linker, Resource};
 
-use crate::capabilities::keyvalue::backend::KeyCursor;
+use crate::capabilities::keyvalue::store::KeyCursor;
 use crate::capabilities::keyvalue::{BucketHandle, CasHandle, KeyValue, KeyValueView, Refusal};
 
 mod draft {

@@ -25,10 +25,10 @@ use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::oneshot;
 
+use crate::capabilities::BackendStatus;
 use crate::capabilities::keyvalue::ENTRY_OVERHEAD;
-use crate::capabilities::keyvalue::backend::{
-    BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version, add_checked,
-    parse_counter,
+use crate::capabilities::keyvalue::store::{
+    BackendError, BackendResult, KeyCursor, KeyPage, KeyValueStore, add_checked, parse_counter,
 };
 use crate::capabilities::sqlite::{self, in_savepoint, in_transaction};
 
@@ -132,144 +132,6 @@ impl Embedded {
         answer
             .await
             .map_err(|_| BackendError::Unavailable("the store thread has stopped".into()))?
-    }
-
-    /// Always up while its thread runs.
-    pub fn status(&self) -> BackendStatus {
-        BackendStatus {
-            kind: "embedded",
-            up: true,
-            detail: match &self.path {
-                Some(path) => format!("SQLite at {}", path.display()),
-                None => "in memory (not persisted)".into(),
-            },
-        }
-    }
-
-    pub async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
-        match self
-            .call(Op::Get {
-                bucket: bucket.into(),
-                key: key.into(),
-            })
-            .await?
-        {
-            Reply::Value(value) => Ok(value),
-            _ => Err(unexpected()),
-        }
-    }
-
-    pub async fn set(
-        &self,
-        bucket: &str,
-        key: &str,
-        value: &[u8],
-        quota: u64,
-    ) -> BackendResult<()> {
-        let op = Op::Set {
-            bucket: bucket.into(),
-            key: key.into(),
-            value: value.to_vec(),
-            quota,
-        };
-        self.call(op).await.map(drop)
-    }
-
-    pub async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
-        self.call(Op::Delete {
-            bucket: bucket.into(),
-            key: key.into(),
-        })
-        .await
-        .map(drop)
-    }
-
-    pub async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
-        match self
-            .call(Op::Exists {
-                bucket: bucket.into(),
-                key: key.into(),
-            })
-            .await?
-        {
-            Reply::Bool(found) => Ok(found),
-            _ => Err(unexpected()),
-        }
-    }
-
-    pub async fn list_keys(
-        &self,
-        bucket: &str,
-        cursor: KeyCursor,
-        limit: usize,
-    ) -> BackendResult<KeyPage> {
-        match self
-            .call(Op::List {
-                bucket: bucket.into(),
-                cursor,
-                limit,
-            })
-            .await?
-        {
-            Reply::Page(page) => Ok(page),
-            _ => Err(unexpected()),
-        }
-    }
-
-    pub async fn increment(
-        &self,
-        bucket: &str,
-        key: &str,
-        delta: i64,
-        quota: u64,
-    ) -> BackendResult<i64> {
-        match self
-            .call(Op::Increment {
-                bucket: bucket.into(),
-                key: key.into(),
-                delta,
-                quota,
-            })
-            .await?
-        {
-            Reply::Number(value) => Ok(value),
-            _ => Err(unexpected()),
-        }
-    }
-
-    pub async fn read_versioned(
-        &self,
-        bucket: &str,
-        key: &str,
-    ) -> BackendResult<(Option<Vec<u8>>, Version)> {
-        let value = self.get(bucket, key).await?;
-        Ok((value.clone(), Version::Value(value)))
-    }
-
-    pub async fn swap(
-        &self,
-        bucket: &str,
-        key: &str,
-        expected: &Version,
-        value: &[u8],
-        quota: u64,
-    ) -> BackendResult<bool> {
-        let Version::Value(expected) = expected else {
-            return Err(BackendError::Other(
-                "a revision from another backend".into(),
-            ));
-        };
-        let op = Op::Swap {
-            bucket: bucket.into(),
-            key: key.into(),
-            expected: expected.clone(),
-            value: value.to_vec(),
-            quota,
-        };
-        match self.call(op).await? {
-            Reply::Bool(swapped) => Ok(swapped),
-            _ => Err(unexpected()),
-        }
     }
 }
 
@@ -521,6 +383,142 @@ fn list(
         (true, KeyCursor::Number(offset)) => Some(KeyCursor::Number(offset + limit as u64)),
     };
     Ok(Reply::Page(KeyPage { keys, next }))
+}
+
+impl KeyValueStore for Embedded {
+    /// The value read: a swap compares the stored value with it.
+    type Version = Option<Vec<u8>>;
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    /// Always up while its thread runs.
+    fn status(&self) -> BackendStatus {
+        BackendStatus {
+            kind: "embedded",
+            up: true,
+            detail: match &self.path {
+                Some(path) => format!("SQLite at {}", path.display()),
+                None => "in memory (not persisted)".into(),
+            },
+        }
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+        match self
+            .call(Op::Get {
+                bucket: bucket.into(),
+                key: key.into(),
+            })
+            .await?
+        {
+            Reply::Value(value) => Ok(value),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn set(&self, bucket: &str, key: &str, value: &[u8], quota: u64) -> BackendResult<()> {
+        let op = Op::Set {
+            bucket: bucket.into(),
+            key: key.into(),
+            value: value.to_vec(),
+            quota,
+        };
+        self.call(op).await.map(drop)
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+        self.call(Op::Delete {
+            bucket: bucket.into(),
+            key: key.into(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
+        match self
+            .call(Op::Exists {
+                bucket: bucket.into(),
+                key: key.into(),
+            })
+            .await?
+        {
+            Reply::Bool(found) => Ok(found),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        bucket: &str,
+        cursor: KeyCursor,
+        limit: usize,
+    ) -> BackendResult<KeyPage> {
+        match self
+            .call(Op::List {
+                bucket: bucket.into(),
+                cursor,
+                limit,
+            })
+            .await?
+        {
+            Reply::Page(page) => Ok(page),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn increment(
+        &self,
+        bucket: &str,
+        key: &str,
+        delta: i64,
+        quota: u64,
+    ) -> BackendResult<i64> {
+        match self
+            .call(Op::Increment {
+                bucket: bucket.into(),
+                key: key.into(),
+                delta,
+                quota,
+            })
+            .await?
+        {
+            Reply::Number(value) => Ok(value),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn read_versioned(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> BackendResult<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+        let value = self.get(bucket, key).await?;
+        Ok((value.clone(), value))
+    }
+
+    async fn swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        expected: &Option<Vec<u8>>,
+        value: &[u8],
+        quota: u64,
+    ) -> BackendResult<bool> {
+        let op = Op::Swap {
+            bucket: bucket.into(),
+            key: key.into(),
+            expected: expected.clone(),
+            value: value.to_vec(),
+            quota,
+        };
+        match self.call(op).await? {
+            Reply::Bool(swapped) => Ok(swapped),
+            _ => Err(unexpected()),
+        }
+    }
 }
 
 #[cfg(test)]

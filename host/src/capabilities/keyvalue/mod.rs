@@ -20,16 +20,20 @@
 //! by the request's deadline, so a backend that hangs cannot hold a
 //! request past its time limit.
 //!
-//! The backends (one per host, chosen in `wharf.toml` or with `--kv`) live
-//! beside this module: [`embedded`] (SQLite, the default), [`redis`] and
-//! [`nats`]. Counters are stored as decimal text, so `get` after `increment`
+//! The backends (one per host, chosen in `wharf.toml` or with `--kv`:
+//! [`choice`]) live beside this module, each implementing the contract in
+//! [`store`]: [`embedded`] (SQLite, the default), [`redis`] and [`nats`]. Counters are stored as decimal text, so `get` after `increment`
 //! reads `"42"`. Keys and values never appear in logs.
 
-pub mod backend;
 mod bindings;
+pub mod choice;
 pub mod embedded;
 pub mod nats;
 pub mod redis;
+pub mod store;
+
+pub use choice::KeyValueChoice;
+pub use store::{KeyValueStore, Store};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -39,7 +43,7 @@ use std::time::Instant;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use crate::base::metrics::{KeyValueMetrics, KeyValueOp};
-use crate::capabilities::keyvalue::backend::{Backend, BackendError, KeyCursor, KeyPage, Version};
+use crate::capabilities::keyvalue::store::{BackendError, CasVersion, KeyCursor, KeyPage};
 
 /// Keys a `list-keys` call returns at most per page.
 pub const PAGE_SIZE: usize = 1000;
@@ -147,7 +151,7 @@ impl KeyValueLimits {
 
 /// What one deployed service may do with the host's key-value backend.
 pub struct KeyValueAccess {
-    backend: Backend,
+    backend: Store,
     grant: KeyValueGrant,
     limits: KeyValueLimits,
     metrics: Arc<KeyValueMetrics>,
@@ -166,7 +170,7 @@ impl KeyValueAccess {
     /// counted in `metrics`.
     pub fn new(
         service: Arc<str>,
-        backend: Backend,
+        backend: Store,
         grant: KeyValueGrant,
         limits: KeyValueLimits,
         metrics: Arc<KeyValueMetrics>,
@@ -248,7 +252,7 @@ pub struct CasHandle {
     bucket: String,
     key: String,
     current: Option<Vec<u8>>,
-    version: Version,
+    version: CasVersion,
 }
 
 /// The key-value context and resource table of one store, which the host
@@ -528,7 +532,7 @@ mod tests {
     fn regression_a_wildcard_grant_opens_a_bounded_number_of_buckets() {
         let access = KeyValueAccess::new(
             Arc::from("svc"),
-            Backend::Embedded(Arc::new(embedded::Embedded::open(None).unwrap())),
+            Store::new(embedded::Embedded::open(None).unwrap()),
             KeyValueGrant::parse(&["*".into()]).unwrap(),
             limits(2),
             crate::base::metrics::Metrics::new().keyvalue("svc", "embedded"),

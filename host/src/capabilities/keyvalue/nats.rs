@@ -30,9 +30,9 @@ use anyhow::Result;
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt as _;
 
-use crate::capabilities::keyvalue::backend::{
-    BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version, add_checked,
-    parse_counter,
+use crate::capabilities::BackendStatus;
+use crate::capabilities::keyvalue::store::{
+    BackendError, BackendResult, KeyCursor, KeyPage, KeyValueStore, add_checked, parse_counter,
 };
 use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
 
@@ -65,10 +65,13 @@ pub struct NatsKv {
     /// Each bucket's stored size as last read, written to since, and when.
     sizes: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// Increments waiting, per (bucket, key), for the swap in flight.
-    increments: Mutex<HashMap<(String, String), PendingIncrements>>,
+    increments: Arc<Increments>,
     /// The limits buckets are created with.
     max_value_size: i32,
 }
+
+/// Increments waiting, per (bucket, key).
+type Increments = Mutex<HashMap<(String, String), PendingIncrements>>;
 
 /// A JetStream key for a guest's key.
 pub(crate) fn escape_key(key: &str) -> String {
@@ -118,26 +121,16 @@ impl NatsKv {
     /// A backend on the NATS server(s) at `url` (comma-separated), buckets
     /// created with values up to `max_value_size` bytes. Connects in the
     /// background; must be called inside a Tokio runtime.
-    pub async fn connect(url: &str, max_value_size: u64) -> Result<Arc<NatsKv>> {
+    pub async fn connect(url: &str, max_value_size: u64) -> Result<NatsKv> {
         let connection = NatsConnection::shared(url, None).await?;
-        Ok(Arc::new(NatsKv {
+        Ok(NatsKv {
             jetstream: connection.jetstream().clone(),
             connection,
             buckets: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
-            increments: Mutex::new(HashMap::new()),
+            increments: Arc::new(Mutex::new(HashMap::new())),
             max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
-        }))
-    }
-
-    /// Whether the client is connected now.
-    pub fn status(&self) -> BackendStatus {
-        let (up, detail) = self.connection.state();
-        BackendStatus {
-            kind: "nats",
-            up,
-            detail,
-        }
+        })
     }
 
     /// Waits a moment for the client to be connected (it connects in the
@@ -248,8 +241,112 @@ impl NatsKv {
         }
         Ok(())
     }
+}
 
-    pub async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+/// Applies queued increments of one key, a batch per swap, until none
+/// are left.
+async fn flush_increments(increments: Arc<Increments>, store: kv::Store, id: (String, String)) {
+    loop {
+        let batch = {
+            let mut pending = increments.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(queue) = pending.get_mut(&id) else {
+                return;
+            };
+            if queue.waiting.is_empty() {
+                pending.remove(&id);
+                return;
+            }
+            std::mem::take(&mut queue.waiting)
+        };
+        let deltas: Vec<i64> = batch.iter().map(|(delta, _)| *delta).collect();
+        match swap_increments(&store, &id.1, &deltas).await {
+            Ok(base) => {
+                let mut value = base;
+                for (delta, reply) in batch {
+                    value = value.saturating_add(delta);
+                    let _ = reply.send(Ok(value));
+                }
+            }
+            Err(err) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One compare-and-swap adding all of `deltas` to `key`; the value
+/// before them.
+async fn swap_increments(store: &kv::Store, key: &str, deltas: &[i64]) -> BackendResult<i64> {
+    let escaped = escape_key(key);
+    for attempt in 0..INCREMENT_ATTEMPTS {
+        if attempt > 0 {
+            // Another host won the race: back off a little, at random.
+            let pause = fastrand::u64(0..=(attempt as u64).min(10));
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        let entry = store.entry(escaped.clone()).await.map_err(other)?;
+        let (current, revision) = match &entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                (parse_counter(&entry.value)?, Some(entry.revision))
+            }
+            Some(entry) => (0, Some(entry.revision)),
+            None => (0, None),
+        };
+        let mut next = current;
+        for delta in deltas {
+            next = add_checked(next, *delta)?;
+        }
+        let value: bytes::Bytes = next.to_string().into_bytes().into();
+        let written = match revision {
+            Some(revision) => store
+                .update(&escaped, value, revision)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => store
+                .create(&escaped, value)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        match written {
+            Ok(()) => return Ok(current),
+            Err(text) if lost_race(&text) => continue,
+            Err(text) => return Err(other(text)),
+        }
+    }
+    Err(BackendError::Other(format!(
+        "the counter changed under {INCREMENT_ATTEMPTS} attempts in a row; try again"
+    )))
+}
+
+/// Whether a failed create or update failed because another writer got
+/// there first (the key exists, or its revision moved on).
+fn lost_race(error: &str) -> bool {
+    error.contains("wrong last sequence") || error.contains("exists")
+}
+
+impl KeyValueStore for NatsKv {
+    /// The entry's revision (0: absent): a swap is an update at it.
+    type Version = u64;
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    /// Whether the client is connected now.
+    fn status(&self) -> BackendStatus {
+        let (up, detail) = self.connection.state();
+        BackendStatus {
+            kind: "nats",
+            up,
+            detail,
+        }
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
         let Some(store) = self.lookup(bucket).await? else {
             return Ok(None);
         };
@@ -260,13 +357,7 @@ impl NatsKv {
             .map_err(other)
     }
 
-    pub async fn set(
-        &self,
-        bucket: &str,
-        key: &str,
-        value: &[u8],
-        quota: u64,
-    ) -> BackendResult<()> {
+    async fn set(&self, bucket: &str, key: &str, value: &[u8], quota: u64) -> BackendResult<()> {
         let store = self.bucket(bucket).await?;
         self.check_quota(bucket, key.len() + value.len(), quota)
             .await?;
@@ -277,20 +368,20 @@ impl NatsKv {
             .map_err(other)
     }
 
-    pub async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
         let Some(store) = self.lookup(bucket).await? else {
             return Ok(());
         };
         store.delete(escape_key(key)).await.map_err(other)
     }
 
-    pub async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
+    async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
         Ok(self.get(bucket, key).await?.is_some())
     }
 
     /// Every key, sorted, paged by offset (numeric cursors) or by the last
     /// key of the previous page (text cursors).
-    pub async fn list_keys(
+    async fn list_keys(
         &self,
         bucket: &str,
         cursor: KeyCursor,
@@ -334,8 +425,8 @@ impl NatsKv {
     /// caller the value it would have seen had they run one by one. The
     /// swap names the revision it read, so hosts never lose an update; it
     /// retries (with jittered backoff) when another host wrote first.
-    pub async fn increment(
-        self: &Arc<Self>,
+    async fn increment(
+        &self,
         bucket: &str,
         key: &str,
         delta: i64,
@@ -352,130 +443,42 @@ impl NatsKv {
             !std::mem::replace(&mut queue.flushing, true)
         };
         if lead {
-            let this = self.clone();
-            tokio::spawn(async move { this.flush_increments(store, id).await });
+            // Its own task: a caller that gives up never strands the queue.
+            let increments = self.increments.clone();
+            tokio::spawn(flush_increments(increments, store, id));
         }
         answer
             .await
             .map_err(|_| BackendError::Other("the increment was abandoned".into()))?
     }
 
-    /// Applies queued increments of one key, a batch per swap, until none
-    /// are left.
-    async fn flush_increments(&self, store: kv::Store, id: (String, String)) {
-        loop {
-            let batch = {
-                let mut pending = self.increments.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(queue) = pending.get_mut(&id) else {
-                    return;
-                };
-                if queue.waiting.is_empty() {
-                    pending.remove(&id);
-                    return;
-                }
-                std::mem::take(&mut queue.waiting)
-            };
-            let deltas: Vec<i64> = batch.iter().map(|(delta, _)| *delta).collect();
-            match self.swap_increments(&store, &id.1, &deltas).await {
-                Ok(base) => {
-                    let mut value = base;
-                    for (delta, reply) in batch {
-                        value = value.saturating_add(delta);
-                        let _ = reply.send(Ok(value));
-                    }
-                }
-                Err(err) => {
-                    for (_, reply) in batch {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
-            }
-        }
-    }
-
-    /// One compare-and-swap adding all of `deltas` to `key`; the value
-    /// before them.
-    async fn swap_increments(
-        &self,
-        store: &kv::Store,
-        key: &str,
-        deltas: &[i64],
-    ) -> BackendResult<i64> {
-        let escaped = escape_key(key);
-        for attempt in 0..INCREMENT_ATTEMPTS {
-            if attempt > 0 {
-                // Another host won the race: back off a little, at random.
-                let pause = fastrand::u64(0..=(attempt as u64).min(10));
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            let entry = store.entry(escaped.clone()).await.map_err(other)?;
-            let (current, revision) = match &entry {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    (parse_counter(&entry.value)?, Some(entry.revision))
-                }
-                Some(entry) => (0, Some(entry.revision)),
-                None => (0, None),
-            };
-            let mut next = current;
-            for delta in deltas {
-                next = add_checked(next, *delta)?;
-            }
-            let value: bytes::Bytes = next.to_string().into_bytes().into();
-            let written = match revision {
-                Some(revision) => store
-                    .update(&escaped, value, revision)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                None => store
-                    .create(&escaped, value)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-            };
-            match written {
-                Ok(()) => return Ok(current),
-                Err(text) if lost_race(&text) => continue,
-                Err(text) => return Err(other(text)),
-            }
-        }
-        Err(BackendError::Other(format!(
-            "the counter changed under {INCREMENT_ATTEMPTS} attempts in a row; try again"
-        )))
-    }
-
-    pub async fn read_versioned(
+    async fn read_versioned(
         &self,
         bucket: &str,
         key: &str,
-    ) -> BackendResult<(Option<Vec<u8>>, Version)> {
+    ) -> BackendResult<(Option<Vec<u8>>, u64)> {
         let Some(store) = self.lookup(bucket).await? else {
-            return Ok((None, Version::Revision(0)));
+            return Ok((None, 0));
         };
         let entry = store.entry(escape_key(key)).await.map_err(other)?;
         Ok(match entry {
-            Some(entry) if entry.operation == kv::Operation::Put => (
-                Some(entry.value.to_vec()),
-                Version::Revision(entry.revision),
-            ),
-            Some(entry) => (None, Version::Revision(entry.revision)),
-            None => (None, Version::Revision(0)),
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                (Some(entry.value.to_vec()), entry.revision)
+            }
+            Some(entry) => (None, entry.revision),
+            None => (None, 0),
         })
     }
 
-    pub async fn swap(
+    async fn swap(
         &self,
         bucket: &str,
         key: &str,
-        expected: &Version,
+        expected: &u64,
         value: &[u8],
         quota: u64,
     ) -> BackendResult<bool> {
-        let Version::Revision(revision) = expected else {
-            return Err(BackendError::Other(
-                "a value version from another backend".into(),
-            ));
-        };
+        let revision = expected;
         let store = self.bucket(bucket).await?;
         self.check_quota(bucket, key.len() + value.len(), quota)
             .await?;
@@ -500,12 +503,6 @@ impl NatsKv {
             Err(text) => Err(other(text)),
         }
     }
-}
-
-/// Whether a failed create or update failed because another writer got
-/// there first (the key exists, or its revision moved on).
-fn lost_race(error: &str) -> bool {
-    error.contains("wrong last sequence") || error.contains("exists")
 }
 
 #[cfg(test)]

@@ -22,8 +22,9 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands as _, Script};
 
 use crate::base::redact::url as redact;
-use crate::capabilities::keyvalue::backend::{
-    BackendError, BackendResult, BackendStatus, KeyCursor, KeyPage, Version,
+use crate::capabilities::BackendStatus;
+use crate::capabilities::keyvalue::store::{
+    BackendError, BackendResult, KeyCursor, KeyPage, KeyValueStore,
 };
 
 /// How often the server is pinged for the status.
@@ -136,7 +137,7 @@ impl RedisKv {
     /// A backend for the server at `url`. Connects lazily: a server that is
     /// down now is retried with backoff. Must be called inside a Tokio
     /// runtime, which runs the connection and the health checks.
-    pub fn connect(url: &str) -> Result<Arc<RedisKv>> {
+    pub fn connect(url: &str) -> Result<RedisKv> {
         let client = redis::Client::open(url)
             .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -147,21 +148,38 @@ impl RedisKv {
             .set_number_of_retries(3);
         let connection = ConnectionManager::new_lazy_with_config(client, config)
             .context("setting up the Redis connection")?;
-        let backend = Arc::new(RedisKv {
+        let status = Arc::new(Mutex::new((false, "connecting".to_string())));
+        tokio::spawn(health(
+            Arc::downgrade(&status),
+            connection.clone(),
+            redact(url),
+        ));
+        Ok(RedisKv {
             connection,
             shown_url: redact(url),
-            status: Arc::new(Mutex::new((false, "connecting".into()))),
+            status,
             set: Script::new(SET),
             delete: Script::new(DELETE),
             increment: Script::new(INCREMENT),
             swap: Script::new(SWAP),
-        });
-        tokio::spawn(health(Arc::downgrade(&backend)));
-        Ok(backend)
+        })
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+}
+
+impl KeyValueStore for RedisKv {
+    /// The value read: the swap script compares the stored value with it.
+    type Version = Option<Vec<u8>>;
+
+    fn kind(&self) -> &'static str {
+        "redis"
     }
 
     /// The last health check's result.
-    pub fn status(&self) -> BackendStatus {
+    fn status(&self) -> BackendStatus {
         let (up, detail) = self
             .status
             .lock()
@@ -174,24 +192,14 @@ impl RedisKv {
         }
     }
 
-    fn connection(&self) -> ConnectionManager {
-        self.connection.clone()
-    }
-
-    pub async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
         self.connection()
             .hget(hash_key(bucket), key)
             .await
             .map_err(failed)
     }
 
-    pub async fn set(
-        &self,
-        bucket: &str,
-        key: &str,
-        value: &[u8],
-        quota: u64,
-    ) -> BackendResult<()> {
+    async fn set(&self, bucket: &str, key: &str, value: &[u8], quota: u64) -> BackendResult<()> {
         let outcome: i64 = self
             .set
             .key(hash_key(bucket))
@@ -210,7 +218,7 @@ impl RedisKv {
         }
     }
 
-    pub async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
         let _: i64 = self
             .delete
             .key(hash_key(bucket))
@@ -222,7 +230,7 @@ impl RedisKv {
         Ok(())
     }
 
-    pub async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
+    async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
         self.connection()
             .hexists(hash_key(bucket), key)
             .await
@@ -232,7 +240,7 @@ impl RedisKv {
     /// A page from `HSCAN`: its cursor is the page cursor (a number for
     /// draft guests, the same number as text for draft2 ones). Redis may
     /// return a key on two pages if the hash changes while it is scanned.
-    pub async fn list_keys(
+    async fn list_keys(
         &self,
         bucket: &str,
         cursor: KeyCursor,
@@ -265,7 +273,7 @@ impl RedisKv {
         Ok(KeyPage { keys, next })
     }
 
-    pub async fn increment(
+    async fn increment(
         &self,
         bucket: &str,
         key: &str,
@@ -300,28 +308,23 @@ impl RedisKv {
         }
     }
 
-    pub async fn read_versioned(
+    async fn read_versioned(
         &self,
         bucket: &str,
         key: &str,
-    ) -> BackendResult<(Option<Vec<u8>>, Version)> {
-        let value = self.get(bucket, key).await?;
-        Ok((value.clone(), Version::Value(value)))
+    ) -> BackendResult<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+        let value = KeyValueStore::get(self, bucket, key).await?;
+        Ok((value.clone(), value))
     }
 
-    pub async fn swap(
+    async fn swap(
         &self,
         bucket: &str,
         key: &str,
-        expected: &Version,
+        expected: &Option<Vec<u8>>,
         value: &[u8],
         quota: u64,
     ) -> BackendResult<bool> {
-        let Version::Value(expected) = expected else {
-            return Err(BackendError::Other(
-                "a revision from another backend".into(),
-            ));
-        };
         let outcome: i64 = self
             .swap
             .key(hash_key(bucket))
@@ -345,14 +348,15 @@ impl RedisKv {
 
 /// Pings the server every [`HEALTH_EVERY`] while the backend exists, and
 /// logs when it goes down or comes back.
-async fn health(backend: std::sync::Weak<RedisKv>) {
+async fn health(
+    status: std::sync::Weak<Mutex<(bool, String)>>,
+    mut connection: ConnectionManager,
+    shown_url: String,
+) {
     loop {
-        let Some(redis) = backend.upgrade() else {
-            return;
-        };
         let ping: redis::RedisResult<String> = tokio::time::timeout(
             Duration::from_secs(2),
-            redis::cmd("PING").query_async(&mut redis.connection()),
+            redis::cmd("PING").query_async(&mut connection),
         )
         .await
         .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "ping timed out").into()));
@@ -360,18 +364,22 @@ async fn health(backend: std::sync::Weak<RedisKv>) {
             Ok(_) => (true, "connected".to_string()),
             Err(err) => (false, format!("down: {err}")),
         };
+        // The backend is gone when its status is: stop.
+        let Some(status) = status.upgrade() else {
+            return;
+        };
         let before = std::mem::replace(
-            &mut *redis.status.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut *status.lock().unwrap_or_else(|e| e.into_inner()),
             now.clone(),
         );
         if before.0 != now.0 {
             if now.0 {
-                tracing::info!(backend = "redis", url = %redis.shown_url, "key-value backend connected");
+                tracing::info!(backend = "redis", url = %shown_url, "key-value backend connected");
             } else {
-                tracing::warn!(backend = "redis", url = %redis.shown_url, "key-value backend {}", now.1);
+                tracing::warn!(backend = "redis", url = %shown_url, "key-value backend {}", now.1);
             }
         }
-        drop(redis);
+        drop(status);
         tokio::time::sleep(HEALTH_EVERY).await;
     }
 }

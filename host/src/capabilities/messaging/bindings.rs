@@ -7,7 +7,7 @@ use std::time::Duration;
 use wasmtime::component::{Instance, InstancePre, Linker, Resource};
 use wasmtime::{AsContextMut, Store};
 
-use crate::capabilities::messaging::broker::Message;
+use crate::capabilities::messaging::message::Message;
 use crate::capabilities::messaging::{
     ClientHandle, MessageHandle, Messaging, MessagingError, MessagingView, RequestOptionsHandle,
 };

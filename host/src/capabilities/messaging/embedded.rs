@@ -35,9 +35,12 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{Notify, oneshot};
 
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message, MessagingLimits,
-    Subscription,
+    BrokerConsumer, BrokerDelivery, BrokerError, BrokerResult, BrokerStatus, DeadLetter,
+    DeadLetterQuery, MessageBroker, Subscription,
 };
+use crate::capabilities::messaging::inbox::Inboxes;
+use crate::capabilities::messaging::limits::MessagingLimits;
+use crate::capabilities::messaging::message::Message;
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::sqlite::{self, in_savepoint, in_transaction};
 
@@ -259,9 +262,26 @@ impl EmbeddedBroker {
             .or_default()
             .clone()
     }
+}
+
+impl MessageBroker for Arc<EmbeddedBroker> {
+    type Consumer = EmbeddedConsumer;
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    /// One process: every reply is delivered in-process.
+    fn listen_for_replies(&self, _inboxes: Arc<Inboxes>) {}
+
+    async fn send_reply(&self, reply_to: &str, _message: Message) -> BrokerResult<()> {
+        Err(BrokerError::Other(format!(
+            "no requester is waiting at {reply_to}"
+        )))
+    }
 
     /// Always up while its thread runs.
-    pub fn status(&self) -> BrokerStatus {
+    fn status(&self) -> BrokerStatus {
         BrokerStatus {
             kind: "embedded",
             up: true,
@@ -270,7 +290,7 @@ impl EmbeddedBroker {
     }
 
     /// Stores `message` with a delivery for every bound group.
-    pub async fn publish(&self, message: Message) -> BrokerResult<()> {
+    async fn publish(&self, message: Message) -> BrokerResult<()> {
         match self.call(Op::Publish(message)).await? {
             Reply::Published(groups) => {
                 for group in groups {
@@ -284,10 +304,7 @@ impl EmbeddedBroker {
 
     /// Binds the group to its pattern (kept across restarts) and returns a
     /// consumer of it.
-    pub async fn subscribe(
-        self: &Arc<Self>,
-        subscription: &Subscription,
-    ) -> BrokerResult<EmbeddedConsumer> {
+    async fn subscribe(&self, subscription: &Subscription) -> BrokerResult<EmbeddedConsumer> {
         self.call(Op::Bind {
             group: subscription.group.clone(),
             pattern: subscription.pattern.as_str().to_string(),
@@ -303,7 +320,7 @@ impl EmbeddedBroker {
 
     /// A page of the group's dead letters, oldest first (positions are
     /// row ids).
-    pub async fn dead_letters(
+    async fn dead_letters(
         &self,
         group: &str,
         query: DeadLetterQuery,
@@ -321,7 +338,7 @@ impl EmbeddedBroker {
     }
 
     /// How many dead letters the group has.
-    pub async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
+    async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
         match self
             .call(Op::CountDead {
                 group: group.to_string(),
@@ -334,7 +351,7 @@ impl EmbeddedBroker {
     }
 
     /// Records `service` as the group's owner unless it has one; the owner.
-    pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
+    async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
         match self
             .call(Op::Claim {
                 group: group.to_string(),
@@ -346,13 +363,11 @@ impl EmbeddedBroker {
             _ => Err(unexpected()),
         }
     }
-}
 
-impl EmbeddedBroker {
     /// Forgets `group`: its binding (new messages no longer wait for it),
     /// the deliveries waiting for it, and its dead letters. Whether there
     /// was anything to forget.
-    pub async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
+    async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
         match self
             .call(Op::DeleteGroup {
                 group: group.to_string(),
@@ -377,10 +392,12 @@ pub struct EmbeddedConsumer {
     waker: Arc<Notify>,
 }
 
-impl EmbeddedConsumer {
+impl BrokerConsumer for EmbeddedConsumer {
+    type Delivery = EmbeddedDelivery;
+
     /// The next delivery: leased from the queue, waiting for a publish (or
     /// a retry coming due) when there is none.
-    pub async fn next(&mut self) -> BrokerResult<EmbeddedDelivery> {
+    async fn next(&mut self) -> BrokerResult<EmbeddedDelivery> {
         loop {
             if let Some(delivery) = self.buffer.pop_front() {
                 return Ok(delivery);
@@ -433,16 +450,6 @@ pub struct EmbeddedDelivery {
 }
 
 impl EmbeddedDelivery {
-    /// The message.
-    pub fn message(&self) -> &Message {
-        &self.message
-    }
-
-    /// Which attempt this is.
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
-
     /// Marks the delivery settled and returns what an operation on it
     /// needs: the broker, the group, the sequence number and the message's
     /// stored size.
@@ -455,6 +462,18 @@ impl EmbeddedDelivery {
             self.message.stored_size(),
         )
     }
+}
+
+impl BrokerDelivery for EmbeddedDelivery {
+    /// The message.
+    fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Which attempt this is.
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
 
     /// Deletes the delivery: the message is done for this group. Queued
     /// for the store thread without waiting for its commit: an
@@ -463,13 +482,13 @@ impl EmbeddedDelivery {
     /// round trip between threads per message. Acknowledgements and the
     /// consumer's next lease go through the same queue, in order, so a
     /// consumer never runs ahead of its acknowledgements.
-    pub async fn ack(self) -> BrokerResult<()> {
+    async fn ack(self) -> BrokerResult<()> {
         let (broker, group, seq, size) = self.settle();
         broker.send(Op::Ack { group, seq, size })
     }
 
     /// Makes the delivery due again after `delay`.
-    pub async fn retry(self, delay: Duration) -> BrokerResult<()> {
+    async fn retry(self, delay: Duration) -> BrokerResult<()> {
         let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
         let at_ms = now_ms().saturating_add(delay_ms);
         let (broker, group, seq, _) = self.settle();
@@ -478,8 +497,7 @@ impl EmbeddedDelivery {
 
     /// Moves the message to the group's dead letters; how many old ones
     /// were dropped to make room.
-    pub async fn dead_letter(self, reason: &str) -> BrokerResult<u64> {
-        let reason = reason.to_string();
+    async fn dead_letter(self, reason: String) -> BrokerResult<u64> {
         let (broker, group, seq, size) = self.settle();
         match broker
             .call(Op::Dead {
@@ -1153,7 +1171,7 @@ mod tests {
                 .next()
                 .await
                 .unwrap()
-                .dead_letter("no")
+                .dead_letter("no".into())
                 .await
                 .unwrap();
         }
@@ -1234,7 +1252,7 @@ mod tests {
         first.retry(Duration::ZERO).await.unwrap();
         let again = billing.next().await.unwrap();
         assert_eq!(again.attempt(), 2);
-        again.dead_letter("always fails").await.unwrap();
+        again.dead_letter("always fails".into()).await.unwrap();
         let letters = broker.dead_letters("billing", page(10)).await.unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].reason, "always fails");

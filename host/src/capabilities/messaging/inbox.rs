@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::base::random::unguessable_hex;
-use crate::capabilities::messaging::broker::Message;
+use crate::capabilities::messaging::message::Message;
 
 /// The first token of every inbox address.
 pub const INBOX_PREFIX: &str = "_inbox.";

@@ -15,19 +15,31 @@
 //! trace spans HTTP → message → handler), and waits, within the request's
 //! time limit, until the broker has accepted the message durably.
 //!
-//! The broker is one per host, chosen in `wharf.toml` or with `--broker`:
-//! [`embedded`] (SQLite in the data directory, the default), [`nats`]
-//! (JetStream) or [`rabbitmq`]; [`broker`] is what they have in common.
+//! The broker is one per host, chosen in `wharf.toml` or with `--broker`
+//! ([`choice`]): [`embedded`] (SQLite in the data directory, the default),
+//! [`nats`] (JetStream) or [`rabbitmq`], each implementing the contract in
+//! [`broker`].
 //! Services triggered by messages are the `serve` layer's (`triggers`).
 
 mod bindings;
 pub mod broker;
+pub mod choice;
 pub mod embedded;
 pub mod inbox;
+pub mod limits;
+pub mod message;
 pub mod nats;
 pub(crate) mod over_http;
 pub mod rabbitmq;
 pub mod topic;
+
+pub use broker::{
+    Broker, BrokerError, BrokerStatus, DeadLetter, DeadLetterQuery, MAX_DEAD_LETTER_PAGE,
+    MessageBroker,
+};
+pub use choice::BrokerChoice;
+pub use limits::{DEFAULT_MAX_PENDING, MessagingLimits, PartialMessagingLimits};
+pub use message::Message;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,12 +48,9 @@ use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use crate::base::metrics::{Metrics, PublishResult};
 use crate::base::trace::{TRACEPARENT, TraceContext};
-use crate::capabilities::messaging::broker::{
-    Broker, BrokerError, BrokerStatus, Message, MessagingLimits,
-};
+use crate::capabilities::call::CallContext;
 use crate::capabilities::messaging::inbox::{Inboxes, is_inbox};
 use crate::capabilities::messaging::topic::{TopicPattern, validate_topic};
-use crate::capabilities::outbound::CallContext;
 
 /// Largest message body, in bytes (NATS's default maximum payload).
 pub const MAX_MESSAGE_SIZE: usize = 1 << 20;

@@ -38,10 +38,12 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message, MessagingLimits,
-    Subscription,
+    BrokerConsumer, BrokerDelivery, BrokerError, BrokerResult, BrokerStatus, DeadLetter,
+    DeadLetterQuery, MessageBroker, Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
+use crate::capabilities::messaging::limits::MessagingLimits;
+use crate::capabilities::messaging::message::{Message, new_message_id};
 use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
 
 /// The stream holding every message.
@@ -134,8 +136,7 @@ fn header_text(headers: Option<&HeaderMap>, name: &str) -> Option<String> {
 /// client).
 fn message_of(subject_topic: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Message {
     Message {
-        id: header_text(headers, header::ID)
-            .unwrap_or_else(crate::capabilities::messaging::broker::new_message_id),
+        id: header_text(headers, header::ID).unwrap_or_else(new_message_id),
         topic: header_text(headers, header::TOPIC).unwrap_or_else(|| subject_topic.to_string()),
         body: payload,
         content_type: header_text(headers, header::CONTENT_TYPE),
@@ -182,16 +183,6 @@ impl NatsBroker {
             streams_ready: tokio::sync::Mutex::new(false),
             groups: std::sync::Mutex::new(HashMap::new()),
         }))
-    }
-
-    /// Whether the client is connected now.
-    pub fn status(&self) -> BrokerStatus {
-        let (up, detail) = self.connection.state();
-        BrokerStatus {
-            kind: "nats",
-            up,
-            detail,
-        }
     }
 
     async fn connected(&self) -> BrokerResult<()> {
@@ -257,8 +248,35 @@ impl NatsBroker {
         Ok(())
     }
 
+    /// The bucket of group owners, created on first use.
+    async fn owners(&self) -> BrokerResult<jetstream::kv::Store> {
+        self.connected().await?;
+        self.connection
+            .key_value(OWNERS_BUCKET, KeyValueSpec::default())
+            .await
+            .map_err(classify)
+    }
+}
+
+impl MessageBroker for Arc<NatsBroker> {
+    type Consumer = NatsConsumer;
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    /// Whether the client is connected now.
+    fn status(&self) -> BrokerStatus {
+        let (up, detail) = self.connection.state();
+        BrokerStatus {
+            kind: "nats",
+            up,
+            detail,
+        }
+    }
+
     /// Stores `message` in the stream; returns once JetStream has it.
-    pub async fn publish(&self, message: Message) -> BrokerResult<()> {
+    async fn publish(&self, message: Message) -> BrokerResult<()> {
         self.ensure_streams().await?;
         let subject = format!("{SUBJECT_PREFIX}{}", message.topic);
         let ack = self
@@ -272,7 +290,7 @@ impl NatsBroker {
 
     /// The group's durable consumer (created, or recreated when its topic
     /// changed), pulling up to `prefetch` messages at a time.
-    pub async fn subscribe(&self, subscription: &Subscription) -> BrokerResult<NatsConsumer> {
+    async fn subscribe(&self, subscription: &Subscription) -> BrokerResult<NatsConsumer> {
         let filter = format!("{SUBJECT_PREFIX}{}", subscription.pattern.as_str());
         let name = subscription.group.as_str();
         let config = consumer::pull::Config {
@@ -324,7 +342,7 @@ impl NatsBroker {
 
     /// Deletes the group's durable consumer (the stream then keeps no
     /// message for it) and purges its dead letters.
-    pub async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
+    async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
         if let Ok(mut groups) = self.groups.lock() {
             groups.remove(group);
         }
@@ -348,18 +366,9 @@ impl NatsBroker {
         Ok(existed)
     }
 
-    /// The bucket of group owners, created on first use.
-    async fn owners(&self) -> BrokerResult<jetstream::kv::Store> {
-        self.connected().await?;
-        self.connection
-            .key_value(OWNERS_BUCKET, KeyValueSpec::default())
-            .await
-            .map_err(classify)
-    }
-
     /// Records `service` as the group's owner unless it has one (a create:
     /// the first claim wins on every host); the owner.
-    pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
+    async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
         let owners = self.owners().await?;
         if owners
             .create(group, Bytes::from(service.to_string()))
@@ -378,7 +387,7 @@ impl NatsBroker {
 
     /// How many dead letters the group has (from the stream's subject
     /// counts, reading none).
-    pub async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
+    async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
         self.ensure_streams().await?;
         let stream = self
             .jetstream
@@ -403,7 +412,7 @@ impl NatsBroker {
 
     /// A page of the group's dead letters, oldest first (positions are
     /// stream sequence numbers).
-    pub async fn dead_letters(
+    async fn dead_letters(
         &self,
         group: &str,
         query: DeadLetterQuery,
@@ -466,7 +475,7 @@ impl NatsBroker {
     }
 
     /// Sends a reply to an inbox subject (a requester on any host).
-    pub async fn send_reply(&self, reply_to: &str, message: Message) -> BrokerResult<()> {
+    async fn send_reply(&self, reply_to: &str, message: Message) -> BrokerResult<()> {
         self.connected().await?;
         self.client
             .publish_with_headers(reply_to.to_string(), headers_of(&message), message.body)
@@ -477,7 +486,7 @@ impl NatsBroker {
 
     /// Delivers replies sent to this host's inboxes (`inboxes.prefix()`)
     /// from any host, for as long as the broker lives.
-    pub fn listen_for_replies(self: &Arc<Self>, inboxes: Arc<Inboxes>) {
+    fn listen_for_replies(&self, inboxes: Arc<Inboxes>) {
         let broker = Arc::downgrade(self);
         tokio::spawn(async move {
             let subject = format!("{}>", inboxes.prefix());
@@ -513,9 +522,11 @@ pub struct NatsConsumer {
     group: String,
 }
 
-impl NatsConsumer {
+impl BrokerConsumer for NatsConsumer {
+    type Delivery = NatsDelivery;
+
     /// The next delivery; an error means the consumer must be recreated.
-    pub async fn next(&mut self) -> BrokerResult<NatsDelivery> {
+    async fn next(&mut self) -> BrokerResult<NatsDelivery> {
         match self.messages.next().await {
             Some(Ok(message)) => {
                 let attempt = message
@@ -553,24 +564,26 @@ pub struct NatsDelivery {
     group: String,
 }
 
-impl NatsDelivery {
+impl NatsDelivery {}
+
+impl BrokerDelivery for NatsDelivery {
     /// The message.
-    pub fn message(&self) -> &Message {
+    fn message(&self) -> &Message {
         &self.message
     }
 
     /// JetStream's delivery count.
-    pub fn attempt(&self) -> u32 {
+    fn attempt(&self) -> u32 {
         self.attempt
     }
 
     /// Acknowledges the message.
-    pub async fn ack(self) -> BrokerResult<()> {
+    async fn ack(self) -> BrokerResult<()> {
         self.raw.ack().await.map_err(classify)
     }
 
     /// Asks for a redelivery after `delay`.
-    pub async fn retry(self, delay: Duration) -> BrokerResult<()> {
+    async fn retry(self, delay: Duration) -> BrokerResult<()> {
         self.raw
             .ack_with(AckKind::Nak(Some(delay)))
             .await
@@ -579,7 +592,8 @@ impl NatsDelivery {
 
     /// Stores the message in the dead-letter stream, then terminates it.
     /// The stream drops a group's oldest letters itself: 0 pruned here.
-    pub async fn dead_letter(self, reason: &str) -> BrokerResult<u64> {
+    async fn dead_letter(self, reason: String) -> BrokerResult<u64> {
+        let reason = reason.as_str();
         let mut headers = headers_of(&self.message);
         // A dead letter is not a duplicate of the message it was.
         headers.insert(

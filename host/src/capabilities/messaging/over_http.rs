@@ -27,11 +27,12 @@ use wasmtime_wasi_http::WasiBody;
 
 use crate::base::limits::parse_duration_within;
 use crate::base::respond;
-use crate::capabilities::messaging::broker::{BrokerError, Message};
+use crate::capabilities::call::CallContext;
+use crate::capabilities::messaging::broker::BrokerError;
+use crate::capabilities::messaging::message::Message;
 use crate::capabilities::messaging::{
     MAX_MESSAGE_SIZE, MAX_REPLY_WAIT, MessagingAccess, MessagingError,
 };
-use crate::capabilities::outbound::CallContext;
 
 /// The host name guests publish to.
 pub const MESSAGES_HOST: &str = "messages.internal";

@@ -52,10 +52,12 @@ use lapin::{
 
 use crate::base::redact::url as redact;
 use crate::capabilities::messaging::broker::{
-    BrokerError, BrokerResult, BrokerStatus, DeadLetter, DeadLetterQuery, Message, MessagingLimits,
-    Subscription, new_message_id,
+    BrokerConsumer, BrokerDelivery, BrokerError, BrokerResult, BrokerStatus, DeadLetter,
+    DeadLetterQuery, MessageBroker, Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
+use crate::capabilities::messaging::limits::MessagingLimits;
+use crate::capabilities::messaging::message::{Message, new_message_id};
 
 /// The topic exchange every message is published to.
 pub const EXCHANGE: &str = "wharf";
@@ -241,28 +243,6 @@ impl RabbitBroker {
         }))
     }
 
-    /// Whether the broker is connected now.
-    pub fn status(&self) -> BrokerStatus {
-        let up = self
-            .link
-            .try_lock()
-            .map(|link| {
-                link.as_ref()
-                    .is_some_and(|link| link.connection.status().connected())
-            })
-            // Someone is using or (re)connecting the link right now.
-            .unwrap_or(true);
-        BrokerStatus {
-            kind: "rabbitmq",
-            up,
-            detail: format!(
-                "{}: {}",
-                self.shown_url,
-                if up { "connected" } else { "disconnected" }
-            ),
-        }
-    }
-
     /// The live connection, connecting first if there is none (at most once
     /// per [`RECONNECT_EVERY`]).
     async fn link(&self) -> BrokerResult<(Arc<Connection>, Channel)> {
@@ -343,8 +323,67 @@ impl RabbitBroker {
         Ok((connection, publisher))
     }
 
+    async fn inbox_consumer(&self, queue: &str) -> BrokerResult<lapin::Consumer> {
+        let (connection, _) = self.link().await?;
+        let channel = connection.create_channel().await.map_err(classify)?;
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify)?;
+        channel
+            .basic_consume(
+                queue.into(),
+                "wharf-inbox".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify)
+    }
+}
+
+impl MessageBroker for Arc<RabbitBroker> {
+    type Consumer = RabbitConsumer;
+
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    /// Whether the broker is connected now.
+    fn status(&self) -> BrokerStatus {
+        let up = self
+            .link
+            .try_lock()
+            .map(|link| {
+                link.as_ref()
+                    .is_some_and(|link| link.connection.status().connected())
+            })
+            // Someone is using or (re)connecting the link right now.
+            .unwrap_or(true);
+        BrokerStatus {
+            kind: "rabbitmq",
+            up,
+            detail: format!(
+                "{}: {}",
+                self.shown_url,
+                if up { "connected" } else { "disconnected" }
+            ),
+        }
+    }
+
     /// Publishes `message` to the exchange and waits for the confirm.
-    pub async fn publish(&self, message: Message) -> BrokerResult<()> {
+    async fn publish(&self, message: Message) -> BrokerResult<()> {
         let (_, channel) = self.link().await?;
         let properties = properties_of(&message, &[]);
         publish_confirmed(
@@ -358,7 +397,7 @@ impl RabbitBroker {
     }
 
     /// Declares the group's queue and binding and consumes it.
-    pub async fn subscribe(&self, subscription: &Subscription) -> BrokerResult<RabbitConsumer> {
+    async fn subscribe(&self, subscription: &Subscription) -> BrokerResult<RabbitConsumer> {
         let binding_key = subscription.pattern.to_amqp();
         self.groups
             .lock()
@@ -393,7 +432,7 @@ impl RabbitBroker {
 
     /// Deletes the group's queue and its dead-letter queue (its retry
     /// queues expire on their own).
-    pub async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
+    async fn delete_group(&self, group: &str) -> BrokerResult<bool> {
         self.groups
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -426,7 +465,7 @@ impl RabbitBroker {
     }
 
     /// Records `service` as the group's owner unless it has one; the owner.
-    pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
+    async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await.map_err(classify)?;
         let answer = claim_on(&channel, group, service).await;
@@ -435,7 +474,7 @@ impl RabbitBroker {
     }
 
     /// How many dead letters the group has (a passive declare's count).
-    pub async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
+    async fn count_dead_letters(&self, group: &str) -> BrokerResult<u64> {
         let (connection, _) = self.link().await?;
         // A passive declare of a missing queue closes its channel.
         let channel = connection.create_channel().await.map_err(classify)?;
@@ -457,7 +496,7 @@ impl RabbitBroker {
     /// (unacknowledged, so RabbitMQ requeues them in place). A queue has no
     /// sequence numbers, so a position is an index from the head: reading
     /// after it walks past the earlier letters (holding none of them).
-    pub async fn dead_letters(
+    async fn dead_letters(
         &self,
         group: &str,
         query: DeadLetterQuery,
@@ -521,7 +560,7 @@ impl RabbitBroker {
     }
 
     /// Sends a reply to a requester's inbox (on any host).
-    pub async fn send_reply(&self, reply_to: &str, message: Message) -> BrokerResult<()> {
+    async fn send_reply(&self, reply_to: &str, message: Message) -> BrokerResult<()> {
         let (_, channel) = self.link().await?;
         let properties = properties_of(&message, &[(header::INBOX, long_string(reply_to))]);
         publish_confirmed(
@@ -537,7 +576,7 @@ impl RabbitBroker {
     /// Delivers replies sent to this host's inboxes from any host, for as
     /// long as the broker lives: consumes the host's exclusive inbox queue,
     /// declared again after every reconnect.
-    pub fn listen_for_replies(self: &Arc<Self>, inboxes: Arc<Inboxes>) {
+    fn listen_for_replies(&self, inboxes: Arc<Inboxes>) {
         let broker = Arc::downgrade(self);
         tokio::spawn(async move {
             let queue = inbox_queue(inboxes.prefix()).to_string();
@@ -561,35 +600,6 @@ impl RabbitBroker {
                 tokio::time::sleep(RECONNECT_EVERY).await;
             }
         });
-    }
-
-    async fn inbox_consumer(&self, queue: &str) -> BrokerResult<lapin::Consumer> {
-        let (connection, _) = self.link().await?;
-        let channel = connection.create_channel().await.map_err(classify)?;
-        channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify)?;
-        channel
-            .basic_consume(
-                queue.into(),
-                "wharf-inbox".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(classify)
     }
 }
 
@@ -799,9 +809,11 @@ pub struct RabbitConsumer {
     limits: MessagingLimits,
 }
 
-impl RabbitConsumer {
+impl BrokerConsumer for RabbitConsumer {
+    type Delivery = RabbitDelivery;
+
     /// The next delivery; an error means the consumer must be recreated.
-    pub async fn next(&mut self) -> BrokerResult<RabbitDelivery> {
+    async fn next(&mut self) -> BrokerResult<RabbitDelivery> {
         match self.consumer.next().await {
             Some(Ok(delivery)) => {
                 let counted = header_text(&delivery.properties, header::ATTEMPT)
@@ -838,19 +850,21 @@ pub struct RabbitDelivery {
     limits: MessagingLimits,
 }
 
-impl RabbitDelivery {
+impl RabbitDelivery {}
+
+impl BrokerDelivery for RabbitDelivery {
     /// The message.
-    pub fn message(&self) -> &Message {
+    fn message(&self) -> &Message {
         &self.message
     }
 
     /// The attempt: Wharf's count, plus one if RabbitMQ redelivered it.
-    pub fn attempt(&self) -> u32 {
+    fn attempt(&self) -> u32 {
         self.attempt
     }
 
     /// Acknowledges the message.
-    pub async fn ack(self) -> BrokerResult<()> {
+    async fn ack(self) -> BrokerResult<()> {
         self.raw
             .acker
             .ack(BasicAckOptions::default())
@@ -861,7 +875,7 @@ impl RabbitDelivery {
 
     /// Publishes the next attempt to the delay queue, then acknowledges
     /// this one (a crash in between delivers it twice, never zero times).
-    pub async fn retry(self, delay: Duration) -> BrokerResult<()> {
+    async fn retry(self, delay: Duration) -> BrokerResult<()> {
         let delay_ms = ladder_delay(delay);
         let target = group_queue(&self.group);
         let queue = format!("wharf.retry.{}.{delay_ms}", self.group);
@@ -905,7 +919,8 @@ impl RabbitDelivery {
     /// Copies the message to the group's dead-letter queue, then
     /// acknowledges it. The queue drops its oldest letters itself: 0
     /// pruned here.
-    pub async fn dead_letter(self, reason: &str) -> BrokerResult<u64> {
+    async fn dead_letter(self, reason: String) -> BrokerResult<u64> {
+        let reason = reason.as_str();
         let channel = &self.channel.0;
         let queue = declare_dead_queue(channel, &self.group, &self.limits).await?;
         let properties = properties_of(

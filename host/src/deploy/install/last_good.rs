@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
+use crate::base::files::read_shared;
 use crate::deploy::digest_of;
-use crate::deploy::source::read_shared;
+use crate::deploy::spec::MAX_COMPONENT_FILE;
 
 /// A service's last good version, as stored.
 #[derive(Debug, Clone)]
@@ -92,7 +93,7 @@ impl LastGood {
     /// `name`'s last good version, if one is saved whole. Blocking.
     pub(crate) fn load(&self, name: &str) -> Option<Saved> {
         let digest = self.saved_digest(name)?;
-        let wasm = read_shared(&self.path(name, "wasm")).ok()?;
+        let wasm = read_shared(&self.path(name, "wasm"), MAX_COMPONENT_FILE).ok()?;
         if digest_of(&wasm) != digest {
             tracing::warn!(
                 service = %name,

@@ -10,12 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::base::files::{RegularFile, read_bounded_text};
-use crate::deploy::manifest::{HostFile, HostPolicy, HostSettings, Manifest};
+use crate::base::files::{read_bounded_text, read_shared};
+use crate::deploy::source::manifest::{HostFile, HostSettings, Manifest};
+use crate::deploy::spec::{HostPolicy, MAX_COMPONENT_FILE};
 use crate::deploy::{ServiceSpec, digest_of};
 
-/// Largest component file read.
-pub const MAX_COMPONENT_FILE: u64 = 1 << 30;
 /// Largest manifest or `wharf.toml` read.
 pub(crate) const MAX_TOML_FILE: u64 = 1 << 20;
 /// Name of the host-wide settings file in the services directory.
@@ -237,7 +236,7 @@ pub(crate) fn load(
                 None,
             ),
         };
-        let wasm = read_shared(&component_path)
+        let wasm = read_component(&component_path)
             .with_context(|| format!("cannot read {}", component_path.display()))
             .map_err(component_error)?;
         Ok(ServiceSpec {
@@ -255,41 +254,9 @@ pub(crate) fn load(
     }
 }
 
-/// Reads a whole file into shared memory in one allocation (collecting into
-/// a `Vec` and converting would hold two copies at once: a 100 MiB upload
-/// cost 200 MiB). Fails if the file changes length while it is read.
-pub(crate) fn read_shared(path: &Path) -> std::io::Result<Arc<[u8]>> {
-    use std::io::Read as _;
-    // Opened without blocking and checked regular on the open file: a FIFO
-    // swapped in after the first look never stalls the reader.
-    let file = RegularFile::open(path).map_err(std::io::Error::other)?;
-    let len = file.reported_len();
-    if len > MAX_COMPONENT_FILE {
-        return Err(std::io::Error::other(format!(
-            "the file is {len} bytes, over the {MAX_COMPONENT_FILE} byte limit for a component"
-        )));
-    }
-    let mut file = file.into_file();
-    let len =
-        usize::try_from(len).map_err(|_| std::io::Error::other("the file is too large to read"))?;
-    let mut buffer = Arc::<[u8]>::new_uninit_slice(len);
-    // A fresh Arc has no other owner.
-    let Some(slots) = Arc::get_mut(&mut buffer) else {
-        return Err(std::io::Error::other("a fresh buffer was shared"));
-    };
-    for slot in slots.iter_mut() {
-        slot.write(0);
-    }
-    // SAFETY: every element was just initialised.
-    let mut buffer = unsafe { buffer.assume_init() };
-    let Some(bytes) = Arc::get_mut(&mut buffer) else {
-        return Err(std::io::Error::other("a fresh buffer was shared"));
-    };
-    file.read_exact(bytes)?;
-    if file.read(&mut [0u8; 1])? != 0 {
-        return Err(std::io::Error::other("the file grew while it was read"));
-    }
-    Ok(buffer)
+/// Reads a component file into shared memory in one allocation.
+pub(crate) fn read_component(path: &Path) -> std::io::Result<Arc<[u8]>> {
+    read_shared(path, MAX_COMPONENT_FILE)
 }
 
 fn read_toml(path: &Path, meta: &std::fs::Metadata) -> Result<String> {

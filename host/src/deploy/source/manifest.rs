@@ -40,18 +40,19 @@ use serde::Deserialize;
 
 use std::sync::Arc;
 
-use crate::base::limits::{Limits, LimitsTable, PartialLimits, parse_size};
-use crate::capabilities::config::{ConfigValues, SecretSource, SecretSources};
+use crate::base::limits::{LimitsTable, PartialLimits, parse_size};
+use crate::capabilities::keyvalue::KeyValueChoice;
 use crate::capabilities::keyvalue::KeyValueGrant;
-use crate::capabilities::keyvalue::backend::BackendChoice;
 use crate::capabilities::messaging::MessagingGrant;
-use crate::capabilities::messaging::broker::{BrokerChoice, PartialMessagingLimits};
+use crate::capabilities::messaging::choice::BrokerChoice;
+use crate::capabilities::messaging::limits::PartialMessagingLimits;
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
-use crate::deploy::cluster::ClusterConfig;
+use crate::capabilities::wasi_config::{ConfigValues, SecretSource, SecretSources};
 use crate::deploy::router::Route;
+use crate::deploy::source::cluster::settings::ClusterConfig;
+use crate::deploy::spec::{HostPolicy, HttpOptions, ServiceConfig};
 use crate::deploy::triggers::{TriggerTable, Triggers};
-use crate::deploy::{HttpOptions, ServiceConfig};
 use crate::guest::engine::Tiers;
 
 /// A manifest as written.
@@ -336,31 +337,6 @@ impl Manifest {
     }
 }
 
-/// What the host decides for every service, whatever its manifest says: the
-/// limits of a service that sets none, and what the operator hands out
-/// (secret sources) for manifests to pick from.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostPolicy {
-    /// Limits for what a manifest does not set.
-    pub defaults: Limits,
-    /// The directories and variables manifests may name as secret sources.
-    pub secrets: SecretSources,
-    /// Quotas of single buckets (`[keyvalue] quotas`), over the default
-    /// `limits.kv_bucket_quota`.
-    pub bucket_quotas: BTreeMap<String, u64>,
-}
-
-impl HostPolicy {
-    /// The policy with `defaults` and nothing handed out.
-    pub fn with_defaults(defaults: Limits) -> HostPolicy {
-        HostPolicy {
-            defaults,
-            secrets: SecretSources::default(),
-            bucket_quotas: BTreeMap::new(),
-        }
-    }
-}
-
 /// The host-wide settings file, `wharf.toml` in the services directory:
 /// defaults for every service, and the host's backends.
 ///
@@ -515,7 +491,7 @@ pub struct HostSettings {
     /// Default limits.
     pub limits: PartialLimits,
     /// The key-value backend, if chosen here.
-    pub keyvalue: Option<BackendChoice>,
+    pub keyvalue: Option<KeyValueChoice>,
     /// The message broker, if chosen here.
     pub messaging: Option<BrokerChoice>,
     /// The cluster to join, if named here.
@@ -604,6 +580,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::base::limits::Limits;
 
     impl HostFile {
         /// Parses a `wharf.toml` said to be in `/srv`.
@@ -763,7 +740,7 @@ mod tests {
             HostFile::parse_here("[keyvalue]\nbackend = \"redis://127.0.0.1:1\"").unwrap();
         assert_eq!(
             settings.keyvalue,
-            Some(BackendChoice::Redis("redis://127.0.0.1:1".into()))
+            Some(KeyValueChoice::Redis("redis://127.0.0.1:1".into()))
         );
         assert!(
             HostFile::parse_here("[keyvalue]\nbackend = \"mongo://x\"")

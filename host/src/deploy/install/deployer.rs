@@ -10,13 +10,15 @@ use anyhow::{Result, anyhow};
 use crate::base::limits::{Limits, format_size};
 use crate::base::metrics::{DeployEvent, Metrics};
 use crate::capabilities::Backends;
-use crate::deploy::cache::CodeCaches;
-use crate::deploy::compiler::Compiler;
-use crate::deploy::deployment::{self, Deployment, ServiceSpec};
-use crate::deploy::last_good::{LastGood, Saved};
-use crate::deploy::manifest::HostPolicy;
-use crate::deploy::registry::Registry;
-use crate::deploy::tiering;
+use crate::deploy::build::cache::CodeCaches;
+use crate::deploy::build::compiler::Compiler;
+use crate::deploy::build::deployment::Deployment;
+use crate::deploy::build::link;
+use crate::deploy::build::tiering;
+use crate::deploy::install::last_good::{LastGood, Saved};
+use crate::deploy::install::registry::Registry;
+use crate::deploy::spec::HostPolicy;
+use crate::deploy::spec::{EVENTS, ServiceSpec};
 use crate::guest::engine::{Runtime, Tier, Tiers};
 use crate::guest::invoke;
 
@@ -29,10 +31,6 @@ pub(crate) fn group_taken(index: usize, group: &str, owner: &str) -> String {
         "trigger.message[{index}].group: group {group:?} belongs to service {owner:?}, which subscribed it first; choose another group (an operator can release it with DELETE /messages/groups/{group})"
     )
 }
-
-/// The log target of every deploy event line (deploy, replace, reject,
-/// remove, superseded, compiling), whichever module writes it.
-pub const EVENTS: &str = "wharf::deploy";
 
 /// Compiles, probes and installs deployments; removes them.
 pub(crate) struct Deployer {
@@ -533,7 +531,7 @@ impl Deployer {
         let (mut deployment, times) = self
             .compiler
             .run(&name, size, move || {
-                deployment::build(
+                link::build(
                     &runtime,
                     &caches,
                     &backends,

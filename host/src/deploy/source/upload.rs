@@ -24,8 +24,8 @@ use sha2::{Digest as _, Sha256};
 use crate::base::limits::format_size;
 use crate::deploy::ServiceConfig;
 use crate::deploy::ServiceSpec;
-use crate::deploy::deployer::Deployer;
-use crate::deploy::manifest::Manifest;
+use crate::deploy::install::deployer::Deployer;
+use crate::deploy::source::manifest::Manifest;
 
 /// Prefix of every temporary file an upload creates in the services
 /// directory (a dot file, so the watcher never reads it as a service).
@@ -131,7 +131,7 @@ impl StagingFile {
         } = self;
         let staged = Staged {
             path: Some(path),
-            digest: crate::deploy::deployment::hex_digest(hasher.finalize().as_slice()),
+            digest: crate::deploy::spec::hex_digest(hasher.finalize().as_slice()),
         };
         file.sync_all()
             .with_context(|| format!("writing {} to disk", staged.path().display()))?;

@@ -38,10 +38,11 @@ use tokio::task::JoinHandle;
 use crate::base::metrics::{HandledOutcome, ScheduleOutcome};
 use crate::base::respond;
 use crate::base::trace::{TRACEPARENT, TraceContext};
-use crate::capabilities::messaging::broker::{BrokerError, Delivery, Message, Subscription};
+use crate::capabilities::messaging::broker::{BrokerError, Delivery, Subscription};
+use crate::capabilities::messaging::message::Message;
 use crate::capabilities::messaging::{MAX_MESSAGE_SIZE, MessagingHub, REQUEST_ID_KEY};
 use crate::deploy::Deployment;
-use crate::deploy::cluster::Cluster;
+use crate::deploy::source::cluster::Cluster;
 use crate::deploy::triggers::{MessageTrigger, ScheduleTrigger, When};
 use crate::serve::dispatch::{Cause, Dispatcher};
 

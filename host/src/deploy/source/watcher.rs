@@ -16,14 +16,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::base::limits::{Limits, PartialLimits};
-use crate::capabilities::config::SecretSources;
-use crate::deploy::deployer::Deployer;
-use crate::deploy::deployer::EVENTS;
-use crate::deploy::manifest::{HostPolicy, HostSettings, Manifest};
-use crate::deploy::source::{
+use crate::capabilities::wasi_config::SecretSources;
+use crate::deploy::install::deployer::Deployer;
+use crate::deploy::source::files::{
     self, FileRole, HOST_FILE, Load, ServiceFingerprint, SourceOptions, file_role, scan_names,
 };
-use crate::deploy::upload;
+use crate::deploy::source::manifest::{HostSettings, Manifest};
+use crate::deploy::source::upload;
+use crate::deploy::spec::{EVENTS, HostPolicy};
 use crate::deploy::{ServiceSpec, validate_name};
 
 /// Quiet time after a "file complete" event (close after write, rename into
@@ -134,7 +134,7 @@ impl DirState {
     /// stay; new defaults make every service be looked at again.
     async fn reload_host_file(&mut self) {
         let dir = self.dir().to_path_buf();
-        let read = tokio::task::spawn_blocking(move || source::read_host_file(&dir))
+        let read = tokio::task::spawn_blocking(move || files::read_host_file(&dir))
             .await
             .unwrap_or_else(|join| Err(anyhow!("reading {HOST_FILE} failed: {join}")));
         match read {
@@ -293,7 +293,7 @@ impl DirState {
         let last = self.applied.get(name).copied();
         let owned_name = name.to_string();
         let loaded = tokio::task::spawn_blocking(move || {
-            source::load(&options, &owned_name, &policy, last, min_age)
+            files::load(&options, &owned_name, &policy, last, min_age)
         })
         .await
         .unwrap_or_else(|join| {
@@ -551,7 +551,7 @@ pub(crate) async fn load_and_watch(
         ),
         Err(join) => tracing::error!(error = %join, "cleaning up interrupted uploads failed"),
     }
-    let settings = source::read_host_file(&dir)?.unwrap_or_default();
+    let settings = files::read_host_file(&dir)?.unwrap_or_default();
     let (events_tx, events_rx) = mpsc::channel(1024);
     // Watch before the initial scan, so nothing written during the load is
     // missed; early events just cause a redundant, idempotent sync.

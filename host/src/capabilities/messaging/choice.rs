@@ -1,0 +1,78 @@
+//! Which broker a host uses, as configured (`--broker`, or `backend` under
+//! `[messaging]` in `wharf.toml`): the one place brokers are chosen and
+//! opened.
+
+use std::sync::Arc;
+
+use crate::capabilities::messaging::broker::Broker;
+use crate::capabilities::messaging::embedded::EmbeddedBroker;
+use crate::capabilities::messaging::limits::MessagingLimits;
+use crate::capabilities::messaging::nats::NatsBroker;
+use crate::capabilities::messaging::rabbitmq::RabbitBroker;
+
+/// Which broker a host uses, as configured (`--broker`, or `backend` under
+/// `[messaging]` in `wharf.toml`).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// SQLite in the data directory (in memory without one).
+    #[default]
+    Embedded,
+    /// NATS JetStream: `nats://host:port[,…]`.
+    Nats(String),
+    /// RabbitMQ: `amqp://user:password@host:port/vhost`.
+    Rabbit(String),
+}
+
+/// Shows the address without its credentials.
+impl std::fmt::Debug for BrokerChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerChoice::Embedded => f.write_str("Embedded"),
+            BrokerChoice::Nats(url) => write!(f, "Nats({:?})", crate::base::redact::url(url)),
+            BrokerChoice::Rabbit(url) => write!(f, "Rabbit({:?})", crate::base::redact::url(url)),
+        }
+    }
+}
+
+impl std::str::FromStr for BrokerChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<BrokerChoice, String> {
+        let text = text.trim();
+        if text == "embedded" {
+            Ok(BrokerChoice::Embedded)
+        } else if text.starts_with("nats://") || text.starts_with("tls://") {
+            Ok(BrokerChoice::Nats(text.to_string()))
+        } else if text.starts_with("amqp://") || text.starts_with("amqps://") {
+            Ok(BrokerChoice::Rabbit(text.to_string()))
+        } else {
+            Err(format!(
+                "{text:?} is not a message broker: use \"embedded\", \"nats://HOST:PORT\" or \"amqp://USER:PASSWORD@HOST:PORT/VHOST\""
+            ))
+        }
+    }
+}
+
+impl BrokerChoice {
+    /// Opens the chosen broker, its queues bounded by `limits`: the embedded
+    /// queue at `data_dir` (in memory without one); NATS and RabbitMQ
+    /// connect in the background.
+    pub async fn open(
+        &self,
+        data_dir: Option<&std::path::Path>,
+        limits: MessagingLimits,
+    ) -> anyhow::Result<Broker> {
+        Ok(match self {
+            BrokerChoice::Embedded => {
+                let path = data_dir.map(|dir| dir.join("messages.sqlite3"));
+                let broker = tokio::task::spawn_blocking(move || {
+                    EmbeddedBroker::open(path.as_deref(), limits)
+                })
+                .await??;
+                Broker::new(Arc::new(broker))
+            }
+            BrokerChoice::Nats(url) => Broker::new(NatsBroker::connect(url, limits).await?),
+            BrokerChoice::Rabbit(url) => Broker::new(RabbitBroker::connect(url, limits)?),
+        })
+    }
+}
