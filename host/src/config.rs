@@ -1,14 +1,18 @@
 //! Host-wide configuration: where services come from, the default limits,
 //! engine sizing and shutdown behaviour. Built by the CLI or by an embedder.
 
-use crate::deploy::source::cluster::ClusterConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::base::limits::{Limits, PartialLimits};
+use anyhow::{Result, bail, ensure};
+
+use crate::base::limits::{Limits, MAX_DURATION, PartialLimits, format_size};
 use crate::capabilities::keyvalue::KeyValueChoice;
 use crate::capabilities::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
 use crate::capabilities::wasi_config::SecretSources;
+use crate::deploy::source::cluster::ClusterConfig;
+use crate::deploy::source::manifest::HostSettings;
+use crate::deploy::spec::HostPolicy;
 use crate::guest::engine::EngineOptions;
 
 /// How long shutdown waits for in-flight requests by default.
@@ -137,6 +141,101 @@ impl Config {
     }
 }
 
+/// What a host runs with: its [`Config`] merged over the services
+/// directory's `wharf.toml`, checked (see [`Config::settle`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Settled {
+    /// The cluster to join, with this host's id in it.
+    pub cluster: Option<ClusterConfig>,
+    /// The engine's settings.
+    pub engine: EngineOptions,
+    /// What manifests are measured against.
+    pub policy: HostPolicy,
+    /// The key-value backend.
+    pub keyvalue: KeyValueChoice,
+    /// The message broker.
+    pub messaging: BrokerChoice,
+    /// The broker's bounds.
+    pub messaging_limits: MessagingLimits,
+}
+
+impl Config {
+    /// Merges the configuration over `file` (what `wharf.toml` says) and
+    /// checks the result. Each setting is the configuration's if it has
+    /// one, else the file's, else — for key-value and messaging in a
+    /// cluster — the cluster's NATS, else the default; `host_id` names this
+    /// host in a cluster that names none. Pure: reads nothing.
+    pub(crate) fn settle(
+        &self,
+        file: HostSettings,
+        host_id: impl FnOnce() -> String,
+    ) -> Result<Settled> {
+        let defaults = self.limit_overrides.apply(self.limits);
+        for (what, duration) in [
+            ("the default timeout", defaults.timeout),
+            ("the default cpu limit", defaults.cpu),
+            ("the drain timeout", self.drain_timeout),
+            ("the client timeout", self.client_timeout),
+        ] {
+            ensure!(
+                duration <= MAX_DURATION,
+                "{what} ({}) is longer than the longest Wharf takes, {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(MAX_DURATION)
+            );
+        }
+        if defaults.memory > self.engine.max_service_memory {
+            bail!(
+                "the default memory limit ({}) is more than --max-service-memory ({}): no service without its own limits.memory could deploy",
+                format_size(defaults.memory),
+                format_size(self.engine.max_service_memory)
+            );
+        }
+        let cluster = self.cluster.clone().or(file.cluster).map(|mut cluster| {
+            cluster.host_id.get_or_insert_with(host_id);
+            cluster
+        });
+        if cluster.is_some() && self.services_dir.is_none() {
+            bail!(
+                "a cluster host needs a services directory: the cluster's services are kept there"
+            );
+        }
+        let mut engine = self.engine.clone();
+        engine.tiers = engine.tiers.or(file.tiers);
+        engine.keep_resident = engine.keep_resident.or(file.keep_resident);
+        // In a cluster, state and messages default to the cluster's NATS,
+        // so every host shares them.
+        let cluster_nats = cluster.as_ref().map(|cluster| cluster.url.clone());
+        let keyvalue = self
+            .keyvalue
+            .clone()
+            .or(file.keyvalue)
+            .or_else(|| cluster_nats.clone().map(KeyValueChoice::Nats))
+            .unwrap_or_default();
+        let messaging = self
+            .messaging
+            .clone()
+            .or(file.messaging)
+            .or_else(|| cluster_nats.map(BrokerChoice::Nats))
+            .unwrap_or_default();
+        let messaging_limits = self
+            .messaging_overrides
+            .apply(file.messaging_limits.apply(self.messaging_limits));
+        Ok(Settled {
+            cluster,
+            engine,
+            policy: HostPolicy {
+                defaults,
+                secrets: self.secret_sources.merged(&file.secrets),
+                bucket_quotas: file.bucket_quotas,
+            },
+            keyvalue,
+            messaging,
+            messaging_limits,
+        })
+    }
+}
+
 /// The data directory used when none is configured, for a host serving
 /// `services_dir`: under the platform's data directory (`~/.local/share` on
 /// Linux), one per services directory (named after it, with a hash of its
@@ -161,4 +260,116 @@ pub fn default_data_dir(services_dir: &std::path::Path) -> Option<PathBuf> {
         hash[0], hash[1], hash[2], hash[3]
     );
     dirs::data_dir().map(|dir| dir.join("wharf").join(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_id() -> String {
+        "test-host".into()
+    }
+
+    #[test]
+    fn the_configuration_wins_over_the_file_and_the_file_over_defaults() {
+        let file = HostSettings {
+            keyvalue: Some(KeyValueChoice::Redis("redis://file".into())),
+            messaging: Some(BrokerChoice::Nats("nats://file".into())),
+            tiers: Some(crate::guest::engine::Tiers::Winch),
+            keep_resident: Some(1 << 20),
+            ..HostSettings::default()
+        };
+        let settled = Config::default().settle(file.clone(), host_id).unwrap();
+        assert_eq!(
+            settled.keyvalue,
+            KeyValueChoice::Redis("redis://file".into())
+        );
+        assert_eq!(settled.messaging, BrokerChoice::Nats("nats://file".into()));
+        assert_eq!(
+            settled.engine.tiers,
+            Some(crate::guest::engine::Tiers::Winch)
+        );
+        assert_eq!(settled.engine.keep_resident, Some(1 << 20));
+
+        let mut config = Config {
+            keyvalue: Some(KeyValueChoice::Embedded),
+            ..Config::default()
+        };
+        config.engine.tiers = Some(crate::guest::engine::Tiers::Cranelift);
+        let settled = config.settle(file, host_id).unwrap();
+        assert_eq!(settled.keyvalue, KeyValueChoice::Embedded);
+        assert_eq!(settled.messaging, BrokerChoice::Nats("nats://file".into()));
+        assert_eq!(
+            settled.engine.tiers,
+            Some(crate::guest::engine::Tiers::Cranelift)
+        );
+
+        let settled = Config::default()
+            .settle(HostSettings::default(), host_id)
+            .unwrap();
+        assert_eq!(settled.keyvalue, KeyValueChoice::default());
+        assert_eq!(settled.messaging, BrokerChoice::default());
+        assert_eq!(settled.cluster, None);
+    }
+
+    #[test]
+    fn a_cluster_brings_its_nats_and_a_host_id() {
+        let file = HostSettings {
+            cluster: Some(ClusterConfig::new("nats://cluster:4222")),
+            ..HostSettings::default()
+        };
+        let settled = Config::for_dir("services")
+            .settle(file.clone(), host_id)
+            .unwrap();
+        let cluster = settled.cluster.unwrap();
+        assert_eq!(cluster.host_id.as_deref(), Some("test-host"));
+        assert_eq!(
+            settled.keyvalue,
+            KeyValueChoice::Nats("nats://cluster:4222".into())
+        );
+        assert_eq!(
+            settled.messaging,
+            BrokerChoice::Nats("nats://cluster:4222".into())
+        );
+        // A host id given is kept; a cluster needs a directory.
+        let mut named = ClusterConfig::new("nats://other:4222");
+        named.host_id = Some("mine".into());
+        let mut config = Config::for_dir("services");
+        config.cluster = Some(named);
+        let settled = config.settle(file.clone(), host_id).unwrap();
+        assert_eq!(settled.cluster.unwrap().host_id.as_deref(), Some("mine"));
+        let err = Config::default().settle(file, host_id).unwrap_err();
+        assert!(
+            err.to_string().contains("needs a services directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn limits_merge_flags_over_the_file_and_are_checked() {
+        let file = HostSettings {
+            messaging_limits: PartialMessagingLimits {
+                max_pending: Some(10),
+                max_bytes: Some(1000),
+                ..PartialMessagingLimits::default()
+            },
+            ..HostSettings::default()
+        };
+        let mut config = Config::default();
+        config.messaging_overrides.max_pending = Some(5);
+        let settled = config.settle(file, host_id).unwrap();
+        assert_eq!(settled.messaging_limits.max_pending, 5);
+        assert_eq!(settled.messaging_limits.max_bytes, 1000);
+
+        let config = Config {
+            drain_timeout: MAX_DURATION * 2,
+            ..Config::default()
+        };
+        let err = config.settle(HostSettings::default(), host_id).unwrap_err();
+        assert!(err.to_string().contains("the drain timeout"), "{err}");
+        let mut config = Config::default();
+        config.engine.max_service_memory = 1 << 20;
+        let err = config.settle(HostSettings::default(), host_id).unwrap_err();
+        assert!(err.to_string().contains("--max-service-memory"), "{err}");
+    }
 }

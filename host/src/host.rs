@@ -16,18 +16,16 @@ use crate::base::metrics::{BackendGauge, Metrics};
 use crate::base::respond::Body;
 use crate::capabilities::BackendStatus;
 use crate::capabilities::Backends;
-use crate::capabilities::keyvalue::KeyValueChoice;
-use crate::capabilities::messaging::MessagingHub;
-use crate::capabilities::messaging::choice::BrokerChoice;
-use crate::config::Config;
+use crate::capabilities::messaging::{Broker, MessagingHub};
+use crate::config::{Config, Settled};
 use crate::deploy::build::cache::CodeCaches;
 use crate::deploy::install::deployer::Deployer;
-use crate::deploy::install::registry::{Registry, Snapshot};
-use crate::deploy::source::cluster::{Cluster, ClusterConfig};
+use crate::deploy::install::registry::{Registry, Rejection, Snapshot};
+use crate::deploy::source::cluster::Cluster;
 use crate::deploy::source::files::SourceOptions;
 use crate::deploy::source::manifest::HostSettings;
+use crate::deploy::source::upload::{self, InstallError, Upload, UploadOutcome};
 use crate::deploy::source::watcher::{self, DirWatcher, LoadReport, WatchOptions};
-use crate::deploy::spec::HostPolicy;
 use crate::deploy::{Deployment, ServiceConfig, ServiceSpec, validate_name};
 use crate::guest::engine::Runtime;
 use crate::serve::dispatch::Dispatcher;
@@ -110,53 +108,12 @@ impl Host {
             }
             None => HostSettings::default(),
         };
-        // The cluster the configuration names, else the one wharf.toml
-        // names; its host id is settled here, since metrics carry it.
-        let cluster_config =
-            config
-                .cluster
-                .clone()
-                .or(from_file.cluster.clone())
-                .map(|mut cluster| {
-                    cluster
-                        .host_id
-                        .get_or_insert_with(crate::deploy::source::cluster::default_host_id);
-                    cluster
-                });
-        let defaults = config.limit_overrides.apply(config.limits);
-        for (what, duration) in [
-            ("the default timeout", defaults.timeout),
-            ("the default cpu limit", defaults.cpu),
-            ("the drain timeout", config.drain_timeout),
-            ("the client timeout", config.client_timeout),
-        ] {
-            anyhow::ensure!(
-                duration <= crate::base::limits::MAX_DURATION,
-                "{what} ({}) is longer than the longest Wharf takes, {}",
-                humantime::format_duration(duration),
-                humantime::format_duration(crate::base::limits::MAX_DURATION)
-            );
-        }
-        if defaults.memory > config.engine.max_service_memory {
-            anyhow::bail!(
-                "the default memory limit ({}) is more than --max-service-memory ({}): no service without its own limits.memory could deploy",
-                crate::base::limits::format_size(defaults.memory),
-                crate::base::limits::format_size(config.engine.max_service_memory)
-            );
-        }
+        let settled = config.settle(from_file, crate::deploy::source::cluster::default_host_id)?;
         let metrics = Arc::new(Metrics::for_host(
-            cluster_config.as_ref().and_then(|c| c.host_id.as_deref()),
+            settled.cluster.as_ref().and_then(|c| c.host_id.as_deref()),
         ));
-        // The configuration's engine settings, else wharf.toml's.
-        let mut engine_options = config.engine.clone();
-        engine_options.tiers = engine_options.tiers.or(from_file.tiers);
-        engine_options.keep_resident = engine_options.keep_resident.or(from_file.keep_resident);
-        let policy = HostPolicy {
-            defaults,
-            secrets: config.secret_sources.merged(&from_file.secrets),
-            bucket_quotas: from_file.bucket_quotas.clone(),
-        };
-        let backends = open_backends(&config, from_file, cluster_config.as_ref(), &metrics).await?;
+        let backends = open_backends(&settled, config.data_dir.as_deref(), &metrics).await?;
+        let engine_options = settled.engine.clone();
         let (runtime, caches) = tokio::task::spawn_blocking(move || {
             let runtime = Runtime::new(&engine_options)?;
             let caches = CodeCaches::open(engine_options.cache_dir.as_deref(), &runtime);
@@ -170,17 +127,12 @@ impl Host {
             backends,
             Arc::new(Registry::new()),
             metrics,
-            policy,
+            settled.policy,
             config.data_dir.as_deref(),
         )?);
         let dispatcher = Dispatcher::new(deployer, config.max_call_depth);
-        let cluster = match &cluster_config {
+        let cluster = match &settled.cluster {
             Some(cluster_config) => {
-                if services_dir.is_none() {
-                    anyhow::bail!(
-                        "a cluster host needs a services directory: the cluster's services are kept there"
-                    );
-                }
                 let cluster = Cluster::connect(cluster_config.clone()).await?;
                 tracing::info!(cluster = %cluster.name(), host = %cluster.host_id(), url = %crate::base::redact::url(&cluster_config.url), "joining the cluster");
                 Some(cluster)
@@ -315,13 +267,28 @@ impl Host {
         self.inner.dispatcher.deployer().registry().snapshot_full()
     }
 
+    /// Why the last version of `name` offered was refused, if it was.
+    pub fn rejection(&self, name: &str) -> Option<Rejection> {
+        self.registry().rejection(name)
+    }
+
+    /// Every service whose last offered version was refused, with why.
+    pub fn rejections(&self) -> std::collections::BTreeMap<String, Rejection> {
+        self.registry().rejections()
+    }
+
+    /// Client connections open now, on every server thread.
+    pub fn open_connections(&self) -> i64 {
+        self.metrics().open_connections()
+    }
+
     /// The registry, for rejections and bookkeeping.
-    pub fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         self.inner.dispatcher.deployer().registry()
     }
 
     /// The host's metrics.
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         self.inner.dispatcher.deployer().metrics()
     }
 
@@ -331,8 +298,14 @@ impl Host {
         self.inner.dispatcher.deployer().backends().statuses()
     }
 
+    /// The host's message broker: what services publish to and message
+    /// triggers consume from, with its dead letters.
+    pub fn broker(&self) -> Option<&Broker> {
+        self.messaging().map(|hub| hub.broker())
+    }
+
     /// The host's messaging (its broker, reply inboxes and metrics).
-    pub fn messaging(&self) -> Option<&Arc<MessagingHub>> {
+    pub(crate) fn messaging(&self) -> Option<&Arc<MessagingHub>> {
         self.inner
             .dispatcher
             .deployer()
@@ -391,6 +364,48 @@ impl Host {
         self.inner.dispatcher.deployer()
     }
 
+    /// Deploys an upload received into staged files in the services
+    /// directory (see [`upload::deploy_upload`]), waiting up to `wait` for it
+    /// to serve.
+    pub(crate) async fn deploy_upload(
+        &self,
+        name: &str,
+        upload: Upload,
+        wait: Duration,
+    ) -> Result<UploadOutcome, InstallError> {
+        let Some(dir) = self.services_dir() else {
+            return Err(InstallError::Storing(
+                "this host has no services directory to deploy into".into(),
+            ));
+        };
+        upload::deploy_upload(self.deployer(), &dir, name, upload, wait).await
+    }
+
+    /// Removes service `name`, its files and its deployment; whether there
+    /// was anything to remove.
+    pub(crate) async fn remove_service(&self, name: &str) -> Result<bool> {
+        match self.services_dir() {
+            Some(dir) => upload::remove(self.deployer(), &dir, name).await,
+            None => Ok(self.undeploy(name)),
+        }
+    }
+
+    /// The settings a manifest's text (`None`: none) gives service `name`
+    /// on this host, or why it is refused.
+    pub(crate) async fn service_config(
+        &self,
+        name: &str,
+        manifest: Option<&str>,
+    ) -> Result<ServiceConfig, String> {
+        upload::service_config(self.deployer(), name, manifest).await
+    }
+
+    /// Instance slots in use now, and how many there are.
+    pub(crate) fn instance_slots(&self) -> (usize, usize) {
+        let instances = self.deployer().runtime().instances();
+        (instances.in_use(), instances.capacity())
+    }
+
     /// Handles one request in-process, with no socket: routes it, runs the
     /// service and returns its response (or the host's error response).
     pub async fn handle<B>(&self, request: http::Request<B>) -> http::Response<Body>
@@ -447,59 +462,24 @@ impl Host {
         threads: usize,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Result<Serving> {
-        use crate::serve::server::{self, Incoming};
-        let listener = server::bind(addr)?;
+        let listener = crate::serve::server::bind(addr)?;
         let local_addr = listener.local_addr()?;
         if let Some(cluster) = &self.inner.cluster {
             let scheme = if tls.is_some() { "https" } else { "http" };
             cluster.advertise(&format!("{scheme}://{local_addr}"));
         }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads.max(1))
-            .map(|_| tokio::sync::mpsc::unbounded_channel())
-            .unzip();
-        let mut listener = Some((listener, senders));
-        let mut handles = Vec::with_capacity(receivers.len());
-        for (index, receiver) in receivers.into_iter().enumerate() {
-            let dispatcher = self.inner.dispatcher.clone();
-            let tls = tls.clone();
-            let mut stop = stop_rx.clone();
-            let config = self.inner.config.clone();
-            // The first thread also runs the acceptor.
-            let acceptor = listener.take();
-            let handle = std::thread::Builder::new()
-                .name(format!("wharf-server-{index}"))
-                .spawn(move || -> Result<()> {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .context("starting a server thread's runtime")?;
-                    runtime.block_on(async move {
-                        if let Some((listener, senders)) = acceptor {
-                            let listener = TcpListener::from_std(listener)?;
-                            tokio::spawn(server::distribute(listener, senders, stop.clone()));
-                        }
-                        let shutdown = async move {
-                            let _ = stop.wait_for(|stop| *stop).await;
-                        };
-                        server::run(
-                            dispatcher,
-                            Incoming::Handoff(receiver),
-                            tls,
-                            shutdown,
-                            config.client_timeout,
-                            config.drain_timeout,
-                        )
-                        .await
-                    })
-                })
-                .context("starting a server thread")?;
-            handles.push(handle);
-        }
+        let config = &self.inner.config;
+        let threads = crate::serve::server::ServerThreads::start(
+            listener,
+            threads,
+            &self.inner.dispatcher,
+            tls,
+            config.client_timeout,
+            config.drain_timeout,
+        )?;
         Ok(Serving {
             local_addr,
-            stop: stop_tx,
-            threads: handles,
+            threads,
             host: self.clone(),
         })
     }
@@ -512,41 +492,22 @@ impl Host {
     }
 }
 
-/// Opens the host's capability backends: each the one the configuration
-/// names, else the one `wharf.toml` names (`from_file`), else the cluster's
-/// NATS in a cluster, else the embedded one.
+/// Opens the host's capability backends, as `settled` chose them.
 async fn open_backends(
-    config: &Config,
-    from_file: HostSettings,
-    cluster: Option<&ClusterConfig>,
+    settled: &Settled,
+    data_dir: Option<&Path>,
     metrics: &Arc<Metrics>,
 ) -> Result<Backends> {
-    // In a cluster, state and messages default to the cluster's NATS, so
-    // every host shares them.
-    let cluster_nats = cluster.map(|cluster| cluster.url.clone());
-    let choice = config
+    let keyvalue = settled
         .keyvalue
-        .clone()
-        .or(from_file.keyvalue)
-        .or_else(|| cluster_nats.clone().map(KeyValueChoice::Nats))
-        .unwrap_or_default();
-    let defaults = config.limit_overrides.apply(config.limits);
-    let keyvalue = choice
-        .open(config.data_dir.as_deref(), defaults.kv_value_size)
+        .open(data_dir, settled.policy.defaults.kv_value_size)
         .await
         .context("opening the key-value backend")?;
     tracing::info!(backend = keyvalue.kind(), detail = %keyvalue.status().detail, "key-value backend");
-    let choice = config
+    let limits = settled.messaging_limits;
+    let broker = settled
         .messaging
-        .clone()
-        .or(from_file.messaging)
-        .or_else(|| cluster_nats.map(BrokerChoice::Nats))
-        .unwrap_or_default();
-    let limits = config
-        .messaging_overrides
-        .apply(from_file.messaging_limits.apply(config.messaging_limits));
-    let broker = choice
-        .open(config.data_dir.as_deref(), limits)
+        .open(data_dir, limits)
         .await
         .context("opening the message broker")?;
     tracing::info!(broker = broker.kind(), detail = %broker.status().detail, "message broker");
@@ -582,8 +543,7 @@ async fn sweep_idle_instances(host: Weak<Inner>) {
 /// Server threads started by [`Host::serve_threads`].
 pub struct Serving {
     local_addr: std::net::SocketAddr,
-    stop: tokio::sync::watch::Sender<bool>,
-    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+    threads: crate::serve::server::ServerThreads,
     host: Host,
 }
 
@@ -597,21 +557,8 @@ impl Serving {
     /// timeout), waits for every server thread, then stops watching the
     /// directory.
     pub async fn shutdown(self) -> Result<()> {
-        let _ = self.stop.send(true);
-        let threads = self.threads;
-        let results = tokio::task::spawn_blocking(move || {
-            threads
-                .into_iter()
-                .map(|thread| {
-                    thread
-                        .join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a server thread panicked")))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .context("joining the server threads")?;
+        let stopped = self.threads.stop().await;
         self.host.stop_watching().await;
-        results.into_iter().collect()
+        stopped
     }
 }

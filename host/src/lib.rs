@@ -57,14 +57,14 @@
 //! Metrics and trace context live in [`base`], not `ops`, because every layer
 //! records into them; `ops` only presents them.
 
-pub mod base;
-pub mod capabilities;
-pub mod config;
-pub mod deploy;
-pub mod guest;
+pub(crate) mod base;
+pub(crate) mod capabilities;
+mod config;
+pub(crate) mod deploy;
+pub(crate) mod guest;
 mod host;
-pub mod ops;
-pub mod serve;
+pub(crate) mod ops;
+pub(crate) mod serve;
 
 #[cfg(test)]
 mod layers;
@@ -72,11 +72,69 @@ mod layers;
 pub use base::headers::{
     FORWARDED_PREFIX_HEADER, GENERATION_HEADER, HOPS_HEADER, REQUEST_ID_HEADER,
 };
-pub use base::limits::Limits;
 pub use base::respond::Body;
-pub use config::Config;
-pub use deploy::Deployment;
+pub use capabilities::BackendStatus;
+pub use capabilities::keyvalue::KeyValueChoice;
+pub use capabilities::wasi_config::SecretSources;
+pub use config::{
+    Config, DEFAULT_CLIENT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CALL_DEPTH, default_data_dir,
+};
+pub use deploy::install::registry::{Rejection, Snapshot};
 pub use deploy::source::watcher::LoadReport;
+pub use deploy::{CompileInfo, Deployment, digest_of, validate_name};
+pub use guest::engine::{EngineOptions, Tier, Tiers, default_cache_dir};
 pub use host::{Host, Serving};
-/// The admin endpoint; also at [`ops::admin`].
-pub use ops::admin;
+pub use limits::{Limits, PartialLimits};
+pub use serve::tls::acceptor as tls_acceptor;
+
+/// Limits on what one request or one service may use, and the parsers of
+/// the sizes and durations that set them (`128MiB`, `30s`), as the CLI,
+/// manifests and `wharf.toml` write them.
+pub mod limits {
+    pub use crate::base::limits::{
+        Limits, MAX_DURATION, MAX_MEMORY, PartialLimits, format_size, parse_concurrency,
+        parse_duration, parse_memory, parse_size,
+    };
+}
+
+/// Messaging: the broker behind `wasi:messaging` and message triggers,
+/// how it is chosen and bounded, and its dead letters (see
+/// [`Host::broker`]).
+pub mod messaging {
+    pub use crate::capabilities::messaging::{
+        Broker, BrokerChoice, BrokerError, BrokerStatus, DEFAULT_MAX_PENDING, DeadLetter,
+        DeadLetterQuery, MAX_DEAD_LETTER_PAGE, Message, MessagingLimits, PartialMessagingLimits,
+    };
+}
+
+/// Many hosts as one cluster on NATS JetStream: how a host joins, and the
+/// cluster as one host sees it (see [`Host::cluster`]).
+pub mod cluster {
+    pub use crate::deploy::source::cluster::{
+        Cluster, ClusterConfig, ClusterView, Divergence, FailedVersion, HostBeat,
+        MAX_CREDENTIALS_FILE, ServedVersion,
+    };
+}
+
+/// The admin endpoint: health, readiness, metrics, the service list, the
+/// deploy API and the live dashboard, for any [`Host`].
+///
+/// ```no_run
+/// # async fn demo(host: wharf::Host) -> anyhow::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:9090").await?;
+/// let token = wharf::admin::AdminToken::new("a long random secret")?;
+/// let guard = wharf::admin::AdminGuard::new(Some(token), &[]);
+/// wharf::admin::serve_guarded(host, listener, guard, std::future::pending()).await?;
+/// # Ok(()) }
+/// ```
+pub mod admin {
+    pub use crate::ops::admin::{MAX_TOKEN_FILE, serve, serve_guarded};
+    pub use crate::ops::dashboard::LogRingLayer;
+    pub use crate::ops::guard::{AdminGuard, AdminToken};
+}
+
+/// Telling whether a component will deploy, and why not, without serving
+/// it (`wharf check`).
+pub mod check {
+    pub use crate::ops::check::{CheckReport, ImportCheck, check, check_file, sibling_manifest};
+}

@@ -1,7 +1,7 @@
 //! The compiled-code cache: a second start compiles nothing, and a corrupt
 //! entry is detected and rebuilt.
 
-use wharf::guest::engine::Tiers;
+use wharf::Tiers;
 use wharf::{Config, Host};
 
 use crate::support::ServiceDir;

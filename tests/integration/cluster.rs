@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use wharf::Config;
-use wharf::deploy::source::cluster::ClusterConfig;
+use wharf::cluster::ClusterConfig;
 
 use crate::support::{
     HaproxyServer, NatsServer, ServiceDir, TestServer, WharfProcess, client, eventually, free_port,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wharf::Config;
-use wharf::capabilities::keyvalue::KeyValueChoice;
+use wharf::KeyValueChoice;
 
 use crate::support::{
     NatsServer, RedisServer, ServiceDir, TestServer, WharfProcess, client, eventually, get,
@@ -420,10 +420,10 @@ async fn a_missing_secret_rejects_the_deployment_and_the_previous_version_keeps_
     let host = server.host.clone();
     eventually(Duration::from_secs(10), "the rejection", || {
         let host = host.clone();
-        async move { host.registry().rejection("svc").is_some() }
+        async move { host.rejection("svc").is_some() }
     })
     .await;
-    let reason = server.host.registry().rejection("svc").unwrap().reason;
+    let reason = server.host.rejection("svc").unwrap().reason;
     assert!(
         reason.contains("secrets.key: the environment variable it names is not set"),
         "{reason}"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wharf::Config;
-use wharf::capabilities::wasi_config::SecretSources;
+use wharf::SecretSources;
 
 use crate::support::{
     NatsServer, ServiceDir, TestServer, WharfProcess, client, eventually, free_port, get,
@@ -54,7 +54,6 @@ async fn rejection(server: &TestServer, service: &str, needle: &str) -> String {
         &format!("{service} rejected with {needle:?}"),
         || {
             let reason = host
-                .registry()
                 .rejection(service)
                 .map(|r| r.reason)
                 .unwrap_or_default();
@@ -64,7 +63,6 @@ async fn rejection(server: &TestServer, service: &str, needle: &str) -> String {
     .await;
     server
         .host
-        .registry()
         .rejection(service)
         .map(|r| r.reason)
         .unwrap_or_default()
@@ -190,12 +188,7 @@ async fn regression_a_service_naming_another_services_group_is_rejected_even_aft
     let reason = rejection(&server, "thief", "belongs to service \"billing\"").await;
     assert!(!reason.is_empty());
     assert!(
-        server
-            .host
-            .registry()
-            .snapshot()
-            .service("billing")
-            .is_some(),
+        server.host.services().service("billing").is_some(),
         "billing serves"
     );
     server.stop().await;

@@ -86,7 +86,6 @@ async fn a_bad_manifest_is_rejected_naming_file_and_key_and_the_old_version_serv
         eventually(APPLY, "the rejection", || async {
             server
                 .host
-                .registry()
                 .rejection("svc")
                 .is_some_and(|r| needles.iter().all(|n| r.reason.contains(n)))
         })
@@ -111,7 +110,6 @@ async fn two_services_on_one_route_reject_the_newer() {
     eventually(APPLY, "the conflict to be reported", || async {
         server
             .host
-            .registry()
             .rejection("second")
             .is_some_and(|r| r.reason.contains("already served by service \"first\""))
     })

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wharf::Config;
-use wharf::capabilities::messaging::{
-    Broker, BrokerChoice, DEFAULT_MAX_PENDING, DeadLetter, DeadLetterQuery,
-};
+use wharf::messaging::{Broker, BrokerChoice, DEFAULT_MAX_PENDING, DeadLetter, DeadLetterQuery};
 
 use crate::support::{
     NatsServer, RabbitServer, ServiceDir, TestServer, WharfProcess, client, eventually, get,
@@ -304,25 +302,21 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
         &["ok-1".into(), "ok-2".into()].into(),
     )
     .await;
-    let hub = server.host.messaging().expect("messaging").clone();
+    let broker = server.host.broker().expect("messaging").clone();
     let group = format!("{tag}-poison");
     eventually(PATIENCE, "the poison message in the dead letters", || {
-        let hub = hub.clone();
+        let broker = broker.clone();
         let group = group.clone();
         async move {
-            dead(hub.broker(), &group, 10)
+            dead(&broker, &group, 10)
                 .await
                 .is_ok_and(|letters| letters.len() == 1)
         }
     })
     .await;
-    let letters = dead(hub.broker(), &group, 10).await.unwrap();
+    let letters = dead(&broker, &group, 10).await.unwrap();
     assert_eq!(letters[0].message.body, "poison-1", "{label}");
-    assert_eq!(
-        hub.broker().count_dead_letters(&group).await,
-        Ok(1),
-        "{label}"
-    );
+    assert_eq!(broker.count_dead_letters(&group).await, Ok(1), "{label}");
     // Read in pages: nothing after the last one, and a body cut short.
     let after = DeadLetterQuery {
         after: Some(letters[0].position),
@@ -330,10 +324,7 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
         body_limit: 1 << 20,
     };
     assert_eq!(
-        hub.broker()
-            .dead_letters(&group, after)
-            .await
-            .map(|l| l.len()),
+        broker.dead_letters(&group, after).await.map(|l| l.len()),
         Ok(0),
         "{label}"
     );
@@ -342,7 +333,7 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
         limit: 10,
         body_limit: 3,
     };
-    let cut = hub.broker().dead_letters(&group, cut).await.unwrap();
+    let cut = broker.dead_letters(&group, cut).await.unwrap();
     assert_eq!(
         (&cut[0].message.body[..], cut[0].body_size),
         (&b"poi"[..], 8),
@@ -475,9 +466,9 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
     }
 
     // Deleting a group on the broker drops its dead letters with it.
-    let deleted = hub.broker().delete_group(&group).await;
+    let deleted = &broker.delete_group(&group).await;
     assert!(matches!(deleted, Ok(true)), "{label}: {deleted:?}");
-    let letters = dead(hub.broker(), &group, 10).await.unwrap();
+    let letters = dead(&broker, &group, 10).await.unwrap();
     assert!(
         letters.is_empty(),
         "{label}: {} dead letters left",
@@ -780,7 +771,6 @@ async fn bad_triggers_are_rejected_with_the_key_and_the_old_version_keeps_runnin
             || {
                 let reason = server
                     .host
-                    .registry()
                     .rejections()
                     .get("rec")
                     .map(|r| r.reason.clone())
@@ -789,14 +779,7 @@ async fn bad_triggers_are_rejected_with_the_key_and_the_old_version_keeps_runnin
             },
         )
         .await;
-        let reason = server
-            .host
-            .registry()
-            .rejections()
-            .get("rec")
-            .unwrap()
-            .reason
-            .clone();
+        let reason = server.host.rejections().get("rec").unwrap().reason.clone();
         assert!(reason.contains("rec.toml"), "{reason}");
     }
     // The previous version is still subscribed and handling.

@@ -136,7 +136,7 @@ async fn metrics_count_a_known_sequence_of_requests() {
                 host.services()
                     .service("hello")
                     .is_some_and(|d| d.generation() == 2)
-                    && host.registry().rejection("hostile").is_some()
+                    && host.rejection("hostile").is_some()
             }
         },
     )

@@ -92,7 +92,6 @@ async fn a_broken_replacement_is_rejected_and_the_old_version_keeps_serving() {
         eventually(APPLY, "the rejection to be recorded", || async {
             server
                 .host
-                .registry()
                 .rejection("hello")
                 .is_some_and(|r| r.reason.contains(reason))
         })
@@ -109,7 +108,7 @@ async fn a_broken_replacement_is_rejected_and_the_old_version_keeps_serving() {
     // A good file clears the rejection and takes over.
     dir.install("hello", "echo");
     eventually(APPLY, "the good replacement", || async {
-        server.host.registry().rejection("hello").is_none()
+        server.host.rejection("hello").is_none()
             && server
                 .host
                 .services()
@@ -129,7 +128,6 @@ async fn a_component_without_the_http_handler_is_rejected() {
     eventually(APPLY, "the rejection", || async {
         server
             .host
-            .registry()
             .rejection("empty")
             .is_some_and(|r| r.reason.contains("wasi:http/incoming-handler"))
     })
@@ -140,10 +138,10 @@ async fn a_component_without_the_http_handler_is_rejected() {
 /// Waits until service `name` has a rejected version, and says why.
 async fn rejection_reason(server: &TestServer, name: &str) -> String {
     eventually(APPLY, "the rejection", || async {
-        server.host.registry().rejection(name).is_some()
+        server.host.rejection(name).is_some()
     })
     .await;
-    server.host.registry().rejection(name).unwrap().reason
+    server.host.rejection(name).unwrap().reason
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -239,7 +237,7 @@ async fn temp_dot_and_other_files_are_ignored() {
     let services = server.host.services();
     let names: Vec<&str> = services.services().map(|d| d.name()).collect();
     assert_eq!(names, ["real"]);
-    assert!(server.host.registry().rejections().is_empty());
+    assert!(server.host.rejections().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -335,7 +333,7 @@ async fn rapid_successive_writes_end_on_the_last_version() {
     for guest_name in ["hostile", "hello", "hostile", "echo"] {
         dir.install("svc", guest_name);
     }
-    let digest = wharf::deploy::digest_of(&last);
+    let digest = wharf::digest_of(&last);
     eventually(APPLY, "the last version", || async {
         server
             .host
@@ -362,7 +360,7 @@ async fn a_slowly_written_file_is_never_deployed_half_written() {
         file.flush().unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(
-            server.host.registry().rejection("slow").is_none(),
+            server.host.rejection("slow").is_none(),
             "a partial file was compiled"
         );
         assert!(server.host.services().service("slow").is_none());
@@ -373,7 +371,7 @@ async fn a_slowly_written_file_is_never_deployed_half_written() {
         status_of(&url).await == Some(200)
     })
     .await;
-    assert!(server.host.registry().rejection("slow").is_none());
+    assert!(server.host.rejection("slow").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -421,7 +419,7 @@ async fn symlinks_inside_the_directory_are_followed_and_outside_refused() {
     let server = TestServer::for_dir(&dir).await;
     assert_eq!(status_of(&server.url("/inside")).await, Some(200));
     assert_eq!(status_of(&server.url("/outside")).await, Some(404));
-    let rejection = server.host.registry().rejection("outside").unwrap();
+    let rejection = server.host.rejection("outside").unwrap();
     assert!(
         rejection.reason.contains("outside the services directory"),
         "{rejection:?}"
@@ -448,7 +446,6 @@ async fn a_dangling_symlink_is_rejected_and_the_old_version_kept() {
     eventually(APPLY, "the rejection", || async {
         server
             .host
-            .registry()
             .rejection("svc")
             .is_some_and(|r| r.reason.contains("symlink to a missing file"))
     })

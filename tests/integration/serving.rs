@@ -289,7 +289,7 @@ async fn regression_idle_http2_connections_time_out_even_when_the_client_answers
         "the server to count the connection closed",
         || {
             let host = host.clone();
-            async move { host.metrics().open_connections() == 0 }
+            async move { host.open_connections() == 0 }
         },
     )
     .await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tokio::sync::oneshot;
-use wharf::guest::engine::Tiers;
+use wharf::Tiers;
 use wharf::{Config, Host};
 
 /// The guest target.

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use wharf::guest::engine::{Tier, Tiers};
 use wharf::{Config, Host};
+use wharf::{Tier, Tiers};
 
 use crate::languages::{check_hello_service, hello_n_times};
 use crate::support::{ServiceDir, TestServer, WharfProcess, client, eventually, get};
@@ -230,7 +230,7 @@ async fn regression_a_newer_file_during_the_optimising_compile_is_not_replaced_b
     assert_eq!(svc["tier"], "cranelift", "{svc}");
     assert_eq!(
         svc["digest"],
-        wharf::deploy::digest_of(&crate::support::guest_bytes("hello")),
+        wharf::digest_of(&crate::support::guest_bytes("hello")),
         "{svc}"
     );
     let optimised_generations = wharf

@@ -159,10 +159,7 @@ async fn regression_concurrent_uploads_of_one_service_never_tear() {
         .find(|s| s["name"] == "svc")
         .unwrap();
     assert_eq!(svc["route"], format!("/v{n}"));
-    assert_eq!(
-        svc["digest"],
-        wharf::deploy::digest_of(&components[n % 2]).as_str()
-    );
+    assert_eq!(svc["digest"], wharf::digest_of(&components[n % 2]).as_str());
     assert_eq!(get(&wharf.url(&format!("/v{n}"))).await.unwrap().0, 200);
     assert!(leftovers(dir.path()).is_empty());
 }

@@ -60,11 +60,13 @@ impl TraceContext {
     }
 
     /// The trace id as 32 hex digits.
+    #[cfg(test)]
     pub fn trace_id(&self) -> String {
         format!("{:032x}", self.trace_id)
     }
 
     /// The span id as 16 hex digits.
+    #[cfg(test)]
     pub fn span_id(&self) -> String {
         format!("{:016x}", self.span_id)
     }

@@ -115,11 +115,6 @@ impl NatsConnection {
         &self.jetstream
     }
 
-    /// The servers, without credentials.
-    pub fn shown(&self) -> &str {
-        &self.shown
-    }
-
     /// Whether the client is connected now, and a line saying so.
     pub fn state(&self) -> (bool, String) {
         let state = self.client.connection_state();

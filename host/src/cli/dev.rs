@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use tokio::sync::mpsc;
-use wharf::capabilities::wasi_config::SecretSources;
+use wharf::SecretSources;
 use wharf::{Config, Host};
 
 /// How long the sources must be quiet before a rebuild starts.

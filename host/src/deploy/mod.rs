@@ -19,9 +19,5 @@ pub mod source;
 pub mod spec;
 pub mod triggers;
 
-pub use build::compiler::CompileTimes;
 pub use build::deployment::{CompileInfo, Deployment};
-pub use spec::{
-    EVENTS, EXPOSE_ERRORS_VARIABLE, HostPolicy, HttpOptions, MAX_NAME_LEN, RESERVED_NAMES,
-    ServiceConfig, ServiceSpec, check_header, digest_of, validate_name,
-};
+pub use spec::{EVENTS, ServiceConfig, ServiceSpec, digest_of, validate_name};

@@ -167,11 +167,6 @@ impl<T> RouteTable<T> {
             rest,
         })
     }
-
-    /// Whether no routes are mounted.
-    pub fn is_empty(&self) -> bool {
-        self.root.is_none() && self.by_segment.is_empty()
-    }
 }
 
 #[cfg(test)]

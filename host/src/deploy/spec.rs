@@ -181,17 +181,6 @@ pub struct HostPolicy {
     pub bucket_quotas: BTreeMap<String, u64>,
 }
 
-impl HostPolicy {
-    /// The policy with `defaults` and nothing handed out.
-    pub fn with_defaults(defaults: Limits) -> HostPolicy {
-        HostPolicy {
-            defaults,
-            secrets: SecretSources::default(),
-            bucket_quotas: BTreeMap::new(),
-        }
-    }
-}
-
 /// `sha256:<hex>` of some bytes.
 pub fn digest_of(bytes: &[u8]) -> String {
     hex_digest(Sha256::digest(bytes).as_slice())

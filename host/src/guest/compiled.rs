@@ -15,11 +15,10 @@ use crate::capabilities::messaging::{HandlerExports, MessagingAccess};
 use crate::capabilities::outbound::OutboundPolicy;
 use crate::capabilities::wasi_config::ConfigValues;
 use crate::guest::engine::EngineKind;
-use crate::guest::instance::WarmPool;
+use crate::guest::pools::{WarmPool, Workers};
 use crate::guest::scheduler::ServiceCpu;
 use crate::guest::source_map::SourceMapper;
 use crate::guest::state::HostState;
-use crate::guest::worker::Workers;
 
 /// One compiled, linked version of a service and what its requests may do:
 /// limits, environment, outbound policy, request slots, instance reuse. It

@@ -310,7 +310,6 @@ impl Flavour {
 pub struct Runtime {
     /// Indexed by [`EngineKind::index`].
     flavours: Vec<Flavour>,
-    pooling: bool,
     max_service_memory: u64,
     tiers: Tiers,
     optimise_delay: Duration,
@@ -329,24 +328,23 @@ impl Runtime {
                 .map(|kind| Flavour::new(options, *kind, pooling))
                 .collect()
         };
-        let (flavours, pooling) = if options.pooling {
+        let flavours = if options.pooling {
             match build(true) {
-                Ok(flavours) => (flavours, true),
+                Ok(flavours) => flavours,
                 Err(err) => {
                     tracing::warn!(
                         error = %format!("{err:#}"),
                         "pooling allocator unavailable on this machine; allocating instances on demand"
                     );
-                    (build(false)?, false)
+                    build(false)?
                 }
             }
         } else {
-            (build(false)?, false)
+            build(false)?
         };
         let ticker = EpochTicker::start(flavours.iter().map(|f| f.engine.clone()).collect())?;
         Ok(Runtime {
             flavours,
-            pooling,
             max_service_memory: options.max_service_memory.min(MAX_MEMORY),
             tiers: options.tiers.unwrap_or_default(),
             optimise_delay: options.optimise_delay,
@@ -358,11 +356,6 @@ impl Runtime {
     /// The engine and linker of `kind`.
     pub fn flavour(&self, kind: EngineKind) -> &Flavour {
         &self.flavours[kind.index()]
-    }
-
-    /// Whether instances come from the pooling allocator.
-    pub fn pooling(&self) -> bool {
-        self.pooling
     }
 
     /// The most linear memory one service may have on this host.

@@ -1,15 +1,12 @@
-//! Guest instances: a fresh store and instance per request by default, or —
-//! for services that opt in with `[instance] reuse = N` — instances kept warm
-//! between requests, retagged for each one and retired after N requests,
-//! after any failure, or after sitting idle.
+//! Guest instances: the store of each (memory cap, environment, captured
+//! stdio, outbound hooks, capabilities, deadline), a fresh one per request
+//! by default, and running a WASI 0.2 request or a message on one. Warm
+//! instances kept for reuse wait in [`pools`](crate::guest::pools).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
-use wasmtime::component::InstancePre;
-use wasmtime::{Store, UpdateDeadline};
+use wasmtime::Store;
 use wasmtime_wasi::WasiCtx;
 
 use crate::capabilities::call::CallContext;
@@ -20,29 +17,10 @@ use crate::capabilities::outbound::{InternalCalls, OutboundHooks};
 use crate::capabilities::wasi_config::ConfigCtx;
 use crate::guest::Guest;
 use crate::guest::engine::Runtime;
-use crate::guest::scheduler::{self, CpuMeter, Verdict};
+use crate::guest::pools::{Instance, arm_deadline};
+use crate::guest::scheduler::CpuMeter;
 use crate::guest::state::{CapabilityCtx, HostState};
 use crate::guest::stdio::{GuestOutput, Stream};
-
-/// How long a warm instance may sit unused before it is dropped.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most warm instances one deployment keeps idle.
-pub const MAX_IDLE: usize = 32;
-/// Reused instances of one deployment that may crash in a row, with none
-/// succeeding in between, before reuse is turned off for that deployment.
-pub const MAX_REUSE_FAILURES: u32 = 3;
-
-/// One guest instance (or a store about to hold one) and the instance slot
-/// it occupies.
-pub(crate) struct Instance {
-    pub(crate) store: Store<HostState>,
-    /// Set once instantiated; a reused instance keeps it.
-    instance: Option<wasmtime::component::Instance>,
-    /// Requests this instance has completed.
-    pub(crate) served: u32,
-    /// The host-wide instance slot, held as long as the instance lives.
-    _slot: OwnedSemaphorePermit,
-}
 
 impl Instance {
     /// A new, not yet instantiated store for `guest`, set up for the
@@ -54,40 +32,7 @@ impl Instance {
         internal: Option<Arc<dyn InternalCalls>>,
         slot: OwnedSemaphorePermit,
     ) -> Instance {
-        let store = armed_store(runtime, guest, context, internal);
-        Instance {
-            store,
-            instance: None,
-            served: 0,
-            _slot: slot,
-        }
-    }
-
-    /// Prepares a warm instance for its next request.
-    pub(crate) fn begin_request(&mut self, context: CallContext) {
-        let deadline = context.deadline;
-        let previous = self.store.data().cpu();
-        let meter = CpuMeter::new(previous.budget(), previous.service().clone());
-        self.store.data_mut().begin_request(context, meter.clone());
-        arm_deadline(&mut self.store, move || deadline, meter);
-    }
-
-    /// Whether this instance has served a request before.
-    pub(crate) fn is_reused(&self) -> bool {
-        self.served > 0
-    }
-
-    /// The component instance, instantiating it first if needed.
-    pub(crate) async fn instance(
-        &mut self,
-        pre: &InstancePre<HostState>,
-    ) -> wasmtime::Result<wasmtime::component::Instance> {
-        if let Some(instance) = self.instance {
-            return Ok(instance);
-        }
-        let instance = pre.instantiate_async(&mut self.store).await?;
-        self.instance = Some(instance);
-        Ok(instance)
+        Instance::new(armed_store(runtime, guest, context, internal), slot)
     }
 
     /// Runs one request's handler on this instance.
@@ -201,140 +146,4 @@ pub(crate) fn armed_store(
     let meter = store.data().cpu().clone();
     arm_deadline(&mut store, move || deadline, meter);
     store
-}
-
-/// Makes the guest stop once past the instant `deadline` gives (read at
-/// every tick: a worker's deadline moves with its requests) or when `meter`
-/// says its CPU budget is spent; until then, at every epoch tick it yields as the
-/// [`scheduler`](crate::guest::scheduler) decides, so a busy guest can hold
-/// neither a thread nor more than its share of one.
-pub(crate) fn arm_deadline(
-    store: &mut Store<HostState>,
-    deadline: impl Fn() -> Instant + Send + Sync + 'static,
-    meter: Arc<CpuMeter>,
-) {
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline() {
-            return Ok(UpdateDeadline::Interrupt);
-        }
-        Ok(match scheduler::at_yield_point(&meter) {
-            Verdict::Stop => UpdateDeadline::Interrupt,
-            Verdict::Yield(turn) => UpdateDeadline::YieldCustom(1, turn),
-        })
-    });
-}
-
-/// Idle instances of one deployment in reuse mode, and whether the guest has
-/// shown it survives reuse.
-#[derive(Default)]
-pub(crate) struct WarmPool {
-    idle: Mutex<Vec<(Instance, Instant)>>,
-    /// Shared with the same component compiled by another tier: the
-    /// guest's code behaves the same whichever compiler built it.
-    verdict: Arc<ReuseVerdict>,
-}
-
-/// What a component has shown about serving on reused instances.
-#[derive(Default)]
-struct ReuseVerdict {
-    /// Reused instances that crashed since the last one that succeeded.
-    failures_in_a_row: AtomicU32,
-    /// Set once the guest has proven it cannot serve a second request.
-    disabled: AtomicBool,
-}
-
-impl WarmPool {
-    /// An empty pool for the same component compiled again (a tier swap):
-    /// its instances belong to another engine and cannot carry over, but
-    /// what the guest has shown about reuse does.
-    pub(crate) fn successor(&self) -> WarmPool {
-        WarmPool {
-            idle: Mutex::default(),
-            verdict: self.verdict.clone(),
-        }
-    }
-
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(Instance, Instant)>> {
-        // The list is consistent between statements; a panic elsewhere while
-        // holding the lock does not corrupt it.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether instances may still be reused: false once
-    /// [`MAX_REUSE_FAILURES`] reused instances crashed in a row.
-    pub(crate) fn enabled(&self) -> bool {
-        !self.verdict.disabled.load(Ordering::Relaxed)
-    }
-
-    /// Notes that a reused instance served its request.
-    pub(crate) fn reused_instance_succeeded(&self) {
-        self.verdict.failures_in_a_row.store(0, Ordering::Relaxed);
-    }
-
-    /// Notes that a reused instance crashed; returns true when this turned
-    /// reuse off (and dropped the idle instances).
-    pub(crate) fn reused_instance_failed(&self) -> bool {
-        let verdict = &self.verdict;
-        let failures = verdict.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < MAX_REUSE_FAILURES || verdict.disabled.swap(true, Ordering::Relaxed) {
-            return false;
-        }
-        let retired = std::mem::take(&mut *self.idle());
-        drop(retired);
-        true
-    }
-
-    /// The most recently used idle instance, if one is still fresh enough.
-    pub(crate) fn take(&self) -> Option<Instance> {
-        let mut idle = self.idle();
-        while let Some((instance, since)) = idle.pop() {
-            if since.elapsed() < IDLE_TIMEOUT {
-                return Some(instance);
-            }
-            // Stale: older entries below it are staler still.
-            idle.clear();
-        }
-        None
-    }
-
-    /// Keeps `instance` for a later request; drops it when the pool is full
-    /// or reuse has been turned off.
-    pub(crate) fn give_back(&self, instance: Instance) {
-        if !self.enabled() {
-            return;
-        }
-        self.sweep();
-        let surplus = {
-            let mut idle = self.idle();
-            if idle.len() < MAX_IDLE {
-                idle.push((instance, Instant::now()));
-                None
-            } else {
-                Some(instance)
-            }
-        };
-        // Torn down outside the lock.
-        drop(surplus);
-    }
-
-    /// Drops the instances that have sat idle longer than [`IDLE_TIMEOUT`],
-    /// giving their memory and instance slots back.
-    pub(crate) fn sweep(&self) {
-        let now = Instant::now();
-        let retired: Vec<_> = {
-            let mut idle = self.idle();
-            let fresh_from = idle
-                .iter()
-                .position(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT)
-                .unwrap_or(idle.len());
-            idle.drain(..fresh_from).collect()
-        };
-        drop(retired);
-    }
-
-    /// Idle instances right now.
-    pub(crate) fn len(&self) -> usize {
-        self.idle().len()
-    }
 }

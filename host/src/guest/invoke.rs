@@ -25,9 +25,10 @@ use crate::guest::body::{GuestBody, LimitedBody};
 use crate::guest::engine::Runtime;
 pub use crate::guest::failure::Failure;
 use crate::guest::failure::{classify, first_line};
-use crate::guest::instance::{Instance, armed_store};
+use crate::guest::instance::armed_store;
+use crate::guest::pools::{Instance, Job, Reply, Workers};
 use crate::guest::scheduler;
-use crate::guest::worker::{self, Job, Reply, Workers};
+use crate::guest::worker;
 
 /// Instantiates `guest` once without calling it: proves the component
 /// fits the instance pool and its start-up code runs, before it is deployed.
@@ -464,7 +465,7 @@ impl Attempt {
                             "{} reused instances of this service crashed in a row: it does not \
                              survive reuse, so every request now gets a fresh instance \
                              (until the service is redeployed)",
-                            crate::guest::instance::MAX_REUSE_FAILURES
+                            crate::guest::pools::MAX_REUSE_FAILURES
                         );
                     }
                     // Sent before the store (and with it the response body's

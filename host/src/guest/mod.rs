@@ -1,6 +1,7 @@
 //! Running a request in a guest: the wasmtime engines and the linker
 //! (`engine`), the per-request store data (`state`), a compiled guest ready
-//! to run (`Guest`), instances fresh or kept warm for reuse (`instance`), the
+//! to run (`Guest`), instances fresh per request (`instance`) or waiting for
+//! the next one (`pools`: the warm pool and the workers), the
 //! call itself with its deadline and the mapping of every failure to an HTTP
 //! answer (`invoke`), the instances of WASI 0.3 services, which may serve
 //! several requests at once (`worker`), request and response bodies (`body`) and the guest's
@@ -14,6 +15,7 @@ pub mod engine;
 pub(crate) mod failure;
 pub(crate) mod instance;
 pub mod invoke;
+pub(crate) mod pools;
 pub mod scheduler;
 pub mod source_map;
 pub mod state;

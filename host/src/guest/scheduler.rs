@@ -12,7 +12,7 @@
 //! - a **long-running** one (past [`DEMOTE_AFTER`]) yields and, while
 //!   interactive requests are running on the same thread, pauses after each
 //!   slice long enough that the long-running requests of that thread
-//!   together get at most [`BACKGROUND_SHARE`] of it. They take turns in
+//!   together get at most one part in [`BACKGROUND_PARTS`] of it. They take turns in
 //!   the order they yielded; when no interactive work is around, they run
 //!   flat out.
 //!
@@ -58,9 +58,6 @@ pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 /// while interactive requests are running on it: one part in
 /// `BACKGROUND_PARTS`.
 pub const BACKGROUND_PARTS: u32 = 10;
-
-/// [`BACKGROUND_PARTS`] as a fraction, for documentation and reports.
-pub const BACKGROUND_SHARE: f64 = 1.0 / BACKGROUND_PARTS as f64;
 
 /// How recently an interactive request must have run on a thread for the
 /// thread to count as busy with interactive work.

@@ -19,8 +19,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::ThreadId;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -31,166 +30,16 @@ use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::{FieldMap, WasiHttpView};
 
 use crate::base::respond::Body;
-use crate::capabilities::call::CallContext;
 use crate::capabilities::outbound::InternalCalls;
 use crate::guest::Guest;
-use crate::guest::body::FailureNote;
 use crate::guest::engine::Runtime;
 use crate::guest::failure::{Failure, classify};
-use crate::guest::instance::{IDLE_TIMEOUT, arm_deadline, new_store};
+use crate::guest::instance::new_store;
+use crate::guest::pools::{IDLE_TIMEOUT, Job, Reply, Workers, arm_deadline, lock};
 use crate::guest::scheduler::{self, CpuMeter};
 use crate::guest::state::HostState;
 
-/// A request handed to a worker.
-pub(crate) struct Job {
-    /// The request, its body limited to the service's size.
-    pub request: http::Request<Body>,
-    /// Its request id, trace, hops and deadline.
-    pub context: CallContext,
-    /// Where the worker answers.
-    pub reply: oneshot::Sender<Reply>,
-}
-
-/// A worker's answer to one [`Job`].
-pub(crate) enum Reply {
-    /// The guest's response, its body still streaming from the instance,
-    /// and the note that says why, if the instance fails before the body
-    /// ends.
-    Answer(http::Response<Body>, FailureNote),
-    /// The request got no response.
-    Failed(Failure),
-    /// The worker ended before the request reached the instance: another
-    /// worker may take it.
-    NotStarted(http::Request<Body>, CallContext),
-}
-
-/// The workers of one deployed version, and how many requests each has
-/// been handed.
-#[derive(Default)]
-pub(crate) struct Workers {
-    entries: Mutex<Vec<WorkerEntry>>,
-    next_id: AtomicU64,
-}
-
-struct WorkerEntry {
-    id: u64,
-    /// The runtime it runs on (see [`runtime_lane`]): requests go to a
-    /// worker of their own.
-    lane: Option<ThreadId>,
-    jobs: mpsc::UnboundedSender<Box<Job>>,
-    /// Requests handed over and not yet answered.
-    in_flight: u32,
-    /// Requests handed over in all.
-    accepted: u32,
-    /// Takes no more requests: it has had `reuse`, or a request expired.
-    retiring: bool,
-}
-
 impl Workers {
-    fn entries(&self) -> MutexGuard<'_, Vec<WorkerEntry>> {
-        // Every change is one statement; a panic cannot leave it half-made.
-        lock(&self.entries)
-    }
-
-    /// Hands `job` to a running worker of this runtime with room for it,
-    /// returning the worker's id, or gives the job back when none has room.
-    ///
-    /// Only this runtime's workers: the CLI serves each connection on one
-    /// thread with a single-threaded runtime of its own, and a request
-    /// handed to a worker of another thread would cross threads at every
-    /// step (measured with `wrk -t1 -c32` on the 2-core VM, the 0.3 hello
-    /// with `concurrent = 16`: one worker taking both threads' requests
-    /// served 12k requests/s, a worker per thread 16k).
-    pub(crate) fn offer(
-        &self,
-        job: Box<Job>,
-        concurrent: u32,
-        reuse: u32,
-    ) -> Result<u64, Box<Job>> {
-        let lane = runtime_lane();
-        let mut entries = self.entries();
-        // The newest first: older workers are nearer their reuse count and
-        // are left to drain.
-        let Some(entry) = entries
-            .iter_mut()
-            .rev()
-            .find(|entry| entry.lane == lane && !entry.retiring && entry.in_flight < concurrent)
-        else {
-            return Err(job);
-        };
-        // The worker takes its entry out before it drops its queue, so the
-        // queue is open; should it not be, the job goes elsewhere.
-        if let Err(returned) = entry.jobs.send(job) {
-            entry.retiring = true;
-            return Err(returned.0);
-        }
-        entry.in_flight += 1;
-        entry.accepted += 1;
-        entry.retiring = entry.accepted >= reuse;
-        Ok(entry.id)
-    }
-
-    /// Registers a new worker that has been handed its first request.
-    fn join(&self, jobs: mpsc::UnboundedSender<Box<Job>>, reuse: u32) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.entries().push(WorkerEntry {
-            id,
-            lane: runtime_lane(),
-            jobs,
-            in_flight: 1,
-            accepted: 1,
-            retiring: reuse <= 1,
-        });
-        id
-    }
-
-    /// Notes that worker `id` answered a request (or gave up on it).
-    fn answered(&self, id: u64) {
-        if let Some(entry) = self.entries().iter_mut().find(|e| e.id == id) {
-            entry.in_flight = entry.in_flight.saturating_sub(1);
-        }
-    }
-
-    /// Stops handing requests to worker `id`: one of its requests ran past
-    /// its deadline, and an instance that may be stuck takes no more.
-    pub(crate) fn retire(&self, id: u64) {
-        if let Some(entry) = self.entries().iter_mut().find(|e| e.id == id) {
-            entry.retiring = true;
-        }
-    }
-
-    /// Whether worker `id` takes no more requests.
-    fn is_retiring(&self, id: u64) -> bool {
-        self.entries()
-            .iter()
-            .find(|e| e.id == id)
-            .is_none_or(|e| e.retiring)
-    }
-
-    /// Takes worker `id` out if nothing handed to it is outstanding;
-    /// returns whether it may end.
-    fn try_leave(&self, id: u64) -> bool {
-        let mut entries = self.entries();
-        match entries.iter().position(|e| e.id == id) {
-            Some(index) if entries[index].in_flight == 0 => {
-                entries.swap_remove(index);
-                true
-            }
-            Some(_) => false,
-            None => true,
-        }
-    }
-
-    /// Takes worker `id` out, whatever it still has: it failed.
-    fn leave(&self, id: u64) {
-        self.entries().retain(|e| e.id != id);
-    }
-
-    /// Workers (instances) alive right now.
-    pub(crate) fn len(&self) -> usize {
-        self.entries().len()
-    }
-
     /// Starts a worker for `guest` on the instance slot `slot`, with `job`
     /// as its first request; returns its id.
     pub(crate) fn start(
@@ -480,21 +329,6 @@ impl Worker {
         let instance = self.guest.pre().instantiate_async(&mut self.store).await?;
         indices.load(&mut self.store, &instance)
     }
-}
-
-/// The runtime a worker started here runs on: this thread, for a
-/// single-threaded runtime (the CLI's); `None` for a multi-threaded one,
-/// whose tasks move between threads anyway.
-fn runtime_lane() -> Option<ThreadId> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|handle| handle.runtime_flavor()) {
-        Ok(RuntimeFlavor::CurrentThread) => Some(std::thread::current().id()),
-        _ => None,
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Gives `request` an absolute URI, as wasi:http 0.3 hands the guest the

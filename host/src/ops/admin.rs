@@ -13,7 +13,6 @@
 //! | `DELETE /services/NAME` | remove |
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -28,12 +27,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::base::files::read_shared;
 use crate::capabilities::messaging::{DeadLetterQuery, MAX_DEAD_LETTER_PAGE};
-use crate::deploy::source::files::{self, MAX_TOML_FILE};
-use crate::deploy::source::upload::{self, AsyncStaging, InstallError, Staged};
+use crate::deploy::source::files::MAX_TOML_FILE;
+use crate::deploy::source::upload::{AsyncStaging, InstallError, Upload, UploadOutcome};
 use crate::deploy::spec::MAX_COMPONENT_FILE;
-use crate::deploy::{ServiceSpec, check_header, validate_name};
+use crate::deploy::validate_name;
 use crate::host::Host;
 use crate::ops::guard::Credentials;
 
@@ -49,10 +47,17 @@ impl AdminToken {
     /// Reads a token from a file (its whole content, trimmed; a regular
     /// file of at most [`MAX_TOKEN_FILE`] bytes).
     pub fn from_file(path: &std::path::Path) -> Result<AdminToken> {
+        let text = AdminToken::read_text(path)?;
+        AdminToken::new(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// The token text in a file, trimmed, read the way
+    /// [`AdminToken::from_file`] reads it: for a client sending it.
+    pub fn read_text(path: &std::path::Path) -> Result<String> {
         let text = crate::base::files::read_bounded_text(path, MAX_TOKEN_FILE)
             .map_err(anyhow::Error::msg)
-            .context("reading the admin token")?;
-        AdminToken::new(&text).with_context(|| format!("in {}", path.display()))
+            .with_context(|| format!("reading the admin token in {}", path.display()))?;
+        Ok(text.trim().to_string())
     }
 }
 
@@ -531,7 +536,7 @@ async fn dead_letters(host: &Host, group: &str, params: DeadLetterParams) -> Adm
 
 fn services_json(host: &Host) -> Value {
     let snapshot = host.services();
-    let rejections = host.registry().rejections();
+    let rejections = host.rejections();
     let mut services: Vec<Value> = snapshot
         .services()
         .map(|d| {
@@ -649,13 +654,6 @@ impl UploadError {
     }
 }
 
-/// A PUT's files, received whole into temporary files in the services
-/// directory, and the manifest's text.
-struct Upload {
-    component: Staged,
-    manifest: Option<(Staged, String)>,
-}
-
 /// Streams `body`'s data into `staging`.
 async fn stream_into<B>(mut body: B, staging: &mut AsyncStaging) -> Result<(), UploadError>
 where
@@ -747,10 +745,10 @@ fn limit_of(what: &str) -> u64 {
     }
 }
 
-/// Receives the upload into temporary files, validates it (compiles and
-/// probes it), and only then puts both files in place at once and deploys
-/// them. Uploads of one service take turns; whatever fails, the previous
-/// version's files and deployment stay as they were.
+/// Receives the upload into temporary files, then has the host validate
+/// it (compile and probe it) and only then put both files in place at once
+/// and deploy them. Whatever fails, the previous version's files and
+/// deployment stay as they were.
 async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) -> AdminResponse {
     let Some(dir) = host.services_dir() else {
         return text(
@@ -758,8 +756,6 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
             "this host has no services directory to deploy into",
         );
     };
-    let deployer = host.deployer();
-    let _turn = deployer.lock_files(name).await;
     let upload = match receive_upload(&dir, name, request).await {
         Ok(upload) => upload,
         Err(err) => {
@@ -767,121 +763,37 @@ async fn put_service(host: &Host, name: &str, request: http::Request<Incoming>) 
             return text(err.status, &err.reason);
         }
     };
-    let manifest_text = upload.manifest.as_ref().map(|(_, text)| text.as_str());
-    // A refused version: logged, shown by /services as the service's last
-    // deploy result, and answered 422.
-    let refuse = |reason: String| {
-        tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
-        let response = text(StatusCode::UNPROCESSABLE_ENTITY, &reason);
-        deployer.note_rejection(name, format!("admin upload: {reason}"));
-        response
-    };
-    let config = match upload::service_config(deployer, name, manifest_text).await {
-        Ok(config) => config,
-        Err(reason) => return refuse(reason),
-    };
-    // The one copy of the component in memory: what the compiler reads.
-    let path = upload.component.path().to_path_buf();
-    let wasm = match tokio::task::spawn_blocking(move || read_component(&path)).await {
-        Ok(Ok(wasm)) => wasm,
-        Ok(Err(err)) => return refuse(format!("{err:#}")),
-        Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
-    };
-    let digest = upload.component.digest.clone();
-    let Upload {
-        component,
-        manifest,
-    } = upload;
-    let spec = ServiceSpec {
-        name: name.to_string(),
-        config: config.clone(),
-        wasm,
-        source: Some(dir.join(format!("{name}.wasm"))),
-        digest: Some(digest.clone()),
-        manifest: manifest.as_ref().map(|(_, text)| Arc::from(text.as_str())),
-    };
-    match upload::install(
-        deployer,
-        &dir,
-        spec,
-        component,
-        manifest.map(|(file, _)| file),
-    )
-    .await
-    {
-        Ok(()) => {}
-        Err(InstallError::Rejected(reason)) => return refuse(reason),
-        Err(InstallError::Storing(reason)) => {
-            tracing::warn!(service = %name, reason = %reason, "admin upload could not be put in place; the previous files stay");
-            return text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("cannot store the upload: {reason}"),
-            );
-        }
-        Err(InstallError::Deploying(err)) => {
-            // A newer change may have won the race; the registry says which.
-            tracing::debug!(service = %name, error = %format!("{err:#}"), "admin deploy did not install");
-        }
+    match host.deploy_upload(name, upload, DEPLOY_WAIT).await {
+        Ok(UploadOutcome::Serving {
+            generation,
+            digest,
+            route,
+        }) => json_response(
+            StatusCode::OK,
+            &json!({
+                "name": name,
+                "generation": generation,
+                "digest": digest,
+                "route": route,
+            }),
+        ),
+        Ok(UploadOutcome::Pending) => text(
+            StatusCode::ACCEPTED,
+            "written to the services directory; not serving yet (a newer change may have replaced it)",
+        ),
+        Err(InstallError::Rejected(reason)) => text(StatusCode::UNPROCESSABLE_ENTITY, &reason),
+        Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
     }
-    let deadline = tokio::time::Instant::now() + DEPLOY_WAIT;
-    loop {
-        let snapshot = host.services();
-        if let Some(current) = snapshot.service(name)
-            && current.digest() == digest
-            && *current.config() == config
-        {
-            tracing::info!(service = %name, generation = current.generation(), "deployed through the admin API");
-            return json_response(
-                StatusCode::OK,
-                &json!({
-                    "name": name,
-                    "generation": current.generation(),
-                    "digest": current.digest(),
-                    "route": current.route().as_str(),
-                }),
-            );
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return text(
-                StatusCode::ACCEPTED,
-                "written to the services directory; not serving yet (a newer change may have replaced it)",
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Reads an uploaded component for compiling, checking its header first so
-/// a file that is not a component is refused without reading all of it.
-fn read_component(path: &std::path::Path) -> Result<Arc<[u8]>> {
-    use std::io::Read as _;
-    let mut file = std::fs::File::open(path)?;
-    let mut header = [0u8; 8];
-    let read = file.read(&mut header)?;
-    check_header(&header[..read])?;
-    Ok(read_shared(path, MAX_COMPONENT_FILE)?)
 }
 
 async fn delete_service(host: &Host, name: &str) -> AdminResponse {
-    let Some(dir) = host.services_dir() else {
+    if host.services_dir().is_none() {
         return text(StatusCode::CONFLICT, "this host has no services directory");
-    };
-    let deployer = host.deployer();
-    let _turn = deployer.lock_files(name).await;
-    let _hold = deployer.hold(name);
-    let owned = name.to_string();
-    let removed = tokio::task::spawn_blocking(move || files::remove_service(&dir, &owned)).await;
-    let had_file = match removed {
-        Ok(Ok(had_file)) => had_file,
-        Ok(Err(err)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),
-        Err(join) => return text(StatusCode::INTERNAL_SERVER_ERROR, &join.to_string()),
-    };
-    let was_deployed = host.undeploy(name);
-    if had_file || was_deployed {
-        tracing::info!(service = %name, "removed through the admin API");
-        text(StatusCode::OK, &format!("service {name} removed"))
-    } else {
-        text(StatusCode::NOT_FOUND, &format!("no service named {name}"))
+    }
+    match host.remove_service(name).await {
+        Ok(true) => text(StatusCode::OK, &format!("service {name} removed")),
+        Ok(false) => text(StatusCode::NOT_FOUND, &format!("no service named {name}")),
+        Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),
     }
 }
 

@@ -14,7 +14,6 @@ use wasmtime::component::Component;
 use crate::base::limits::format_size;
 use crate::config::Config;
 use crate::deploy::ServiceConfig;
-use crate::deploy::source::upload;
 use crate::deploy::spec::{ServiceSpec, check_header, digest_of, validate_name};
 use crate::guest::compiled::{export_names, is_http_handler};
 use crate::guest::engine::{EngineOptions, Tiers};
@@ -151,7 +150,7 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
     .await
     .context("starting a private host to check on")?;
     let deployer = host.deployer();
-    let config = match upload::service_config(deployer, name, manifest).await {
+    let config = match host.service_config(name, manifest).await {
         Ok(config) => config,
         Err(reason) => {
             report.manifest_error = Some(reason.clone());

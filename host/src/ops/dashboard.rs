@@ -156,7 +156,8 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
         (ring.history.iter().cloned().collect::<Vec<_>>(), lines)
     };
     let snapshot = host.services();
-    let rejections = host.registry().rejections();
+    let rejections = host.rejections();
+    let (instances_in_use, instances_capacity) = host.instance_slots();
     let services: Vec<Value> = snapshot
         .services()
         .map(|d| {
@@ -233,8 +234,8 @@ pub async fn state(host: &Host, logs: bool, since: Option<u64>) -> Value {
             "resident_bytes": crate::base::metrics::resident_memory_bytes(),
             "ready": host.is_ready(),
             "services": snapshot.services().count(),
-            "instances_in_use": host.deployer().runtime().instances().in_use(),
-            "instances_capacity": host.deployer().runtime().instances().capacity(),
+            "instances_in_use": instances_in_use,
+            "instances_capacity": instances_capacity,
         },
         "latency_bounds": (0..LATENCY_BUCKETS).map(|i| {
             let bound = latency_bucket_bound(i);

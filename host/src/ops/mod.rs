@@ -1,15 +1,13 @@
 //! Operating hosts: the admin endpoint (`admin`) with health, readiness,
-//! Prometheus metrics, the service list and the deploy API; the live page
-//! it serves (`dashboard`); its client
-//! (`client`, behind `wharf deploy`, `rm` and `status`); `check`, which
-//! tells whether a file will deploy without serving it; and `scaffold`, the
-//! project templates of `wharf new`.
+//! Prometheus metrics, the service list and the deploy API, behind its
+//! guard (`guard`: host names, the token, a brake on guessing); the live
+//! page it serves (`dashboard`); and `check`, which tells whether a file
+//! will deploy without serving it.
 //!
-//! Uses: the host and every layer below it. Used by: the CLI and embedders.
+//! Uses: the host and every layer below it. Used by: the CLI and embedders,
+//! through the crate root's `admin` and `check`.
 
 pub mod admin;
 pub mod check;
-pub mod client;
 pub mod dashboard;
 pub mod guard;
-pub mod scaffold;

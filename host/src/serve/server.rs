@@ -412,6 +412,93 @@ pub(crate) async fn distribute(
     }
 }
 
+/// Server threads, each running its own single-threaded runtime; the first
+/// also accepts, and hands connections to every thread in turn (see
+/// [`distribute`]).
+pub(crate) struct ServerThreads {
+    stop: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl ServerThreads {
+    /// Starts `count` threads (at least one) serving what `listener`
+    /// accepts.
+    pub(crate) fn start(
+        listener: std::net::TcpListener,
+        count: usize,
+        dispatcher: &Arc<Dispatcher>,
+        tls: Option<TlsAcceptor>,
+        client_timeout: Duration,
+        drain_timeout: Duration,
+    ) -> Result<ServerThreads> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1))
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let mut listener = Some((listener, senders));
+        let mut threads = Vec::with_capacity(receivers.len());
+        for (index, receiver) in receivers.into_iter().enumerate() {
+            let dispatcher = dispatcher.clone();
+            let tls = tls.clone();
+            let mut stop = stop_rx.clone();
+            // The first thread also runs the acceptor.
+            let acceptor = listener.take();
+            let thread = std::thread::Builder::new()
+                .name(format!("wharf-server-{index}"))
+                .spawn(move || -> Result<()> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("starting a server thread's runtime")?;
+                    runtime.block_on(async move {
+                        if let Some((listener, senders)) = acceptor {
+                            let listener = TcpListener::from_std(listener)?;
+                            tokio::spawn(distribute(listener, senders, stop.clone()));
+                        }
+                        let shutdown = async move {
+                            let _ = stop.wait_for(|stop| *stop).await;
+                        };
+                        run(
+                            dispatcher,
+                            Incoming::Handoff(receiver),
+                            tls,
+                            shutdown,
+                            client_timeout,
+                            drain_timeout,
+                        )
+                        .await
+                    })
+                })
+                .context("starting a server thread")?;
+            threads.push(thread);
+        }
+        Ok(ServerThreads {
+            stop: stop_tx,
+            threads,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain
+    /// timeout), and waits for every thread.
+    pub(crate) async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let threads = self.threads;
+        let results = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a server thread panicked")))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .context("joining the server threads")?;
+        results.into_iter().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,6 @@ use crate::capabilities::messaging::message::Message;
 use crate::capabilities::messaging::topic::TopicPattern;
 
 pub use crate::capabilities::BackendStatus as BrokerStatus;
-pub use crate::capabilities::messaging::limits::MessagingLimits;
 
 /// Why a broker operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -257,11 +257,6 @@ impl MessagingAccess {
         }
     }
 
-    /// The hub.
-    pub fn hub(&self) -> &Arc<MessagingHub> {
-        &self.hub
-    }
-
     /// Checks that the service may publish `body` to `topic`.
     pub fn check(&self, topic: &str, body: &[u8]) -> Result<(), MessagingError> {
         validate_topic(topic).map_err(MessagingError::Invalid)?;
@@ -548,11 +543,8 @@ impl MessagingCtx {
 }
 
 /// A connection a guest opened (`wasi:messaging` `client`): Wharf has one
-/// broker, so it only remembers the name asked for.
-pub struct ClientHandle {
-    /// The name the guest connected to.
-    pub name: String,
-}
+/// broker, so any name reaches it and the handle holds nothing.
+pub struct ClientHandle;
 
 /// A message as a guest holds it (`wasi:messaging` `message`).
 #[derive(Debug, Clone, Default)]

@@ -26,12 +26,6 @@ const MAGIC: &[u8; 12] = b"WHARF-CWASM\x01";
 /// Header: magic, artifact length (u64 LE), SHA-256 of the artifact.
 const HEADER_LEN: usize = MAGIC.len() + 8 + 32;
 
-/// The platform's default cache location for Wharf (`~/.cache/wharf` on
-/// Linux), if the platform has one.
-pub fn default_dir() -> Option<PathBuf> {
-    crate::guest::engine::default_cache_dir()
-}
-
 /// The caches of a runtime's optimising engines, one per [`EngineKind`]
 /// (their compiled code is not interchangeable). Baseline (Winch) code is
 /// never cached: a restart serves optimised code at once.
@@ -99,11 +93,6 @@ impl CodeCache {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
         Ok(CodeCache { dir })
-    }
-
-    /// The directory holding this engine's entries.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn entry_path(&self, digest: &str) -> PathBuf {

@@ -50,7 +50,7 @@ use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
 use crate::capabilities::wasi_config::{ConfigValues, SecretSource, SecretSources};
 use crate::deploy::router::Route;
-use crate::deploy::source::cluster::settings::ClusterConfig;
+use crate::deploy::source::cluster_config::ClusterConfig;
 use crate::deploy::spec::{HostPolicy, HttpOptions, ServiceConfig};
 use crate::deploy::triggers::{TriggerTable, Triggers};
 use crate::guest::engine::Tiers;

@@ -17,15 +17,18 @@
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use sha2::{Digest as _, Sha256};
 
+use crate::base::files::read_shared;
 use crate::base::limits::format_size;
-use crate::deploy::ServiceConfig;
-use crate::deploy::ServiceSpec;
 use crate::deploy::install::deployer::Deployer;
+use crate::deploy::source::files::remove_service;
 use crate::deploy::source::manifest::Manifest;
+use crate::deploy::spec::{MAX_COMPONENT_FILE, ServiceConfig, ServiceSpec, check_header};
 
 /// Prefix of every temporary file an upload creates in the services
 /// directory (a dot file, so the watcher never reads it as a service).
@@ -362,7 +365,7 @@ impl std::fmt::Display for InstallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             InstallError::Rejected(reason) => write!(f, "{reason}"),
-            InstallError::Storing(reason) => write!(f, "cannot store the version: {reason}"),
+            InstallError::Storing(reason) => write!(f, "cannot store the upload: {reason}"),
             InstallError::Deploying(err) => write!(f, "{err:#}"),
         }
     }
@@ -376,7 +379,7 @@ impl std::error::Error for InstallError {}
 /// the new component with the old manifest in between), then deploys it.
 /// The caller holds the service's file lock ([`Deployer::lock_files`]).
 pub(crate) async fn install(
-    deployer: &std::sync::Arc<Deployer>,
+    deployer: &Arc<Deployer>,
     dir: &Path,
     spec: ServiceSpec,
     component: Staged,
@@ -401,6 +404,147 @@ pub(crate) async fn install(
         .await
         .map(drop)
         .map_err(InstallError::Deploying)
+}
+
+/// A version received whole into staged files (over the admin API): the
+/// component, and the manifest with its text.
+pub(crate) struct Upload {
+    /// The component file.
+    pub component: Staged,
+    /// The manifest file and its text, if one came with it.
+    pub manifest: Option<(Staged, String)>,
+}
+
+/// What became of an upload that was not refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UploadOutcome {
+    /// It serves.
+    Serving {
+        /// Its generation on this host.
+        generation: u64,
+        /// Its component's digest.
+        digest: String,
+        /// Where it serves.
+        route: String,
+    },
+    /// Its files are in place, but it did not serve within the wait (a
+    /// newer change may have replaced it).
+    Pending,
+}
+
+/// Deploys an upload of service `name` into `dir`: its manifest is checked
+/// against this host's policy, the component read once and proved to
+/// deploy, then both files are put in place at once ([`install`]) and the
+/// call waits up to `wait` for the version to serve. Uploads of one service
+/// take turns; a refused one is recorded as the service's last deploy
+/// result, and whatever fails, the previous files and deployment stay.
+pub(crate) async fn deploy_upload(
+    deployer: &Arc<Deployer>,
+    dir: &Path,
+    name: &str,
+    upload: Upload,
+    wait: Duration,
+) -> Result<UploadOutcome, InstallError> {
+    let _turn = deployer.lock_files(name).await;
+    let refused = |reason: String| {
+        tracing::warn!(service = %name, reason = %reason, "admin upload rejected; nothing was changed");
+        deployer.note_rejection(name, format!("admin upload: {reason}"));
+        InstallError::Rejected(reason)
+    };
+    let manifest_text = upload.manifest.as_ref().map(|(_, text)| text.as_str());
+    let config = service_config(deployer, name, manifest_text)
+        .await
+        .map_err(refused)?;
+    // The one copy of the component in memory: what the compiler reads.
+    let path = upload.component.path().to_path_buf();
+    let wasm = match tokio::task::spawn_blocking(move || read_component(&path)).await {
+        Ok(Ok(wasm)) => wasm,
+        Ok(Err(err)) => return Err(refused(format!("{err:#}"))),
+        Err(join) => return Err(InstallError::Storing(join.to_string())),
+    };
+    let Upload {
+        component,
+        manifest,
+    } = upload;
+    let digest = component.digest.clone();
+    let spec = ServiceSpec {
+        name: name.to_string(),
+        config: config.clone(),
+        wasm,
+        source: Some(dir.join(format!("{name}.wasm"))),
+        digest: Some(digest.clone()),
+        manifest: manifest.as_ref().map(|(_, text)| Arc::from(text.as_str())),
+    };
+    match install(
+        deployer,
+        dir,
+        spec,
+        component,
+        manifest.map(|(file, _)| file),
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(InstallError::Rejected(reason)) => return Err(refused(reason)),
+        Err(InstallError::Storing(reason)) => {
+            tracing::warn!(service = %name, reason = %reason, "admin upload could not be put in place; the previous files stay");
+            return Err(InstallError::Storing(reason));
+        }
+        Err(InstallError::Deploying(err)) => {
+            // A newer change may have won the race; the registry says which.
+            tracing::debug!(service = %name, error = %format!("{err:#}"), "admin deploy did not install");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let snapshot = deployer.registry().snapshot();
+        if let Some(current) = snapshot.service(name)
+            && current.digest() == digest
+            && *current.config() == config
+        {
+            tracing::info!(service = %name, generation = current.generation(), "deployed through the admin API");
+            return Ok(UploadOutcome::Serving {
+                generation: current.generation(),
+                digest: current.digest().to_string(),
+                route: current.route().as_str().to_string(),
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(UploadOutcome::Pending);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads an uploaded component for compiling, checking its header first so
+/// a file that is not a component is refused without reading all of it.
+/// Blocking.
+fn read_component(path: &Path) -> Result<Arc<[u8]>> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut header = [0u8; 8];
+    let read = file.read(&mut header)?;
+    check_header(&header[..read])?;
+    Ok(read_shared(path, MAX_COMPONENT_FILE)?)
+}
+
+/// Removes service `name`: its files from `dir` (the watcher held off it,
+/// so it never sees half a removal) and its deployment. Returns whether
+/// there was anything to remove.
+pub(crate) async fn remove(deployer: &Arc<Deployer>, dir: &Path, name: &str) -> Result<bool> {
+    let _turn = deployer.lock_files(name).await;
+    let _hold = deployer.hold(name);
+    let (dir, owned) = (dir.to_path_buf(), name.to_string());
+    let had_file = tokio::task::spawn_blocking(move || remove_service(&dir, &owned))
+        .await
+        .context("removing the files failed")??;
+    let was_deployed = deployer
+        .undeploy(name, "removed through the admin API")
+        .is_some();
+    if had_file || was_deployed {
+        tracing::info!(service = %name, "removed through the admin API");
+    }
+    Ok(had_file || was_deployed)
 }
 
 /// Puts `component` in place as `NAME.wasm` and `manifest` as `NAME.toml`

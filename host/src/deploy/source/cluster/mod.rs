@@ -36,22 +36,23 @@
 //! and compiled-code cache are local); local changes are published, and the
 //! index's applied, when it is back.
 //!
-//! The module's files, one job each: [`settings`] (how a host joins),
+//! The module's files, one job each (how a host joins is
+//! [`cluster_config`](crate::deploy::source::cluster_config), beside it):
 //! `index` (following the index and publishing to it), `components` (the
 //! object store of component bytes), `heartbeats` (each host's beat and
-//! the cluster's view), `records` (what is kept in JetStream), `ticks` (schedule ticks claimed by one host).
+//! the cluster's view), `records` (what is kept in JetStream) and `ticks`
+//! (schedule ticks, each claimed by one host).
 
 mod components;
 mod heartbeats;
 mod index;
 mod records;
-pub mod settings;
 mod ticks;
 
+pub(crate) use crate::deploy::source::cluster_config::default_host_id;
+pub use crate::deploy::source::cluster_config::{ClusterConfig, MAX_CREDENTIALS_FILE};
 pub use heartbeats::{ClusterView, Divergence};
 pub use records::{FailedVersion, HostBeat, ServedVersion};
-pub(crate) use settings::default_host_id;
-pub use settings::{ClusterConfig, MAX_CREDENTIALS_FILE};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! and `wharf status` use, so a CI pipeline can deploy to a running host
 //! with one command.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -44,8 +44,6 @@ pub struct ServiceStatus {
     pub route: Option<String>,
     /// Its generation on the host.
     pub generation: Option<u64>,
-    /// Its component's digest.
-    pub digest: Option<String>,
     /// Requests per second over the sampling second.
     pub requests_per_second: f64,
     /// Responses with a 5xx status so far.
@@ -214,7 +212,6 @@ impl AdminClient {
                 ServiceStatus {
                     route: service["route"].as_str().map(str::to_string),
                     generation: service["generation"].as_u64(),
-                    digest: service["digest"].as_str().map(str::to_string),
                     requests_per_second: now.saturating_sub(before) as f64 / seconds,
                     server_errors: service["requests"]["server_errors"]
                         .as_u64()
@@ -275,6 +272,38 @@ pub fn render_status(services: &[ServiceStatus]) -> String {
         );
     }
     out
+}
+
+/// Where the admin API is and how to authenticate to it.
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    /// The host's admin endpoint [default: WHARF_ADMIN_URL, else
+    /// http://127.0.0.1:9090].
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// File holding the admin bearer token [default: WHARF_ADMIN_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// The client these arguments describe: `--to`, else `WHARF_ADMIN_URL`,
+    /// else the default address; `--token-file`, else `WHARF_ADMIN_TOKEN`.
+    pub fn client(&self) -> Result<AdminClient> {
+        let url = self
+            .to
+            .clone()
+            .or_else(|| std::env::var("WHARF_ADMIN_URL").ok())
+            .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_string());
+        let token = match &self.token_file {
+            Some(path) => Some(wharf::admin::AdminToken::read_text(path)?),
+            None => std::env::var("WHARF_ADMIN_TOKEN")
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
+        };
+        AdminClient::new(&url, token)
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::deploy::spec::validate_name;
+use wharf::validate_name;
 
 /// The languages `wharf new` has templates for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
