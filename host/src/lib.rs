@@ -24,38 +24,33 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Layers
+//! A host's settings are a [`Config`]: public fields with documented
+//! defaults, builders for the common ones; a setting left `None` comes from
+//! the services directory's `wharf.toml`.
 //!
-//! The source tree is the architecture: one folder per layer, named for what
-//! a request or a deploy passes through. A layer may use the layers below it
-//! and never one above it (a unit test, `layers_import_only_downwards`, reads
-//! every `crate::` path and fails the build's tests if one points up):
+//! ```no_run
+//! use std::time::Duration;
+//! use wharf::messaging::BrokerChoice;
+//! use wharf::{Config, Host, KeyValueChoice, Limits, SecretSources};
 //!
-//! | layer | what it does |
-//! | --- | --- |
-//! | `main.rs` | the `wharf` command line |
-//! | [`ops`] | the admin API over a [`Host`]: health, readiness, metrics, the service list, deploys |
-//! | `host.rs`, `config.rs` | the embedding API: [`Host`], [`Config`], [`Serving`] |
-//! | [`serve`] | the front door: listener, connections, TLS, slow clients, routing a request to its service; the other doors: message triggers and schedules |
-//! | [`deploy`] | from files to deployments: watcher, sources, manifests and triggers, compile, code cache, registry, routes; the cluster's index kept in step with the files |
-//! | [`guest`] | running a request in a guest: engine, store state, instances and reuse, invocation, bodies, stdio |
-//! | [`capabilities`] | what a guest may reach, each behind its manifest grant: outbound HTTP and `NAME.internal` calls, key-value, config, messaging — each with its backends |
-//! | [`base`] | the vocabulary every layer shares: body and host responses, header names, limits, admission gates, trace context, metrics |
+//! # async fn demo() -> anyhow::Result<()> {
+//! let mut config = Config::for_dir("services")
+//!     .cache_dir(wharf::default_cache_dir())
+//!     .data_dir(wharf::default_data_dir("services".as_ref()))
+//!     .limits(Limits { timeout: Duration::from_secs(10), ..Limits::default() });
+//! config.keyvalue = Some(KeyValueChoice::Redis("redis://127.0.0.1:6379".into()));
+//! config.messaging = Some(BrokerChoice::Nats("nats://127.0.0.1:4222".into()));
+//! config.secret_sources = SecretSources::new(["/run/secrets".into()], ["ORDERS_*".into()])
+//!     .map_err(anyhow::Error::msg)?;
+//! let host = Host::new(config).await?;
+//! # Ok(()) }
+//! ```
 //!
-//! Two choices differ from a plain "front to back" order, on purpose:
-//!
-//! - **Capabilities sit below the guest layer.** Each capability is written
-//!   the way wasmtime's own WASI crates are: its policy, its context and its
-//!   host functions, generic over the store. The guest layer composes them
-//!   into the per-request store ([`guest::state::HostState`]) and the linker,
-//!   so adding a capability never makes the guest layer's types reach up.
-//! - **`ops` sits above the embedding API.** The admin endpoint (and what
-//!   grows beside it) is an application *of* a [`Host`], like the CLI:
-//!   it needs readiness, deploys and the service list together, which only
-//!   the host has. The request path (`serve`) never depends on it.
-//!
-//! Metrics and trace context live in [`base`], not `ops`, because every layer
-//! records into them; `ops` only presents them.
+//! Inside, the source tree is the architecture: one private module per
+//! layer (`base`, `capabilities`, `guest`, `deploy`, `serve`, then the host
+//! and `ops`), each using only the layers below it, which a unit test
+//! checks. `docs/architecture.md` in the repository draws it, with the
+//! request path and the deploy path.
 
 pub(crate) mod base;
 pub(crate) mod capabilities;

@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod commands;
 mod dashboard;
+mod docs;
 mod embed;
 mod hostile;
 mod javascript;

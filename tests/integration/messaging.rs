@@ -265,8 +265,18 @@ async fn conformance(broker: BrokerChoice, tag: &str) {
     assert_eq!(status, 200, "{label}: {body}");
     let shared = bodies("s", 30);
     wait_seen(&server, &format!("{tag}-shared"), &shared).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One more, published after the thirty: once the group has handled it,
+    // a second delivery of any of the thirty would have come first.
+    let (status, body) = post(
+        &server,
+        &format!("/pub/publish?topic={tag}.share&n=1&prefix=end-"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{label}: {body}");
+    wait_seen(&server, &format!("{tag}-shared"), &bodies("end-", 1)).await;
     let counts = seen(&server, &format!("{tag}-shared")).await;
+    assert_eq!(counts.len(), 31, "{label}: {counts:?}");
     assert!(
         counts.values().all(|&times| times == 1),
         "{label}: a message handled twice within one group: {counts:?}"

@@ -154,7 +154,14 @@ async fn a_0_2_service_replaced_by_its_0_3_build_serves_and_drains_the_old() {
         let url = server.url("/hostile/sleep?ms=1500");
         async move { get(&url).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(APPLY, "the request running on the 0.2 version", || async {
+        server
+            .host
+            .services()
+            .service("hostile")
+            .is_some_and(|d| d.requests_in_flight() == 1)
+    })
+    .await;
     // ...while the same service, rebuilt for WASI 0.3, takes over.
     dir.install_bytes("hostile.wasm", &guest_bytes("hostile_p3"));
     eventually(APPLY, "the 0.3 version", || async {
@@ -358,6 +365,7 @@ async fn a_slowly_written_file_is_never_deployed_half_written() {
     for chunk in bytes.chunks(bytes.len() / 10 + 1) {
         file.write_all(chunk).unwrap();
         file.flush().unwrap();
+        // The writer's pace (not a wait for the host): a slow copy.
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(
             server.host.rejection("slow").is_none(),

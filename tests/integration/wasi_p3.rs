@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::future::join_all;
 
-use crate::support::{ServiceDir, TestServer, WharfProcess, client, get, while_neighbour_answers};
+use crate::support::{
+    ServiceDir, TestServer, WharfProcess, client, eventually, get, while_neighbour_answers,
+};
 
 /// The hostile service's time limit in these tests.
 const LIMIT: &str = "2s";
@@ -252,6 +254,23 @@ async fn a_0_3_instance_serves_at_most_concurrent_requests_at_once() {
     }
 }
 
+/// Waits until the `hostile` service has an instance (a worker) running
+/// the request sent to it.
+async fn wait_for_instance(server: &TestServer) {
+    eventually(
+        Duration::from_secs(10),
+        "the first request in its instance",
+        || async {
+            server
+                .host
+                .services()
+                .service("hostile")
+                .is_some_and(|d| d.warm_instances() == 1 && d.requests_in_flight() == 1)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trap_in_a_shared_0_3_instance_fails_the_requests_sharing_it() {
     let (_dir, server) = hostile_server(&shared(4, 100)).await;
@@ -263,7 +282,7 @@ async fn a_trap_in_a_shared_0_3_instance_fails_the_requests_sharing_it() {
         }
     });
     // The sleeper is in its instance before the trap arrives.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_for_instance(&server).await;
     let (status, body) = get(&server.url("/hostile/trap")).await.unwrap();
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("crashed"), "{body}");
@@ -286,7 +305,7 @@ async fn a_0_3_request_past_its_deadline_ends_alone_when_its_neighbours_answer()
             (response.status().as_u16(), started.elapsed())
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_instance(&server).await;
     // It shares the stuck request's instance and answers.
     let (status, body) = get(&server.url("/hostile/sleep?ms=100")).await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -388,7 +407,18 @@ async fn limits_bind_0_3_services_body_and_concurrency() {
         let url = server.url("/hostile/sleep?ms=2500");
         async move { get(&url).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the slow request holding the slot",
+        || async {
+            server
+                .host
+                .services()
+                .service("hostile")
+                .is_some_and(|d| d.requests_in_flight() == 1)
+        },
+    )
+    .await;
     let response = client().get(server.url("/hostile/")).send().await.unwrap();
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));

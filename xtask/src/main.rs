@@ -69,7 +69,7 @@ fn main() -> ExitCode {
                  commands:\n  \
                  guests [LANG...]    build the example and test guests (rust, js, python; default all)\n  \
                  wit                 regenerate wit/ from the wasip2 crate\n  \
-                 demo [--listen A]   build the guests and serve examples/services\n  \
+                 demo [--listen A]   build the guests and serve examples/services (admin and dashboard on :9090)\n  \
                  install             put the release wharf on the PATH (~/.cargo/bin)\n  \
                  test                build the guests and run every check and test (CI)\n  \
                  bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
@@ -126,11 +126,16 @@ fn build_guests_for(args: &[String]) -> Result<guests::Built> {
 }
 
 fn demo(args: &[String]) -> Result<()> {
-    let listen = match args {
-        [] => "127.0.0.1:8080".to_string(),
-        [flag, addr] if flag == "--listen" => addr.clone(),
-        _ => bail!("usage: cargo xtask demo [--listen ADDR]"),
-    };
+    let (mut listen, mut admin) = ("127.0.0.1:8080".to_string(), "127.0.0.1:9090".to_string());
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().cloned();
+        match (flag.as_str(), value) {
+            ("--listen", Some(addr)) => listen = addr,
+            ("--admin", Some(addr)) => admin = addr,
+            _ => bail!("usage: cargo xtask demo [--listen ADDR] [--admin ADDR]"),
+        }
+    }
     eprintln!(
         "xtask: building the demo. The first run compiles Wharf in release mode and builds the \
          Rust, JavaScript and Python services (12 to 17 minutes on a 2-core machine); later \
@@ -164,25 +169,29 @@ fn demo(args: &[String]) -> Result<()> {
         wharf.display(),
         services.display()
     );
-    serve_demo(&wharf, &services, &listen)
+    serve_demo(&wharf, &services, &listen, &admin)
 }
 
 /// Runs `wharf serve` on the demo directory, passing its log through, and
 /// prints what to try once it is listening (not before: the first start
 /// compiles every service). Returns when the host exits (Ctrl-C).
-fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
+fn serve_demo(wharf: &Path, services: &Path, listen: &str, admin: &str) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = Command::new(wharf)
         .arg("serve")
         .arg(services)
-        .args(["--listen", listen])
+        .args(["--listen", listen, "--admin", admin])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", wharf.display()))?;
     let stderr = child.stderr.take().context("no stderr pipe")?;
+    let mut dashboard = String::new();
     for line in BufReader::new(stderr).lines() {
         let line = line?;
         eprintln!("{line}");
+        if let Some(address) = line.strip_prefix("wharf: admin listening on ") {
+            dashboard = format!("The dashboard: {}/\n", address.trim());
+        }
         if let Some(address) = line.strip_prefix("wharf: listening on ") {
             let base = address.trim();
             eprintln!(
@@ -198,6 +207,7 @@ fn serve_demo(wharf: &Path, services: &Path, listen: &str) -> Result<()> {
                  curl {base}/visits-py\n  \
                  curl -d '{{\"user_id\":1,\"item\":\"coffee\",\"amount_cents\":450}}' {base}/orders\n  \
                  curl {base}/billing   curl {base}/email   curl {base}/report   (triggered by the order)\n\
+                 {dashboard}\
                  Ctrl-C stops it. To use `wharf new`, `wharf dev` and the other commands, put this build on\n\
                  the PATH with `cargo xtask install`.\n"
             );

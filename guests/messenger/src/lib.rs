@@ -15,7 +15,7 @@
 //! | `POST /flaky` | handler: fails the first two attempts, then records |
 //! | `POST /slow?ms=MS` | handler: waits, then records |
 //! | `POST /reply` | handler: answers `re:BODY` (the reply to a request) |
-//! | `POST /tick?name=N` | schedule: counts `ticks:N` |
+//! | `POST /tick?name=N` | schedule: counts `ticks:N`, and each due time under group `tick-N` |
 //! | `POST /noop` | handler: does nothing (the benchmark's trivial handler) |
 //! | `POST /latency` | handler: logs `latency_us=N`, the time since the body's `stamp=` (see `/publish`) |
 //! | `GET /seen?group=G` | `{"BODY": times, …}` for group G |
@@ -329,7 +329,11 @@ fn answer(request: &IncomingRequest) -> Result<Answer, Answer> {
         }
         ("POST", "/tick") => {
             let name = param("name").unwrap_or_else(|| "default".into());
-            atomics::increment(&bucket()?, &format!("ticks:{name}"), 1).map_err(kv_error)?;
+            let bucket = bucket()?;
+            // Each due time too, so a tick run twice shows (`/seen?group=tick-N`).
+            let due = header(request, "x-wharf-scheduled-ms");
+            atomics::increment(&bucket, &format!("seen:tick-{name}:{due}"), 1).map_err(kv_error)?;
+            atomics::increment(&bucket, &format!("ticks:{name}"), 1).map_err(kv_error)?;
             Ok(text(200, "tick"))
         }
         ("GET", "/seen") => seen(&format!("seen:{}:", param("group").unwrap_or_default())),

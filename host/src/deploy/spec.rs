@@ -46,7 +46,7 @@ pub const RESERVED_NAMES: &[(&str, &str)] = &[
 
 /// Checks a service name: 1–63 lower-case ASCII letters, digits, `-` or
 /// `_`, starting with a letter or digit, and not one of the
-/// [`RESERVED_NAMES`]. Lower-case is the one canonical form (files, uploads,
+/// `RESERVED_NAMES`. Lower-case is the one canonical form (files, uploads,
 /// the cluster index and `NAME.internal` hosts all decide from it). Names
 /// appear in URLs, host names and file names, so nothing else is accepted.
 pub fn validate_name(name: &str) -> Result<(), String> {

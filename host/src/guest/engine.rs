@@ -46,7 +46,7 @@ pub struct EngineOptions {
     /// a burst of deploys settles first, and tests watch the baseline tier.
     pub optimise_delay: Duration,
     /// Linear memory kept resident per pool slot of a large guest (see
-    /// [`LARGE_GUEST_KEEP_RESIDENT`]). `None`: what `wharf.toml` says, else
+    /// `LARGE_GUEST_KEEP_RESIDENT`, 8 MiB). `None`: what `wharf.toml` says, else
     /// that default.
     pub keep_resident: Option<u64>,
 }

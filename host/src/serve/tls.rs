@@ -16,7 +16,7 @@ use crate::base::files::read_bounded;
 pub const MAX_PEM_FILE: u64 = 1 << 20;
 
 /// Builds a TLS acceptor from a PEM certificate chain and a PEM private key
-/// (regular files of at most [`MAX_PEM_FILE`] bytes).
+/// (regular files of at most `MAX_PEM_FILE` (1 MiB) bytes).
 pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor> {
     let pem = read_bounded(cert_path, MAX_PEM_FILE).map_err(anyhow::Error::msg)?;
     let certs = CertificateDer::pem_slice_iter(&pem)

@@ -199,11 +199,8 @@ pub trait BrokerConsumer: Send + 'static {
 /// ask for it again later, or give up on it. Dropped unsettled, it comes
 /// back (at once, or when its lease ends).
 pub trait BrokerDelivery: Send + 'static {
-    /// The message.
-    fn message(&self) -> &Message;
-
-    /// Which attempt this is: 1 for the first delivery.
-    fn attempt(&self) -> u32;
+    /// The message delivered, and which attempt this is.
+    fn received(&self) -> &Received;
 
     /// The message was handled: it is done for this group.
     fn ack(self) -> impl Future<Output = BrokerResult<()>> + Send;
@@ -215,6 +212,16 @@ pub trait BrokerDelivery: Send + 'static {
     /// Returns how many of the group's oldest dead letters were dropped to
     /// stay within its bounds (where the broker prunes itself, 0).
     fn dead_letter(self, reason: String) -> impl Future<Output = BrokerResult<u64>> + Send;
+}
+
+/// What a delivery carries, whatever the broker: the message, and which
+/// attempt this is (1 for the first delivery).
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The message.
+    pub message: Message,
+    /// Which attempt this is: 1 for the first delivery.
+    pub attempt: u32,
 }
 
 /// A boxed future, for the operations of the erased types below.
@@ -325,20 +332,15 @@ impl<C: BrokerConsumer> ErasedConsumer for C {
 
 /// [`BrokerDelivery`] with its types erased: settling consumes the box.
 trait ErasedDelivery: Send {
-    fn message(&self) -> &Message;
-    fn attempt(&self) -> u32;
+    fn received(&self) -> &Received;
     fn ack(self: Box<Self>) -> BoxFuture<'static, BrokerResult<()>>;
     fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, BrokerResult<()>>;
     fn dead_letter(self: Box<Self>, reason: String) -> BoxFuture<'static, BrokerResult<u64>>;
 }
 
 impl<D: BrokerDelivery> ErasedDelivery for D {
-    fn message(&self) -> &Message {
-        BrokerDelivery::message(self)
-    }
-
-    fn attempt(&self) -> u32 {
-        BrokerDelivery::attempt(self)
+    fn received(&self) -> &Received {
+        BrokerDelivery::received(self)
     }
 
     fn ack(self: Box<Self>) -> BoxFuture<'static, BrokerResult<()>> {
@@ -374,12 +376,12 @@ impl Broker {
         self.0.status()
     }
 
-    /// Accepts `message` durably (see [`MessageBroker::publish`]).
+    /// Accepts `message` durably (see `MessageBroker::publish`).
     pub async fn publish(&self, message: Message) -> BrokerResult<()> {
         self.0.publish(message).await
     }
 
-    /// Joins the group `subscription` names (see [`MessageBroker::subscribe`]).
+    /// Joins the group `subscription` names (see `MessageBroker::subscribe`).
     pub async fn subscribe(&self, subscription: &Subscription) -> BrokerResult<Consumer> {
         self.0.subscribe(subscription).await
     }
@@ -405,7 +407,7 @@ impl Broker {
     }
 
     /// Makes `service` the owner of `group` if it has none yet, and returns
-    /// the owner (see [`MessageBroker::claim_group`]).
+    /// the owner (see `MessageBroker::claim_group`).
     pub async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
         self.0.claim_group(group, service).await
     }
@@ -439,12 +441,12 @@ pub struct Delivery(Box<dyn ErasedDelivery>);
 impl Delivery {
     /// The message.
     pub fn message(&self) -> &Message {
-        self.0.message()
+        &self.0.received().message
     }
 
     /// Which attempt this is: 1 for the first delivery.
     pub fn attempt(&self) -> u32 {
-        self.0.attempt()
+        self.0.received().attempt
     }
 
     /// The message was handled: it is done for this group.

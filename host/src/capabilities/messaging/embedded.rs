@@ -36,7 +36,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::capabilities::messaging::broker::{
     BrokerConsumer, BrokerDelivery, BrokerError, BrokerResult, BrokerStatus, DeadLetter,
-    DeadLetterQuery, MessageBroker, Subscription,
+    DeadLetterQuery, MessageBroker, Received, Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
 use crate::capabilities::messaging::limits::MessagingLimits;
@@ -428,8 +428,10 @@ impl BrokerConsumer for EmbeddedConsumer {
                     broker: self.broker.clone(),
                     group: self.subscription.group.clone(),
                     seq: lease.seq,
-                    attempt: lease.attempt,
-                    message: lease.message,
+                    received: Received {
+                        message: lease.message,
+                        attempt: lease.attempt,
+                    },
                     settled: false,
                 });
             }
@@ -444,8 +446,7 @@ pub struct EmbeddedDelivery {
     broker: Arc<EmbeddedBroker>,
     group: String,
     seq: i64,
-    attempt: u32,
-    message: Message,
+    received: Received,
     settled: bool,
 }
 
@@ -459,20 +460,14 @@ impl EmbeddedDelivery {
             self.broker.clone(),
             std::mem::take(&mut self.group),
             self.seq,
-            self.message.stored_size(),
+            self.received.message.stored_size(),
         )
     }
 }
 
 impl BrokerDelivery for EmbeddedDelivery {
-    /// The message.
-    fn message(&self) -> &Message {
-        &self.message
-    }
-
-    /// Which attempt this is.
-    fn attempt(&self) -> u32 {
-        self.attempt
+    fn received(&self) -> &Received {
+        &self.received
     }
 
     /// Deletes the delivery: the message is done for this group. Queued
@@ -1247,18 +1242,18 @@ mod tests {
             .await
             .unwrap();
         let first = billing.next().await.unwrap();
-        assert_eq!(first.message().body, "o1");
-        assert_eq!(first.attempt(), 1);
+        assert_eq!(first.received().message.body, "o1");
+        assert_eq!(first.received().attempt, 1);
         first.retry(Duration::ZERO).await.unwrap();
         let again = billing.next().await.unwrap();
-        assert_eq!(again.attempt(), 2);
+        assert_eq!(again.received().attempt, 2);
         again.dead_letter("always fails".into()).await.unwrap();
         let letters = broker.dead_letters("billing", page(10)).await.unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].reason, "always fails");
         assert_eq!(letters[0].attempts, 2);
         let mail = email.next().await.unwrap();
-        assert_eq!(mail.message().topic, "orders.created");
+        assert_eq!(mail.received().message.topic, "orders.created");
         mail.ack().await.unwrap();
     }
 
@@ -1273,7 +1268,7 @@ mod tests {
         drop(consumer.next().await.unwrap());
         let again = consumer.next().await.unwrap();
         // Not counted as an attempt: nothing handled it.
-        assert_eq!(again.attempt(), 1);
+        assert_eq!(again.received().attempt, 1);
         again.ack().await.unwrap();
     }
 
@@ -1321,10 +1316,10 @@ mod tests {
                 .unwrap();
             let mut consumer = broker.subscribe(&subscription("g", "t")).await.unwrap();
             let first = consumer.next().await.unwrap();
-            assert_eq!(first.message().body, "kept");
-            assert_eq!(first.attempt(), 2);
+            assert_eq!(first.received().message.body, "kept");
+            assert_eq!(first.received().attempt, 2);
             let second = consumer.next().await.unwrap();
-            assert_eq!(second.message().body, "new");
+            assert_eq!(second.received().message.body, "new");
         });
     }
 }

@@ -39,7 +39,7 @@ use futures_util::StreamExt as _;
 
 use crate::capabilities::messaging::broker::{
     BrokerConsumer, BrokerDelivery, BrokerError, BrokerResult, BrokerStatus, DeadLetter,
-    DeadLetterQuery, MessageBroker, Subscription,
+    DeadLetterQuery, MessageBroker, Received, Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
 use crate::capabilities::messaging::limits::MessagingLimits;
@@ -542,8 +542,10 @@ impl BrokerConsumer for NatsConsumer {
                 let parsed = message_of(&topic, message.headers.as_ref(), message.payload.clone());
                 Ok(NatsDelivery {
                     raw: message,
-                    message: parsed,
-                    attempt,
+                    received: Received {
+                        message: parsed,
+                        attempt,
+                    },
                     jetstream: self.jetstream.clone(),
                     group: self.group.clone(),
                 })
@@ -558,23 +560,15 @@ impl BrokerConsumer for NatsConsumer {
 /// One delivery from NATS JetStream.
 pub struct NatsDelivery {
     raw: jetstream::Message,
-    message: Message,
-    attempt: u32,
+    received: Received,
     jetstream: jetstream::Context,
     group: String,
 }
 
-impl NatsDelivery {}
-
 impl BrokerDelivery for NatsDelivery {
-    /// The message.
-    fn message(&self) -> &Message {
-        &self.message
-    }
-
-    /// JetStream's delivery count.
-    fn attempt(&self) -> u32 {
-        self.attempt
+    /// The message, and JetStream's delivery count as the attempt.
+    fn received(&self) -> &Received {
+        &self.received
     }
 
     /// Acknowledges the message.
@@ -594,14 +588,14 @@ impl BrokerDelivery for NatsDelivery {
     /// The stream drops a group's oldest letters itself: 0 pruned here.
     async fn dead_letter(self, reason: String) -> BrokerResult<u64> {
         let reason = reason.as_str();
-        let mut headers = headers_of(&self.message);
+        let mut headers = headers_of(&self.received.message);
         // A dead letter is not a duplicate of the message it was.
         headers.insert(
             header::NATS_ID,
-            format!("{}-dead-{}", self.message.id, self.group).as_str(),
+            format!("{}-dead-{}", self.received.message.id, self.group).as_str(),
         );
         headers.insert(header::REASON, reason);
-        headers.insert(header::ATTEMPTS, self.attempt.to_string().as_str());
+        headers.insert(header::ATTEMPTS, self.received.attempt.to_string().as_str());
         headers.insert(
             header::DEAD_AT,
             millis(SystemTime::now()).to_string().as_str(),
@@ -611,7 +605,7 @@ impl BrokerDelivery for NatsDelivery {
             .publish_with_headers(
                 format!("{DEAD_PREFIX}{}", self.group),
                 headers,
-                self.message.body.clone(),
+                self.received.message.body.clone(),
             )
             .await
             .map_err(classify)?;

@@ -53,7 +53,7 @@ use lapin::{
 use crate::base::redact::url as redact;
 use crate::capabilities::messaging::broker::{
     BrokerConsumer, BrokerDelivery, BrokerError, BrokerResult, BrokerStatus, DeadLetter,
-    DeadLetterQuery, MessageBroker, Subscription,
+    DeadLetterQuery, MessageBroker, Received, Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
 use crate::capabilities::messaging::limits::MessagingLimits;
@@ -827,8 +827,7 @@ impl BrokerConsumer for RabbitConsumer {
                 );
                 Ok(RabbitDelivery {
                     raw: delivery,
-                    message,
-                    attempt,
+                    received: Received { message, attempt },
                     channel: self.channel.clone(),
                     group: self.group.clone(),
                     limits: self.limits,
@@ -843,24 +842,17 @@ impl BrokerConsumer for RabbitConsumer {
 /// One delivery from RabbitMQ.
 pub struct RabbitDelivery {
     raw: AmqpDelivery,
-    message: Message,
-    attempt: u32,
+    received: Received,
     channel: Arc<ChannelGuard>,
     group: String,
     limits: MessagingLimits,
 }
 
-impl RabbitDelivery {}
-
 impl BrokerDelivery for RabbitDelivery {
-    /// The message.
-    fn message(&self) -> &Message {
-        &self.message
-    }
-
-    /// The attempt: Wharf's count, plus one if RabbitMQ redelivered it.
-    fn attempt(&self) -> u32 {
-        self.attempt
+    /// The message; the attempt is Wharf's count, plus one if RabbitMQ
+    /// redelivered it.
+    fn received(&self) -> &Received {
+        &self.received
     }
 
     /// Acknowledges the message.
@@ -903,16 +895,16 @@ impl BrokerDelivery for RabbitDelivery {
             )
             .await
             .map_err(classify)?;
-        let next_attempt = (self.attempt + 1) as i64;
+        let next_attempt = (self.received.attempt + 1) as i64;
         let properties = properties_of(
-            &self.message,
+            &self.received.message,
             &[(header::ATTEMPT, AMQPValue::LongLongInt(next_attempt))],
         );
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(classify)?;
-        publish_confirmed(channel, "", &queue, &self.message.body, properties).await?;
+        publish_confirmed(channel, "", &queue, &self.received.message.body, properties).await?;
         self.ack().await
     }
 
@@ -924,9 +916,12 @@ impl BrokerDelivery for RabbitDelivery {
         let channel = &self.channel.0;
         let queue = declare_dead_queue(channel, &self.group, &self.limits).await?;
         let properties = properties_of(
-            &self.message,
+            &self.received.message,
             &[
-                (header::ATTEMPT, AMQPValue::LongLongInt(self.attempt as i64)),
+                (
+                    header::ATTEMPT,
+                    AMQPValue::LongLongInt(self.received.attempt as i64),
+                ),
                 (header::REASON, long_string(reason)),
                 (
                     header::DEAD_AT,
@@ -938,7 +933,7 @@ impl BrokerDelivery for RabbitDelivery {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(classify)?;
-        publish_confirmed(channel, "", &queue, &self.message.body, properties).await?;
+        publish_confirmed(channel, "", &queue, &self.received.message.body, properties).await?;
         self.ack().await?;
         Ok(0)
     }

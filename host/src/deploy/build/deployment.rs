@@ -161,9 +161,16 @@ impl Deployment {
         self.guest.reuses_instances()
     }
 
-    /// Instances kept idle for reuse right now.
+    /// Instances kept for reuse right now: idle ones of a WASI 0.2
+    /// service, live ones (workers) of a WASI 0.3 service.
     pub fn warm_instances(&self) -> usize {
         self.guest.warm_instances()
+    }
+
+    /// Requests of this service running now (admitted, not yet answered),
+    /// across its versions.
+    pub fn requests_in_flight(&self) -> u64 {
+        self.guest.metrics().running()
     }
 
     /// The request slots of this version.

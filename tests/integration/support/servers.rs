@@ -1,0 +1,378 @@
+//! The real servers backend tests use — Redis, NATS JetStream, RabbitMQ,
+//! HAProxy — each started on ephemeral loopback ports with temporary data,
+//! and killed when the test (or the test binary) ends.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::guests::workspace_root;
+
+/// A free TCP port on 127.0.0.1 (bound and released; a server started on it
+/// right after almost always gets it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits up to `limit` until something accepts TCP connections on `port`.
+fn wait_for_port_within(port: u16, what: &str, child: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before accepting connections");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Finds a server program on the PATH (or in /usr/sbin, where Debian puts
+/// some), with a clear failure if it is not installed.
+fn server_program(name: &str, package: &str) -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")]);
+    for dir in candidates {
+        let path = dir.join(name);
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!("{name} is not installed: `cargo xtask test` installs the Debian package {package}")
+}
+
+/// A server program of the test's own on a loopback port: started by its
+/// command, stopped on drop, restartable on the same port (its data stays
+/// wherever the command keeps it).
+pub struct ServerProcess {
+    what: &'static str,
+    command: Box<dyn Fn() -> Command + Send + Sync>,
+    startup: Duration,
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl ServerProcess {
+    /// Runs `command()` and waits up to `startup` until `port` accepts
+    /// connections.
+    pub fn start(
+        what: &'static str,
+        port: u16,
+        startup: Duration,
+        command: impl Fn() -> Command + Send + Sync + 'static,
+    ) -> ServerProcess {
+        let mut server = ServerProcess {
+            what,
+            command: Box::new(command),
+            startup,
+            child: None,
+            port,
+        };
+        server.run();
+        server
+    }
+
+    fn run(&mut self) {
+        let mut command = (self.command)();
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("start {}: {err}", self.what));
+        wait_for_port_within(self.port, self.what, &mut child, self.startup);
+        self.child = Some(child);
+    }
+
+    /// Kills the server.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `redis-server` of the test's own, on a free loopback port, with its
+/// data in a temporary directory (no persistence: a restart empties it).
+pub struct RedisServer {
+    server: ServerProcess,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = TempDir::new().expect("temp dir");
+        let (port, path) = (free_port(), dir.path().to_path_buf());
+        let program = server_program("redis-server", "redis-server");
+        let server = ServerProcess::start("redis-server", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&path);
+            command
+        });
+        RedisServer { server, _dir: dir }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A `nats-server` with JetStream of the test's own, on a free loopback
+/// port, storing in a temporary directory (kept across restarts).
+pub struct NatsServer {
+    server: ServerProcess,
+    _dir: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        NatsServer::start_on(free_port())
+    }
+
+    /// Starts one on `port` (for a host configured before its broker).
+    pub fn start_on(port: u16) -> NatsServer {
+        NatsServer::start_with(port, &[])
+    }
+
+    /// Starts one on `port` with `extra` arguments (say `--user U --pass P`).
+    pub fn start_with(port: u16, extra: &[&str]) -> NatsServer {
+        let dir = TempDir::new().expect("temp dir");
+        let path = dir.path().to_path_buf();
+        let program = server_program("nats-server", "nats-server");
+        let extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
+        let server = ServerProcess::start("nats-server", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+                .arg("-sd")
+                .arg(&path)
+                .args(&extra);
+            command
+        });
+        NatsServer { server, _dir: dir }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// HAProxy of the test's own, balancing `backends` (each a public address
+/// and the admin port whose `/readyz` says whether it takes requests) the
+/// way `examples/cluster/haproxy.cfg` does, on a free loopback port.
+pub struct HaproxyServer {
+    server: ServerProcess,
+    _dir: TempDir,
+}
+
+impl HaproxyServer {
+    pub fn start(backends: &[(u16, u16)]) -> HaproxyServer {
+        let dir = TempDir::new().expect("temp dir");
+        let port = free_port();
+        let recipe = workspace_root().join("examples/cluster/haproxy.cfg");
+        let recipe = std::fs::read_to_string(&recipe).expect("read examples/cluster/haproxy.cfg");
+        // The recipe's settings, with this test's ports.
+        let mut config: String = recipe
+            .lines()
+            .filter(|line| {
+                let line = line.trim_start();
+                !line.starts_with("bind ") && !line.starts_with("server ")
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        config = config.replace(
+            "frontend wharf\n",
+            &format!("frontend wharf\n    bind 127.0.0.1:{port}\n"),
+        );
+        for (i, (public, admin)) in backends.iter().enumerate() {
+            config.push_str(&format!(
+                "    server h{i} 127.0.0.1:{public} check port {admin}\n"
+            ));
+        }
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let program = server_program("haproxy", "haproxy");
+        let server = ServerProcess::start("haproxy", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command.arg("-f").arg(&path).arg("-db");
+            die_with_parent(&mut command);
+            command
+        });
+        HaproxyServer { server, _dir: dir }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// A RabbitMQ broker of the test's own: `epmd` and the broker on free
+/// loopback ports, its data in a temporary directory (kept across
+/// restarts). Both die with the thread that started them
+/// (`PR_SET_PDEATHSIG`), so a test binary that exits or crashes never
+/// leaves a broker behind.
+pub struct RabbitServer {
+    broker: ServerProcess,
+    _epmd: ServerProcess,
+    _dir: TempDir,
+}
+
+/// Where the shared broker listens, once it is up.
+static SHARED_RABBIT: OnceLock<u16> = OnceLock::new();
+
+impl RabbitServer {
+    /// Starts a broker for one test (about 15 s on this machine).
+    pub fn start() -> RabbitServer {
+        let program = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        assert!(
+            program.is_file(),
+            "RabbitMQ is not installed: `cargo xtask test` installs the Debian package rabbitmq-server"
+        );
+        let dir = TempDir::new().expect("temp dir");
+        std::fs::write(dir.path().join("plugins"), "[].").expect("write the plugins file");
+        let (port, epmd_port, dist_port) = (free_port(), free_port(), free_port());
+        let epmd_program = server_program("epmd", "erlang-base");
+        let epmd = ServerProcess::start("epmd", epmd_port, STARTUP, move || {
+            let mut epmd = Command::new(&epmd_program);
+            epmd.args(["-port", &epmd_port.to_string()]);
+            die_with_parent(&mut epmd);
+            epmd
+        });
+        let dir_path = dir.path().to_path_buf();
+        let node = format!("wharf-test-{port}@localhost");
+        let broker = ServerProcess::start(
+            "rabbitmq-server",
+            port,
+            Duration::from_secs(120),
+            move || {
+                let dir = &dir_path;
+                let mut broker = Command::new(&program);
+                broker
+                    // Run the broker in the foreground, replacing the
+                    // script: the child is the Erlang VM itself.
+                    .env("RUNNING_UNDER_SYSTEMD", "true")
+                    .env("HOME", dir)
+                    .env("RABBITMQ_NODENAME", &node)
+                    .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+                    .env("RABBITMQ_NODE_PORT", port.to_string())
+                    .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+                    .env("ERL_EPMD_PORT", epmd_port.to_string())
+                    .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+                    .env("RABBITMQ_LOG_BASE", dir.join("log"))
+                    .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
+                    .env("RABBITMQ_CONFIG_FILE", dir.join("none"));
+                die_with_parent(&mut broker);
+                broker
+            },
+        );
+        RabbitServer {
+            broker,
+            _epmd: epmd,
+            _dir: dir,
+        }
+    }
+
+    /// The URL of one broker the whole test binary shares (started on
+    /// first use; tests on it keep to topics and groups of their own).
+    pub fn shared_url() -> String {
+        let port = *SHARED_RABBIT.get_or_init(|| {
+            // Started on a thread that lives as long as the process, so
+            // the broker lives that long too, and no longer.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("shared-rabbitmq".into())
+                .spawn(move || {
+                    let server = RabbitServer::start();
+                    tx.send(server.port).expect("report the port");
+                    loop {
+                        std::thread::park();
+                        let _ = &server;
+                    }
+                })
+                .expect("spawn the rabbitmq thread");
+            rx.recv().expect("the shared rabbitmq started")
+        });
+        amqp_url(port)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
+    pub fn url(&self) -> String {
+        amqp_url(self.port)
+    }
+}
+
+/// The servers above are their process: `port`, `stop` and `restart`.
+macro_rules! server_process {
+    ($($server:ident . $field:ident),*) => {$(
+        impl std::ops::Deref for $server {
+            type Target = ServerProcess;
+            fn deref(&self) -> &ServerProcess {
+                &self.$field
+            }
+        }
+        impl std::ops::DerefMut for $server {
+            fn deref_mut(&mut self) -> &mut ServerProcess {
+                &mut self.$field
+            }
+        }
+    )*};
+}
+server_process!(
+    RedisServer.server,
+    NatsServer.server,
+    HaproxyServer.server,
+    RabbitServer.broker
+);
+
+/// How long a server (but RabbitMQ) may take to start listening.
+const STARTUP: Duration = Duration::from_secs(30);
+
+fn amqp_url(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// Makes the child get SIGKILL when the thread that spawned it ends.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
