@@ -28,7 +28,8 @@ use tokio::sync::oneshot;
 use crate::capabilities::BackendStatus;
 use crate::capabilities::keyvalue::ENTRY_OVERHEAD;
 use crate::capabilities::keyvalue::store::{
-    BackendError, BackendResult, KeyCursor, KeyPage, KeyValueStore, add_checked, parse_counter,
+    BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore, add_checked,
+    parse_counter,
 };
 use crate::capabilities::sqlite::{self, in_savepoint, in_transaction};
 
@@ -405,7 +406,8 @@ impl KeyValueStore for Embedded {
         }
     }
 
-    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+    async fn get(&self, at: KeyRef<'_>) -> BackendResult<Option<Vec<u8>>> {
+        let KeyRef { bucket, key } = at;
         match self
             .call(Op::Get {
                 bucket: bucket.into(),
@@ -418,7 +420,8 @@ impl KeyValueStore for Embedded {
         }
     }
 
-    async fn set(&self, bucket: &str, key: &str, value: &[u8], quota: u64) -> BackendResult<()> {
+    async fn set(&self, at: KeyRef<'_>, value: &[u8], quota: u64) -> BackendResult<()> {
+        let KeyRef { bucket, key } = at;
         let op = Op::Set {
             bucket: bucket.into(),
             key: key.into(),
@@ -428,7 +431,8 @@ impl KeyValueStore for Embedded {
         self.call(op).await.map(drop)
     }
 
-    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+    async fn delete(&self, at: KeyRef<'_>) -> BackendResult<()> {
+        let KeyRef { bucket, key } = at;
         self.call(Op::Delete {
             bucket: bucket.into(),
             key: key.into(),
@@ -437,7 +441,8 @@ impl KeyValueStore for Embedded {
         .map(drop)
     }
 
-    async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
+    async fn exists(&self, at: KeyRef<'_>) -> BackendResult<bool> {
+        let KeyRef { bucket, key } = at;
         match self
             .call(Op::Exists {
                 bucket: bucket.into(),
@@ -450,17 +455,12 @@ impl KeyValueStore for Embedded {
         }
     }
 
-    async fn list_keys(
-        &self,
-        bucket: &str,
-        cursor: KeyCursor,
-        limit: usize,
-    ) -> BackendResult<KeyPage> {
+    async fn list_keys(&self, bucket: &str, from: KeyCursor, max: usize) -> BackendResult<KeyPage> {
         match self
             .call(Op::List {
                 bucket: bucket.into(),
-                cursor,
-                limit,
+                cursor: from,
+                limit: max,
             })
             .await?
         {
@@ -469,13 +469,8 @@ impl KeyValueStore for Embedded {
         }
     }
 
-    async fn increment(
-        &self,
-        bucket: &str,
-        key: &str,
-        delta: i64,
-        quota: u64,
-    ) -> BackendResult<i64> {
+    async fn increment(&self, at: KeyRef<'_>, delta: i64, quota: u64) -> BackendResult<i64> {
+        let KeyRef { bucket, key } = at;
         match self
             .call(Op::Increment {
                 bucket: bucket.into(),
@@ -492,21 +487,20 @@ impl KeyValueStore for Embedded {
 
     async fn read_versioned(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
     ) -> BackendResult<(Option<Vec<u8>>, Option<Vec<u8>>)> {
-        let value = self.get(bucket, key).await?;
+        let value = self.get(at).await?;
         Ok((value.clone(), value))
     }
 
     async fn swap(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
         expected: &Option<Vec<u8>>,
         value: &[u8],
         quota: u64,
     ) -> BackendResult<bool> {
+        let KeyRef { bucket, key } = at;
         let op = Op::Swap {
             bucket: bucket.into(),
             key: key.into(),
@@ -530,19 +524,117 @@ mod tests {
         let store = Embedded::open(None).unwrap();
         // Each entry counts its key, its value and the overhead.
         let quota = 100 + ENTRY_OVERHEAD;
-        store.set("b", "k", b"v", quota).await.unwrap();
-        assert_eq!(store.get("b", "k").await.unwrap(), Some(b"v".to_vec()));
-        assert!(store.exists("b", "k").await.unwrap());
-        assert_eq!(store.get("other", "k").await.unwrap(), None);
-        let err = store.set("b", "big", &[0; 90], quota).await.unwrap_err();
+        store
+            .set(
+                KeyRef {
+                    bucket: "b",
+                    key: "k",
+                },
+                b"v",
+                quota,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .get(KeyRef {
+                    bucket: "b",
+                    key: "k"
+                })
+                .await
+                .unwrap(),
+            Some(b"v".to_vec())
+        );
+        assert!(
+            store
+                .exists(KeyRef {
+                    bucket: "b",
+                    key: "k"
+                })
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store
+                .get(KeyRef {
+                    bucket: "other",
+                    key: "k"
+                })
+                .await
+                .unwrap(),
+            None
+        );
+        let err = store
+            .set(
+                KeyRef {
+                    bucket: "b",
+                    key: "big",
+                },
+                &[0; 90],
+                quota,
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(err, BackendError::Quota(_)), "{err}");
         // Deleting frees the entry whole; the count follows.
-        store.delete("b", "k").await.unwrap();
-        store.set("b", "big", &[0; 90], quota).await.unwrap();
-        assert_eq!(store.increment("b", "n", 5, 1000).await.unwrap(), 5);
-        assert_eq!(store.increment("b", "n", -2, 1000).await.unwrap(), 3);
+        store
+            .delete(KeyRef {
+                bucket: "b",
+                key: "k",
+            })
+            .await
+            .unwrap();
+        store
+            .set(
+                KeyRef {
+                    bucket: "b",
+                    key: "big",
+                },
+                &[0; 90],
+                quota,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .increment(
+                    KeyRef {
+                        bucket: "b",
+                        key: "n"
+                    },
+                    5,
+                    1000
+                )
+                .await
+                .unwrap(),
+            5
+        );
+        assert_eq!(
+            store
+                .increment(
+                    KeyRef {
+                        bucket: "b",
+                        key: "n"
+                    },
+                    -2,
+                    1000
+                )
+                .await
+                .unwrap(),
+            3
+        );
         assert!(matches!(
-            store.increment("b", "big", 1, 1000).await.unwrap_err(),
+            store
+                .increment(
+                    KeyRef {
+                        bucket: "b",
+                        key: "big"
+                    },
+                    1,
+                    1000
+                )
+                .await
+                .unwrap_err(),
             BackendError::Invalid(_)
         ));
     }
@@ -554,7 +646,18 @@ mod tests {
         // only keys and values counted; with the per-entry overhead, 15 do.
         let mut written = 0;
         for i in 10..110 {
-            if store.set("b", &format!("{i}"), b"v", 1024).await.is_err() {
+            if store
+                .set(
+                    KeyRef {
+                        bucket: "b",
+                        key: &format!("{i}"),
+                    },
+                    b"v",
+                    1024,
+                )
+                .await
+                .is_err()
+            {
                 break;
             }
             written += 1;
@@ -592,7 +695,14 @@ mod tests {
         let store = Embedded::open(None).unwrap();
         for i in 0..5 {
             store
-                .set("b", &format!("k{i}"), b"v", 1 << 20)
+                .set(
+                    KeyRef {
+                        bucket: "b",
+                        key: &format!("k{i}"),
+                    },
+                    b"v",
+                    1 << 20,
+                )
                 .await
                 .unwrap();
         }
@@ -616,11 +726,52 @@ mod tests {
     #[tokio::test]
     async fn swap_compares_values() {
         let store = Embedded::open(None).unwrap();
-        let (value, version) = store.read_versioned("b", "k").await.unwrap();
+        let (value, version) = store
+            .read_versioned(KeyRef {
+                bucket: "b",
+                key: "k",
+            })
+            .await
+            .unwrap();
         assert_eq!(value, None);
-        assert!(store.swap("b", "k", &version, b"1", 100).await.unwrap());
-        assert!(!store.swap("b", "k", &version, b"2", 100).await.unwrap());
-        assert_eq!(store.get("b", "k").await.unwrap(), Some(b"1".to_vec()));
+        assert!(
+            store
+                .swap(
+                    KeyRef {
+                        bucket: "b",
+                        key: "k"
+                    },
+                    &version,
+                    b"1",
+                    100
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .swap(
+                    KeyRef {
+                        bucket: "b",
+                        key: "k"
+                    },
+                    &version,
+                    b"2",
+                    100
+                )
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store
+                .get(KeyRef {
+                    bucket: "b",
+                    key: "k"
+                })
+                .await
+                .unwrap(),
+            Some(b"1".to_vec())
+        );
     }
 
     #[test]
@@ -633,11 +784,30 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let store = Embedded::open(Some(&path)).unwrap();
-            store.set("b", "k", b"kept", 100).await.unwrap();
+            store
+                .set(
+                    KeyRef {
+                        bucket: "b",
+                        key: "k",
+                    },
+                    b"kept",
+                    100,
+                )
+                .await
+                .unwrap();
         });
         runtime.block_on(async {
             let store = Embedded::open(Some(&path)).unwrap();
-            assert_eq!(store.get("b", "k").await.unwrap(), Some(b"kept".to_vec()));
+            assert_eq!(
+                store
+                    .get(KeyRef {
+                        bucket: "b",
+                        key: "k"
+                    })
+                    .await
+                    .unwrap(),
+                Some(b"kept".to_vec())
+            );
         });
     }
 }

@@ -43,7 +43,7 @@ use std::time::Instant;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use crate::base::metrics::{KeyValueMetrics, KeyValueOp};
-use crate::capabilities::keyvalue::store::{BackendError, CasVersion, KeyCursor, KeyPage};
+use crate::capabilities::keyvalue::store::{BackendError, CasVersion, KeyCursor, KeyPage, KeyRef};
 
 /// Keys a `list-keys` call returns at most per page.
 pub const PAGE_SIZE: usize = 1000;
@@ -386,7 +386,15 @@ impl<'a> KeyValueView<'a> {
         self.check_key(&key)?;
         let session = self.session()?;
         let backend = session.0.backend.clone();
-        run(session, KeyValueOp::Get, backend.get(&name, &key)).await
+        run(
+            session,
+            KeyValueOp::Get,
+            backend.get(KeyRef {
+                bucket: &name,
+                key: &key,
+            }),
+        )
+        .await
     }
 
     pub(crate) async fn set(
@@ -403,7 +411,14 @@ impl<'a> KeyValueView<'a> {
         run(
             session,
             KeyValueOp::Set,
-            backend.set(&name, &key, &value, quota),
+            backend.set(
+                KeyRef {
+                    bucket: &name,
+                    key: &key,
+                },
+                &value,
+                quota,
+            ),
         )
         .await
     }
@@ -417,7 +432,15 @@ impl<'a> KeyValueView<'a> {
         self.check_key(&key)?;
         let session = self.session()?;
         let backend = session.0.backend.clone();
-        run(session, KeyValueOp::Delete, backend.delete(&name, &key)).await
+        run(
+            session,
+            KeyValueOp::Delete,
+            backend.delete(KeyRef {
+                bucket: &name,
+                key: &key,
+            }),
+        )
+        .await
     }
 
     pub(crate) async fn exists(
@@ -429,7 +452,15 @@ impl<'a> KeyValueView<'a> {
         self.check_key(&key)?;
         let session = self.session()?;
         let backend = session.0.backend.clone();
-        run(session, KeyValueOp::Exists, backend.exists(&name, &key)).await
+        run(
+            session,
+            KeyValueOp::Exists,
+            backend.exists(KeyRef {
+                bucket: &name,
+                key: &key,
+            }),
+        )
+        .await
     }
 
     pub(crate) async fn list_keys(
@@ -461,7 +492,14 @@ impl<'a> KeyValueView<'a> {
         run(
             session,
             KeyValueOp::Increment,
-            backend.increment(&name, &key, delta, quota),
+            backend.increment(
+                KeyRef {
+                    bucket: &name,
+                    key: &key,
+                },
+                delta,
+                quota,
+            ),
         )
         .await
     }
@@ -478,7 +516,10 @@ impl<'a> KeyValueView<'a> {
         let (current, version) = run(
             session,
             KeyValueOp::CasRead,
-            backend.read_versioned(&name, &key),
+            backend.read_versioned(KeyRef {
+                bucket: &name,
+                key: &key,
+            }),
         )
         .await?;
         Ok(CasHandle {
@@ -501,7 +542,15 @@ impl<'a> KeyValueView<'a> {
         run(
             session,
             KeyValueOp::Swap,
-            backend.swap(&cas.bucket, &cas.key, &cas.version, &value, quota),
+            backend.swap(
+                KeyRef {
+                    bucket: &cas.bucket,
+                    key: &cas.key,
+                },
+                &cas.version,
+                &value,
+                quota,
+            ),
         )
         .await
     }

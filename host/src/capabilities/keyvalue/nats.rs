@@ -32,7 +32,8 @@ use futures_util::StreamExt as _;
 
 use crate::capabilities::BackendStatus;
 use crate::capabilities::keyvalue::store::{
-    BackendError, BackendResult, KeyCursor, KeyPage, KeyValueStore, add_checked, parse_counter,
+    BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore, add_checked,
+    parse_counter,
 };
 use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
 
@@ -346,7 +347,8 @@ impl KeyValueStore for NatsKv {
         }
     }
 
-    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+    async fn get(&self, at: KeyRef<'_>) -> BackendResult<Option<Vec<u8>>> {
+        let KeyRef { bucket, key } = at;
         let Some(store) = self.lookup(bucket).await? else {
             return Ok(None);
         };
@@ -357,7 +359,8 @@ impl KeyValueStore for NatsKv {
             .map_err(other)
     }
 
-    async fn set(&self, bucket: &str, key: &str, value: &[u8], quota: u64) -> BackendResult<()> {
+    async fn set(&self, at: KeyRef<'_>, value: &[u8], quota: u64) -> BackendResult<()> {
+        let KeyRef { bucket, key } = at;
         let store = self.bucket(bucket).await?;
         self.check_quota(bucket, key.len() + value.len(), quota)
             .await?;
@@ -368,25 +371,22 @@ impl KeyValueStore for NatsKv {
             .map_err(other)
     }
 
-    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+    async fn delete(&self, at: KeyRef<'_>) -> BackendResult<()> {
+        let KeyRef { bucket, key } = at;
         let Some(store) = self.lookup(bucket).await? else {
             return Ok(());
         };
         store.delete(escape_key(key)).await.map_err(other)
     }
 
-    async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
-        Ok(self.get(bucket, key).await?.is_some())
+    async fn exists(&self, at: KeyRef<'_>) -> BackendResult<bool> {
+        let KeyRef { bucket, key } = at;
+        Ok(self.get(KeyRef { bucket, key }).await?.is_some())
     }
 
     /// Every key, sorted, paged by offset (numeric cursors) or by the last
     /// key of the previous page (text cursors).
-    async fn list_keys(
-        &self,
-        bucket: &str,
-        cursor: KeyCursor,
-        limit: usize,
-    ) -> BackendResult<KeyPage> {
+    async fn list_keys(&self, bucket: &str, from: KeyCursor, max: usize) -> BackendResult<KeyPage> {
         let Some(store) = self.lookup(bucket).await? else {
             return Ok(KeyPage::default());
         };
@@ -402,13 +402,13 @@ impl KeyValueStore for NatsKv {
             Err(err) => return Err(other(err)),
         };
         keys.sort();
-        let start = match &cursor {
+        let start = match &from {
             KeyCursor::Number(offset) => usize::try_from(*offset).unwrap_or(usize::MAX),
             KeyCursor::Text(after) => keys.partition_point(|key| key <= after),
         };
-        let page: Vec<String> = keys.iter().skip(start).take(limit).cloned().collect();
+        let page: Vec<String> = keys.iter().skip(start).take(max).cloned().collect();
         let more = start + page.len() < keys.len();
-        let next = match (more, &cursor) {
+        let next = match (more, &from) {
             (false, _) => None,
             (true, KeyCursor::Text(_)) => page.last().cloned().map(KeyCursor::Text),
             (true, KeyCursor::Number(_)) => Some(KeyCursor::Number((start + page.len()) as u64)),
@@ -425,13 +425,8 @@ impl KeyValueStore for NatsKv {
     /// caller the value it would have seen had they run one by one. The
     /// swap names the revision it read, so hosts never lose an update; it
     /// retries (with jittered backoff) when another host wrote first.
-    async fn increment(
-        &self,
-        bucket: &str,
-        key: &str,
-        delta: i64,
-        quota: u64,
-    ) -> BackendResult<i64> {
+    async fn increment(&self, at: KeyRef<'_>, delta: i64, quota: u64) -> BackendResult<i64> {
+        let KeyRef { bucket, key } = at;
         let store = self.bucket(bucket).await?;
         self.check_quota(bucket, key.len() + 20, quota).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -452,11 +447,8 @@ impl KeyValueStore for NatsKv {
             .map_err(|_| BackendError::Other("the increment was abandoned".into()))?
     }
 
-    async fn read_versioned(
-        &self,
-        bucket: &str,
-        key: &str,
-    ) -> BackendResult<(Option<Vec<u8>>, u64)> {
+    async fn read_versioned(&self, at: KeyRef<'_>) -> BackendResult<(Option<Vec<u8>>, u64)> {
+        let KeyRef { bucket, key } = at;
         let Some(store) = self.lookup(bucket).await? else {
             return Ok((None, 0));
         };
@@ -472,12 +464,12 @@ impl KeyValueStore for NatsKv {
 
     async fn swap(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
         expected: &u64,
         value: &[u8],
         quota: u64,
     ) -> BackendResult<bool> {
+        let KeyRef { bucket, key } = at;
         let revision = expected;
         let store = self.bucket(bucket).await?;
         self.check_quota(bucket, key.len() + value.len(), quota)

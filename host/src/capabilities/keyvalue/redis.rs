@@ -24,7 +24,7 @@ use redis::{AsyncCommands as _, Script};
 use crate::base::redact::url as redact;
 use crate::capabilities::BackendStatus;
 use crate::capabilities::keyvalue::store::{
-    BackendError, BackendResult, KeyCursor, KeyPage, KeyValueStore,
+    BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore,
 };
 
 /// How often the server is pinged for the status.
@@ -192,14 +192,16 @@ impl KeyValueStore for RedisKv {
         }
     }
 
-    async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+    async fn get(&self, at: KeyRef<'_>) -> BackendResult<Option<Vec<u8>>> {
+        let KeyRef { bucket, key } = at;
         self.connection()
             .hget(hash_key(bucket), key)
             .await
             .map_err(failed)
     }
 
-    async fn set(&self, bucket: &str, key: &str, value: &[u8], quota: u64) -> BackendResult<()> {
+    async fn set(&self, at: KeyRef<'_>, value: &[u8], quota: u64) -> BackendResult<()> {
+        let KeyRef { bucket, key } = at;
         let outcome: i64 = self
             .set
             .key(hash_key(bucket))
@@ -218,7 +220,8 @@ impl KeyValueStore for RedisKv {
         }
     }
 
-    async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
+    async fn delete(&self, at: KeyRef<'_>) -> BackendResult<()> {
+        let KeyRef { bucket, key } = at;
         let _: i64 = self
             .delete
             .key(hash_key(bucket))
@@ -230,7 +233,8 @@ impl KeyValueStore for RedisKv {
         Ok(())
     }
 
-    async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
+    async fn exists(&self, at: KeyRef<'_>) -> BackendResult<bool> {
+        let KeyRef { bucket, key } = at;
         self.connection()
             .hexists(hash_key(bucket), key)
             .await
@@ -240,14 +244,9 @@ impl KeyValueStore for RedisKv {
     /// A page from `HSCAN`: its cursor is the page cursor (a number for
     /// draft guests, the same number as text for draft2 ones). Redis may
     /// return a key on two pages if the hash changes while it is scanned.
-    async fn list_keys(
-        &self,
-        bucket: &str,
-        cursor: KeyCursor,
-        limit: usize,
-    ) -> BackendResult<KeyPage> {
-        let text = matches!(cursor, KeyCursor::Text(_));
-        let start: u64 = match &cursor {
+    async fn list_keys(&self, bucket: &str, from: KeyCursor, max: usize) -> BackendResult<KeyPage> {
+        let text = matches!(from, KeyCursor::Text(_));
+        let start: u64 = match &from {
             KeyCursor::Number(n) => *n,
             KeyCursor::Text(t) if t.is_empty() => 0,
             KeyCursor::Text(t) => t.parse().map_err(|_| {
@@ -258,7 +257,7 @@ impl KeyValueStore for RedisKv {
             .arg(hash_key(bucket))
             .arg(start)
             .arg("COUNT")
-            .arg(limit)
+            .arg(max)
             .query_async(&mut self.connection())
             .await
             .map_err(failed)?;
@@ -273,13 +272,8 @@ impl KeyValueStore for RedisKv {
         Ok(KeyPage { keys, next })
     }
 
-    async fn increment(
-        &self,
-        bucket: &str,
-        key: &str,
-        delta: i64,
-        quota: u64,
-    ) -> BackendResult<i64> {
+    async fn increment(&self, at: KeyRef<'_>, delta: i64, quota: u64) -> BackendResult<i64> {
+        let KeyRef { bucket, key } = at;
         let outcome: Vec<i64> = self
             .increment
             .key(hash_key(bucket))
@@ -310,21 +304,20 @@ impl KeyValueStore for RedisKv {
 
     async fn read_versioned(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
     ) -> BackendResult<(Option<Vec<u8>>, Option<Vec<u8>>)> {
-        let value = KeyValueStore::get(self, bucket, key).await?;
+        let value = KeyValueStore::get(self, at).await?;
         Ok((value.clone(), value))
     }
 
     async fn swap(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
         expected: &Option<Vec<u8>>,
         value: &[u8],
         quota: u64,
     ) -> BackendResult<bool> {
+        let KeyRef { bucket, key } = at;
         let outcome: i64 = self
             .swap
             .key(hash_key(bucket))

@@ -42,6 +42,16 @@ pub enum KeyCursor {
     Text(String),
 }
 
+/// Where one entry lives: its bucket and its key. Every operation on an
+/// entry takes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRef<'a> {
+    /// The bucket.
+    pub bucket: &'a str,
+    /// The key in it.
+    pub key: &'a str,
+}
+
 /// One page of keys.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyPage {
@@ -116,42 +126,36 @@ pub trait KeyValueStore: Send + Sync + 'static {
     fn status(&self) -> BackendStatus;
 
     /// The value of `key`, if any.
-    fn get(
-        &self,
-        bucket: &str,
-        key: &str,
-    ) -> impl Future<Output = BackendResult<Option<Vec<u8>>>> + Send;
+    fn get(&self, at: KeyRef<'_>) -> impl Future<Output = BackendResult<Option<Vec<u8>>>> + Send;
 
     /// Sets `key` to `value`, unless that takes the bucket past `quota`.
     fn set(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
         value: &[u8],
         quota: u64,
     ) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// Removes `key` (absent is fine).
-    fn delete(&self, bucket: &str, key: &str) -> impl Future<Output = BackendResult<()>> + Send;
+    fn delete(&self, at: KeyRef<'_>) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// Whether `key` has a value.
-    fn exists(&self, bucket: &str, key: &str) -> impl Future<Output = BackendResult<bool>> + Send;
+    fn exists(&self, at: KeyRef<'_>) -> impl Future<Output = BackendResult<bool>> + Send;
 
-    /// A page of up to `limit` keys from `cursor` (`Number(0)` or
+    /// A page of up to `max` keys from the cursor `from` (`Number(0)` or
     /// `Text("")` for the first page).
     fn list_keys(
         &self,
         bucket: &str,
-        cursor: KeyCursor,
-        limit: usize,
+        from: KeyCursor,
+        max: usize,
     ) -> impl Future<Output = BackendResult<KeyPage>> + Send;
 
     /// Adds `delta` to the counter at `key` (0 if absent), atomically,
     /// unless the bucket would pass `quota`; the new value.
     fn increment(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
         delta: i64,
         quota: u64,
     ) -> impl Future<Output = BackendResult<i64>> + Send;
@@ -159,16 +163,14 @@ pub trait KeyValueStore: Send + Sync + 'static {
     /// The value of `key` and its version, for a later swap.
     fn read_versioned(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
     ) -> impl Future<Output = BackendResult<(Option<Vec<u8>>, Self::Version)>> + Send;
 
     /// Sets `key` to `value` if it is still at `expected` (and the bucket
     /// stays within `quota`); whether it was.
     fn swap(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
         expected: &Self::Version,
         value: &[u8],
         quota: u64,
@@ -186,42 +188,34 @@ pub struct CasVersion(Box<dyn Any + Send + Sync>);
 trait ErasedStore: Send + Sync {
     fn kind(&self) -> &'static str;
     fn status(&self) -> BackendStatus;
-    fn get<'a>(
-        &'a self,
-        bucket: &'a str,
-        key: &'a str,
-    ) -> BoxFuture<'a, BackendResult<Option<Vec<u8>>>>;
+    fn get<'a>(&'a self, at: KeyRef<'a>) -> BoxFuture<'a, BackendResult<Option<Vec<u8>>>>;
     fn set<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
         value: &'a [u8],
         quota: u64,
     ) -> BoxFuture<'a, BackendResult<()>>;
-    fn delete<'a>(&'a self, bucket: &'a str, key: &'a str) -> BoxFuture<'a, BackendResult<()>>;
-    fn exists<'a>(&'a self, bucket: &'a str, key: &'a str) -> BoxFuture<'a, BackendResult<bool>>;
+    fn delete<'a>(&'a self, at: KeyRef<'a>) -> BoxFuture<'a, BackendResult<()>>;
+    fn exists<'a>(&'a self, at: KeyRef<'a>) -> BoxFuture<'a, BackendResult<bool>>;
     fn list_keys<'a>(
         &'a self,
         bucket: &'a str,
-        cursor: KeyCursor,
-        limit: usize,
+        from: KeyCursor,
+        max: usize,
     ) -> BoxFuture<'a, BackendResult<KeyPage>>;
     fn increment<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
         delta: i64,
         quota: u64,
     ) -> BoxFuture<'a, BackendResult<i64>>;
     fn read_versioned<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
     ) -> BoxFuture<'a, BackendResult<(Option<Vec<u8>>, CasVersion)>>;
     fn swap<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
         expected: &'a CasVersion,
         value: &'a [u8],
         quota: u64,
@@ -237,66 +231,58 @@ impl<S: KeyValueStore> ErasedStore for S {
         KeyValueStore::status(self)
     }
 
-    fn get<'a>(
-        &'a self,
-        bucket: &'a str,
-        key: &'a str,
-    ) -> BoxFuture<'a, BackendResult<Option<Vec<u8>>>> {
-        Box::pin(KeyValueStore::get(self, bucket, key))
+    fn get<'a>(&'a self, at: KeyRef<'a>) -> BoxFuture<'a, BackendResult<Option<Vec<u8>>>> {
+        Box::pin(KeyValueStore::get(self, at))
     }
 
     fn set<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
         value: &'a [u8],
         quota: u64,
     ) -> BoxFuture<'a, BackendResult<()>> {
-        Box::pin(KeyValueStore::set(self, bucket, key, value, quota))
+        Box::pin(KeyValueStore::set(self, at, value, quota))
     }
 
-    fn delete<'a>(&'a self, bucket: &'a str, key: &'a str) -> BoxFuture<'a, BackendResult<()>> {
-        Box::pin(KeyValueStore::delete(self, bucket, key))
+    fn delete<'a>(&'a self, at: KeyRef<'a>) -> BoxFuture<'a, BackendResult<()>> {
+        Box::pin(KeyValueStore::delete(self, at))
     }
 
-    fn exists<'a>(&'a self, bucket: &'a str, key: &'a str) -> BoxFuture<'a, BackendResult<bool>> {
-        Box::pin(KeyValueStore::exists(self, bucket, key))
+    fn exists<'a>(&'a self, at: KeyRef<'a>) -> BoxFuture<'a, BackendResult<bool>> {
+        Box::pin(KeyValueStore::exists(self, at))
     }
 
     fn list_keys<'a>(
         &'a self,
         bucket: &'a str,
-        cursor: KeyCursor,
-        limit: usize,
+        from: KeyCursor,
+        max: usize,
     ) -> BoxFuture<'a, BackendResult<KeyPage>> {
-        Box::pin(KeyValueStore::list_keys(self, bucket, cursor, limit))
+        Box::pin(KeyValueStore::list_keys(self, bucket, from, max))
     }
 
     fn increment<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
         delta: i64,
         quota: u64,
     ) -> BoxFuture<'a, BackendResult<i64>> {
-        Box::pin(KeyValueStore::increment(self, bucket, key, delta, quota))
+        Box::pin(KeyValueStore::increment(self, at, delta, quota))
     }
 
     fn read_versioned<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
     ) -> BoxFuture<'a, BackendResult<(Option<Vec<u8>>, CasVersion)>> {
         Box::pin(async move {
-            let (value, version) = KeyValueStore::read_versioned(self, bucket, key).await?;
+            let (value, version) = KeyValueStore::read_versioned(self, at).await?;
             Ok((value, CasVersion(Box::new(version))))
         })
     }
 
     fn swap<'a>(
         &'a self,
-        bucket: &'a str,
-        key: &'a str,
+        at: KeyRef<'a>,
         expected: &'a CasVersion,
         value: &'a [u8],
         quota: u64,
@@ -309,7 +295,7 @@ impl<S: KeyValueStore> ErasedStore for S {
                     "a compare-and-swap with a version from another store".into(),
                 ));
             };
-            KeyValueStore::swap(self, bucket, key, expected, value, quota).await
+            KeyValueStore::swap(self, at, expected, value, quota).await
         })
     }
 }
@@ -336,70 +322,56 @@ impl Store {
     }
 
     /// The value of `key`, if any.
-    pub async fn get(&self, bucket: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
-        self.0.get(bucket, key).await
+    pub async fn get(&self, at: KeyRef<'_>) -> BackendResult<Option<Vec<u8>>> {
+        self.0.get(at).await
     }
 
     /// Sets `key` to `value`, unless that takes the bucket past `quota`.
-    pub async fn set(
-        &self,
-        bucket: &str,
-        key: &str,
-        value: &[u8],
-        quota: u64,
-    ) -> BackendResult<()> {
-        self.0.set(bucket, key, value, quota).await
+    pub async fn set(&self, at: KeyRef<'_>, value: &[u8], quota: u64) -> BackendResult<()> {
+        self.0.set(at, value, quota).await
     }
 
     /// Removes `key` (absent is fine).
-    pub async fn delete(&self, bucket: &str, key: &str) -> BackendResult<()> {
-        self.0.delete(bucket, key).await
+    pub async fn delete(&self, at: KeyRef<'_>) -> BackendResult<()> {
+        self.0.delete(at).await
     }
 
     /// Whether `key` has a value.
-    pub async fn exists(&self, bucket: &str, key: &str) -> BackendResult<bool> {
-        self.0.exists(bucket, key).await
+    pub async fn exists(&self, at: KeyRef<'_>) -> BackendResult<bool> {
+        self.0.exists(at).await
     }
 
-    /// A page of up to `limit` keys from `cursor`.
+    /// A page of up to `max` keys from the cursor `from`.
     pub async fn list_keys(
         &self,
         bucket: &str,
-        cursor: KeyCursor,
-        limit: usize,
+        from: KeyCursor,
+        max: usize,
     ) -> BackendResult<KeyPage> {
-        self.0.list_keys(bucket, cursor, limit).await
+        self.0.list_keys(bucket, from, max).await
     }
 
     /// Adds `delta` to the counter at `key`, atomically; the new value.
-    pub async fn increment(
-        &self,
-        bucket: &str,
-        key: &str,
-        delta: i64,
-        quota: u64,
-    ) -> BackendResult<i64> {
-        self.0.increment(bucket, key, delta, quota).await
+    pub async fn increment(&self, at: KeyRef<'_>, delta: i64, quota: u64) -> BackendResult<i64> {
+        self.0.increment(at, delta, quota).await
     }
 
     /// The value of `key` and its version, for a later [`swap`](Store::swap).
     pub async fn read_versioned(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
     ) -> BackendResult<(Option<Vec<u8>>, CasVersion)> {
-        self.0.read_versioned(bucket, key).await
+        self.0.read_versioned(at).await
     }
 
     /// Sets `key` to `value` if it is still at `expected`; whether it was.
     pub async fn swap(
         &self,
-        bucket: &str,
-        key: &str,
+        at: KeyRef<'_>,
         expected: &CasVersion,
         value: &[u8],
         quota: u64,
     ) -> BackendResult<bool> {
-        self.0.swap(bucket, key, expected, value, quota).await
+        self.0.swap(at, expected, value, quota).await
     }
 }
