@@ -208,6 +208,8 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     // #247); the reuse modes run the same service written as an exported
     // wasi:http handler.
     let js_handler = built.js.join("hello-handler.wasm");
+    // Builds, stringifies, parses and filters a 2.4 KB order per request.
+    let js_order = built.js.join("order-handler.wasm");
     let p3_hello = built.rust.join("hello_p3.wasm");
     let reuse = format!("[instance]\nreuse = {REUSE}\n");
     let cache = root().join("target").join("bench").join("cache");
@@ -216,6 +218,7 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     // Cranelift rows must never measure Winch code still being optimised.
     let wharf_host = |label: &str,
                       tiers: &str,
+                      log: &str,
                       services: &[(&str, &Path, Option<String>)]|
      -> Result<(Server, tempfile::TempDir)> {
         let dir = tempfile::tempdir()?;
@@ -229,7 +232,7 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
         command
             .arg("serve")
             .arg(dir.path())
-            .args(["--listen", "127.0.0.1:0", "--log", "warn", "--tiers", tiers])
+            .args(["--listen", "127.0.0.1:0", "--log", log, "--tiers", tiers])
             .arg("--cache-dir")
             .arg(&cache);
         Ok((Server::start(label, command, "")?, dir))
@@ -255,6 +258,7 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     let (rust_host, dir) = wharf_host(
         "wharf",
         "cranelift",
+        "warn",
         &[
             ("hello", &rust_hello, None),
             ("hello-reuse", &rust_hello, Some(reuse.clone())),
@@ -280,14 +284,32 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
     ] {
         targets.push((label.to_string(), format!("{base}{path}"), rust_index));
     }
+    // The same hello on a host with its default log: one access line per
+    // request, written to a pipe as a service manager would read it.
+    let (logged_host, dir) = wharf_host(
+        "wharf-logged",
+        "cranelift",
+        "info",
+        &[("hello", &rust_hello, None)],
+    )?;
+    dirs.push(dir);
+    let base = logged_host.url.clone();
+    let logged_index = keep(&mut processes, logged_host);
+    targets.push((
+        "Wharf, Rust hello, default log (access lines)".to_string(),
+        format!("{base}/hello"),
+        logged_index,
+    ));
     if options.js {
         for (tiers, tier_label) in [("cranelift", "Cranelift"), ("winch", "Winch")] {
             let (host, dir) = wharf_host(
                 &format!("wharf-js-{tiers}"),
                 tiers,
+                "warn",
                 &[
                     ("js", &js_hello, None),
                     ("js-reuse", &js_handler, Some(reuse.clone())),
+                    ("js-order", &js_order, Some(reuse.clone())),
                 ],
             )?;
             dirs.push(dir);
@@ -301,6 +323,11 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
             targets.push((
                 format!("Wharf, JS hello (handler), reuse 128, {tier_label}"),
                 format!("{base}/js-reuse"),
+                index,
+            ));
+            targets.push((
+                format!("Wharf, JS JSON order (handler), reuse 128, {tier_label}"),
+                format!("{base}/js-order/order"),
                 index,
             ));
         }
@@ -332,6 +359,12 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
             "wasmtime serve, JS hello (handler), reuse 128".to_string(),
             wasmtime_serve("wasmtime-js-reuse", &js_handler, REUSE, 1)?,
         ));
+        let mut order = wasmtime_serve("wasmtime-js-order", &js_order, REUSE, 1)?;
+        order.url.push_str("order");
+        peers.push((
+            "wasmtime serve, JS JSON order (handler), reuse 128".to_string(),
+            order,
+        ));
     }
     let mut node = Command::new("node");
     node.arg(&express).arg("0");
@@ -339,6 +372,14 @@ pub fn run_bench(wharf_bin: &Path, built: &Built, options: Options, out_dir: &Pa
         "Node.js + Express".to_string(),
         Server::start("express", node, "/hello")?,
     ));
+    if options.js {
+        let mut node = Command::new("node");
+        node.arg(&express).arg("0");
+        peers.push((
+            "Node.js + Express, JSON order".to_string(),
+            Server::start("express-order", node, "/order")?,
+        ));
+    }
     let mut bare = Command::new(&hyper);
     bare.arg("127.0.0.1:0");
     peers.push((
@@ -439,7 +480,8 @@ fn idle_memory(wharf_bin: &Path, hello: &Path, express: &Path, cache: &Path) -> 
     })
 }
 
-fn machine() -> String {
+/// The machine, for reports: CPU model and count.
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -459,7 +501,7 @@ fn write_report(series: &[Series], options: Options, idle: &Idle, out_dir: &Path
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "## HTTP: `wrk -t{} -c{} -d{}s`, {} interleaved rounds, hello JSON\n\nMachine: {}. Wharf with `--log warn` (no access log).\n",
+        "## HTTP: `wrk -t{} -c{} -d{}s`, {} interleaved rounds, hello JSON\n\nMachine: {}. Wharf with `--log warn` (no access log) unless the row says \"default log\".\n",
         options.load.threads,
         options.load.connections,
         options.load.duration.as_secs(),
@@ -513,6 +555,22 @@ fn write_report(series: &[Series], options: Options, idle: &Idle, out_dir: &Path
         (
             "Wharf, JS hello (handler), reuse 128, Cranelift",
             "Node.js + Express",
+        ),
+        (
+            "Wharf, JS JSON order (handler), reuse 128, Cranelift",
+            "wasmtime serve, JS JSON order (handler), reuse 128",
+        ),
+        (
+            "Wharf, JS JSON order (handler), reuse 128, Cranelift",
+            "Node.js + Express, JSON order",
+        ),
+        (
+            "Wharf, Rust hello, default log (access lines)",
+            "Wharf, Rust hello",
+        ),
+        (
+            "Wharf, Rust hello, default log (access lines)",
+            "bare hyper",
         ),
         ("Wharf, JS hello, Winch", "Wharf, JS hello, Cranelift"),
         (

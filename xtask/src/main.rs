@@ -24,6 +24,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context as _, Result, bail};
 
 mod daemon;
+mod density;
 mod guests;
 mod http;
 mod isolation;
@@ -76,7 +77,8 @@ fn main() -> ExitCode {
                  bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)\n  \
                  bench kv            a counter on each key-value backend vs Express + Redis (writes target/bench/kv.md)\n  \
                  bench messaging     publish -> handler on each broker vs Node.js + amqplib (writes target/bench/messaging.md)\n  \
-                 bench http          Wharf vs wasmtime serve, Express, bare hyper (writes target/bench/http.md, http.svg)"
+                 bench http          Wharf vs wasmtime serve, Express, bare hyper (writes target/bench/http.md, http.svg)\n  \
+                 bench density       1,000 and 10,000 services on one host (writes target/bench/density.md)"
             );
             return ExitCode::from(2);
         }
@@ -323,6 +325,19 @@ fn bench(args: &[String]) -> Result<()> {
             let wharf = build_release_wharf()?;
             messaging::run_bench(&wharf, &guests, &out_dir)
         }
+        Some("density") => {
+            let counts = match args.get(1..) {
+                Some([flag, list]) if flag == "--services" => list
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("--services: a comma-separated list of counts")?,
+                _ => vec![1000, 10000],
+            };
+            let guests = guests::build(&[guests::Lang::Rust])?.rust;
+            let wharf = build_release_wharf()?;
+            density::run_bench(&wharf, &guests.join("hello.wasm"), &counts, &out_dir)
+        }
         Some("kv") => {
             let guests = guests::build(&[guests::Lang::Rust])?.rust;
             let wharf = build_release_wharf()?;
@@ -338,6 +353,7 @@ fn bench(args: &[String]) -> Result<()> {
                 },
                 js: true,
             };
+            let mut wharf = None;
             let mut rest = args[1..].iter();
             while let Some(arg) = rest.next() {
                 let mut value = || rest.next().context("a value after the flag");
@@ -348,15 +364,20 @@ fn bench(args: &[String]) -> Result<()> {
                     }
                     "--connections" => options.load.connections = value()?.parse()?,
                     "--no-js" => options.js = false,
+                    "--wharf" => wharf = Some(PathBuf::from(value()?)),
                     other => bail!("unknown bench http flag {other}"),
                 }
             }
             let built = guests::build(&[guests::Lang::Rust, guests::Lang::Js])?;
-            let wharf = build_release_wharf()?;
+            // Another build (an older commit's) to compare with, or this one.
+            let wharf = match wharf {
+                Some(path) => path,
+                None => build_release_wharf()?,
+            };
             http::run_bench(&wharf, &built, options, &out_dir)
         }
         _ => bail!(
-            "usage: cargo xtask bench reload | isolation [--wharf BINARY] | kv | http [--rounds N] [--seconds S] [--connections C] [--no-js]"
+            "usage: cargo xtask bench reload | isolation [--wharf BINARY] | kv | density [--services N,N] | http [--rounds N] [--seconds S] [--connections C] [--no-js] [--wharf BINARY]"
         ),
     }
 }

@@ -70,6 +70,11 @@ impl WharfProcess {
         }
     }
 
+    /// The process id, for reading its memory.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `http://HOST:PORT` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)

@@ -57,7 +57,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            logging::init(args.log.as_deref(), args.log_format)?;
+            // Kept to the end, so every queued line is written out.
+            let _log = logging::init(args.log.as_deref(), args.log_format)?;
             // Requests are served on their own threads (--threads); this
             // runtime runs loading, the watcher, the admin endpoint and the
             // message triggers and schedules, whose handlers are guests

@@ -189,6 +189,31 @@ const PYTHON: Files = &[
 const PYTHON_WIT: Files = wasi_deps!("0.2.12");
 const MANIFEST: &str = include_str!("../../templates/manifest.toml");
 
+/// The manifest's `[instance]` table for `language`. A JavaScript or
+/// TypeScript service reuses its instances: starting its engine is most of
+/// a request's work (128 requests per instance, as `wasmtime serve` and
+/// Spin do), and serve() calls the handler afresh for every request. The
+/// other languages start in microseconds and keep a fresh instance each.
+fn instance_section(language: Language) -> &'static str {
+    match language {
+        Language::JavaScript | Language::TypeScript => {
+            "# One instance serves this many requests in turn before a fresh one\n\
+             # starts: a JavaScript engine costs more to start than most requests\n\
+             # cost to serve. As in a Node.js process, what the module keeps in its\n\
+             # own variables lives on between those requests (and the requests of\n\
+             # different clients); set 1 for a fresh instance per request.\n\
+             [instance]\n\
+             reuse = 128\n"
+        }
+        Language::Python | Language::Rust => {
+            "# A fresh instance per request (the default); to reuse one instance\n\
+             # for up to N requests in turn, keeping its memory between them:\n\
+             # [instance]\n\
+             # reuse = 128\n"
+        }
+    }
+}
+
 /// A project `wharf new` made.
 #[derive(Debug)]
 pub struct Project {
@@ -231,6 +256,7 @@ pub fn create(name: &str, language: Language, dir: &Path) -> Result<Project> {
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
         let text = text
+            .replace("{{instance}}", instance_section(language))
             .replace("{{name}}", name)
             .replace("{{NAME}}", &name.to_ascii_uppercase().replace('-', "_"));
         std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;

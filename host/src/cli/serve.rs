@@ -12,7 +12,7 @@ use wharf::limits::{self, Limits, PartialLimits};
 use wharf::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
 use wharf::{Config, EngineOptions, Host, KeyValueChoice, SecretSources, Tiers};
 
-use super::logging::LogFormat;
+use super::logging::{LogFormat, announce};
 use super::shutdown_signal;
 
 #[derive(clap::Args, Debug)]
@@ -324,7 +324,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
             let address = listener.local_addr().context("reading the admin address")?;
-            eprintln!("wharf: admin listening on http://{address}");
+            announce(&format!("wharf: admin listening on http://{address}"));
             if token.is_none() {
                 tracing::info!(
                     "admin deploys are disabled: no --admin-token-file or WHARF_ADMIN_TOKEN"
@@ -350,13 +350,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let threads = server_threads(args.threads);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let serving = host.serve_threads(args.listen, threads, tls)?;
-    eprintln!("wharf: listening on {scheme}://{}", serving.local_addr());
+    announce(&format!(
+        "wharf: listening on {scheme}://{}",
+        serving.local_addr()
+    ));
     stopped(stop_rx.clone()).await;
     serving.shutdown().await?;
     let _ = admin_stop_tx.send(true);
     if let Some(admin) = admin {
         let _ = admin.await;
     }
-    eprintln!("wharf: stopped");
+    announce("wharf: stopped");
     Ok(())
 }

@@ -62,6 +62,9 @@ pub struct Guest {
     workers: Workers,
     /// What the CPU scheduler remembers about this service.
     cpu: Arc<ServiceCpu>,
+    /// The compiled code, shared by every service that runs it: held so
+    /// the code cache knows it is in use.
+    _code: Arc<Component>,
 }
 
 /// What a [`Guest`] is built from, besides its compiled component.
@@ -155,8 +158,10 @@ impl Guest {
         pre: InstancePre<HostState>,
         exports: GuestExports,
         metrics: Arc<ServiceMetrics>,
+        code: Arc<Component>,
     ) -> Guest {
         Guest {
+            _code: code,
             admission: Arc::new(Gate::new(
                 policy.limits.concurrency as usize,
                 "request slots",
@@ -191,8 +196,10 @@ impl Guest {
         engine: EngineKind,
         pre: InstancePre<HostState>,
         exports: GuestExports,
+        code: Arc<Component>,
     ) -> Guest {
         Guest {
+            _code: code,
             name: self.name.clone(),
             env: self.env.clone(),
             limits: self.limits,

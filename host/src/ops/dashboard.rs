@@ -37,9 +37,9 @@ pub struct LogLine {
     /// When (ms since the epoch).
     pub time_ms: u64,
     /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
-    pub level: String,
+    pub level: &'static str,
     /// The module that logged it.
-    pub target: String,
+    pub target: &'static str,
     /// The message.
     pub message: String,
     /// Its service, if it names one.
@@ -80,28 +80,37 @@ struct Fields {
 
 impl Visit for Fields {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.record(field, value.to_string());
+        match field.name() {
+            "message" => self.message = value.to_string(),
+            "service" => self.service = Some(value.to_string()),
+            "request_id" => self.request_id = Some(value.to_string()),
+            "event" => self.event = Some(value.to_string()),
+            name => self.push_rest(name, format_args!("{value}")),
+        }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.record(field, format!("{value:?}"));
+        use std::fmt::Write as _;
+        match field.name() {
+            "message" => {
+                let _ = write!(self.message, "{value:?}");
+            }
+            "service" => self.service = Some(format!("{value:?}")),
+            "request_id" => self.request_id = Some(format!("{value:?}")),
+            "event" => self.event = Some(format!("{value:?}").trim_matches('"').to_string()),
+            name => self.push_rest(name, format_args!("{value:?}")),
+        }
     }
 }
 
 impl Fields {
-    fn record(&mut self, field: &Field, value: String) {
-        match field.name() {
-            "message" => self.message = value,
-            "service" => self.service = Some(value),
-            "request_id" => self.request_id = Some(value),
-            "event" => self.event = Some(value.trim_matches('"').to_string()),
-            name => {
-                if !self.rest.is_empty() {
-                    self.rest.push(' ');
-                }
-                self.rest.push_str(&format!("{name}={value}"));
-            }
+    /// Appends `name=value` to the other fields, formatted in place.
+    fn push_rest(&mut self, name: &str, value: std::fmt::Arguments<'_>) {
+        use std::fmt::Write as _;
+        if !self.rest.is_empty() {
+            self.rest.push(' ');
         }
+        let _ = write!(self.rest, "{name}={value}");
     }
 }
 
@@ -116,8 +125,8 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogRingLayer {
         let line = LogLine {
             seq: ring.next,
             time_ms,
-            level: event.metadata().level().to_string(),
-            target: event.metadata().target().to_string(),
+            level: event.metadata().level().as_str(),
+            target: event.metadata().target(),
             message: fields.message,
             service: fields.service,
             request_id: fields.request_id,

@@ -101,8 +101,14 @@ async function buildComponent({ entry, name }) {
   const project = process.cwd();
   const outDir = join(project, 'dist');
   await mkdir(outDir, { recursive: true });
+  // The bundle's entry: the service's own file, and the HTTP export its
+  // serve() call is wired to.
+  const wiring = [
+    `export { incomingHandler } from ${JSON.stringify(join(here, 'index.js'))};`,
+    `import ${JSON.stringify(resolve(project, entry))};`,
+  ].join('\n');
   const bundled = await bundle({
-    entryPoints: [resolve(project, entry)],
+    stdin: { contents: wiring, resolveDir: project, sourcefile: 'wharf-entry.js' },
     bundle: true,
     format: 'esm',
     platform: 'browser',

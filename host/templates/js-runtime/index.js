@@ -18,6 +18,12 @@ import { open as openBucket } from 'wasi:keyvalue/store@0.2.0-draft';
 import { increment as atomicIncrement } from 'wasi:keyvalue/atomics@0.2.0-draft';
 import { get as configGet, getAll as configGetAll } from 'wasi:config/store@0.2.0-rc.1';
 import { getEnvironment } from 'wasi:cli/environment@0.2.10';
+import {
+  Fields,
+  OutgoingBody,
+  OutgoingResponse,
+  ResponseOutparam,
+} from 'wasi:http/types@0.2.10';
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -242,27 +248,109 @@ function describe(err) {
   return `${err.name}: ${err.message}${cause}${stack}`;
 }
 
+/** The handler `serve` was given. */
+let served;
+
 /**
  * Serves HTTP with `handler(request)`, which returns (or resolves to) a
  * Response, a string, an object (sent as JSON) or nothing (204). A thrown
  * error is logged and answered 500.
+ *
+ * Each request calls the handler afresh, so the service runs on reused
+ * instances too (`[instance] reuse` in the manifest): what the module keeps
+ * in its own variables then lives on from one request to the next, as in
+ * a Node.js process.
  */
 export function serve(handler) {
-  addEventListener('fetch', (event) =>
-    event.respondWith(
-      (async () => {
-        try {
-          return toResponse(await handler(event.request));
-        } catch (err) {
-          const text = describe(err);
-          console.error(`uncaught error: ${text}`);
-          const body = env.WHARF_EXPOSE_ERRORS === '1' ? text : 'Internal Server Error';
-          return new Response(body, {
-            status: 500,
-            headers: { 'content-type': 'text/plain; charset=utf-8' },
-          });
-        }
-      })(),
-    ),
-  );
+  served = handler;
 }
+
+/** The incoming request as a standard `Request`, its body read whole. */
+function toRequest(incoming) {
+  const method = incoming.method();
+  const verb = method.tag === 'other' ? method.val : method.tag.toUpperCase();
+  const scheme = incoming.scheme();
+  const protocol = scheme?.tag === 'HTTPS' ? 'https' : 'http';
+  const authority = incoming.authority() ?? 'localhost';
+  const url = `${protocol}://${authority}${incoming.pathWithQuery() ?? '/'}`;
+  const headers = new Headers();
+  for (const [name, value] of incoming.headers().entries()) {
+    headers.append(name, decoder.decode(value));
+  }
+  let body;
+  if (verb !== 'GET' && verb !== 'HEAD') {
+    const chunks = [];
+    const incomingBody = incoming.consume();
+    const stream = incomingBody.stream();
+    for (;;) {
+      let chunk;
+      try {
+        chunk = stream.blockingRead(65536n);
+      } catch (err) {
+        if (err?.payload?.tag === 'closed') break;
+        throw err;
+      }
+      chunks.push(chunk);
+    }
+    stream[Symbol.dispose]();
+    body = concat(chunks);
+  }
+  return new Request(url, { method: verb, headers, body });
+}
+
+/** `chunks` as one array. */
+function concat(chunks) {
+  const out = new Uint8Array(chunks.reduce((sum, chunk) => sum + chunk.length, 0));
+  let at = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, at);
+    at += chunk.length;
+  }
+  return out;
+}
+
+/** Sends `response` through `outparam`. */
+async function respond(outparam, response) {
+  const fields = [];
+  response.headers.forEach((value, name) => fields.push([name, encoder.encode(value)]));
+  const outgoing = new OutgoingResponse(Fields.fromList(fields));
+  outgoing.setStatusCode(response.status);
+  const body = outgoing.body();
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  ResponseOutparam.set(outparam, { tag: 'ok', val: outgoing });
+  const stream = body.write();
+  // One blocking write carries at most 4096 bytes.
+  for (let at = 0; at < bytes.length; at += 4096) {
+    stream.blockingWriteAndFlush(bytes.subarray(at, at + 4096));
+  }
+  stream[Symbol.dispose]();
+  OutgoingBody.finish(body, undefined);
+}
+
+/** The 500 answering `err`: its details only when the host says so. */
+function failure(err) {
+  const text = describe(err);
+  console.error(`uncaught error: ${text}`);
+  const body = env.WHARF_EXPOSE_ERRORS === '1' ? text : 'Internal Server Error';
+  return new Response(body, {
+    status: 500,
+    headers: { 'content-type': 'text/plain; charset=utf-8' },
+  });
+}
+
+/**
+ * The `wasi:http/incoming-handler` export the build wires to `serve`: each
+ * request is handed to the handler as a standard `Request`.
+ */
+export const incomingHandler = {
+  async handle(incoming, outparam) {
+    let response;
+    try {
+      if (!served) throw new WharfError('the service never called serve(handler)');
+      response = toResponse(await served(toRequest(incoming)));
+    } catch (err) {
+      response = failure(err);
+    }
+    await respond(outparam, response);
+  },
+};

@@ -114,10 +114,14 @@ impl Embedded {
             )
             .context("preparing the key-value store")?;
         count_entry_overhead(&connection).context("upgrading the key-value store")?;
+        let checkpoints = sqlite::checkpoint_in_background(&connection, path, "key-value store")?;
         let (jobs, receiver) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("wharf-kv-embedded".into())
-            .spawn(move || run(connection, receiver))
+            .spawn(move || {
+                let _checkpoints = checkpoints;
+                run(connection, receiver)
+            })
             .context("starting the key-value store thread")?;
         Ok(Embedded {
             jobs,

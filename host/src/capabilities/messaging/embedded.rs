@@ -210,6 +210,7 @@ impl EmbeddedBroker {
             .context("counting pending deliveries")?;
         let bindings = load_bindings(&connection)?;
         let usage = Usage::measure(&connection).context("measuring the message queue")?;
+        let checkpoints = sqlite::checkpoint_in_background(&connection, path, "message queue")?;
         let (jobs, receiver) = mpsc::channel::<Job>();
         let state = StoreThread {
             connection,
@@ -220,7 +221,10 @@ impl EmbeddedBroker {
         };
         std::thread::Builder::new()
             .name("wharf-messages".into())
-            .spawn(move || state.run(receiver))
+            .spawn(move || {
+                let _checkpoints = checkpoints;
+                state.run(receiver)
+            })
             .context("starting the message queue thread")?;
         Ok(EmbeddedBroker {
             jobs: Mutex::new(jobs),

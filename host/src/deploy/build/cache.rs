@@ -10,9 +10,11 @@
 //! entry from a running writer, and a torn entry left by a crash fails its
 //! checksum.
 
+use std::collections::HashMap;
 use std::hash::Hasher;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest as _, Sha256};
@@ -27,12 +29,25 @@ const MAGIC: &[u8; 12] = b"WHARF-CWASM\x01";
 const HEADER_LEN: usize = MAGIC.len() + 8 + 32;
 
 /// The caches of a runtime's optimising engines, one per [`EngineKind`]
-/// (their compiled code is not interchangeable). Baseline (Winch) code is
-/// never cached: a restart serves optimised code at once.
-#[derive(Debug, Default)]
+/// (their compiled code is not interchangeable), on disk; and, in memory,
+/// the compiled components in use, so a component deployed as many
+/// services (one template, many manifests) is compiled or loaded once and
+/// its code shared by all of them. Baseline (Winch) code is never cached
+/// on disk: a restart serves optimised code at once.
+#[derive(Default)]
 pub struct CodeCaches {
     /// Indexed by [`EngineKind::index`].
     caches: Vec<Option<CodeCache>>,
+    /// The components in use, by engine and digest.
+    in_use: Mutex<HashMap<(usize, String), Weak<Component>>>,
+}
+
+impl std::fmt::Debug for CodeCaches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodeCaches")
+            .field("caches", &self.caches)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CodeCaches {
@@ -51,7 +66,40 @@ impl CodeCaches {
         };
         CodeCaches {
             caches: EngineKind::ALL.into_iter().map(open).collect(),
+            in_use: Mutex::default(),
         }
+    }
+
+    fn in_use(&self) -> MutexGuard<'_, HashMap<(usize, String), Weak<Component>>> {
+        // A map of weak references: consistent between statements.
+        self.in_use.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `kind`'s compiled code for `digest` if a deployment uses it now.
+    pub fn in_use_for(&self, kind: EngineKind, digest: &str) -> Option<Arc<Component>> {
+        if digest.is_empty() {
+            return None;
+        }
+        self.in_use()
+            .get(&(kind.index(), digest.to_string()))
+            .and_then(Weak::upgrade)
+    }
+
+    /// Remembers `component` as `kind`'s code for `digest` while something
+    /// uses it.
+    pub fn keep(&self, kind: EngineKind, digest: &str, component: &Arc<Component>) {
+        if digest.is_empty() {
+            return;
+        }
+        let mut in_use = self.in_use();
+        // Now and then, forget the components nothing uses any more.
+        if in_use.len() >= 64 && in_use.len().is_power_of_two() {
+            in_use.retain(|_, weak| weak.strong_count() > 0);
+        }
+        in_use.insert(
+            (kind.index(), digest.to_string()),
+            Arc::downgrade(component),
+        );
     }
 
     /// The cache of `kind`'s engine, if enabled.

@@ -120,7 +120,14 @@ pub(crate) fn build(
         config: spec.config,
         manifest: spec.manifest,
         compile,
-        guest: Arc::new(Guest::new(policy, kind, instance_pre, exports, metrics)),
+        guest: Arc::new(Guest::new(
+            policy,
+            kind,
+            instance_pre,
+            exports,
+            metrics,
+            component,
+        )),
     })
 }
 

@@ -22,8 +22,9 @@ use crate::guest::engine::{EngineKind, MemoryInit, Runtime, Tier, Tiers};
 
 /// A component's native code and how it was obtained.
 pub(crate) struct Compiled {
-    /// The compiled component.
-    pub component: Component,
+    /// The compiled component (shared with the other services that run the
+    /// same code).
+    pub component: Arc<Component>,
     /// The engine it was compiled for (and runs on).
     pub kind: EngineKind,
     /// Whether it came from the compiled-code cache.
@@ -112,29 +113,39 @@ fn compile_on(
     kind: EngineKind,
     wasm: &[u8],
     digest: &str,
-) -> std::result::Result<(Component, bool), String> {
+) -> std::result::Result<(Arc<Component>, bool), String> {
     if let Some(component) = cached(runtime, caches, kind, digest) {
         return Ok((component, true));
     }
-    let component =
-        Component::new(runtime.flavour(kind).engine(), wasm).map_err(|err| format!("{err:#}"))?;
+    let component = Arc::new(
+        Component::new(runtime.flavour(kind).engine(), wasm).map_err(|err| format!("{err:#}"))?,
+    );
+    caches.keep(kind, digest, &component);
     if let Some(cache) = caches.for_kind(kind) {
         cache.store(digest, &component);
     }
     Ok((component, false))
 }
 
-/// `kind`'s compiled code for `digest` from the cache, if its engine has a
-/// cache and the entry is there.
+/// `kind`'s compiled code for `digest`: the code another service runs
+/// already, else the cache's entry, if its engine has a cache and the
+/// entry is there.
 fn cached(
     runtime: &Runtime,
     caches: &CodeCaches,
     kind: EngineKind,
     digest: &str,
-) -> Option<Component> {
-    caches
-        .for_kind(kind)?
-        .load(runtime.flavour(kind).engine(), digest)
+) -> Option<Arc<Component>> {
+    if let Some(component) = caches.in_use_for(kind, digest) {
+        return Some(component);
+    }
+    let component = Arc::new(
+        caches
+            .for_kind(kind)?
+            .load(runtime.flavour(kind).engine(), digest)?,
+    );
+    caches.keep(kind, digest, &component);
+    Some(component)
 }
 
 /// The optimised (Cranelift) version of `baseline`, a deployment served
@@ -158,7 +169,7 @@ pub(crate) fn optimise(
         .map_err(|err| explain_link_error(&format!("{err:#}")))
         .context("linking the optimised code")?;
     let exports = GuestExports::find(&pre).map_err(anyhow::Error::msg)?;
-    let guest = baseline.guest().recompiled(kind, pre, exports);
+    let guest = baseline.guest().recompiled(kind, pre, exports, component);
     let compile = CompileInfo {
         queued: Duration::ZERO,
         duration: started.elapsed(),

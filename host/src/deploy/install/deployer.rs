@@ -494,8 +494,8 @@ impl Deployer {
         if let Some(other) = self
             .registry
             .snapshot()
-            .services()
-            .find(|d| d.name() != name && *d.route() == route)
+            .route_owner(&route)
+            .filter(|d| d.name() != name)
         {
             anyhow::bail!(
                 "route {route} is already served by service {:?}",

@@ -1,0 +1,158 @@
+//! `cargo xtask bench density`: many services on one host. For each count
+//! (1,000 and 10,000 by default) a services directory of that many copies
+//! of the Rust hello (hard links of one 83 KB component, as a fleet of small
+//! services built from one template would be) is served by a release
+//! `wharf serve` with the default settings and `--log warn`:
+//!
+//! - **ready**: from the process's start until `/readyz` answers 200, from
+//!   a cold cache (the first start) and from a warm one (the second);
+//! - **RSS idle**: resident memory once ready, before any request;
+//! - **first request**: the latency of the first request to services never
+//!   called before (a sample of 200), p50 and p99;
+//! - **RSS after one request each**: once every service has answered one
+//!   request (and the idle instances have been swept).
+//!
+//! The report goes to `target/bench/density.md`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::http::status_kib;
+use crate::process::WharfProcess;
+use crate::stats::Summary;
+
+/// Services whose first request is timed, spread over the directory.
+const FIRST_REQUEST_SAMPLE: usize = 200;
+
+/// One count's measurements.
+struct Row {
+    services: usize,
+    ready_cold: Duration,
+    ready_warm: Duration,
+    rss_idle_mib: f64,
+    first_request: Summary,
+    rss_after_mib: f64,
+}
+
+/// Runs the benchmark for each of `counts` and writes the report.
+pub fn run_bench(wharf: &Path, hello: &Path, counts: &[usize], out_dir: &Path) -> Result<()> {
+    let mut rows = Vec::new();
+    for &count in counts {
+        eprintln!("xtask: density: {count} services");
+        rows.push(measure(wharf, hello, count)?);
+    }
+    let mut md = format!(
+        "## Density: many services on one host\n\nMachine: {}. `wharf serve --log warn`, default settings; each service a hard link of the Rust hello ({} KB).\n\n| services | ready, cold cache | ready, warm cache | RSS idle | first request p50 / p99 | RSS after one request each |\n| --- | --- | --- | --- | --- | --- |\n",
+        crate::http::machine(),
+        std::fs::metadata(hello)?.len() / 1024,
+    );
+    for row in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} s | {:.2} s | {:.0} MiB | {:.1} / {:.1} ms | {:.0} MiB |",
+            row.services,
+            row.ready_cold.as_secs_f64(),
+            row.ready_warm.as_secs_f64(),
+            row.rss_idle_mib,
+            row.first_request.p50_ms(),
+            row.first_request.p99_ms(),
+            row.rss_after_mib,
+        );
+    }
+    println!("{md}");
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join("density.md"), &md)?;
+    eprintln!(
+        "xtask: report written to {}",
+        out_dir.join("density.md").display()
+    );
+    Ok(())
+}
+
+fn measure(wharf: &Path, hello: &Path, count: usize) -> Result<Row> {
+    let services = tempfile::tempdir()?;
+    let cache = tempfile::tempdir()?;
+    let data = tempfile::tempdir()?;
+    // One copy of the component; every service a hard link to it.
+    let original = services.path().join(".hello.component");
+    std::fs::copy(hello, &original)?;
+    for n in 0..count {
+        std::fs::hard_link(&original, services.path().join(format!("s{n:05}.wasm")))
+            .context("linking a service")?;
+    }
+    let args = |cache: &Path, data: &Path| {
+        vec![
+            "--log".to_string(),
+            "warn".to_string(),
+            "--admin".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--cache-dir".to_string(),
+            cache.display().to_string(),
+            "--data-dir".to_string(),
+            data.display().to_string(),
+        ]
+    };
+    let ready_cold = {
+        let (_wharf, ready) =
+            start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
+        ready
+    };
+    let (host, ready_warm) = start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
+    let pid = host.pid();
+    let rss_idle_mib = status_kib(pid, "VmRSS") as f64 / 1024.0;
+    let agent = ureq::Agent::new_with_defaults();
+    let step = (count / FIRST_REQUEST_SAMPLE).max(1);
+    let mut first = Vec::new();
+    for n in (0..count).step_by(step).take(FIRST_REQUEST_SAMPLE) {
+        let url = host.url(&format!("/s{n:05}"));
+        let started = Instant::now();
+        let status = agent
+            .get(&url)
+            .call()
+            .map(|r| r.status().as_u16())
+            .with_context(|| format!("GET {url}"))?;
+        first.push(started.elapsed());
+        if status != 200 {
+            bail!("GET {url} answered {status}");
+        }
+    }
+    for n in 0..count {
+        let _ = agent.get(&host.url(&format!("/s{n:05}"))).call();
+    }
+    // Idle instances are swept after 5 s unused.
+    std::thread::sleep(Duration::from_secs(7));
+    let rss_after_mib = status_kib(pid, "VmRSS") as f64 / 1024.0;
+    Ok(Row {
+        services: count,
+        ready_cold,
+        ready_warm,
+        rss_idle_mib,
+        first_request: Summary::of(&first),
+        rss_after_mib,
+    })
+}
+
+/// Starts `wharf serve` and measures the time until `/readyz` says ready.
+fn start_ready(wharf: &Path, dir: &Path, args: &[String]) -> Result<(WharfProcess, Duration)> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let host = WharfProcess::start(wharf, dir, &args)?;
+    let readyz = host.admin_url("/readyz")?;
+    let agent = ureq::Agent::new_with_defaults();
+    loop {
+        if agent
+            .get(&readyz)
+            .call()
+            .is_ok_and(|r| r.status().as_u16() == 200)
+        {
+            return Ok((host, started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            bail!("not ready after 15 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
