@@ -12,6 +12,9 @@
 //! - **RSS after one request each**: once every service has answered one
 //!   request (and the idle instances have been swept).
 //!
+//! A last row serves 1,000 *distinct* components (the hello with a custom
+//! section that differs), so nothing is shared between them but the engine.
+//!
 //! The report goes to `target/bench/density.md`.
 
 use std::fmt::Write as _;
@@ -27,9 +30,12 @@ use crate::stats::Summary;
 /// Services whose first request is timed, spread over the directory.
 const FIRST_REQUEST_SAMPLE: usize = 200;
 
+/// Distinct components in the last row.
+const DISTINCT: usize = 1000;
+
 /// One count's measurements.
 struct Row {
-    services: usize,
+    label: String,
     ready_cold: Duration,
     ready_warm: Duration,
     rss_idle_mib: f64,
@@ -42,8 +48,10 @@ pub fn run_bench(wharf: &Path, hello: &Path, counts: &[usize], out_dir: &Path) -
     let mut rows = Vec::new();
     for &count in counts {
         eprintln!("xtask: density: {count} services");
-        rows.push(measure(wharf, hello, count)?);
+        rows.push(measure(wharf, hello, count, false)?);
     }
+    eprintln!("xtask: density: {DISTINCT} distinct services");
+    rows.push(measure(wharf, hello, DISTINCT, true)?);
     let mut md = format!(
         "## Density: many services on one host\n\nMachine: {}. `wharf serve --log warn`, default settings; each service a hard link of the Rust hello ({} KB).\n\n| services | ready, cold cache | ready, warm cache | RSS idle | first request p50 / p99 | RSS after one request each |\n| --- | --- | --- | --- | --- | --- |\n",
         crate::http::machine(),
@@ -53,7 +61,7 @@ pub fn run_bench(wharf: &Path, hello: &Path, counts: &[usize], out_dir: &Path) -
         let _ = writeln!(
             md,
             "| {} | {:.2} s | {:.2} s | {:.0} MiB | {:.1} / {:.1} ms | {:.0} MiB |",
-            row.services,
+            row.label,
             row.ready_cold.as_secs_f64(),
             row.ready_warm.as_secs_f64(),
             row.rss_idle_mib,
@@ -72,16 +80,26 @@ pub fn run_bench(wharf: &Path, hello: &Path, counts: &[usize], out_dir: &Path) -
     Ok(())
 }
 
-fn measure(wharf: &Path, hello: &Path, count: usize) -> Result<Row> {
+fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool) -> Result<Row> {
     let services = tempfile::tempdir()?;
     let cache = tempfile::tempdir()?;
     let data = tempfile::tempdir()?;
-    // One copy of the component; every service a hard link to it.
-    let original = services.path().join(".hello.component");
-    std::fs::copy(hello, &original)?;
-    for n in 0..count {
-        std::fs::hard_link(&original, services.path().join(format!("s{n:05}.wasm")))
-            .context("linking a service")?;
+    if distinct {
+        let bytes = std::fs::read(hello)?;
+        for n in 0..count {
+            std::fs::write(
+                services.path().join(format!("s{n:05}.wasm")),
+                crate::reload::variant(&bytes, n as u64),
+            )?;
+        }
+    } else {
+        // One copy of the component; every service a hard link to it.
+        let original = services.path().join(".hello.component");
+        std::fs::copy(hello, &original)?;
+        for n in 0..count {
+            std::fs::hard_link(&original, services.path().join(format!("s{n:05}.wasm")))
+                .context("linking a service")?;
+        }
     }
     let args = |cache: &Path, data: &Path| {
         vec![
@@ -126,7 +144,11 @@ fn measure(wharf: &Path, hello: &Path, count: usize) -> Result<Row> {
     std::thread::sleep(Duration::from_secs(7));
     let rss_after_mib = status_kib(pid, "VmRSS") as f64 / 1024.0;
     Ok(Row {
-        services: count,
+        label: if distinct {
+            format!("{count} (distinct components)")
+        } else {
+            count.to_string()
+        },
         ready_cold,
         ready_warm,
         rss_idle_mib,

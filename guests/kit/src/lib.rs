@@ -85,8 +85,10 @@ pub fn query_text(path_with_query: &str, name: &str) -> Option<String> {
 
 /// A response body being written: the body resource and its one stream.
 pub struct BodyWriter {
-    body: OutgoingBody,
+    // Field order is drop order: a child stream must go before its body,
+    // or dropping the body traps ("resource has children").
     stream: Option<wasip2::io::streams::OutputStream>,
+    body: OutgoingBody,
 }
 
 impl BodyWriter {
@@ -209,11 +211,14 @@ pub fn fetch(
         .map_err(|()| "request body already taken".to_string())?;
     let pending = outgoing_handler::handle(request, None).map_err(|err| format!("{err:?}"))?;
     let mut writer = BodyWriter::new(outgoing_body);
-    if !body.is_empty() && !writer.write(body) {
-        return Err("the request body could not be sent".to_string());
-    }
+    // A server may answer before it read the body (a refusal, a 413): then
+    // the write fails, and the answer is what the caller wants to see.
+    let sent = body.is_empty() || writer.write(body);
     drop(writer.stream.take());
-    OutgoingBody::finish(writer.body, None).map_err(|err| format!("{err:?}"))?;
+    let finished = OutgoingBody::finish(writer.body, None);
+    if sent {
+        finished.map_err(|err| format!("{err:?}"))?;
+    }
 
     let response = loop {
         match pending.get() {

@@ -197,7 +197,7 @@ fn reconcile(
 ) {
     let snapshot = dispatcher.deployer().registry().snapshot_full();
     let mut wanted: HashMap<TriggerKey, Box<dyn FnOnce() -> JoinHandle<()>>> = HashMap::new();
-    for deployment in snapshot.services() {
+    for deployment in snapshot.triggered() {
         let service = deployment.name().to_string();
         let timeout = deployment.limits().timeout;
         for trigger in &deployment.config().triggers.messages {

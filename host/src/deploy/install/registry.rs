@@ -21,6 +21,8 @@ pub struct Snapshot {
     services: imbl::OrdMap<String, Arc<Deployment>>,
     /// Each consumer group named by a message trigger, and its service.
     groups: imbl::HashMap<String, String>,
+    /// The services with message triggers or schedules, by name.
+    triggered: imbl::OrdMap<String, Arc<Deployment>>,
 }
 
 impl Snapshot {
@@ -54,6 +56,12 @@ impl Snapshot {
     /// Every deployment, by name.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Deployment>> {
         self.services.values()
+    }
+
+    /// The deployments with message triggers or schedules, by name: what
+    /// the trigger runner follows, without walking every service.
+    pub fn triggered(&self) -> impl Iterator<Item = &Arc<Deployment>> {
+        self.triggered.values()
     }
 
     /// How many services are deployed.
@@ -262,10 +270,16 @@ impl Snapshot {
         for group in groups_of(&deployment) {
             groups.insert(group.to_string(), name.clone());
         }
+        let triggered = if has_triggers(&deployment) {
+            self.triggered.update(name.clone(), deployment.clone())
+        } else {
+            self.triggered.without(&name)
+        };
         Ok(Snapshot {
             routes,
             services: self.services.update(name, deployment),
             groups,
+            triggered,
         })
     }
 
@@ -279,8 +293,15 @@ impl Snapshot {
             routes: self.routes.without_route(removed.route()),
             services: self.services.without(removed.name()),
             groups,
+            triggered: self.triggered.without(removed.name()),
         }
     }
+}
+
+/// Whether `deployment` runs on messages or on a clock.
+fn has_triggers(deployment: &Deployment) -> bool {
+    let triggers = &deployment.config().triggers;
+    !triggers.messages.is_empty() || !triggers.schedules.is_empty()
 }
 
 /// The consumer groups `deployment`'s message triggers join.
