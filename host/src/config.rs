@@ -8,7 +8,9 @@ use anyhow::{Result, bail, ensure};
 
 use crate::base::limits::{Limits, MAX_DURATION, PartialLimits, format_size};
 use crate::capabilities::keyvalue::KeyValueChoice;
+use crate::capabilities::messaging::rabbitmq::QueueType;
 use crate::capabilities::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
+use crate::capabilities::nats::Replicas;
 use crate::capabilities::wasi_config::SecretSources;
 use crate::deploy::source::cluster::ClusterConfig;
 use crate::deploy::source::manifest::HostSettings;
@@ -70,6 +72,14 @@ pub struct Config {
     /// cluster's index, and key-value and messaging default to its NATS.
     /// `None`: the one `wharf.toml` names, if any.
     pub cluster: Option<ClusterConfig>,
+    /// How many NATS servers keep a copy of every bucket, stream and object
+    /// store Wharf creates (`--replicas`); `None`: what `wharf.toml` says
+    /// per section, else as many as the NATS cluster has servers, at most
+    /// three.
+    pub replicas: Option<Replicas>,
+    /// What kind of queue RabbitMQ keeps each group in (`--queue-type`);
+    /// `None`: what `wharf.toml` says, else quorum queues.
+    pub queues: Option<QueueType>,
     /// The directories and environment variables services' manifests may
     /// name as secret sources, besides those `wharf.toml` hands out
     /// (`--secret-dir`, `--secret-env`). Nothing by default.
@@ -94,6 +104,8 @@ impl Default for Config {
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             max_call_depth: DEFAULT_MAX_CALL_DEPTH,
             cluster: None,
+            replicas: None,
+            queues: None,
             secret_sources: SecretSources::default(),
         }
     }
@@ -155,6 +167,12 @@ pub(crate) struct Settled {
     pub keyvalue: KeyValueChoice,
     /// The message broker.
     pub messaging: BrokerChoice,
+    /// Copies of each NATS key-value bucket.
+    pub keyvalue_replicas: Replicas,
+    /// Copies of each NATS message stream.
+    pub messaging_replicas: Replicas,
+    /// RabbitMQ's kind of group queue.
+    pub messaging_queues: QueueType,
     /// The broker's bounds.
     pub messaging_limits: MessagingLimits,
 }
@@ -193,6 +211,9 @@ impl Config {
         }
         let cluster = self.cluster.clone().or(file.cluster).map(|mut cluster| {
             cluster.host_id.get_or_insert_with(host_id);
+            if let Some(replicas) = self.replicas {
+                cluster.replicas = replicas;
+            }
             cluster
         });
         if cluster.is_some() && self.services_dir.is_none() {
@@ -218,6 +239,16 @@ impl Config {
             .or(file.messaging)
             .or_else(|| cluster_nats.map(BrokerChoice::Nats))
             .unwrap_or_default();
+        // Copies: the flag, else the section's own, else the cluster's.
+        let cluster_replicas = cluster.as_ref().map(|cluster| cluster.replicas);
+        let replicas = |section: Option<Replicas>| {
+            self.replicas
+                .or(section)
+                .or(cluster_replicas)
+                .unwrap_or_default()
+        };
+        let keyvalue_replicas = replicas(file.keyvalue_replicas);
+        let messaging_replicas = replicas(file.messaging_replicas);
         let messaging_limits = self
             .messaging_overrides
             .apply(file.messaging_limits.apply(self.messaging_limits));
@@ -231,6 +262,9 @@ impl Config {
             },
             keyvalue,
             messaging,
+            keyvalue_replicas,
+            messaging_replicas,
+            messaging_queues: self.queues.or(file.messaging_queues).unwrap_or_default(),
             messaging_limits,
         })
     }

@@ -16,6 +16,7 @@ use crate::base::metrics::{BackendGauge, Metrics};
 use crate::base::respond::Body;
 use crate::capabilities::BackendStatus;
 use crate::capabilities::Backends;
+use crate::capabilities::messaging::choice::BrokerSettings;
 use crate::capabilities::messaging::{Broker, MessagingHub};
 use crate::config::{Config, Settled};
 use crate::deploy::build::cache::CodeCaches;
@@ -500,14 +501,25 @@ async fn open_backends(
 ) -> Result<Backends> {
     let keyvalue = settled
         .keyvalue
-        .open(data_dir, settled.policy.defaults.kv_value_size)
+        .open(
+            data_dir,
+            settled.policy.defaults.kv_value_size,
+            settled.keyvalue_replicas,
+        )
         .await
         .context("opening the key-value backend")?;
     tracing::info!(backend = keyvalue.kind(), detail = %keyvalue.status().detail, "key-value backend");
     let limits = settled.messaging_limits;
     let broker = settled
         .messaging
-        .open(data_dir, limits)
+        .open(
+            data_dir,
+            BrokerSettings {
+                limits,
+                replicas: settled.messaging_replicas,
+                queues: settled.messaging_queues,
+            },
+        )
         .await
         .context("opening the message broker")?;
     tracing::info!(broker = broker.kind(), detail = %broker.status().detail, "message broker");

@@ -70,6 +70,7 @@ pub use base::headers::{
 pub use base::respond::Body;
 pub use capabilities::BackendStatus;
 pub use capabilities::keyvalue::KeyValueChoice;
+pub use capabilities::nats::Replicas;
 pub use capabilities::wasi_config::SecretSources;
 pub use config::{
     Config, DEFAULT_CLIENT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CALL_DEPTH, default_data_dir,
@@ -96,6 +97,8 @@ pub mod limits {
 /// how it is chosen and bounded, and its dead letters (see
 /// [`Host::broker`]).
 pub mod messaging {
+    pub use crate::capabilities::messaging::choice::BrokerSettings;
+    pub use crate::capabilities::messaging::rabbitmq::QueueType;
     pub use crate::capabilities::messaging::{
         Broker, BrokerChoice, BrokerError, BrokerStatus, DEFAULT_MAX_PENDING, DeadLetter,
         DeadLetterQuery, MAX_DEAD_LETTER_PAGE, Message, MessagingLimits, PartialMessagingLimits,

@@ -43,6 +43,7 @@ async fn member_with(
         name: cluster.to_string(),
         credentials: None,
         host_id: Some(id.to_string()),
+        replicas: wharf::Replicas::Auto,
     });
     configure(&mut config);
     let server = TestServer::start(config).await;

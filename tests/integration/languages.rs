@@ -160,13 +160,14 @@ async fn interpreted_services_under_instance_reuse() {
         hello_n_times(&server, &format!("/{name}"), 6).await;
         assert!(service(name).reuses_instances(), "{name}");
         // The instance goes back to the pool once the guest has finished,
-        // which may be just after the client has the response.
+        // which may be just after the client has the response (so a next
+        // request may briefly have needed a second one: at least one).
         eventually(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             &format!("{name}'s instance back in the pool"),
             || {
                 let warm = service(name).warm_instances();
-                async move { warm == 1 }
+                async move { warm >= 1 }
             },
         )
         .await;

@@ -19,6 +19,7 @@ mod least_privilege;
 mod manifest;
 mod messaging;
 mod observability;
+mod redundancy;
 mod reload;
 mod reuse;
 mod serving;

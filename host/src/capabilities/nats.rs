@@ -21,12 +21,71 @@ use crate::base::redact;
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Most copies [`Replicas::Auto`] asks for: three survive the loss of any
+/// one server and keep a majority; more only slow every write.
+pub const AUTO_REPLICAS_CAP: usize = 3;
+
+/// Most copies JetStream keeps of a stream.
+pub const MAX_REPLICAS: usize = 5;
+
+/// How many servers keep a copy of each bucket, stream and object store
+/// Wharf creates in JetStream (`replicas` under `[cluster]`, `[keyvalue]`
+/// or `[messaging]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Replicas {
+    /// As many as the NATS cluster has servers, at most three (one on a
+    /// single server).
+    #[default]
+    Auto,
+    /// Exactly this many (1 to 5).
+    Exactly(usize),
+}
+
+impl std::str::FromStr for Replicas {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Replicas, String> {
+        let text = text.trim();
+        if text == "auto" {
+            return Ok(Replicas::Auto);
+        }
+        match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok(Replicas::Exactly(n)),
+            _ => Err(format!(
+                "replicas {text:?}: use \"auto\" or a number from 1 to {MAX_REPLICAS}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Replicas::Auto => f.write_str("auto"),
+            Replicas::Exactly(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Replicas {
+    /// The number of copies on a NATS cluster of `servers` servers.
+    pub fn resolve(self, servers: usize) -> usize {
+        match self {
+            Replicas::Auto => servers.clamp(1, AUTO_REPLICAS_CAP),
+            Replicas::Exactly(n) => n,
+        }
+    }
+}
+
 /// A connection to NATS and its JetStream context.
 pub struct NatsConnection {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     /// The servers, without credentials, for people.
     shown: String,
+    /// Whether the warning about the server's replicated compare-and-swap
+    /// has been logged.
+    warned_about_swaps: std::sync::atomic::AtomicBool,
 }
 
 /// What tells one shared connection from another: the servers as given and
@@ -38,6 +97,18 @@ fn connections() -> &'static Mutex<HashMap<ConnectionKey, Weak<NatsConnection>>>
     static CONNECTIONS: std::sync::OnceLock<Mutex<HashMap<ConnectionKey, Weak<NatsConnection>>>> =
         std::sync::OnceLock::new();
     CONNECTIONS.get_or_init(Default::default)
+}
+
+/// Whether `version` ("2.9.10") is older than `than`; an unreadable
+/// version is not.
+fn version_before(version: &str, than: (u64, u64, u64)) -> bool {
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|part| part.parse::<u64>().ok());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) => (major, minor, patch) < than,
+        _ => false,
+    }
 }
 
 /// Parses `list`, comma-separated NATS URLs (`nats://`, `tls://`, with
@@ -94,6 +165,7 @@ impl NatsConnection {
             jetstream: jetstream::new(client.clone()),
             client,
             shown,
+            warned_about_swaps: std::sync::atomic::AtomicBool::new(false),
         });
         let mut shared = connections().lock().unwrap_or_else(|e| e.into_inner());
         shared.retain(|_, weak| weak.strong_count() > 0);
@@ -138,6 +210,81 @@ impl NatsConnection {
         Ok(())
     }
 
+    /// The number of copies `wanted` means on this cluster: as many servers
+    /// as the connected one reports (one outside a cluster). With more than
+    /// one on a server older than 2.9.21, warns once: those accept two
+    /// concurrent compare-and-swaps of one key in a replicated stream
+    /// (nats-server#4320), which key-value increments rely on.
+    pub fn replicas(&self, wanted: Replicas) -> usize {
+        let info = self.client.server_info();
+        let copies = wanted.resolve(info.connect_urls.len().max(1));
+        if copies > 1
+            && version_before(&info.version, (2, 9, 21))
+            && !self
+                .warned_about_swaps
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                server_version = %info.version,
+                copies,
+                "this NATS server accepts two concurrent compare-and-swaps of one key in a replicated bucket (nats-server#4320, fixed in 2.9.21): concurrent increments of one key from several hosts can lose updates; upgrade NATS"
+            );
+        }
+        copies
+    }
+
+    /// The stream `config` describes, created if missing; an existing one
+    /// keeping fewer copies than `config.num_replicas` is raised to it
+    /// (JetStream copies the data to the new servers). If it cannot be
+    /// raised, the stream is still returned and a warning says why.
+    pub async fn stream(
+        &self,
+        config: jetstream::stream::Config,
+    ) -> Result<jetstream::stream::Stream, String> {
+        let name = config.name.clone();
+        let wanted = config.num_replicas;
+        let mut stream = self
+            .jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|err| format!("creating stream {name}: {err}"))?;
+        self.keep_copies(&mut stream, wanted).await;
+        Ok(stream)
+    }
+
+    /// Raises `stream` to `wanted` copies if it keeps fewer.
+    pub async fn keep_copies(&self, stream: &mut jetstream::stream::Stream, wanted: usize) {
+        let current = match stream.info().await {
+            Ok(info) => info.config.clone(),
+            Err(err) => {
+                tracing::warn!(error = %err, "reading a stream's copies");
+                return;
+            }
+        };
+        if current.num_replicas >= wanted {
+            return;
+        }
+        let (name, had) = (current.name.clone(), current.num_replicas);
+        // Direct reads stay as they were: every host holding the stream
+        // open reads the way it was opened, and a change would break them.
+        let raised = jetstream::stream::Config {
+            num_replicas: wanted,
+            ..current
+        };
+        match self.jetstream.update_stream(raised).await {
+            Ok(_) => {
+                tracing::info!(stream = %name, from = had, to = wanted, "raised a stream's copies")
+            }
+            Err(err) => tracing::warn!(
+                stream = %name,
+                copies = had,
+                wanted,
+                error = %err,
+                "a stream keeps fewer copies than configured and could not be raised: it does not survive the loss of its server"
+            ),
+        }
+    }
+
     /// The key-value bucket `bucket`, created as `spec` says if it is
     /// missing. Its stream is created directly, as JetStream's key-value
     /// layer defines it, rather than with `create_key_value`, which first
@@ -149,25 +296,27 @@ impl NatsConnection {
         } else {
             spec.max_age.min(Duration::from_secs(120))
         };
-        self.jetstream
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("KV_{bucket}"),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: spec.history,
-                max_age: spec.max_age,
-                max_bytes: -1,
-                max_message_size: spec.max_value_size,
-                storage: jetstream::stream::StorageType::File,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: jetstream::stream::DiscardPolicy::New,
-                duplicate_window,
-                num_replicas: spec.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|err| format!("creating bucket {bucket}: {err}"))?;
+        self.stream(jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: spec.history,
+            max_age: spec.max_age,
+            max_bytes: -1,
+            max_message_size: spec.max_value_size,
+            storage: jetstream::stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            // A copy answers direct reads even while it is behind: with
+            // more than one, reads go to the leader, so an acknowledged
+            // write is always read back.
+            allow_direct: spec.replicas == 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            duplicate_window,
+            num_replicas: spec.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|err| format!("bucket {bucket}: {err}"))?;
         self.jetstream
             .get_key_value(bucket)
             .await
@@ -184,7 +333,7 @@ pub struct KeyValueSpec {
     pub max_age: Duration,
     /// Largest value (-1: the server's limit).
     pub max_value_size: i32,
-    /// Servers holding a copy.
+    /// Servers holding a copy (see [`NatsConnection::replicas`]).
     pub replicas: usize,
 }
 
@@ -213,5 +362,25 @@ mod tests {
         assert!(err.contains("nats://user:***@b:notaport"), "{err}");
         assert!(!err.contains("hunter2"));
         assert!(parse_servers(" , ").is_err());
+    }
+
+    #[test]
+    fn server_versions_compare() {
+        assert!(version_before("2.9.10", (2, 9, 21)));
+        assert!(!version_before("2.9.21", (2, 9, 21)));
+        assert!(!version_before("2.10.3-beta", (2, 9, 21)));
+        assert!(!version_before("", (2, 9, 21)));
+    }
+
+    #[test]
+    fn replicas_default_to_the_cluster_size_capped_at_three() {
+        assert_eq!(Replicas::Auto.resolve(1), 1);
+        assert_eq!(Replicas::Auto.resolve(2), 2);
+        assert_eq!(Replicas::Auto.resolve(5), 3);
+        assert_eq!(Replicas::Exactly(1).resolve(5), 1);
+        assert_eq!("auto".parse(), Ok(Replicas::Auto));
+        assert_eq!("3".parse(), Ok(Replicas::Exactly(3)));
+        assert!("0".parse::<Replicas>().is_err());
+        assert!("6".parse::<Replicas>().is_err());
     }
 }

@@ -9,8 +9,8 @@ use anyhow::{Context as _, Result};
 use wharf::admin::AdminToken;
 use wharf::cluster::ClusterConfig;
 use wharf::limits::{self, Limits, PartialLimits};
-use wharf::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
-use wharf::{Config, EngineOptions, Host, KeyValueChoice, SecretSources, Tiers};
+use wharf::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits, QueueType};
+use wharf::{Config, EngineOptions, Host, KeyValueChoice, Replicas, SecretSources, Tiers};
 
 use super::logging::{LogFormat, announce};
 use super::shutdown_signal;
@@ -114,8 +114,9 @@ pub struct ServeArgs {
     pub kv: Option<KeyValueChoice>,
 
     /// The message broker services publish to and are triggered from:
-    /// "embedded" (SQLite in the data directory), "nats://HOST:PORT"
-    /// (JetStream) or "amqp://USER:PASSWORD@HOST:PORT/VHOST" (RabbitMQ).
+    /// "embedded" (SQLite in the data directory), "nats://HOST:PORT[,…]"
+    /// (JetStream) or "amqp://USER:PASSWORD@HOST:PORT/VHOST[,…]" (RabbitMQ;
+    /// several nodes are tried in turn).
     /// [default: messaging.backend in DIR/wharf.toml, else embedded]
     #[arg(long, value_name = "BROKER")]
     pub broker: Option<BrokerChoice>,
@@ -148,6 +149,20 @@ pub struct ServeArgs {
     /// This host's name in the cluster [default: HOSTNAME-PID].
     #[arg(long, value_name = "ID", requires = "cluster")]
     pub cluster_host_id: Option<String>,
+
+    /// How many NATS servers keep a copy of every bucket, stream and object
+    /// store Wharf creates: "auto" (as many as the NATS cluster has
+    /// servers, at most 3) or 1-5. [default: replicas under [cluster],
+    /// [keyvalue] and [messaging] in DIR/wharf.toml, else auto]
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<Replicas>,
+
+    /// The kind of queue RabbitMQ keeps each consumer group in: "quorum"
+    /// (replicated on a majority of the RabbitMQ cluster), "classic" (one
+    /// node) or "auto" (quorum when --broker lists several nodes).
+    /// [default: messaging.queues in DIR/wharf.toml, else auto]
+    #[arg(long, value_name = "KIND")]
+    pub queue_type: Option<QueueType>,
 
     /// Compile every component at load, without reading or writing the
     /// compiled-code cache.
@@ -269,7 +284,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             name: args.cluster_name.clone(),
             credentials: args.cluster_credentials.clone(),
             host_id: args.cluster_host_id.clone(),
+            replicas: Replicas::Auto,
         }),
+        replicas: args.replicas,
+        queues: args.queue_type,
         watch: !args.no_watch,
         allow_external_symlinks: args.allow_external_symlinks,
         limits: Limits::default(),

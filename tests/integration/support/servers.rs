@@ -188,6 +188,91 @@ impl NatsServer {
     }
 }
 
+/// A JetStream cluster of `nats-server`s of the test's own, routed to each
+/// other on loopback ports, each storing in its own temporary directory: a
+/// server can be killed (`kill -9`), lose its disk, and come back.
+pub struct NatsCluster {
+    nodes: Vec<ServerProcess>,
+    stores: Vec<PathBuf>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers named `n0`, `n1`, … in one cluster.
+    pub fn start(size: usize) -> NatsCluster {
+        let dir = TempDir::new().expect("temp dir");
+        let program = server_program("nats-server", "nats-server");
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, route)| format!("nats://127.0.0.1:{route}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        let mut stores = Vec::new();
+        for (i, &(port, route)) in ports.iter().enumerate() {
+            let store = dir.path().join(format!("n{i}"));
+            stores.push(store.clone());
+            let (program, routes) = (program.clone(), routes.clone());
+            nodes.push(ServerProcess::start(
+                "nats-server",
+                port,
+                STARTUP,
+                move || {
+                    let mut command = Command::new(&program);
+                    command
+                        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+                        .args(["-n", &format!("n{i}"), "--cluster_name", "wharf-test"])
+                        .args(["--cluster", &format!("nats://127.0.0.1:{route}")])
+                        .args(["--routes", &routes])
+                        .arg("-sd")
+                        .arg(&store);
+                    command
+                },
+            ));
+        }
+        NatsCluster {
+            nodes,
+            stores,
+            _dir: dir,
+        }
+    }
+
+    /// Every server's client address, comma-separated, in order.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the server named `name` (`n0`, …).
+    pub fn index_of(&self, name: &str) -> usize {
+        name.strip_prefix('n')
+            .and_then(|i| i.parse().ok())
+            .filter(|&i| i < self.nodes.len())
+            .unwrap_or_else(|| panic!("{name:?} is not a server of this cluster"))
+    }
+
+    /// Kills server `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+
+    /// Kills server `i` and deletes its store: the machine is lost and
+    /// replaced by an empty one.
+    pub fn lose(&mut self, i: usize) {
+        self.kill(i);
+        let _ = std::fs::remove_dir_all(&self.stores[i]);
+    }
+
+    /// Starts server `i` again on its ports.
+    pub fn revive(&mut self, i: usize) {
+        self.nodes[i].restart();
+    }
+}
+
 /// HAProxy of the test's own, balancing `backends` (each a public address
 /// and the admin port whose `/readyz` says whether it takes requests) the
 /// way `examples/cluster/haproxy.cfg` does, on a free loopback port.

@@ -6,6 +6,7 @@ use crate::capabilities::keyvalue::embedded::Embedded;
 use crate::capabilities::keyvalue::nats::NatsKv;
 use crate::capabilities::keyvalue::redis::RedisKv;
 use crate::capabilities::keyvalue::store::Store;
+use crate::capabilities::nats::Replicas;
 
 /// Which backend a host uses, as configured (`--kv`, or `backend` under
 /// `[keyvalue]` in `wharf.toml`).
@@ -53,11 +54,13 @@ impl std::str::FromStr for KeyValueChoice {
 impl KeyValueChoice {
     /// Opens the chosen backend: the embedded store at `data_dir` (in memory
     /// without one); Redis and NATS connect in the background, so a server
-    /// that is down now does not stop the host from starting.
+    /// that is down now does not stop the host from starting. `replicas`
+    /// is how many NATS servers keep each bucket.
     pub async fn open(
         &self,
         data_dir: Option<&std::path::Path>,
         max_value_size: u64,
+        replicas: Replicas,
     ) -> anyhow::Result<Store> {
         Ok(match self {
             KeyValueChoice::Embedded => {
@@ -67,7 +70,9 @@ impl KeyValueChoice {
                 Store::new(store)
             }
             KeyValueChoice::Redis(url) => Store::new(RedisKv::connect(url)?),
-            KeyValueChoice::Nats(url) => Store::new(NatsKv::connect(url, max_value_size).await?),
+            KeyValueChoice::Nats(url) => {
+                Store::new(NatsKv::connect(url, max_value_size, replicas).await?)
+            }
         })
     }
 }

@@ -35,7 +35,7 @@ use crate::capabilities::keyvalue::store::{
     BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore, add_checked,
     parse_counter,
 };
-use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
+use crate::capabilities::nats::{KeyValueSpec, NatsConnection, Replicas};
 
 /// Attempts at an increment before giving up under contention (from other
 /// hosts: this host's increments of one key are coalesced).
@@ -69,6 +69,8 @@ pub struct NatsKv {
     increments: Arc<Increments>,
     /// The limits buckets are created with.
     max_value_size: i32,
+    /// How many servers keep a copy of each bucket.
+    replicas: Replicas,
 }
 
 /// Increments waiting, per (bucket, key).
@@ -120,9 +122,10 @@ fn other(err: impl std::fmt::Display) -> BackendError {
 
 impl NatsKv {
     /// A backend on the NATS server(s) at `url` (comma-separated), buckets
-    /// created with values up to `max_value_size` bytes. Connects in the
-    /// background; must be called inside a Tokio runtime.
-    pub async fn connect(url: &str, max_value_size: u64) -> Result<NatsKv> {
+    /// created with values up to `max_value_size` bytes, each kept by
+    /// `replicas` servers. Connects in the background; must be called
+    /// inside a Tokio runtime.
+    pub async fn connect(url: &str, max_value_size: u64, replicas: Replicas) -> Result<NatsKv> {
         let connection = NatsConnection::shared(url, None).await?;
         Ok(NatsKv {
             jetstream: connection.jetstream().clone(),
@@ -131,6 +134,7 @@ impl NatsKv {
             sizes: Mutex::new(HashMap::new()),
             increments: Arc::new(Mutex::new(HashMap::new())),
             max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
+            replicas,
         })
     }
 
@@ -172,6 +176,16 @@ impl NatsKv {
             .await
         {
             Ok(store) => {
+                // A bucket made with fewer copies (by an older host, or
+                // before the cluster grew) is raised once, when first used.
+                if let Ok(mut stream) = self
+                    .jetstream
+                    .get_stream(format!("KV_wharf-kv-{bucket}"))
+                    .await
+                {
+                    let wanted = self.connection.replicas(self.replicas);
+                    self.connection.keep_copies(&mut stream, wanted).await;
+                }
                 self.remember(bucket, &store);
                 Ok(Some(store))
             }
@@ -189,6 +203,7 @@ impl NatsKv {
         let name = format!("wharf-kv-{bucket}");
         let spec = KeyValueSpec {
             max_value_size: self.max_value_size,
+            replicas: self.connection.replicas(self.replicas),
             ..KeyValueSpec::default()
         };
         let store = self

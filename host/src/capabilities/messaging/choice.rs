@@ -8,7 +8,8 @@ use crate::capabilities::messaging::broker::Broker;
 use crate::capabilities::messaging::embedded::EmbeddedBroker;
 use crate::capabilities::messaging::limits::MessagingLimits;
 use crate::capabilities::messaging::nats::NatsBroker;
-use crate::capabilities::messaging::rabbitmq::RabbitBroker;
+use crate::capabilities::messaging::rabbitmq::{QueueType, RabbitBroker};
+use crate::capabilities::nats::Replicas;
 
 /// Which broker a host uses, as configured (`--broker`, or `backend` under
 /// `[messaging]` in `wharf.toml`).
@@ -19,7 +20,8 @@ pub enum BrokerChoice {
     Embedded,
     /// NATS JetStream: `nats://host:port[,…]`.
     Nats(String),
-    /// RabbitMQ: `amqp://user:password@host:port/vhost`.
+    /// RabbitMQ: `amqp://user:password@host:port/vhost[,amqp://…]`, the
+    /// nodes of one cluster, tried in turn.
     Rabbit(String),
 }
 
@@ -53,6 +55,17 @@ impl std::str::FromStr for BrokerChoice {
     }
 }
 
+/// What shapes the queues of whichever broker is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerSettings {
+    /// What bounds the queues.
+    pub limits: MessagingLimits,
+    /// How many NATS servers keep each stream.
+    pub replicas: Replicas,
+    /// What kind of queue RabbitMQ keeps each group in.
+    pub queues: QueueType,
+}
+
 impl BrokerChoice {
     /// Opens the chosen broker, its queues bounded by `limits`: the embedded
     /// queue at `data_dir` (in memory without one); NATS and RabbitMQ
@@ -60,8 +73,9 @@ impl BrokerChoice {
     pub async fn open(
         &self,
         data_dir: Option<&std::path::Path>,
-        limits: MessagingLimits,
+        settings: BrokerSettings,
     ) -> anyhow::Result<Broker> {
+        let limits = settings.limits;
         Ok(match self {
             BrokerChoice::Embedded => {
                 let path = data_dir.map(|dir| dir.join("messages.sqlite3"));
@@ -71,8 +85,12 @@ impl BrokerChoice {
                 .await??;
                 Broker::new(Arc::new(broker))
             }
-            BrokerChoice::Nats(url) => Broker::new(NatsBroker::connect(url, limits).await?),
-            BrokerChoice::Rabbit(url) => Broker::new(RabbitBroker::connect(url, limits)?),
+            BrokerChoice::Nats(url) => {
+                Broker::new(NatsBroker::connect(url, limits, settings.replicas).await?)
+            }
+            BrokerChoice::Rabbit(url) => {
+                Broker::new(RabbitBroker::connect(url, limits, settings.queues)?)
+            }
         })
     }
 }

@@ -44,7 +44,7 @@ use crate::capabilities::messaging::broker::{
 use crate::capabilities::messaging::inbox::Inboxes;
 use crate::capabilities::messaging::limits::MessagingLimits;
 use crate::capabilities::messaging::message::{Message, new_message_id};
-use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
+use crate::capabilities::nats::{KeyValueSpec, NatsConnection, Replicas};
 
 /// The stream holding every message.
 const STREAM: &str = "WHARF_MESSAGES";
@@ -167,13 +167,20 @@ pub struct NatsBroker {
     /// a message published while a trigger is still retrying to join is
     /// kept for it (the stream keeps a message only for existing consumers).
     groups: std::sync::Mutex<HashMap<String, consumer::pull::Config>>,
+    /// How many servers keep a copy of each stream (consumers follow their
+    /// stream).
+    replicas: Replicas,
 }
 
 impl NatsBroker {
     /// A broker on the NATS server(s) at `url` (comma-separated), its
-    /// streams bounded by `limits`. Connects in the background: a host whose
-    /// NATS is down at start still starts.
-    pub async fn connect(url: &str, limits: MessagingLimits) -> Result<Arc<NatsBroker>> {
+    /// streams bounded by `limits` and kept by `replicas` servers. Connects
+    /// in the background: a host whose NATS is down at start still starts.
+    pub async fn connect(
+        url: &str,
+        limits: MessagingLimits,
+        replicas: Replicas,
+    ) -> Result<Arc<NatsBroker>> {
         let connection = NatsConnection::shared(url, None).await?;
         Ok(Arc::new(NatsBroker {
             client: connection.client().clone(),
@@ -182,6 +189,7 @@ impl NatsBroker {
             limits,
             streams_ready: tokio::sync::Mutex::new(false),
             groups: std::sync::Mutex::new(HashMap::new()),
+            replicas,
         }))
     }
 
@@ -199,8 +207,9 @@ impl NatsBroker {
         if *ready {
             return Ok(());
         }
-        self.jetstream
-            .get_or_create_stream(stream::Config {
+        let replicas = self.connection.replicas(self.replicas);
+        self.connection
+            .stream(stream::Config {
                 name: STREAM.to_string(),
                 subjects: vec![format!("{SUBJECT_PREFIX}>")],
                 retention: stream::RetentionPolicy::Interest,
@@ -209,13 +218,13 @@ impl NatsBroker {
                 max_messages: bound(self.limits.max_pending),
                 max_bytes: bound(self.limits.max_bytes),
                 duplicate_window: Duration::from_secs(120),
-                num_replicas: 1,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
-            .map_err(|err| classify(format!("creating stream {STREAM}: {err}")))?;
-        self.jetstream
-            .get_or_create_stream(stream::Config {
+            .map_err(classify)?;
+        self.connection
+            .stream(stream::Config {
                 name: DEAD_STREAM.to_string(),
                 subjects: vec![format!("{DEAD_PREFIX}>")],
                 retention: stream::RetentionPolicy::Limits,
@@ -223,11 +232,11 @@ impl NatsBroker {
                 discard: stream::DiscardPolicy::Old,
                 max_messages_per_subject: bound(self.limits.max_dead_letters),
                 max_bytes: bound(self.limits.max_bytes),
-                num_replicas: 1,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
-            .map_err(|err| classify(format!("creating stream {DEAD_STREAM}: {err}")))?;
+            .map_err(classify)?;
         let groups: Vec<(String, consumer::pull::Config)> = self
             .groups
             .lock()
@@ -252,7 +261,13 @@ impl NatsBroker {
     async fn owners(&self) -> BrokerResult<jetstream::kv::Store> {
         self.connected().await?;
         self.connection
-            .key_value(OWNERS_BUCKET, KeyValueSpec::default())
+            .key_value(
+                OWNERS_BUCKET,
+                KeyValueSpec {
+                    replicas: self.connection.replicas(self.replicas),
+                    ..KeyValueSpec::default()
+                },
+            )
             .await
             .map_err(classify)
     }

@@ -87,7 +87,12 @@ fn unavailable(err: impl std::fmt::Display) -> BrokerError {
 
 fn classify(err: lapin::Error) -> BrokerError {
     let text = err.to_string();
-    if text.contains("PRECONDITION_FAILED") || text.contains("NOT_FOUND") {
+    if text.contains("inequivalent arg 'x-queue-type'") {
+        BrokerError::Other(format!(
+            "rabbitmq: a queue exists as another kind than [messaging] queues asks for ({text}): \
+             set queues to the kind it is, or drain and delete the queue so Wharf declares it anew"
+        ))
+    } else if text.contains("PRECONDITION_FAILED") || text.contains("NOT_FOUND") {
         BrokerError::Other(format!("rabbitmq: {text}"))
     } else {
         unavailable(text)
@@ -184,6 +189,130 @@ fn message_of(routing_key: &str, properties: &BasicProperties, body: Vec<u8>) ->
     }
 }
 
+/// Connects to `url`, opens the confirmed publishing channel, and declares
+/// the exchange and the queues of `groups`.
+async fn open_link(
+    url: &str,
+    groups: &[(String, String)],
+    queues: &QueueSettings,
+) -> lapin::Result<(Connection, Channel)> {
+    let connection = Connection::connect(
+        url,
+        ConnectionProperties::default().with_connection_name("wharf".into()),
+    )
+    .await?;
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    publisher
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for (group, binding_key) in groups {
+        declare_group_queue(&publisher, group, binding_key, queues).await?;
+    }
+    Ok((connection, publisher))
+}
+
+/// Splits `list`, comma-separated AMQP URLs (the nodes of one RabbitMQ
+/// cluster), checking each; an error names the bad entry without its
+/// credentials.
+pub fn parse_nodes(list: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<lapin::uri::AMQPUri>()
+                .map(|_| entry.to_string())
+                .map_err(|why| format!("{} is not an AMQP URL: {why}", redact(entry)))
+        })
+        .collect::<Result<_, _>>()?;
+    if urls.is_empty() {
+        return Err("no RabbitMQ node given".into());
+    }
+    Ok(urls)
+}
+
+/// What kind of queue RabbitMQ keeps a group's messages in (`queues` under
+/// `[messaging]`, `--queue-type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Quorum queues when more than one node is listed, classic ones on a
+    /// single address: on one node a quorum queue keeps no more copies, and
+    /// RabbitMQ can leave it without a leader after a crash
+    /// (rabbitmq-server#10070).
+    #[default]
+    Auto,
+    /// Replicated by Raft on a majority of the cluster's nodes: a message
+    /// confirmed survives the loss of a minority of them.
+    Quorum,
+    /// Kept on the one node that declared it: lost with that node's disk,
+    /// unavailable while it is down; slightly faster.
+    Classic,
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<QueueType, String> {
+        match text.trim() {
+            "auto" => Ok(QueueType::Auto),
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            other => Err(format!(
+                "queue type {other:?}: use \"auto\" (the default), \"quorum\" (replicated) or \"classic\" (one node)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QueueType::Auto => "auto",
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        })
+    }
+}
+
+impl QueueType {
+    /// The kind used on a RabbitMQ reached through `nodes` addresses.
+    pub fn resolve(self, nodes: usize) -> QueueType {
+        match self {
+            QueueType::Auto if nodes > 1 => QueueType::Quorum,
+            QueueType::Auto => QueueType::Classic,
+            kind => kind,
+        }
+    }
+
+    /// The declare arguments that make a queue of this kind.
+    fn arguments(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self == QueueType::Quorum {
+            arguments.insert("x-queue-type".into(), long_string("quorum"));
+        }
+        arguments
+    }
+}
+
+/// What the broker's queues are: their kind and bounds.
+#[derive(Debug, Clone, Copy)]
+struct QueueSettings {
+    limits: MessagingLimits,
+    kind: QueueType,
+}
+
 /// The queue of group `group`.
 fn group_queue(group: &str) -> String {
     format!("wharf.{group}")
@@ -207,14 +336,17 @@ struct Link {
 
 /// The RabbitMQ broker.
 pub struct RabbitBroker {
-    url: String,
+    /// The cluster's nodes, as configured.
+    urls: Vec<String>,
+    /// The node tried first: the one that last answered.
+    preferred: std::sync::atomic::AtomicUsize,
     /// Where connections' I/O runs: the runtime the broker was created on,
     /// not whichever server thread first needed a connection.
     runtime: tokio::runtime::Handle,
     link: tokio::sync::Mutex<Option<Link>>,
     last_attempt: Mutex<Option<Instant>>,
-    /// What bounds the queues.
-    limits: MessagingLimits,
+    /// What kind of queues, and their bounds.
+    queues: QueueSettings,
     /// Every group this host has asked to join, with its binding key: their
     /// queues are declared on each new connection before anything is
     /// published, so a message published while a trigger is still
@@ -225,21 +357,30 @@ pub struct RabbitBroker {
 }
 
 impl RabbitBroker {
-    /// A broker on the RabbitMQ server at `url`, queues bounded by
-    /// `limits`. Connects on first use (and again after a failure): a host
+    /// A broker on the RabbitMQ node(s) in `list` (comma-separated AMQP
+    /// URLs, tried in turn), group queues of `kind` bounded by `limits`. Connects on first use (and again after a failure): a host
     /// whose RabbitMQ is down at start still starts. Must be called inside a
     /// Tokio runtime, which the connections then use.
-    pub fn connect(url: &str, limits: MessagingLimits) -> Result<Arc<RabbitBroker>> {
-        url.parse::<lapin::uri::AMQPUri>()
-            .map_err(|why| anyhow::anyhow!("{} is not an AMQP URL: {why}", redact(url)))?;
+    pub fn connect(
+        list: &str,
+        limits: MessagingLimits,
+        kind: QueueType,
+    ) -> Result<Arc<RabbitBroker>> {
+        let urls = parse_nodes(list).map_err(anyhow::Error::msg)?;
+        let kind = kind.resolve(urls.len());
         Ok(Arc::new(RabbitBroker {
-            url: url.to_string(),
+            shown_url: urls
+                .iter()
+                .map(|url| redact(url))
+                .collect::<Vec<_>>()
+                .join(","),
+            urls,
+            preferred: std::sync::atomic::AtomicUsize::new(0),
             runtime: tokio::runtime::Handle::current(),
             link: tokio::sync::Mutex::new(None),
             last_attempt: Mutex::new(None),
-            limits,
+            queues: QueueSettings { limits, kind },
             groups: Mutex::new(HashMap::new()),
-            shown_url: redact(url),
         }))
     }
 
@@ -263,7 +404,6 @@ impl RabbitBroker {
             tokio::time::sleep(wait).await;
         }
         *self.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        let url = self.url.clone();
         let groups: Vec<(String, String)> = self
             .groups
             .lock()
@@ -271,56 +411,38 @@ impl RabbitBroker {
             .iter()
             .map(|(group, key)| (group.clone(), key.clone()))
             .collect();
-        let limits = self.limits;
-        let connecting = self.runtime.spawn(async move {
-            let connection = Connection::connect(
-                &url,
-                ConnectionProperties::default().with_connection_name("wharf".into()),
-            )
-            .await?;
-            let publisher = connection.create_channel().await?;
-            publisher
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            publisher
-                .exchange_declare(
-                    EXCHANGE.into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            for (group, binding_key) in &groups {
-                declare_group_queue(&publisher, group, binding_key, &limits).await?;
+        // Each node in turn, from the one that last answered: a node that
+        // is down costs one refused connection, a silent one its timeout.
+        let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for offset in 0..self.urls.len() {
+            let index = (first + offset) % self.urls.len();
+            let url = self.urls[index].clone();
+            let shown = redact(&url);
+            let (groups, queues) = (groups.clone(), self.queues);
+            let connecting = self
+                .runtime
+                .spawn(async move { open_link(&url, &groups, &queues).await });
+            match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(Ok(Ok((connection, publisher)))) => {
+                    self.preferred
+                        .store(index, std::sync::atomic::Ordering::Relaxed);
+                    let connection = Arc::new(connection);
+                    *link = Some(Link {
+                        connection: connection.clone(),
+                        publisher: publisher.clone(),
+                    });
+                    return Ok((connection, publisher));
+                }
+                Ok(Ok(Err(err))) => failures.push(format!("{shown}: {err}")),
+                Ok(Err(err)) => failures.push(format!("{shown}: {err}")),
+                Err(_) => failures.push(format!("{shown}: timed out")),
             }
-            lapin::Result::Ok((connection, publisher))
-        });
-        let (connection, publisher) = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await
-        {
-            Ok(Ok(Ok(connected))) => connected,
-            Ok(Ok(Err(err))) => {
-                return Err(unavailable(format!(
-                    "connecting to {}: {err}",
-                    self.shown_url
-                )));
-            }
-            Ok(Err(err)) => return Err(unavailable(format!("connecting: {err}"))),
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "connecting to {} timed out",
-                    self.shown_url
-                )));
-            }
-        };
-        let connection = Arc::new(connection);
-        *link = Some(Link {
-            connection: connection.clone(),
-            publisher: publisher.clone(),
-        });
-        Ok((connection, publisher))
+        }
+        Err(unavailable(format!(
+            "connecting to RabbitMQ: {}",
+            failures.join("; ")
+        )))
     }
 
     async fn inbox_consumer(&self, queue: &str) -> BrokerResult<lapin::Consumer> {
@@ -405,7 +527,7 @@ impl MessageBroker for Arc<RabbitBroker> {
             .insert(subscription.group.clone(), binding_key.clone());
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await.map_err(classify)?;
-        let queue = declare_group_queue(&channel, &subscription.group, &binding_key, &self.limits)
+        let queue = declare_group_queue(&channel, &subscription.group, &binding_key, &self.queues)
             .await
             .map_err(classify)?;
         let prefetch = u16::try_from(subscription.prefetch.max(1)).unwrap_or(u16::MAX);
@@ -426,7 +548,7 @@ impl MessageBroker for Arc<RabbitBroker> {
             consumer,
             channel: Arc::new(ChannelGuard(channel)),
             group: subscription.group.clone(),
-            limits: self.limits,
+            queues: self.queues,
         })
     }
 
@@ -503,7 +625,7 @@ impl MessageBroker for Arc<RabbitBroker> {
     ) -> BrokerResult<Vec<DeadLetter>> {
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await.map_err(classify)?;
-        let queue = declare_dead_queue(&channel, group, &self.limits).await?;
+        let queue = declare_dead_queue(&channel, group, &self.queues).await?;
         let mut letters = Vec::new();
         let mut last_tag = None;
         let first = query.after.map_or(0, |after| after.saturating_add(1));
@@ -626,9 +748,18 @@ fn owner_queue(group: &str) -> String {
 /// Claims `group` for `service` on `channel`; the owner.
 async fn claim_on(channel: &Channel, group: &str, service: &str) -> BrokerResult<String> {
     let queue = owner_queue(group);
-    declare_bounded_queue(channel, &queue, 1, None, "reject-publish")
-        .await
-        .map_err(classify)?;
+    // Classic: reading the owner puts its message back, which a quorum
+    // queue counts as a delivery and, past its delivery limit, drops.
+    declare_bounded_queue(
+        channel,
+        &queue,
+        QueueType::Classic,
+        1,
+        None,
+        "reject-publish",
+    )
+    .await
+    .map_err(classify)?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -675,14 +806,15 @@ async fn declare_group_queue(
     channel: &Channel,
     group: &str,
     binding_key: &str,
-    limits: &MessagingLimits,
+    queues: &QueueSettings,
 ) -> lapin::Result<String> {
     let queue = group_queue(group);
     declare_bounded_queue(
         channel,
         &queue,
-        bound(limits.max_pending),
-        Some(bound(limits.max_group_bytes)),
+        queues.kind,
+        bound(queues.limits.max_pending),
+        Some(bound(queues.limits.max_group_bytes)),
         "reject-publish",
     )
     .await?;
@@ -701,14 +833,15 @@ async fn declare_group_queue(
 async fn declare_dead_queue(
     channel: &Channel,
     group: &str,
-    limits: &MessagingLimits,
+    queues: &QueueSettings,
 ) -> BrokerResult<String> {
     let queue = dead_queue(group);
     declare_bounded_queue(
         channel,
         &queue,
-        bound(limits.max_dead_letters),
-        Some(bound(limits.max_dead_bytes)),
+        queues.kind,
+        bound(queues.limits.max_dead_letters),
+        Some(bound(queues.limits.max_dead_bytes)),
         "drop-head",
     )
     .await
@@ -721,18 +854,19 @@ fn bound(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Declares the durable queue `queue`, holding at most `max_length`
-/// messages and `max_bytes` bytes of bodies; `overflow` is what RabbitMQ
-/// does past that (`reject-publish`: refuse new ones; `drop-head`: drop the
-/// oldest).
+/// Declares the durable queue `queue` of `kind`, holding at most
+/// `max_length` messages and `max_bytes` bytes of bodies; `overflow` is
+/// what RabbitMQ does past that (`reject-publish`: refuse new ones;
+/// `drop-head`: drop the oldest).
 async fn declare_bounded_queue(
     channel: &Channel,
     queue: &str,
+    kind: QueueType,
     max_length: i64,
     max_bytes: Option<i64>,
     overflow: &str,
 ) -> lapin::Result<()> {
-    let mut arguments = FieldTable::default();
+    let mut arguments = kind.arguments();
     arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
     if let Some(max_bytes) = max_bytes {
         arguments.insert(
@@ -805,8 +939,8 @@ pub struct RabbitConsumer {
     consumer: lapin::Consumer,
     channel: Arc<ChannelGuard>,
     group: String,
-    /// The bounds its dead-letter queue is declared with.
-    limits: MessagingLimits,
+    /// What its dead-letter queue is declared as.
+    queues: QueueSettings,
 }
 
 impl BrokerConsumer for RabbitConsumer {
@@ -830,7 +964,7 @@ impl BrokerConsumer for RabbitConsumer {
                     received: Received { message, attempt },
                     channel: self.channel.clone(),
                     group: self.group.clone(),
-                    limits: self.limits,
+                    queues: self.queues,
                 })
             }
             Some(Err(err)) => Err(classify(err)),
@@ -845,7 +979,7 @@ pub struct RabbitDelivery {
     received: Received,
     channel: Arc<ChannelGuard>,
     group: String,
-    limits: MessagingLimits,
+    queues: QueueSettings,
 }
 
 impl BrokerDelivery for RabbitDelivery {
@@ -871,7 +1005,17 @@ impl BrokerDelivery for RabbitDelivery {
         let delay_ms = ladder_delay(delay);
         let target = group_queue(&self.group);
         let queue = format!("wharf.retry.{}.{delay_ms}", self.group);
-        let mut arguments = FieldTable::default();
+        let mut arguments = self.queues.kind.arguments();
+        if self.queues.kind == QueueType::Quorum {
+            // The move back into the group's queue is confirmed, so a
+            // node lost in between loses no retry; RabbitMQ needs the
+            // source queue to refuse rather than drop for that.
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            arguments.insert("x-overflow".into(), long_string("reject-publish"));
+        }
         arguments.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(delay_ms as i64),
@@ -914,7 +1058,7 @@ impl BrokerDelivery for RabbitDelivery {
     async fn dead_letter(self, reason: String) -> BrokerResult<u64> {
         let reason = reason.as_str();
         let channel = &self.channel.0;
-        let queue = declare_dead_queue(channel, &self.group, &self.limits).await?;
+        let queue = declare_dead_queue(channel, &self.group, &self.queues).await?;
         let properties = properties_of(
             &self.received.message,
             &[

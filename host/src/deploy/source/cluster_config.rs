@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::capabilities::nats::Replicas;
+
 /// How a host joins a cluster (`--cluster`, or `[cluster]` in `wharf.toml`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -15,6 +17,9 @@ pub struct ClusterConfig {
     /// This host's name in the cluster (default: the machine's host name
     /// and the process id).
     pub host_id: Option<String>,
+    /// How many NATS servers keep a copy of the cluster's index, component
+    /// store and schedule ticks.
+    pub replicas: Replicas,
 }
 
 /// Shows the address without its credentials.
@@ -25,6 +30,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("name", &self.name)
             .field("credentials", &self.credentials)
             .field("host_id", &self.host_id)
+            .field("replicas", &self.replicas)
             .finish()
     }
 }
@@ -37,6 +43,7 @@ impl ClusterConfig {
             name: "default".into(),
             credentials: None,
             host_id: None,
+            replicas: Replicas::Auto,
         }
     }
 

@@ -46,7 +46,9 @@ use crate::capabilities::keyvalue::KeyValueGrant;
 use crate::capabilities::messaging::MessagingGrant;
 use crate::capabilities::messaging::choice::BrokerChoice;
 use crate::capabilities::messaging::limits::PartialMessagingLimits;
+use crate::capabilities::messaging::rabbitmq::QueueType;
 use crate::capabilities::messaging::topic::TopicPattern;
+use crate::capabilities::nats::Replicas;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
 use crate::capabilities::wasi_config::{ConfigValues, SecretSource, SecretSources};
 use crate::deploy::router::Route;
@@ -412,6 +414,8 @@ struct HostClusterTable {
     url: String,
     name: Option<String>,
     credentials: Option<std::path::PathBuf>,
+    /// Copies of the cluster's own streams: a number or "auto".
+    replicas: Option<toml::Value>,
 }
 
 /// `[messaging]`: the broker and its bounds.
@@ -419,6 +423,10 @@ struct HostClusterTable {
 #[serde(deny_unknown_fields)]
 struct HostMessagingTable {
     backend: Option<String>,
+    /// Copies of each NATS stream: a number or "auto".
+    replicas: Option<toml::Value>,
+    /// RabbitMQ's kind of group queue: "quorum" or "classic".
+    queues: Option<String>,
     max_pending: Option<i64>,
     max_bytes: Option<String>,
     max_group_bytes: Option<String>,
@@ -480,6 +488,8 @@ impl HostMessagingTable {
 #[serde(deny_unknown_fields)]
 struct HostKeyValueTable {
     backend: Option<String>,
+    /// Copies of each NATS bucket: a number or "auto".
+    replicas: Option<toml::Value>,
     /// Quotas of single buckets, by name.
     #[serde(default)]
     quotas: BTreeMap<String, String>,
@@ -494,6 +504,12 @@ pub struct HostSettings {
     pub keyvalue: Option<KeyValueChoice>,
     /// The message broker, if chosen here.
     pub messaging: Option<BrokerChoice>,
+    /// Copies of each NATS key-value bucket (`[keyvalue] replicas`).
+    pub keyvalue_replicas: Option<Replicas>,
+    /// Copies of each NATS message stream (`[messaging] replicas`).
+    pub messaging_replicas: Option<Replicas>,
+    /// RabbitMQ's kind of group queue (`[messaging] queues`).
+    pub messaging_queues: Option<QueueType>,
     /// The cluster to join, if named here.
     pub cluster: Option<ClusterConfig>,
     /// Which compilers to use, if chosen here.
@@ -519,6 +535,19 @@ fn parse_key<T>(
         .transpose()
 }
 
+/// Parses a `replicas` setting: a number or "auto".
+fn parse_replicas(value: Option<toml::Value>, key: &str) -> Result<Option<Replicas>, String> {
+    let text = match value {
+        None => return Ok(None),
+        Some(toml::Value::Integer(n)) => n.to_string(),
+        Some(toml::Value::String(text)) => text,
+        Some(other) => other.to_string(),
+    };
+    text.parse()
+        .map(Some)
+        .map_err(|why| format!("{key}: {why}"))
+}
+
 impl HostFile {
     /// Parses and validates the file's text; relative paths in it are
     /// resolved against `dir` (the file's directory), once, here. Blocking:
@@ -539,6 +568,14 @@ impl HostFile {
             bucket_quotas.insert(bucket.clone(), quota);
         }
         let keyvalue = parse_key(file.keyvalue.backend, "keyvalue.backend", str::parse)?;
+        let keyvalue_replicas = parse_replicas(file.keyvalue.replicas, "keyvalue.replicas")?;
+        let messaging_replicas =
+            parse_replicas(file.messaging.replicas.clone(), "messaging.replicas")?;
+        let messaging_queues = parse_key(
+            file.messaging.queues.clone(),
+            "messaging.queues",
+            str::parse,
+        )?;
         let messaging_limits = file.messaging.limits()?;
         let messaging = parse_key(file.messaging.backend, "messaging.backend", str::parse)?;
         let cluster = file
@@ -549,6 +586,9 @@ impl HostFile {
                     cluster.name = name;
                 }
                 cluster.credentials = table.credentials.map(|path| dir.join(path));
+                if let Some(replicas) = parse_replicas(table.replicas, "cluster.replicas")? {
+                    cluster.replicas = replicas;
+                }
                 cluster
                     .validate()
                     .map(|()| cluster)
@@ -565,6 +605,9 @@ impl HostFile {
             limits: file.limits.validate()?,
             keyvalue,
             messaging,
+            keyvalue_replicas,
+            messaging_replicas,
+            messaging_queues,
             cluster,
             tiers,
             keep_resident,

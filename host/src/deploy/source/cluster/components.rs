@@ -18,15 +18,10 @@ use crate::deploy::spec::{MAX_COMPONENT_FILE, ServiceSpec, digest_of};
 const MAX_MANIFEST: usize = 1 << 20;
 
 impl Cluster {
-    /// Fetches `version`'s component and puts it in place as `name`.
-    pub(super) async fn install(
-        &self,
-        deployer: &Arc<Deployer>,
-        dir: &Path,
-        stores: &Stores,
-        name: &str,
-        version: &IndexEntry,
-    ) -> Result<()> {
+    /// Fetches `version`'s component from the cluster's store, checked
+    /// against its digest. Fails while NATS cannot serve it (a failover):
+    /// the caller tries again.
+    pub(super) async fn fetch(&self, stores: &Stores, version: &IndexEntry) -> Result<Arc<[u8]>> {
         let mut object = stores
             .objects
             .get(version.digest.as_str())
@@ -44,7 +39,18 @@ impl Cluster {
                 version.digest
             );
         }
-        let wasm: Arc<[u8]> = Arc::from(wasm);
+        Ok(Arc::from(wasm))
+    }
+
+    /// Puts `wasm`, the component of `version`, in place as `name`.
+    pub(super) async fn install(
+        &self,
+        deployer: &Arc<Deployer>,
+        dir: &Path,
+        name: &str,
+        version: &IndexEntry,
+        wasm: Arc<[u8]>,
+    ) -> Result<()> {
         let config = upload::service_config(deployer, name, version.manifest.as_deref())
             .await
             .map_err(|reason| anyhow!(reason))?;

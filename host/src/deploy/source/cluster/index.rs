@@ -58,7 +58,7 @@ impl Cluster {
         }
         for name in &names {
             if let Some(entry) = stores.index.entry(name.as_str()).await? {
-                self.apply(deployer, dir, stores, entry).await;
+                self.apply(deployer, dir, stores, entry).await?;
             }
         }
         // Local services the index does not list: deleted in the cluster
@@ -73,7 +73,7 @@ impl Cluster {
         for name in local {
             match stores.index.entry(name.as_str()).await? {
                 Some(entry) if entry.operation != kv::Operation::Put => {
-                    self.apply(deployer, dir, stores, entry).await;
+                    self.apply(deployer, dir, stores, entry).await?;
                 }
                 _ => {}
             }
@@ -88,7 +88,7 @@ impl Cluster {
         loop {
             tokio::select! {
                 update = updates.next() => match update {
-                    Some(Ok(entry)) => self.apply(deployer, dir, stores, entry).await,
+                    Some(Ok(entry)) => self.apply(deployer, dir, stores, entry).await?,
                     Some(Err(err)) => bail!("watching the index: {err}"),
                     None => bail!("the index watch ended"),
                 },
@@ -103,16 +103,25 @@ impl Cluster {
         }
     }
 
-    /// Applies one index entry to this host.
-    async fn apply(&self, deployer: &Arc<Deployer>, dir: &Path, stores: &Stores, entry: kv::Entry) {
+    /// Applies one index entry to this host. Fails only when the entry's
+    /// component cannot be fetched now (NATS failing over): the session
+    /// ends and the next one applies the entry again. A version this host
+    /// cannot load is kept as a failure, not retried.
+    async fn apply(
+        &self,
+        deployer: &Arc<Deployer>,
+        dir: &Path,
+        stores: &Stores,
+        entry: kv::Entry,
+    ) -> Result<()> {
         let name = entry.key.clone();
         if validate_name(&name).is_err() {
             tracing::warn!(service = %name, "ignoring an index entry that is not a service name");
-            return;
+            return Ok(());
         }
         let known = self.synced_of(&name);
         if known.as_ref().is_some_and(|s| s.revision >= entry.revision) {
-            return;
+            return Ok(());
         }
         let current = deployer.registry().snapshot().service(&name).cloned();
         if entry.operation != kv::Operation::Put {
@@ -131,13 +140,13 @@ impl Cluster {
                 }
                 deployer.undeploy(&name, "removed in the cluster");
             }
-            return;
+            return Ok(());
         }
         let version: IndexEntry = match serde_json::from_slice(&entry.value) {
             Ok(version) => version,
             Err(err) => {
                 tracing::warn!(service = %name, "ignoring an index entry that cannot be read: {err}");
-                return;
+                return Ok(());
             }
         };
         if let Some(current) = &current
@@ -146,8 +155,14 @@ impl Cluster {
         {
             self.set_failure(&name, None);
             self.record(&name, entry.revision, &version, Some(current.generation()));
-            return;
+            return Ok(());
         }
+        let wasm = match self.fetch(stores, &version).await {
+            Ok(wasm) => wasm,
+            Err(err) => {
+                return Err(err.context(format!("fetching {name}'s version {}", entry.revision)));
+            }
+        };
         // Recorded before installing, so the deploy it causes is not taken
         // for a local change; the current generation marks what was here.
         self.record(
@@ -156,7 +171,7 @@ impl Cluster {
             &version,
             current.as_ref().map(|d| d.generation()),
         );
-        match self.install(deployer, dir, stores, &name, &version).await {
+        match self.install(deployer, dir, &name, &version, wasm).await {
             Ok(()) => {
                 self.set_failure(&name, None);
                 tracing::info!(service = %name, generation = entry.revision, digest = %version.digest, published_by = %version.published_by, "deployed from the cluster")
@@ -173,6 +188,7 @@ impl Cluster {
                 );
             }
         }
+        Ok(())
     }
 
     /// Publishes every local change the index does not have yet.
@@ -288,7 +304,7 @@ impl Cluster {
                     // Forget what was known, so the winner is applied even
                     // if its revision was seen before.
                     self.forget(&name);
-                    Box::pin(self.apply(deployer, dir, stores, entry)).await;
+                    Box::pin(self.apply(deployer, dir, stores, entry)).await?;
                 }
             }
         }

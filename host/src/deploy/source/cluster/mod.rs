@@ -67,6 +67,10 @@ use crate::capabilities::nats::{KeyValueSpec, NatsConnection};
 use crate::deploy::install::deployer::Deployer;
 use records::Synced;
 
+/// How long creating the cluster's stores waits for NATS before it fails
+/// (and is tried again on the next sync).
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a host's heartbeat entry lives without being renewed.
 pub const HOST_TTL: Duration = Duration::from_secs(15);
 /// How long a claimed schedule tick is remembered.
@@ -177,6 +181,12 @@ impl Cluster {
     async fn stores(&self) -> Result<&Stores> {
         self.stores
             .get_or_try_init(|| async {
+                // How many copies "auto" means depends on the servers the
+                // connected one reports.
+                self.connection
+                    .connected(CONNECT_WAIT)
+                    .await
+                    .map_err(|why| anyhow!(why))?;
                 let name = &self.config.name;
                 let bucket = |what: &str| format!("wharf_{name}_{what}");
                 let index = self
@@ -192,12 +202,7 @@ impl Cluster {
                     .await
                     .context("creating the cluster's schedule ticks")?;
                 let objects = self
-                    .jetstream
-                    .create_object_store(object_store::Config {
-                        bucket: bucket("components"),
-                        storage: jetstream::stream::StorageType::File,
-                        ..Default::default()
-                    })
+                    .object_store(bucket("components"))
                     .await
                     .context("creating the cluster's component store")?;
                 Ok::<Stores, anyhow::Error>(Stores {
@@ -220,12 +225,39 @@ impl Cluster {
         let spec = KeyValueSpec {
             history,
             max_age,
+            replicas: self.connection.replicas(self.config.replicas),
             ..KeyValueSpec::default()
         };
         self.connection
             .key_value(&bucket, spec)
             .await
             .map_err(|why| anyhow!(why))
+    }
+
+    /// The object store `bucket`, created if missing, keeping as many copies
+    /// as configured (an existing one is raised to that).
+    async fn object_store(&self, bucket: String) -> Result<object_store::ObjectStore> {
+        let replicas = self.connection.replicas(self.config.replicas);
+        // Created (or an existing one raised to `replicas` copies) as the
+        // stream an object store is, as JetStream's object store layer
+        // defines it, but with direct reads (answered by any copy, even one
+        // still catching up, to which a component another host just
+        // published is "not found") only when there is one copy.
+        self.connection
+            .stream(jetstream::stream::Config {
+                name: format!("OBJ_{bucket}"),
+                subjects: vec![format!("$O.{bucket}.C.>"), format!("$O.{bucket}.M.>")],
+                max_bytes: -1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                discard: jetstream::stream::DiscardPolicy::New,
+                allow_rollup: true,
+                allow_direct: replicas == 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|why| anyhow!(why))?;
+        Ok(self.jetstream.get_object_store(&bucket).await?)
     }
 
     /// Starts keeping `dir` and the index together, and the heartbeat.

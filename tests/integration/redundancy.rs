@@ -1,0 +1,480 @@
+//! Data that survives the loss of a machine: a JetStream cluster of three
+//! `nats-server`s of the test's own, hosts joined to it, and servers lost
+//! under load — killed with SIGKILL and their disks deleted, then replaced
+//! by empty ones. With three copies nothing acknowledged is lost; with one,
+//! the test shows what is.
+//!
+//! One cluster of servers serves every case here, one after another (each
+//! case in a Wharf cluster of its own name), so the binary starts three
+//! servers once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use wharf::cluster::ClusterConfig;
+use wharf::{Config, Replicas};
+
+use crate::support::{NatsCluster, ServiceDir, TestServer, client, eventually, guest_bytes};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One host of a Wharf cluster and its directories.
+struct Member {
+    server: TestServer,
+    dir: ServiceDir,
+    _data: ServiceDir,
+}
+
+/// A host of Wharf cluster `cluster` on the servers `nats`, keeping
+/// `replicas` copies of the cluster's own streams and `kv_replicas` of its
+/// key-value buckets.
+async fn member(
+    nats: &str,
+    cluster: &str,
+    id: &str,
+    replicas: Replicas,
+    kv_replicas: Replicas,
+) -> Member {
+    let (dir, data) = (ServiceDir::new(), ServiceDir::new());
+    dir.write(
+        "wharf.toml",
+        format!("[keyvalue]\nreplicas = \"{kv_replicas}\"\n").as_bytes(),
+    );
+    let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
+    let mut joined = ClusterConfig::new(nats);
+    joined.name = cluster.to_string();
+    joined.host_id = Some(id.to_string());
+    joined.replicas = replicas;
+    config.cluster = Some(joined);
+    Member {
+        server: TestServer::start(config).await,
+        dir,
+        _data: data,
+    }
+}
+
+async fn wait_ready(member: &Member) {
+    let host = member.server.host.clone();
+    eventually(PATIENCE, "the host joined the cluster", || {
+        let ready = host.is_ready();
+        async move { ready }
+    })
+    .await;
+}
+
+async fn wait_all_serve(members: &[Member], service: &str) {
+    eventually(PATIENCE, &format!("every host serving {service}"), || {
+        let all = members
+            .iter()
+            .all(|m| m.server.host.services().service(service).is_some());
+        async move { all }
+    })
+    .await;
+}
+
+async fn jetstream(nats: &str) -> async_nats::jetstream::Context {
+    let servers: Vec<async_nats::ServerAddr> = nats
+        .split(',')
+        .map(|url| url.parse().expect("a NATS URL"))
+        .collect();
+    let client = async_nats::connect(servers).await.expect("connect to NATS");
+    async_nats::jetstream::new(client)
+}
+
+/// Whether every host serves `service` within `limit`.
+async fn all_serve_within(members: &[Member], service: &str, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if members
+            .iter()
+            .all(|m| m.server.host.services().service(service).is_some())
+        {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long a replaced server may take to catch up (on a loaded 2-core
+/// machine, with writes going on).
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+/// Waits until every JetStream stream has a leader and each of its copies
+/// is current: a replaced server has caught up.
+async fn wait_streams_current(nats: &str) {
+    let jetstream = jetstream(nats).await;
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        let behind = streams_behind(&jetstream).await;
+        if behind.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {CATCH_UP:?} streams still behind: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes every stream: the next case starts on empty servers.
+async fn delete_every_stream(nats: &str) {
+    use futures_util::StreamExt as _;
+    let jetstream = jetstream(nats).await;
+    let names: Vec<String> = jetstream
+        .stream_names()
+        .filter_map(|name| async move { name.ok() })
+        .collect()
+        .await;
+    for name in names {
+        jetstream
+            .delete_stream(&name)
+            .await
+            .unwrap_or_else(|err| panic!("delete stream {name}: {err}"));
+    }
+}
+
+/// The streams without a leader or with a copy that is not current, and
+/// why; empty when every stream is whole.
+async fn streams_behind(jetstream: &async_nats::jetstream::Context) -> Vec<String> {
+    use futures_util::StreamExt as _;
+    let names: Vec<Result<String, String>> = jetstream
+        .stream_names()
+        .map(|name| name.map_err(|err| err.to_string()))
+        .collect()
+        .await;
+    let mut behind = Vec::new();
+    if names.is_empty() {
+        behind.push("no streams listed".to_string());
+    }
+    for name in names {
+        let name = match name {
+            Ok(name) => name,
+            Err(err) => {
+                behind.push(format!("listing: {err}"));
+                continue;
+            }
+        };
+        let info = match jetstream.get_stream(&name).await {
+            Ok(mut stream) => stream.info().await.cloned(),
+            Err(err) => {
+                behind.push(format!("{name}: {err}"));
+                continue;
+            }
+        };
+        let cluster = match info {
+            Ok(info) => info.cluster,
+            Err(err) => {
+                behind.push(format!("{name}: {err}"));
+                continue;
+            }
+        };
+        let Some(cluster) = cluster else {
+            behind.push(format!("{name}: no cluster information"));
+            continue;
+        };
+        if cluster.leader.is_none() {
+            behind.push(format!("{name}: no leader"));
+        }
+        for peer in cluster.replicas.iter().filter(|p| !p.current || p.offline) {
+            behind.push(format!(
+                "{name}: {} current={} offline={} lag={:?}",
+                peer.name, peer.current, peer.offline, peer.lag
+            ));
+        }
+    }
+    behind
+}
+
+/// The server leading the stream of key-value bucket `bucket`.
+async fn leader_of_bucket(nats: &str, bucket: &str) -> String {
+    let mut stream = jetstream(nats)
+        .await
+        .get_stream(format!("KV_wharf-kv-{bucket}"))
+        .await
+        .expect("the bucket's stream");
+    let info = stream.info().await.expect("stream info");
+    info.cluster
+        .as_ref()
+        .and_then(|cluster| cluster.leader.clone())
+        .expect("the stream has a leader")
+}
+
+/// What a run of writes under server losses saw.
+#[derive(Debug)]
+struct Outcome {
+    /// Writes the hosts acknowledged (2xx).
+    acknowledged: usize,
+    /// Acknowledged writes the bucket does not have at the end.
+    lost: usize,
+    /// Writes that failed or timed out.
+    failed: u64,
+    /// Services deployed during a loss that some host never served.
+    deploys_missing: usize,
+}
+
+/// Clients writing at once: while a bucket has no leader each waits out
+/// its timeout, and the test measures progress in attempts.
+const CLIENTS: usize = 4;
+
+/// Each client's pause after an acknowledged write (some 200 writes a
+/// second in all).
+const WRITE_PAUSE: Duration = Duration::from_millis(20);
+
+/// What the writing clients have seen so far.
+#[derive(Default)]
+struct Writes {
+    /// The keys whose write was acknowledged.
+    acknowledged: std::sync::Mutex<Vec<String>>,
+    /// Attempts so far, acknowledged or not.
+    attempts: AtomicU64,
+    /// Attempts that failed or timed out.
+    failed: AtomicU64,
+}
+
+impl Writes {
+    fn acknowledged(&self) -> usize {
+        self.acknowledged.lock().map(|keys| keys.len()).unwrap_or(0)
+    }
+}
+
+/// Writes a new key per request through `members` in turn, from
+/// [`CLIENTS`] clients, until `stop`: every acknowledged write is one key
+/// the bucket must have at the end. (Unique keys, not a counter: an
+/// increment is a compare-and-swap, and NATS servers before 2.9.21 accept
+/// two concurrent swaps of one key in a replicated stream,
+/// nats-server#4320, which would be counted here as a loss.)
+fn write_until(
+    members: &[String],
+    stop: Arc<AtomicBool>,
+    writes: Arc<Writes>,
+) -> tokio::task::JoinHandle<()> {
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client_index| {
+            let (urls, stop, writes) = (members.to_vec(), stop.clone(), writes.clone());
+            tokio::spawn(async move {
+                let http = client();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Acquire) {
+                    let url = &urls[(client_index + n) % urls.len()];
+                    let key = format!("w{client_index}-{n}");
+                    n += 1;
+                    writes.attempts.fetch_add(1, Ordering::AcqRel);
+                    let answer = http
+                        .put(format!("{url}/counter/set?bucket=counts&key={key}"))
+                        .body("1")
+                        .timeout(Duration::from_secs(3))
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(response) if response.status().is_success() => {
+                            if let Ok(mut keys) = writes.acknowledged.lock() {
+                                keys.push(key);
+                            }
+                            // A steady load, not a flood: a replaced server
+                            // catches up with a stream that keeps growing.
+                            tokio::time::sleep(WRITE_PAUSE).await;
+                        }
+                        _ => {
+                            writes.failed.fetch_add(1, Ordering::AcqRel);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::spawn(async move {
+        for client in clients {
+            client.await.expect("a writing client");
+        }
+    })
+}
+
+/// Waits until `count()` has grown by `more`.
+async fn wait_for_more(count: impl Fn() -> u64, more: u64, what: &str) {
+    let target = count() + more;
+    eventually(PATIENCE, what, || {
+        let reached = count() >= target;
+        async move { reached }
+    })
+    .await;
+}
+
+/// Two hosts in Wharf cluster `name` keeping `copies` of each key-value
+/// bucket (and three of the cluster's own streams): under writes and a
+/// deploy during each loss, loses the server leading the bucket, replaces
+/// it, waits for it to catch up, then does the same to another.
+async fn lose_two_servers_under_load(nats: &mut NatsCluster, name: &str, copies: usize) -> Outcome {
+    let url = nats.url();
+    delete_every_stream(&url).await;
+    let (own, data) = (Replicas::Exactly(3), Replicas::Exactly(copies));
+    let members = vec![
+        member(&url, name, "h0", own, data).await,
+        member(&url, name, "h1", own, data).await,
+    ];
+    for m in &members {
+        wait_ready(m).await;
+    }
+    members[0]
+        .dir
+        .install_bytes("counter.wasm", &guest_bytes("kv"));
+    members[0]
+        .dir
+        .write("counter.toml", b"[keyvalue]\nbuckets = [\"counts\"]\n");
+    wait_all_serve(&members, "counter").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(Writes::default());
+    let urls: Vec<String> = members.iter().map(|m| m.server.url("")).collect();
+    let load = write_until(&urls, stop.clone(), writes.clone());
+    let acknowledged = || writes.acknowledged() as u64;
+    let attempts = || writes.attempts.load(Ordering::Acquire);
+    wait_for_more(acknowledged, 50, "writes before the first loss").await;
+
+    let first = nats.index_of(&leader_of_bucket(&url, "counts").await);
+    let second = (first + 1) % 3;
+    for (round, lost) in [first, second].into_iter().enumerate() {
+        nats.lose(lost);
+        // A deploy while the server is gone reaches every host.
+        members[round % 2]
+            .dir
+            .install_bytes(&format!("during-{round}.wasm"), &guest_bytes("hello"));
+        // With one copy, writes fail while its server is gone.
+        wait_for_more(attempts, 20, "writes while a server is lost").await;
+        nats.revive(lost);
+        wait_streams_current(&url).await;
+        wait_for_more(attempts, 20, "writes after the server is back").await;
+    }
+    stop.store(true, Ordering::Release);
+    load.await.expect("the load");
+
+    let mut deploys_missing = 0;
+    for round in 0..2 {
+        let service = format!("during-{round}");
+        if !all_serve_within(&members, &service, PATIENCE).await {
+            let serving: Vec<bool> = members
+                .iter()
+                .map(|m| m.server.host.services().service(&service).is_some())
+                .collect();
+            let view = members[0].server.host.cluster().cloned();
+            let view = match view {
+                Some(cluster) => format!("{:?}", cluster.view().await),
+                None => "no cluster".into(),
+            };
+            eprintln!(
+                "redundancy: {name}: {service} did not reach every host (serving: {serving:?}); view: {view}"
+            );
+            deploys_missing += 1;
+        }
+    }
+    let acknowledged = writes
+        .acknowledged
+        .lock()
+        .map(|k| k.clone())
+        .unwrap_or_default();
+    let lost = missing_keys(&urls[0], &acknowledged).await;
+    for m in members {
+        m.server.stop().await;
+    }
+    Outcome {
+        acknowledged: acknowledged.len(),
+        lost,
+        failed: writes.failed.load(Ordering::Acquire),
+        deploys_missing,
+    }
+}
+
+/// How many of `keys` the bucket does not have (a read that keeps failing
+/// counts as missing: the bucket is gone).
+async fn missing_keys(base: &str, keys: &[String]) -> usize {
+    use futures_util::StreamExt as _;
+    let http = client();
+    futures_util::stream::iter(keys)
+        .map(|key| {
+            let (http, url) = (
+                http.clone(),
+                format!("{base}/counter/get?bucket=counts&key={key}"),
+            );
+            async move {
+                for _ in 0..20 {
+                    match http.get(&url).send().await.map(|r| r.status().as_u16()) {
+                        Ok(200) => return false,
+                        Ok(404) => return true,
+                        _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+                true
+            }
+        })
+        .buffer_unordered(16)
+        .filter(|missing| std::future::ready(*missing))
+        .count()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nats_cluster_of_three_loses_no_acknowledged_write_with_three_copies_and_shows_the_loss_with_one()
+ {
+    let mut nats = NatsCluster::start(3);
+
+    // A host whose first-listed server is down joins through the others,
+    // and "auto" keeps as many copies as servers answer.
+    nats.kill(0);
+    let joined = member(
+        &nats.url(),
+        "first-down",
+        "h0",
+        Replicas::Auto,
+        Replicas::Auto,
+    )
+    .await;
+    wait_ready(&joined).await;
+    joined
+        .dir
+        .install_bytes("hello.wasm", &guest_bytes("hello"));
+    let host = joined.server.host.clone();
+    eventually(PATIENCE, "the deploy through the second server", || {
+        let served = host.services().service("hello").is_some();
+        async move { served }
+    })
+    .await;
+    let mut index = jetstream(&nats.url())
+        .await
+        .get_stream("KV_wharf_first-down_index")
+        .await
+        .expect("the cluster's index");
+    let info = index.info().await.expect("stream info");
+    assert_eq!(
+        info.config.num_replicas, 2,
+        "auto keeps a copy on each server that answers"
+    );
+    joined.server.stop().await;
+    nats.revive(0);
+    wait_streams_current(&nats.url()).await;
+
+    let three = lose_two_servers_under_load(&mut nats, "three", 3).await;
+    let one = lose_two_servers_under_load(&mut nats, "one", 1).await;
+    eprintln!(
+        "redundancy: two NATS servers lost in turn (killed, disk deleted, replaced) under writes: \
+         replicas 3: {} acknowledged, {} lost, {} failed or timed out, {} deploys missing; \
+         replicas 1: {} acknowledged, {} lost, {} failed or timed out, {} deploys missing",
+        three.acknowledged,
+        three.lost,
+        three.failed,
+        three.deploys_missing,
+        one.acknowledged,
+        one.lost,
+        one.failed,
+        one.deploys_missing,
+    );
+    // Three copies: every acknowledged write survives; deploys arrive.
+    assert_eq!(three.lost, 0, "{three:?}");
+    assert_eq!(three.deploys_missing, 0, "{three:?}");
+    // One copy: the lost server took the bucket's writes with it.
+    assert!(one.lost > 0, "{one:?}");
+}
