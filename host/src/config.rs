@@ -11,6 +11,7 @@ use crate::capabilities::keyvalue::KeyValueChoice;
 use crate::capabilities::messaging::rabbitmq::QueueType;
 use crate::capabilities::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
 use crate::capabilities::nats::Replicas;
+use crate::capabilities::tls::BackendTls;
 use crate::capabilities::wasi_config::SecretSources;
 use crate::deploy::source::cluster::ClusterConfig;
 use crate::deploy::source::manifest::HostSettings;
@@ -80,6 +81,9 @@ pub struct Config {
     /// What kind of queue RabbitMQ keeps each group in (`--queue-type`);
     /// `None`: what `wharf.toml` says, else quorum queues.
     pub queues: Option<QueueType>,
+    /// TLS to the backends (`--backend-tls-*`); `None`: `[tls]` in
+    /// `wharf.toml`, else none.
+    pub backend_tls: Option<BackendTls>,
     /// The directories and environment variables services' manifests may
     /// name as secret sources, besides those `wharf.toml` hands out
     /// (`--secret-dir`, `--secret-env`). Nothing by default.
@@ -106,6 +110,7 @@ impl Default for Config {
             cluster: None,
             replicas: None,
             queues: None,
+            backend_tls: None,
             secret_sources: SecretSources::default(),
         }
     }
@@ -173,6 +178,8 @@ pub(crate) struct Settled {
     pub messaging_replicas: Replicas,
     /// RabbitMQ's kind of group queue.
     pub messaging_queues: QueueType,
+    /// TLS to the backends.
+    pub tls: BackendTls,
     /// The broker's bounds.
     pub messaging_limits: MessagingLimits,
 }
@@ -209,8 +216,12 @@ impl Config {
                 format_size(self.engine.max_service_memory)
             );
         }
+        let tls = self.backend_tls.clone().or(file.tls).unwrap_or_default();
         let cluster = self.cluster.clone().or(file.cluster).map(|mut cluster| {
             cluster.host_id.get_or_insert_with(host_id);
+            if !cluster.tls.is_set() {
+                cluster.tls = tls.clone();
+            }
             if let Some(replicas) = self.replicas {
                 cluster.replicas = replicas;
             }
@@ -265,6 +276,7 @@ impl Config {
             keyvalue_replicas,
             messaging_replicas,
             messaging_queues: self.queues.or(file.messaging_queues).unwrap_or_default(),
+            tls,
             messaging_limits,
         })
     }

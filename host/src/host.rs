@@ -505,6 +505,7 @@ async fn open_backends(
             data_dir,
             settled.policy.defaults.kv_value_size,
             settled.keyvalue_replicas,
+            &settled.tls,
         )
         .await
         .context("opening the key-value backend")?;
@@ -518,6 +519,7 @@ async fn open_backends(
                 limits,
                 replicas: settled.messaging_replicas,
                 queues: settled.messaging_queues,
+                tls: settled.tls.clone(),
             },
         )
         .await

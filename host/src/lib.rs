@@ -71,6 +71,7 @@ pub use base::respond::Body;
 pub use capabilities::BackendStatus;
 pub use capabilities::keyvalue::KeyValueChoice;
 pub use capabilities::nats::Replicas;
+pub use capabilities::tls::BackendTls;
 pub use capabilities::wasi_config::SecretSources;
 pub use config::{
     Config, DEFAULT_CLIENT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CALL_DEPTH, default_data_dir,

@@ -44,6 +44,7 @@ async fn member_with(
         credentials: None,
         host_id: Some(id.to_string()),
         replicas: wharf::Replicas::Auto,
+        tls: wharf::BackendTls::default(),
     });
     configure(&mut config);
     let server = TestServer::start(config).await;

@@ -11,6 +11,7 @@ mod commands;
 mod dashboard;
 mod docs;
 mod embed;
+mod encryption;
 mod hostile;
 mod javascript;
 mod keyvalue;

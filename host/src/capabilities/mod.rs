@@ -19,6 +19,7 @@ pub mod messaging;
 pub mod nats;
 pub mod outbound;
 pub(crate) mod sqlite;
+pub mod tls;
 pub mod wasi_config;
 
 use std::sync::Arc;

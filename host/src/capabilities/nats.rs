@@ -17,6 +17,7 @@ use async_nats::jetstream::{self, kv};
 use async_nats::{ConnectOptions, ServerAddr};
 
 use crate::base::redact;
+use crate::capabilities::tls::BackendTls;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -88,9 +89,9 @@ pub struct NatsConnection {
     warned_about_swaps: std::sync::atomic::AtomicBool,
 }
 
-/// What tells one shared connection from another: the servers as given and
-/// the credentials' text.
-type ConnectionKey = (String, Option<String>);
+/// What tells one shared connection from another: the servers as given,
+/// the credentials' text and the TLS files.
+type ConnectionKey = (String, Option<String>, BackendTls);
 
 /// Every connection still in use, by what it connects to.
 fn connections() -> &'static Mutex<HashMap<ConnectionKey, Weak<NatsConnection>>> {
@@ -133,12 +134,21 @@ pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, String> {
 
 impl NatsConnection {
     /// The connection to the servers in `list` (comma-separated URLs) with
-    /// the NATS `credentials` file text, if any: an existing one if another
+    /// the NATS `credentials` file text, if any, over TLS as `tls` says
+    /// (TLS is required whenever `tls` is set): an existing one if another
     /// user already opened it, else a new one, which connects in the
     /// background (a host whose NATS is down at start still starts).
-    pub async fn shared(list: &str, credentials: Option<&str>) -> Result<Arc<NatsConnection>> {
+    pub async fn shared(
+        list: &str,
+        credentials: Option<&str>,
+        tls: &BackendTls,
+    ) -> Result<Arc<NatsConnection>> {
         let servers = parse_servers(list).map_err(anyhow::Error::msg)?;
-        let key = (list.trim().to_string(), credentials.map(str::to_string));
+        let key = (
+            list.trim().to_string(),
+            credentials.map(str::to_string),
+            tls.clone(),
+        );
         if let Some(existing) = connections()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -155,6 +165,26 @@ impl NatsConnection {
             options = options
                 .credentials(credentials)
                 .context("the NATS credentials are not valid")?;
+        }
+        if tls.is_set() {
+            let files = tls.clone();
+            let config = tokio::task::spawn_blocking(move || {
+                files.check_files()?;
+                files.client_config()
+            })
+            .await
+            .context("reading the TLS files")?
+            .context("NATS over TLS")?;
+            options = options.require_tls(true);
+            options = match config {
+                Some(config) => options.tls_client_config(config),
+                None => match (&tls.cert, &tls.key) {
+                    (Some(cert), Some(key)) => {
+                        options.add_client_certificate(cert.clone(), key.clone())
+                    }
+                    _ => options,
+                },
+            };
         }
         let shown = redact::url(list);
         let client = options

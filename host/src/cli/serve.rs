@@ -10,7 +10,9 @@ use wharf::admin::AdminToken;
 use wharf::cluster::ClusterConfig;
 use wharf::limits::{self, Limits, PartialLimits};
 use wharf::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits, QueueType};
-use wharf::{Config, EngineOptions, Host, KeyValueChoice, Replicas, SecretSources, Tiers};
+use wharf::{
+    BackendTls, Config, EngineOptions, Host, KeyValueChoice, Replicas, SecretSources, Tiers,
+};
 
 use super::logging::{LogFormat, announce};
 use super::shutdown_signal;
@@ -157,6 +159,22 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub replicas: Option<Replicas>,
 
+    /// The CA bundle (PEM) that signed the backends' certificates: NATS is
+    /// then reached over TLS only, verified against it. [default: tls.ca in
+    /// DIR/wharf.toml]
+    #[arg(long, value_name = "FILE")]
+    pub backend_tls_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) for backends that require mutual TLS,
+    /// with --backend-tls-key. [default: tls.cert in DIR/wharf.toml]
+    #[arg(long, value_name = "FILE", requires = "backend_tls_key")]
+    pub backend_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --backend-tls-cert. [default: tls.key in
+    /// DIR/wharf.toml]
+    #[arg(long, value_name = "FILE", requires = "backend_tls_cert")]
+    pub backend_tls_key: Option<PathBuf>,
+
     /// The kind of queue RabbitMQ keeps each consumer group in: "quorum"
     /// (replicated on a majority of the RabbitMQ cluster), "classic" (one
     /// node) or "auto" (quorum when --broker lists several nodes).
@@ -285,7 +303,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             credentials: args.cluster_credentials.clone(),
             host_id: args.cluster_host_id.clone(),
             replicas: Replicas::Auto,
+            tls: BackendTls::default(),
         }),
+        backend_tls: (args.backend_tls_ca.is_some() || args.backend_tls_cert.is_some()).then(
+            || BackendTls {
+                ca: args.backend_tls_ca.clone(),
+                cert: args.backend_tls_cert.clone(),
+                key: args.backend_tls_key.clone(),
+            },
+        ),
         replicas: args.replicas,
         queues: args.queue_type,
         watch: !args.no_watch,

@@ -7,6 +7,7 @@ use crate::capabilities::keyvalue::nats::NatsKv;
 use crate::capabilities::keyvalue::redis::RedisKv;
 use crate::capabilities::keyvalue::store::Store;
 use crate::capabilities::nats::Replicas;
+use crate::capabilities::tls::BackendTls;
 
 /// Which backend a host uses, as configured (`--kv`, or `backend` under
 /// `[keyvalue]` in `wharf.toml`).
@@ -55,12 +56,14 @@ impl KeyValueChoice {
     /// Opens the chosen backend: the embedded store at `data_dir` (in memory
     /// without one); Redis and NATS connect in the background, so a server
     /// that is down now does not stop the host from starting. `replicas`
-    /// is how many NATS servers keep each bucket.
+    /// is how many NATS servers keep each bucket; `tls` secures the
+    /// connection (NATS only, for now).
     pub async fn open(
         &self,
         data_dir: Option<&std::path::Path>,
         max_value_size: u64,
         replicas: Replicas,
+        tls: &BackendTls,
     ) -> anyhow::Result<Store> {
         Ok(match self {
             KeyValueChoice::Embedded => {
@@ -69,9 +72,12 @@ impl KeyValueChoice {
                     tokio::task::spawn_blocking(move || Embedded::open(path.as_deref())).await??;
                 Store::new(store)
             }
+            KeyValueChoice::Redis(_) if tls.is_set() => anyhow::bail!(
+                "[tls] secures NATS only in this version: Redis over TLS with a private CA is not supported yet"
+            ),
             KeyValueChoice::Redis(url) => Store::new(RedisKv::connect(url)?),
             KeyValueChoice::Nats(url) => {
-                Store::new(NatsKv::connect(url, max_value_size, replicas).await?)
+                Store::new(NatsKv::connect(url, max_value_size, replicas, tls).await?)
             }
         })
     }

@@ -36,6 +36,7 @@ use crate::capabilities::keyvalue::store::{
     parse_counter,
 };
 use crate::capabilities::nats::{KeyValueSpec, NatsConnection, Replicas};
+use crate::capabilities::tls::BackendTls;
 
 /// Attempts at an increment before giving up under contention (from other
 /// hosts: this host's increments of one key are coalesced).
@@ -123,10 +124,15 @@ fn other(err: impl std::fmt::Display) -> BackendError {
 impl NatsKv {
     /// A backend on the NATS server(s) at `url` (comma-separated), buckets
     /// created with values up to `max_value_size` bytes, each kept by
-    /// `replicas` servers. Connects in the background; must be called
-    /// inside a Tokio runtime.
-    pub async fn connect(url: &str, max_value_size: u64, replicas: Replicas) -> Result<NatsKv> {
-        let connection = NatsConnection::shared(url, None).await?;
+    /// `replicas` servers, over TLS as `tls` says. Connects in the
+    /// background; must be called inside a Tokio runtime.
+    pub async fn connect(
+        url: &str,
+        max_value_size: u64,
+        replicas: Replicas,
+        tls: &BackendTls,
+    ) -> Result<NatsKv> {
+        let connection = NatsConnection::shared(url, None, tls).await?;
         Ok(NatsKv {
             jetstream: connection.jetstream().clone(),
             connection,

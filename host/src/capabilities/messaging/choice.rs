@@ -10,6 +10,7 @@ use crate::capabilities::messaging::limits::MessagingLimits;
 use crate::capabilities::messaging::nats::NatsBroker;
 use crate::capabilities::messaging::rabbitmq::{QueueType, RabbitBroker};
 use crate::capabilities::nats::Replicas;
+use crate::capabilities::tls::BackendTls;
 
 /// Which broker a host uses, as configured (`--broker`, or `backend` under
 /// `[messaging]` in `wharf.toml`).
@@ -56,7 +57,7 @@ impl std::str::FromStr for BrokerChoice {
 }
 
 /// What shapes the queues of whichever broker is chosen.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BrokerSettings {
     /// What bounds the queues.
     pub limits: MessagingLimits,
@@ -64,6 +65,8 @@ pub struct BrokerSettings {
     pub replicas: Replicas,
     /// What kind of queue RabbitMQ keeps each group in.
     pub queues: QueueType,
+    /// TLS to the broker (NATS only, for now).
+    pub tls: BackendTls,
 }
 
 impl BrokerChoice {
@@ -85,9 +88,15 @@ impl BrokerChoice {
                 .await??;
                 Broker::new(Arc::new(broker))
             }
-            BrokerChoice::Nats(url) => {
-                Broker::new(NatsBroker::connect(url, limits, settings.replicas).await?)
-            }
+            BrokerChoice::Nats(url) => Broker::new(
+                NatsBroker::connect(url, limits, settings.replicas, &settings.tls).await?,
+            ),
+            BrokerChoice::Rabbit(_) if settings.tls.is_set() => anyhow::bail!(
+                "[tls] secures NATS only in this version: RabbitMQ over TLS with a private CA is not supported yet"
+            ),
+            BrokerChoice::Rabbit(_) if settings.tls.is_set() => anyhow::bail!(
+                "[tls] secures NATS only in this version: RabbitMQ over TLS with a private CA is not supported yet"
+            ),
             BrokerChoice::Rabbit(url) => {
                 Broker::new(RabbitBroker::connect(url, limits, settings.queues)?)
             }

@@ -45,6 +45,7 @@ use crate::capabilities::messaging::inbox::Inboxes;
 use crate::capabilities::messaging::limits::MessagingLimits;
 use crate::capabilities::messaging::message::{Message, new_message_id};
 use crate::capabilities::nats::{KeyValueSpec, NatsConnection, Replicas};
+use crate::capabilities::tls::BackendTls;
 
 /// The stream holding every message.
 const STREAM: &str = "WHARF_MESSAGES";
@@ -174,14 +175,16 @@ pub struct NatsBroker {
 
 impl NatsBroker {
     /// A broker on the NATS server(s) at `url` (comma-separated), its
-    /// streams bounded by `limits` and kept by `replicas` servers. Connects
-    /// in the background: a host whose NATS is down at start still starts.
+    /// streams bounded by `limits` and kept by `replicas` servers, over TLS
+    /// as `tls` says. Connects in the background: a host whose NATS is down
+    /// at start still starts.
     pub async fn connect(
         url: &str,
         limits: MessagingLimits,
         replicas: Replicas,
+        tls: &BackendTls,
     ) -> Result<Arc<NatsBroker>> {
-        let connection = NatsConnection::shared(url, None).await?;
+        let connection = NatsConnection::shared(url, None, tls).await?;
         Ok(Arc::new(NatsBroker {
             client: connection.client().clone(),
             jetstream: connection.jetstream().clone(),

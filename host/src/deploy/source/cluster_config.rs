@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::capabilities::nats::Replicas;
+use crate::capabilities::tls::BackendTls;
 
 /// How a host joins a cluster (`--cluster`, or `[cluster]` in `wharf.toml`).
 #[derive(Clone, PartialEq, Eq)]
@@ -20,6 +21,8 @@ pub struct ClusterConfig {
     /// How many NATS servers keep a copy of the cluster's index, component
     /// store and schedule ticks.
     pub replicas: Replicas,
+    /// TLS to the cluster's NATS (default: the host's `[tls]`).
+    pub tls: BackendTls,
 }
 
 /// Shows the address without its credentials.
@@ -31,6 +34,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("credentials", &self.credentials)
             .field("host_id", &self.host_id)
             .field("replicas", &self.replicas)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -44,6 +48,7 @@ impl ClusterConfig {
             credentials: None,
             host_id: None,
             replicas: Replicas::Auto,
+            tls: BackendTls::default(),
         }
     }
 

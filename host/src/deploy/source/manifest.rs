@@ -50,6 +50,7 @@ use crate::capabilities::messaging::rabbitmq::QueueType;
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::nats::Replicas;
 use crate::capabilities::outbound::{AllowRule, OutboundPolicy};
+use crate::capabilities::tls::BackendTls;
 use crate::capabilities::wasi_config::{ConfigValues, SecretSource, SecretSources};
 use crate::deploy::router::Route;
 use crate::deploy::source::cluster_config::ClusterConfig;
@@ -385,6 +386,17 @@ pub(crate) struct HostFile {
     cluster: Option<HostClusterTable>,
     #[serde(default)]
     secrets: HostSecretsTable,
+    tls: Option<HostTlsTable>,
+}
+
+/// `[tls]`: how the host's connections to its backends are secured; paths
+/// relative to the services directory.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostTlsTable {
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
 }
 
 /// `[secrets]`: the operator's hand-out of secret sources.
@@ -522,6 +534,8 @@ pub struct HostSettings {
     pub messaging_limits: PartialMessagingLimits,
     /// Quotas of single buckets (`[keyvalue] quotas`).
     pub bucket_quotas: BTreeMap<String, u64>,
+    /// TLS to the backends (`[tls]`), paths resolved.
+    pub tls: Option<BackendTls>,
 }
 
 /// Parses the value of `key`, if set, naming the key in the error.
@@ -595,6 +609,17 @@ impl HostFile {
                     .map_err(|why| format!("cluster: {why}"))
             })
             .transpose()?;
+        let tls = file
+            .tls
+            .map(|table| {
+                let tls = BackendTls {
+                    ca: table.ca.map(|path| dir.join(path)),
+                    cert: table.cert.map(|path| dir.join(path)),
+                    key: table.key.map(|path| dir.join(path)),
+                };
+                tls.validate().map(|()| tls)
+            })
+            .transpose()?;
         let tiers = parse_key(file.engine.tiers, "engine.tiers", str::parse)?;
         let keep_resident = parse_key(
             file.engine.keep_resident,
@@ -608,6 +633,7 @@ impl HostFile {
             keyvalue_replicas,
             messaging_replicas,
             messaging_queues,
+            tls,
             cluster,
             tiers,
             keep_resident,

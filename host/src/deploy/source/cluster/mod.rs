@@ -132,7 +132,7 @@ impl Cluster {
             }
             None => None,
         };
-        let connection = NatsConnection::shared(&config.url, credentials.as_deref())
+        let connection = NatsConnection::shared(&config.url, credentials.as_deref(), &config.tls)
             .await
             .context("joining the cluster")?;
         let host_id = config.host_id.clone().unwrap_or_else(default_host_id);

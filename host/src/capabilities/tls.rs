@@ -1,0 +1,148 @@
+//! TLS to the backends (`[tls]` in `wharf.toml`, `--backend-tls-*`): the CA
+//! bundle that signed the servers' certificates and, for mutual TLS, a
+//! client certificate and key. The files are read once, as regular files
+//! with a bound, and turned into a rustls client configuration that always
+//! verifies the server.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls;
+
+/// Largest certificate or key file read.
+pub const MAX_TLS_FILE: u64 = 1 << 20;
+
+/// How Wharf's connections to its backends are secured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct BackendTls {
+    /// PEM bundle of the certificate authorities trusted for the servers.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain, for servers that require mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+}
+
+impl BackendTls {
+    /// Whether anything is configured.
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// Checks the combination: a certificate needs its key, and the other
+    /// way round.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("tls: cert and key go together (mutual TLS needs both)".into());
+        }
+        Ok(())
+    }
+
+    /// The rustls client configuration: trusting the `ca` bundle (else the
+    /// system's roots are the client library's business, and `None` is
+    /// returned), presenting `cert` if set. Blocking: reads the files.
+    pub fn client_config(&self) -> Result<Option<rustls::ClientConfig>> {
+        self.validate().map_err(|why| anyhow!(why))?;
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certificates(ca, "tls.ca")? {
+            roots
+                .add(cert)
+                .with_context(|| format!("tls.ca {}: not a usable CA certificate", ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("tls: the protocol versions")?
+            .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = certificates(cert, "tls.cert")?;
+                let pem = read(key, "tls.key")?;
+                let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|err| {
+                    anyhow!("tls.key {}: no PEM private key ({err})", key.display())
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .context("tls: the client certificate and key do not match")?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Some(config))
+    }
+
+    /// The files, checked to be regular files (not a device, FIFO or
+    /// directory), for a client library that reads them itself.
+    pub fn check_files(&self) -> Result<()> {
+        for (path, what) in [
+            (&self.ca, "tls.ca"),
+            (&self.cert, "tls.cert"),
+            (&self.key, "tls.key"),
+        ] {
+            if let Some(path) = path {
+                read(path, what)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The file at `path`, a regular file of at most [`MAX_TLS_FILE`] bytes.
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
+    crate::base::files::read_bounded(path, MAX_TLS_FILE)
+        .map_err(|why| anyhow!("{what} {}: {why}", path.display()))
+}
+
+/// Every PEM certificate in the file at `path` (at least one).
+fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = read(path, what)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| anyhow!("{what} {}: {err}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{what} {}: no PEM certificate in it", path.display());
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_needs_its_key() {
+        let only_cert = BackendTls {
+            cert: Some("c.pem".into()),
+            ..BackendTls::default()
+        };
+        assert!(only_cert.validate().is_err());
+        assert!(BackendTls::default().validate().is_ok());
+        assert!(!BackendTls::default().is_set());
+    }
+
+    #[test]
+    fn bad_files_are_named_in_the_error() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let tls = BackendTls {
+            ca: Some(ca),
+            ..BackendTls::default()
+        };
+        let err = format!("{:#}", tls.client_config().unwrap_err());
+        assert!(
+            err.contains("tls.ca") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let missing = BackendTls {
+            ca: Some(dir.path().join("missing.pem")),
+            ..BackendTls::default()
+        };
+        assert!(missing.client_config().is_err());
+    }
+}
