@@ -38,8 +38,9 @@
 //!     .cache_dir(wharf::default_cache_dir())
 //!     .data_dir(wharf::default_data_dir("services".as_ref()))
 //!     .limits(Limits { timeout: Duration::from_secs(10), ..Limits::default() });
-//! config.keyvalue = Some(KeyValueChoice::Redis("redis://127.0.0.1:6379".into()));
-//! config.messaging = Some(BrokerChoice::Nats("nats://127.0.0.1:4222".into()));
+//! // Addresses from the environment: the operator's servers, not fixed ones.
+//! config.keyvalue = Some(KeyValueChoice::Redis(std::env::var("REDIS_URL")?));
+//! config.messaging = Some(BrokerChoice::Nats(std::env::var("NATS_URL")?));
 //! config.secret_sources = SecretSources::new(["/run/secrets".into()], ["ORDERS_*".into()])
 //!     .map_err(anyhow::Error::msg)?;
 //! let host = Host::new(config).await?;

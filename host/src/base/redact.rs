@@ -74,8 +74,8 @@ mod tests {
     fn regression_every_backend_kind_hides_its_credentials() {
         for (given, shown) in [
             (
-                "nats://user:hunter2@127.0.0.1:4222",
-                "nats://user:***@127.0.0.1:4222",
+                "nats://user:hunter2@nats.example:7001",
+                "nats://user:***@nats.example:7001",
             ),
             (
                 "tls://user:hunter2@nats.example:4222",
@@ -85,7 +85,10 @@ mod tests {
                 "nats://a:hunter2@h1:4222,nats://b:hunter2@h2:4222",
                 "nats://a:***@h1:4222,nats://b:***@h2:4222",
             ),
-            ("nats://hunter2@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+            (
+                "nats://hunter2@nats.example:7001",
+                "nats://***@nats.example:7001",
+            ),
             (
                 "redis://:hunter2@cache.example/0",
                 "redis://:***@cache.example/0",

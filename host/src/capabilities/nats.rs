@@ -384,9 +384,10 @@ mod tests {
 
     #[test]
     fn regression_a_list_of_servers_is_parsed_one_by_one() {
-        let servers =
-            parse_servers("nats://127.0.0.1:4222, nats://user:pw@127.0.0.1:4223,tls://h:4224")
-                .unwrap();
+        let servers = parse_servers(
+            "nats://a.example:7001, nats://user:pw@b.example:7002,tls://h.example:7003",
+        )
+        .unwrap();
         assert_eq!(servers.len(), 3);
         let err = parse_servers("nats://a:1,nats://user:hunter2@b:notaport").unwrap_err();
         assert!(err.contains("nats://user:***@b:notaport"), "{err}");
