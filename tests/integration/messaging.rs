@@ -25,6 +25,10 @@ use crate::support::{
 
 /// How long a test waits for messages to arrive.
 const PATIENCE: Duration = Duration::from_secs(60);
+/// How long a request-reply that must succeed may wait for its reply: the
+/// guest's default (2 s) is short for a quorum queue's fsyncs on a slow,
+/// busy CI machine. Well inside the guest's own 30 s time limit.
+const REPLY_PATIENCE_MS: u32 = 20_000;
 
 /// Installs the messenger guest as `name` with `manifest`.
 fn messenger(dir: &ServiceDir, name: &str, manifest: &str) {
@@ -395,7 +399,7 @@ async fn conformance_with(broker: BrokerChoice, tag: &str, queues: Option<QueueT
     for via in ["wasi", "wasmcloud", "http"] {
         let (status, reply) = post(
             &server,
-            &format!("/pub/request?topic=ask.{tag}.http&via={via}"),
+            &format!("/pub/request?topic=ask.{tag}.http&via={via}&timeout_ms={REPLY_PATIENCE_MS}"),
             "q",
         )
         .await;
@@ -405,7 +409,12 @@ async fn conformance_with(broker: BrokerChoice, tag: &str, queues: Option<QueueT
             "{label}: request via {via}"
         );
     }
-    let (status, reply) = post(&server, &format!("/pub/request?topic=ask.{tag}.wasi"), "w").await;
+    let (status, reply) = post(
+        &server,
+        &format!("/pub/request?topic=ask.{tag}.wasi&timeout_ms={REPLY_PATIENCE_MS}"),
+        "w",
+    )
+    .await;
     assert_eq!(
         (status, reply.as_str()),
         (200, "re:w"),
@@ -413,7 +422,7 @@ async fn conformance_with(broker: BrokerChoice, tag: &str, queues: Option<QueueT
     );
     let (status, reply) = post(
         &server,
-        &format!("/pub/request?topic=ask.{tag}.wc&via=wasmcloud"),
+        &format!("/pub/request?topic=ask.{tag}.wc&via=wasmcloud&timeout_ms={REPLY_PATIENCE_MS}"),
         "c",
     )
     .await;

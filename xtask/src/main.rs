@@ -20,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -35,6 +36,7 @@ mod process;
 mod reload;
 mod stats;
 mod system;
+mod watchdog;
 
 /// Rust guests copied into the demo directory. (The demo's `orders` is the
 /// JavaScript one, which publishes `orders.created`.)
@@ -247,13 +249,25 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // Building is bounded by itself; running is watched: a hung test fails
+    // the run with its stacks long before CI's own limit.
     run(cargo()
         .current_dir(&root)
-        .args(["test", "--workspace", "--all-targets"]))?;
+        .args(["test", "--workspace", "--all-targets", "--no-run"]))?;
+    watchdog::run_with_limit(
+        cargo()
+            .current_dir(&root)
+            .args(["test", "--workspace", "--all-targets"]),
+        TEST_TIME_LIMIT,
+    )?;
     run(cargo()
         .current_dir(&root)
         .args(["test", "--workspace", "--doc"]))
 }
+
+/// How long the built tests may run: the whole suite takes about ten
+/// minutes on a 2-core machine.
+const TEST_TIME_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// Copies the release `wharf` (built if needed: the demo's build) into
 /// Cargo's bin directory, which rustup put on the PATH — all or nothing,
