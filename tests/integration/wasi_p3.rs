@@ -482,3 +482,62 @@ async fn a_0_3_guest_output_and_access_lines_carry_the_request_id() {
         )
         .await;
 }
+
+/// A busy guest still running when its host has shut down and been dropped
+/// (a 0.3 instance runs in a task of its own, which outlives the request)
+/// kept spinning forever: the host's epoch ticker went with the host, so
+/// the guest never reached another yield point or its deadline, and held
+/// its thread — and the runtime that thread belongs to — for good. It must
+/// still stop at its deadline.
+#[test]
+fn regression_a_guest_running_when_its_host_is_dropped_still_stops_at_its_deadline() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    // A runtime of its own on a thread of its own: with the bug, the
+    // spinning guest holds this thread and the channel never hears back.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let dir = ServiceDir::new();
+            dir.install("hostile", "hostile_p3");
+            dir.write("hostile.toml", b"[limits]\ntimeout = \"3s\"\n");
+            let mut config = wharf::Config::for_dir(dir.path()).tiers(wharf::Tiers::Cranelift);
+            config.drain_timeout = Duration::from_millis(100);
+            let host = wharf::Host::new(config).await.expect("build host");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/hostile/busy-loop", listener.local_addr().unwrap());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let serving = tokio::spawn({
+                let host = host.clone();
+                async move {
+                    host.serve(listener, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                }
+            });
+            let request = tokio::spawn(async move { client().get(url).send().await });
+            eventually(Duration::from_secs(30), "the busy loop running", || async {
+                host.services()
+                    .service("hostile")
+                    .is_some_and(|d| d.requests_in_flight() == 1)
+            })
+            .await;
+            // Shut down (the drain gives up on the busy request) and drop
+            // every handle on the host while the guest spins.
+            let _ = stop.send(());
+            serving.await.expect("serving task").expect("serve");
+            request.abort();
+            drop(host);
+            // Time for the guest to reach its 3 s deadline, on this thread.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let _ = done_tx.send(());
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(90)).is_ok(),
+        "the guest kept its thread after its host was dropped"
+    );
+}

@@ -7,15 +7,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::Linker;
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Strategy,
 };
 
-use crate::base::admission::Gate;
+use crate::base::admission::{Gate, Refused};
 use crate::base::limits::MAX_MEMORY;
 use crate::capabilities::{keyvalue, messaging, wasi_config};
 use crate::guest::scheduler::EPOCH_TICK;
@@ -305,8 +306,8 @@ impl Flavour {
 /// epoch ticker. There are eight engines, identical but for how they
 /// initialise linear memory ([`MemoryInit`]), whether they run WASI 0.3
 /// components, and which compiler they use ([`EngineKind`]); each
-/// deployment uses the one that suits it. Dropping the runtime stops the
-/// ticker thread.
+/// deployment uses the one that suits it. The ticker thread stops once the
+/// runtime and every instance it handed a slot to are gone.
 pub struct Runtime {
     /// Indexed by [`EngineKind::index`].
     flavours: Vec<Flavour>,
@@ -316,7 +317,17 @@ pub struct Runtime {
     /// Slots for live instances across both engines: never more than a
     /// pool holds.
     instances: Gate,
-    _ticker: EpochTicker,
+    ticker: Arc<EpochTicker>,
+}
+
+/// A live instance's claim on its runtime: one of the host-wide instance
+/// slots, and the epoch ticker kept running for as long as the instance
+/// lives. A guest still running when its host is dropped (a detached 0.3
+/// worker, a delivery in flight) is still stopped at its deadline, never
+/// left spinning on a thread without epochs.
+pub(crate) struct InstanceSlot {
+    _permit: OwnedSemaphorePermit,
+    _ticking: Arc<EpochTicker>,
 }
 
 impl Runtime {
@@ -349,7 +360,7 @@ impl Runtime {
             tiers: options.tiers.unwrap_or_default(),
             optimise_delay: options.optimise_delay,
             instances: Gate::new(options.max_instances as usize, "instance slots"),
-            _ticker: ticker,
+            ticker: Arc::new(ticker),
         })
     }
 
@@ -376,6 +387,15 @@ impl Runtime {
     /// The host-wide instance slots.
     pub fn instances(&self) -> &Gate {
         &self.instances
+    }
+
+    /// Waits, until `deadline` at the latest, for a free instance slot.
+    pub(crate) async fn instance_slot(&self, deadline: Instant) -> Result<InstanceSlot, Refused> {
+        let permit = self.instances.enter(deadline).await?;
+        Ok(InstanceSlot {
+            _permit: permit,
+            _ticking: self.ticker.clone(),
+        })
     }
 }
 

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::Store;
 use wasmtime_wasi::WasiCtx;
 
@@ -16,6 +15,7 @@ use crate::capabilities::messaging::{MessagingCtx, call_handler};
 use crate::capabilities::outbound::{InternalCalls, OutboundHooks};
 use crate::capabilities::wasi_config::ConfigCtx;
 use crate::guest::Guest;
+use crate::guest::engine::InstanceSlot;
 use crate::guest::engine::Runtime;
 use crate::guest::pools::{Instance, arm_deadline};
 use crate::guest::scheduler::CpuMeter;
@@ -30,7 +30,7 @@ impl Instance {
         guest: &Guest,
         context: CallContext,
         internal: Option<Arc<dyn InternalCalls>>,
-        slot: OwnedSemaphorePermit,
+        slot: InstanceSlot,
     ) -> Instance {
         Instance::new(armed_store(runtime, guest, context, internal), slot)
     }

@@ -161,8 +161,7 @@ async fn run_guest(
         }
         None => {
             let slot = runtime
-                .instances()
-                .enter(queue_deadline)
+                .instance_slot(queue_deadline)
                 .await
                 .map_err(|refused| Failure::Overloaded(refused.0))?;
             let instance =
@@ -190,8 +189,7 @@ async fn run_guest(
                 failure.reason()
             );
             let slot = runtime
-                .instances()
-                .enter(queue_deadline)
+                .instance_slot(queue_deadline)
                 .await
                 .map_err(|refused| Failure::Overloaded(refused.0))?;
             let instance = Instance::fresh(runtime, guest, context, meta.internal.clone(), slot);
@@ -240,8 +238,7 @@ async fn run_on_worker(
             Ok(id) => id,
             Err(job) => {
                 let slot = runtime
-                    .instances()
-                    .enter(queue_deadline)
+                    .instance_slot(queue_deadline)
                     .await
                     .map_err(|refused| Failure::Overloaded(refused.0))?;
                 Workers::start(runtime, guest, job, meta.internal.clone(), slot)
@@ -318,8 +315,7 @@ pub(crate) async fn deliver_message(
         .await
         .map_err(|refused| Failure::Busy(refused.0))?;
     let slot = runtime
-        .instances()
-        .enter(queue_deadline)
+        .instance_slot(queue_deadline)
         .await
         .map_err(|refused| Failure::Overloaded(refused.0))?;
     let context = CallContext {

@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::InstancePre;
 use wasmtime::{Store, UpdateDeadline};
 
 use crate::base::respond::Body;
 use crate::capabilities::call::CallContext;
 use crate::guest::body::FailureNote;
+use crate::guest::engine::InstanceSlot;
 use crate::guest::failure::Failure;
 use crate::guest::scheduler::{self, CpuMeter, Verdict};
 use crate::guest::state::HostState;
@@ -38,12 +39,12 @@ pub(crate) struct Instance {
     /// Requests this instance has completed.
     pub(crate) served: u32,
     /// The host-wide instance slot, held as long as the instance lives.
-    _slot: OwnedSemaphorePermit,
+    _slot: InstanceSlot,
 }
 
 impl Instance {
     /// An instance that is not instantiated yet: `store`, holding `slot`.
-    pub(crate) fn new(store: Store<HostState>, slot: OwnedSemaphorePermit) -> Instance {
+    pub(crate) fn new(store: Store<HostState>, slot: InstanceSlot) -> Instance {
         Instance {
             store,
             instance: None,

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use wasmtime::Store;
 use wasmtime_wasi_http::p3::bindings::Service;
 use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode;
@@ -32,6 +32,7 @@ use wasmtime_wasi_http::{FieldMap, WasiHttpView};
 use crate::base::respond::Body;
 use crate::capabilities::outbound::InternalCalls;
 use crate::guest::Guest;
+use crate::guest::engine::InstanceSlot;
 use crate::guest::engine::Runtime;
 use crate::guest::failure::{Failure, classify};
 use crate::guest::instance::new_store;
@@ -47,7 +48,7 @@ impl Workers {
         guest: &Arc<Guest>,
         job: Box<Job>,
         internal: Option<Arc<dyn InternalCalls>>,
-        slot: OwnedSemaphorePermit,
+        slot: InstanceSlot,
     ) -> u64 {
         let (sender, queue) = mpsc::unbounded_channel();
         let id = guest.workers().join(sender, guest.reuse());
@@ -112,7 +113,7 @@ struct Worker {
     /// the instance fails.
     notes: Mutex<Vec<oneshot::Sender<String>>>,
     /// The host-wide instance slot, held as long as the instance lives.
-    _slot: OwnedSemaphorePermit,
+    _slot: InstanceSlot,
 }
 
 /// How a worker's event loop ended, when it did not fail.
