@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Result, bail, ensure};
 
 use crate::base::limits::{Limits, MAX_DURATION, PartialLimits, format_size};
+use crate::capabilities::at_rest::AtRestKeys;
 use crate::capabilities::keyvalue::KeyValueChoice;
 use crate::capabilities::messaging::rabbitmq::QueueType;
 use crate::capabilities::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits};
@@ -84,6 +85,10 @@ pub struct Config {
     /// TLS to the backends (`--backend-tls-*`); `None`: `[tls]` in
     /// `wharf.toml`, else none.
     pub backend_tls: Option<BackendTls>,
+    /// The keys values are encrypted with at rest (`--encryption-key`);
+    /// `None`: `[encryption]` in `wharf.toml`, else values are stored as
+    /// they are.
+    pub encryption: Option<AtRestKeys>,
     /// The directories and environment variables services' manifests may
     /// name as secret sources, besides those `wharf.toml` hands out
     /// (`--secret-dir`, `--secret-env`). Nothing by default.
@@ -111,6 +116,7 @@ impl Default for Config {
             replicas: None,
             queues: None,
             backend_tls: None,
+            encryption: None,
             secret_sources: SecretSources::default(),
         }
     }
@@ -180,6 +186,13 @@ pub(crate) struct Settled {
     pub messaging_queues: QueueType,
     /// TLS to the backends.
     pub tls: BackendTls,
+    /// The NATS credentials file the key-value backend signs in with: the
+    /// cluster's, when the backend is the cluster's NATS.
+    pub keyvalue_credentials: Option<PathBuf>,
+    /// The same for the broker.
+    pub messaging_credentials: Option<PathBuf>,
+    /// The keys of encryption at rest, if values are encrypted.
+    pub encryption: Option<AtRestKeys>,
     /// The broker's bounds.
     pub messaging_limits: MessagingLimits,
 }
@@ -250,6 +263,21 @@ impl Config {
             .or(file.messaging)
             .or_else(|| cluster_nats.map(BrokerChoice::Nats))
             .unwrap_or_default();
+        // A backend on the cluster's own NATS signs in as the cluster does.
+        let cluster_credentials = |url: &str| {
+            cluster
+                .as_ref()
+                .filter(|cluster| cluster.url.trim() == url.trim())
+                .and_then(|cluster| cluster.credentials.clone())
+        };
+        let keyvalue_credentials = match &keyvalue {
+            KeyValueChoice::Nats(url) => cluster_credentials(url),
+            _ => None,
+        };
+        let messaging_credentials = match &messaging {
+            BrokerChoice::Nats(url) => cluster_credentials(url),
+            _ => None,
+        };
         // Copies: the flag, else the section's own, else the cluster's.
         let cluster_replicas = cluster.as_ref().map(|cluster| cluster.replicas);
         let replicas = |section: Option<Replicas>| {
@@ -277,6 +305,9 @@ impl Config {
             messaging_replicas,
             messaging_queues: self.queues.or(file.messaging_queues).unwrap_or_default(),
             tls,
+            keyvalue_credentials,
+            messaging_credentials,
+            encryption: self.encryption.clone().or(file.encryption),
             messaging_limits,
         })
     }
@@ -356,6 +387,31 @@ mod tests {
         assert_eq!(settled.keyvalue, KeyValueChoice::default());
         assert_eq!(settled.messaging, BrokerChoice::default());
         assert_eq!(settled.cluster, None);
+    }
+
+    #[test]
+    fn regression_backends_on_the_clusters_nats_sign_in_with_its_credentials() {
+        // The key-value backend and the broker defaulted to the cluster's
+        // NATS but connected without its credentials file, so a NATS that
+        // requires one refused them while the cluster itself joined.
+        let mut cluster = ClusterConfig::new("nats://cluster:4222");
+        cluster.credentials = Some("/srv/wharf.creds".into());
+        let file = HostSettings {
+            cluster: Some(cluster),
+            ..HostSettings::default()
+        };
+        let settled = Config::for_dir("services")
+            .settle(file.clone(), host_id)
+            .unwrap();
+        let creds = Some(PathBuf::from("/srv/wharf.creds"));
+        assert_eq!(settled.keyvalue_credentials, creds);
+        assert_eq!(settled.messaging_credentials, creds);
+        // A backend on another NATS does not get them.
+        let mut config = Config::for_dir("services");
+        config.keyvalue = Some(KeyValueChoice::Nats("nats://elsewhere:4222".into()));
+        let settled = config.settle(file, host_id).unwrap();
+        assert_eq!(settled.keyvalue_credentials, None);
+        assert_eq!(settled.messaging_credentials, creds);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::base::metrics::{BackendGauge, Metrics};
 use crate::base::respond::Body;
 use crate::capabilities::BackendStatus;
 use crate::capabilities::Backends;
+use crate::capabilities::at_rest::Sealer;
 use crate::capabilities::messaging::choice::BrokerSettings;
 use crate::capabilities::messaging::{Broker, MessagingHub};
 use crate::config::{Config, Settled};
@@ -499,6 +500,19 @@ async fn open_backends(
     data_dir: Option<&Path>,
     metrics: &Arc<Metrics>,
 ) -> Result<Backends> {
+    let sealer = match settled.encryption.clone() {
+        Some(keys) => Some(Arc::new(
+            tokio::task::spawn_blocking(move || Sealer::load(&keys))
+                .await
+                .context("loading the encryption keys")?
+                .context("loading the encryption keys")?,
+        )),
+        None => None,
+    };
+    let keyvalue_credentials = match &settled.keyvalue_credentials {
+        Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
+        None => None,
+    };
     let keyvalue = settled
         .keyvalue
         .open(
@@ -506,6 +520,8 @@ async fn open_backends(
             settled.policy.defaults.kv_value_size,
             settled.keyvalue_replicas,
             &settled.tls,
+            keyvalue_credentials.as_deref(),
+            sealer,
         )
         .await
         .context("opening the key-value backend")?;
@@ -520,6 +536,10 @@ async fn open_backends(
                 replicas: settled.messaging_replicas,
                 queues: settled.messaging_queues,
                 tls: settled.tls.clone(),
+                nats_credentials: match &settled.messaging_credentials {
+                    Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
+                    None => None,
+                },
             },
         )
         .await

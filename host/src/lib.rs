@@ -70,6 +70,7 @@ pub use base::headers::{
 };
 pub use base::respond::Body;
 pub use capabilities::BackendStatus;
+pub use capabilities::at_rest::AtRestKeys;
 pub use capabilities::keyvalue::KeyValueChoice;
 pub use capabilities::nats::Replicas;
 pub use capabilities::tls::BackendTls;

@@ -1,69 +1,21 @@
-//! Encryption on the wire: a `nats-server` of the test's own that speaks
-//! TLS only, with certificates the test makes (`rcgen`), reached by Wharf
-//! with `[tls]` through a relay that records every byte. A secret written
-//! through key-value never appears in them; a wrong CA fails clearly;
-//! mutual TLS works where the server requires it.
+//! Encryption on the wire: a `nats-server`, a `redis-server` and RabbitMQ
+//! of the test's own that speak TLS, with certificates the test makes
+//! (`rcgen`), reached by Wharf with `[tls]`, through a relay that records
+//! every byte. A secret written through key-value or sent as a message
+//! never appears in them; a wrong CA fails clearly; mutual TLS works where
+//! the server requires it; plain-text URLs are refused once `[tls]` is set.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tempfile::TempDir;
-use wharf::{BackendTls, Config, KeyValueChoice};
+use wharf::messaging::BrokerChoice;
+use wharf::{AtRestKeys, BackendTls, Config, Host, KeyValueChoice};
 
-use crate::support::{NatsServer, ServiceDir, TestServer, client, free_port, guest_bytes};
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate it
-/// signed, and a second, unrelated CA.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = TempDir::new().expect("temp dir");
-        let write = |name: &str, text: String| {
-            std::fs::write(dir.path().join(name), text).expect("write a PEM file")
-        };
-        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).expect("the CA");
-        write("ca.pem", ca.pem());
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        for (name, names) in [
-            (
-                "server",
-                vec!["127.0.0.1".to_string(), "localhost".to_string()],
-            ),
-            ("client", vec!["wharf".to_string()]),
-        ] {
-            let key = rcgen::KeyPair::generate().expect("a key");
-            let cert = rcgen::CertificateParams::new(names)
-                .expect("params")
-                .signed_by(&key, &issuer)
-                .expect("a certificate");
-            write(&format!("{name}.pem"), cert.pem());
-            write(&format!("{name}-key.pem"), key.serialize_pem());
-        }
-        let other_key = rcgen::KeyPair::generate().expect("a key");
-        let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        write(
-            "other-ca.pem",
-            other.self_signed(&other_key).expect("a CA").pem(),
-        );
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-}
+use crate::support::{
+    NatsServer, Pki, RabbitServer, RedisServer, ServiceDir, TestServer, client, eventually,
+    free_port, get, guest_bytes,
+};
 
 /// A TCP relay on a free loopback port to `target`, recording every byte
 /// in both directions.
@@ -73,6 +25,18 @@ struct Relay {
 }
 
 impl Relay {
+    /// What it saw, after checking that it saw a conversation (more than a
+    /// handshake) and never `secret`.
+    fn bytes_without(&self, secret: &str) -> Vec<u8> {
+        let wire = self.bytes();
+        assert!(wire.len() > 1000, "the relay saw {} bytes", wire.len());
+        assert!(
+            !contains(&wire, secret.as_bytes()),
+            "the secret crossed the wire in the clear"
+        );
+        wire
+    }
+
     async fn start(target: u16) -> Relay {
         let port = free_port();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -123,11 +87,17 @@ async fn pipe(
 /// A host whose key-value backend is the NATS at `url`, with `tls`, serving
 /// the key-value test guest as `kv`.
 async fn host(url: String, tls: BackendTls) -> (TestServer, ServiceDir) {
+    host_with(KeyValueChoice::Nats(url), tls).await
+}
+
+/// A host whose key-value backend is `backend`, with `tls`, serving the
+/// key-value test guest as `kv`.
+async fn host_with(backend: KeyValueChoice, tls: BackendTls) -> (TestServer, ServiceDir) {
     let dir = ServiceDir::new();
     dir.install_bytes("kv.wasm", &guest_bytes("kv"));
     dir.write("kv.toml", b"[keyvalue]\nbuckets = [\"vault\"]\n");
     let mut config = Config::for_dir(dir.path());
-    config.keyvalue = Some(KeyValueChoice::Nats(url));
+    config.keyvalue = Some(backend);
     config.backend_tls = Some(tls);
     (TestServer::start(config).await, dir)
 }
@@ -203,12 +173,7 @@ async fn key_value_over_tls_never_shows_a_value_on_the_wire_and_a_wrong_ca_fails
         write_and_read(&server, secret).await,
         (204, 200, secret.to_string())
     );
-    let wire = relay.bytes();
-    assert!(wire.len() > 1000, "the relay saw {} bytes", wire.len());
-    assert!(
-        !contains(&wire, secret.as_bytes()),
-        "the secret crossed the wire in the clear"
-    );
+    let wire = relay.bytes_without(secret);
     assert!(
         !contains(&wire, b"vault"),
         "the bucket's name crossed the wire in the clear"
@@ -265,4 +230,290 @@ fn regression_tls_files_must_be_regular_files() {
     };
     let err = format!("{:#}", tls.client_config().unwrap_err());
     assert!(err.contains("tls.ca"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_over_tls_never_shows_a_value_on_the_wire_and_needs_the_right_ca_and_certificate() {
+    let pki = Pki::new();
+    let redis = RedisServer::start_tls(&pki);
+    let relay = Relay::start(redis.port).await;
+    let url = format!("rediss://127.0.0.1:{}", relay.port);
+
+    let secret = "TOP-SECRET-77d0e2-REDIS";
+    let (server, _dir) = host_with(
+        KeyValueChoice::Redis(url.clone()),
+        files(&pki, "ca.pem", true),
+    )
+    .await;
+    assert_eq!(
+        write_and_read(&server, secret).await,
+        (204, 200, secret.to_string())
+    );
+    relay.bytes_without(secret);
+    server.stop().await;
+
+    // Without the client certificate the server refuses; with a CA that
+    // did not sign the server's certificate Wharf refuses. Both fail the
+    // write, and nothing reaches Redis.
+    for (ca, client_cert) in [("ca.pem", false), ("other-ca.pem", true)] {
+        let (server, _dir) = host_with(
+            KeyValueChoice::Redis(url.clone()),
+            files(&pki, ca, client_cert),
+        )
+        .await;
+        let (put, _, _) = write_and_read(&server, "nobody").await;
+        assert!(put >= 500, "{ca}, client certificate {client_cert}: {put}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_over_rabbitmq_tls_never_show_on_the_wire_and_need_the_client_certificate() {
+    let (url, pki_dir) = RabbitServer::shared_tls();
+    let tls_port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .expect("the port in the amqps URL");
+    let relay = Relay::start(tls_port).await;
+    let relayed = url.replace(&format!(":{tls_port}/"), &format!(":{}/", relay.port));
+    let files = |client_cert: bool| BackendTls {
+        ca: Some(pki_dir.join("ca.pem")),
+        cert: client_cert.then(|| pki_dir.join("client.pem")),
+        key: client_cert.then(|| pki_dir.join("client-key.pem")),
+    };
+
+    let secret = "TOP-SECRET-c41b9e-AMQP";
+    let (server, _dir) = messaging_host(&relayed, files(true)).await;
+    let (status, body) = publish(&server, secret).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(60), "the message handled", || async {
+        get(&server.url("/pub/seen?group=enc-tls"))
+            .await
+            .is_some_and(|(_, seen)| seen.contains(secret))
+    })
+    .await;
+    let wire = relay.bytes();
+    assert!(wire.len() > 1000, "the relay saw {} bytes", wire.len());
+    assert!(
+        !contains(&wire, secret.as_bytes()),
+        "the message crossed the wire in the clear"
+    );
+    server.stop().await;
+
+    // The listener requires a client certificate: without one, publishing
+    // fails (503, the broker unavailable), clearly and without a hang.
+    let (server, _dir) = messaging_host(&url, files(false)).await;
+    let (status, body) = publish(&server, "nobody").await;
+    assert_eq!(status, 503, "{body}");
+    server.stop().await;
+}
+
+/// A host on the RabbitMQ at `url` with `tls`: `pub` publishes to `enc.tls`,
+/// `rec` records it in group `enc-tls`.
+async fn messaging_host(url: &str, tls: BackendTls) -> (TestServer, ServiceDir) {
+    let dir = ServiceDir::new();
+    for (name, manifest) in [
+        (
+            "pub",
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = [\"enc.tls\"]\n",
+        ),
+        (
+            "rec",
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"enc.tls\"]\n[[trigger.message]]\ntopic = \"enc.tls\"\ngroup = \"enc-tls\"\npath = \"/record\"\n",
+        ),
+    ] {
+        dir.install_bytes(&format!("{name}.wasm"), &guest_bytes("messenger"));
+        dir.write(&format!("{name}.toml"), manifest.as_bytes());
+    }
+    let mut config = Config::for_dir(dir.path());
+    config.messaging = Some(BrokerChoice::Rabbit(url.to_string()));
+    config.backend_tls = Some(tls);
+    (TestServer::start(config).await, dir)
+}
+
+async fn publish(server: &TestServer, body: &str) -> (u16, String) {
+    let response = client()
+        .post(server.url("/pub/publish?topic=enc.tls"))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the host answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_tls_set_plain_urls_and_insecure_fragments_are_refused_at_start() {
+    let pki = Pki::new();
+    let tls = files(&pki, "ca.pem", false);
+    let cases = [
+        (
+            Some(KeyValueChoice::Redis("redis://127.0.0.1:6379".into())),
+            None,
+            "use rediss://",
+        ),
+        (
+            Some(KeyValueChoice::Redis(
+                "rediss://127.0.0.1:6379/#insecure".into(),
+            )),
+            None,
+            "always verifies",
+        ),
+        (
+            None,
+            Some(BrokerChoice::Rabbit(
+                "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            )),
+            "use amqps://",
+        ),
+    ];
+    for (keyvalue, messaging, expected) in cases {
+        let dir = ServiceDir::new();
+        let mut config = Config::for_dir(dir.path());
+        config.keyvalue = keyvalue;
+        config.messaging = messaging;
+        config.backend_tls = Some(tls.clone());
+        let err = match Host::new(config).await {
+            Ok(_) => panic!("a host started where {expected:?} was expected"),
+            Err(err) => format!("{err:#}"),
+        };
+        assert!(err.contains(expected), "{err}");
+        assert!(!err.contains("guest:guest"), "credentials in {err}");
+    }
+}
+
+/// lapin was built without its async TLS feature, and then treats
+/// `amqps://` like `amqp://`: it spoke plain AMQP, credentials and
+/// messages in the clear, to whatever listened. An `amqps://` URL naming a
+/// plain-text listener must fail instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_amqps_never_falls_back_to_plain_text() {
+    let (_, pki_dir) = RabbitServer::shared_tls();
+    let plain_port = RabbitServer::shared_url().replacen("amqp://", "amqps://", 1);
+    let tls = BackendTls {
+        ca: Some(pki_dir.join("ca.pem")),
+        cert: Some(pki_dir.join("client.pem")),
+        key: Some(pki_dir.join("client-key.pem")),
+    };
+    let (server, _dir) = messaging_host(&plain_port, tls).await;
+    let (status, body) = publish(&server, "in the clear?").await;
+    assert_eq!(status, 503, "{body}");
+    server.stop().await;
+}
+
+/// A host with the embedded store in `data` (or `backend`), encrypting
+/// values at rest with `key`, serving the key-value guest as `kv`.
+async fn sealed_host(
+    data: &ServiceDir,
+    backend: Option<KeyValueChoice>,
+    key: &Path,
+) -> (TestServer, ServiceDir) {
+    let dir = ServiceDir::new();
+    dir.install_bytes("kv.wasm", &guest_bytes("kv"));
+    dir.write("kv.toml", b"[keyvalue]\nbuckets = [\"vault\"]\n");
+    let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
+    config.keyvalue = backend;
+    config.encryption = Some(AtRestKeys {
+        key: key.to_path_buf(),
+        previous: Vec::new(),
+    });
+    (TestServer::start(config).await, dir)
+}
+
+/// Increments the `visits` counter `times` times; the last value.
+async fn count_visits(server: &TestServer, times: u32) -> String {
+    let counted = client()
+        .post(server.url(&format!("/kv/incr?bucket=vault&key=visits&times={times}")))
+        .send()
+        .await
+        .expect("the host answers");
+    counted.text().await.unwrap_or_default()
+}
+
+/// Every byte of every file under `dir`.
+fn bytes_under(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .expect("read the data directory")
+        .flatten()
+    {
+        let path = entry.path();
+        if path.is_dir() {
+            all.extend(bytes_under(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            all.extend(bytes);
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_are_encrypted_at_rest_and_open_only_with_their_key() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = keys.path().join("wharf.key");
+    std::fs::write(&key, format!("{}\n", "3c".repeat(32))).expect("write the key");
+    let other = keys.path().join("other.key");
+    std::fs::write(&other, "a7".repeat(32)).expect("write the key");
+    let data = ServiceDir::new();
+    let secret = "TOP-SECRET-5e2f08-AT-REST";
+
+    let (server, _dir) = sealed_host(&data, None, &key).await;
+    assert_eq!(
+        write_and_read(&server, secret).await,
+        (204, 200, secret.to_string())
+    );
+    assert_eq!(count_visits(&server, 5).await, "5");
+    server.stop().await;
+    let on_disk = bytes_under(data.path());
+    assert!(
+        contains(&on_disk, b"secret"),
+        "the key's name is stored as it is"
+    );
+    assert!(
+        !contains(&on_disk, secret.as_bytes()),
+        "the value is on disk in the clear"
+    );
+
+    // A restart with the same key reads it back; with another key the read
+    // fails, naming the key the value needs.
+    let (server, _dir) = sealed_host(&data, None, &key).await;
+    let (status, body) = get(&server.url("/kv/get?bucket=vault&key=secret"))
+        .await
+        .expect("the host answers");
+    assert_eq!((status, body.as_str()), (200, secret));
+    server.stop().await;
+    let (server, _dir) = sealed_host(&data, None, &other).await;
+    let (status, body) = get(&server.url("/kv/get?bucket=vault&key=secret"))
+        .await
+        .expect("the host answers");
+    assert!(status >= 500, "{status} {body}");
+    assert!(body.contains("does not have"), "{body}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_encryption_redis_only_ever_sees_sealed_values() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = keys.path().join("wharf.key");
+    std::fs::write(&key, "5d".repeat(32)).expect("write the key");
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let data = ServiceDir::new();
+    let backend = KeyValueChoice::Redis(format!("redis://127.0.0.1:{}", relay.port));
+    let (server, _dir) = sealed_host(&data, Some(backend), &key).await;
+    let secret = "TOP-SECRET-91aa4c-IN-REDIS";
+    assert_eq!(
+        write_and_read(&server, secret).await,
+        (204, 200, secret.to_string())
+    );
+    assert_eq!(count_visits(&server, 3).await, "3");
+    let wire = relay.bytes();
+    assert!(contains(&wire, b"secret"), "the relay saw no key");
+    assert!(
+        !contains(&wire, secret.as_bytes()),
+        "the value reached Redis in the clear"
+    );
+    server.stop().await;
 }

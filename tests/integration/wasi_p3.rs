@@ -507,7 +507,10 @@ fn regression_a_guest_running_when_its_host_is_dropped_still_stops_at_its_deadli
             config.drain_timeout = Duration::from_millis(100);
             let host = wharf::Host::new(config).await.expect("build host");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/hostile/busy-loop", listener.local_addr().unwrap());
+            let url = format!(
+                "http://{}/hostile/busy-loop",
+                listener.local_addr().unwrap()
+            );
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let serving = tokio::spawn({
                 let host = host.clone();

@@ -13,6 +13,7 @@
 //!
 //! Uses: `base`. Used by: `guest` and everything above it.
 
+pub mod at_rest;
 pub(crate) mod call;
 pub mod keyvalue;
 pub mod messaging;

@@ -76,6 +76,24 @@ impl BackendTls {
         Ok(Some(config))
     }
 
+    /// The files' PEM text, for client libraries that take PEM rather than
+    /// a rustls configuration (Redis, RabbitMQ). Checked first exactly as
+    /// [`client_config`](BackendTls::client_config) checks them, so a bad
+    /// file fails the same way whichever backend reads it. Blocking.
+    pub fn pem(&self) -> Result<TlsPem> {
+        self.client_config()?;
+        let ca = self
+            .ca
+            .as_deref()
+            .map(|ca| read(ca, "tls.ca"))
+            .transpose()?;
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((read(cert, "tls.cert")?, read(key, "tls.key")?)),
+            _ => None,
+        };
+        Ok(TlsPem { ca, identity })
+    }
+
     /// The files, checked to be regular files (not a device, FIFO or
     /// directory), for a client library that reads them itself.
     pub fn check_files(&self) -> Result<()> {
@@ -90,6 +108,47 @@ impl BackendTls {
         }
         Ok(())
     }
+}
+
+/// The PEM text of [`BackendTls`]'s files, checked.
+pub struct TlsPem {
+    /// The CA bundle, if one is configured (else the system's roots).
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate chain and its private key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Makes ring the process's rustls crypto provider if none is installed:
+/// client libraries that build their rustls configuration with the process
+/// default (Redis, RabbitMQ) would otherwise fail in a process whose
+/// dependencies enable more than one provider.
+pub fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may have installed one meanwhile: either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// Refuses what would weaken or skip TLS for a backend at `url` whose
+/// secure scheme is `secure_scheme`: a URL fragment (Redis reads
+/// `#insecure` as "do not verify the certificate"), and a plain-text URL
+/// when `[tls]` is set, since the operator asked for encryption.
+pub fn check_backend_url(url: &str, secure_scheme: &str, tls: &BackendTls) -> Result<bool> {
+    let shown = crate::base::redact::url(url);
+    if url.contains('#') {
+        bail!(
+            "{shown}: a URL fragment (such as #insecure) is not accepted: Wharf always verifies the server's certificate"
+        );
+    }
+    let secure = url
+        .get(..secure_scheme.len())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(secure_scheme));
+    if tls.is_set() && !secure {
+        bail!(
+            "{shown}: [tls] is set, so backends are reached over TLS only; use {secure_scheme}// for this one"
+        );
+    }
+    Ok(secure)
 }
 
 /// The file at `path`, a regular file of at most [`MAX_TLS_FILE`] bytes.
@@ -113,6 +172,26 @@ fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_urls_are_checked_for_what_would_skip_tls() {
+        let none = BackendTls::default();
+        let set = BackendTls {
+            ca: Some("ca.pem".into()),
+            ..BackendTls::default()
+        };
+        assert!(!check_backend_url("redis://h:1", "rediss:", &none).unwrap());
+        assert!(check_backend_url("REDISS://h:1", "rediss:", &none).unwrap());
+        assert!(check_backend_url("rediss://h:1", "rediss:", &set).unwrap());
+        let plain = check_backend_url("amqp://u:secret@h:1/%2f", "amqps:", &set).unwrap_err();
+        assert!(format!("{plain}").contains("use amqps://"), "{plain}");
+        assert!(!format!("{plain}").contains("secret"), "{plain}");
+        let fragment = check_backend_url("rediss://h:1/#insecure", "rediss:", &none).unwrap_err();
+        assert!(
+            format!("{fragment}").contains("always verifies"),
+            "{fragment}"
+        );
+    }
 
     #[test]
     fn a_certificate_needs_its_key() {

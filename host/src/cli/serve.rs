@@ -11,7 +11,8 @@ use wharf::cluster::ClusterConfig;
 use wharf::limits::{self, Limits, PartialLimits};
 use wharf::messaging::{BrokerChoice, MessagingLimits, PartialMessagingLimits, QueueType};
 use wharf::{
-    BackendTls, Config, EngineOptions, Host, KeyValueChoice, Replicas, SecretSources, Tiers,
+    AtRestKeys, BackendTls, Config, EngineOptions, Host, KeyValueChoice, Replicas, SecretSources,
+    Tiers,
 };
 
 use super::logging::{LogFormat, announce};
@@ -159,9 +160,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub replicas: Option<Replicas>,
 
-    /// The CA bundle (PEM) that signed the backends' certificates: NATS is
-    /// then reached over TLS only, verified against it. [default: tls.ca in
-    /// DIR/wharf.toml]
+    /// The CA bundle (PEM) that signed the backends' certificates: NATS,
+    /// Redis (rediss://) and RabbitMQ (amqps://) are then reached over TLS
+    /// only, verified against it. [default: tls.ca in DIR/wharf.toml]
     #[arg(long, value_name = "FILE")]
     pub backend_tls_ca: Option<PathBuf>,
 
@@ -174,6 +175,12 @@ pub struct ServeArgs {
     /// DIR/wharf.toml]
     #[arg(long, value_name = "FILE", requires = "backend_tls_cert")]
     pub backend_tls_key: Option<PathBuf>,
+
+    /// A key file (64 hex digits) to encrypt key-value values with at rest:
+    /// whichever backend stores them holds them sealed (AES-256-GCM).
+    /// [default: encryption.key in DIR/wharf.toml, else not encrypted]
+    #[arg(long, value_name = "FILE")]
+    pub encryption_key: Option<PathBuf>,
 
     /// The kind of queue RabbitMQ keeps each consumer group in: "quorum"
     /// (replicated on a majority of the RabbitMQ cluster), "classic" (one
@@ -312,6 +319,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 key: args.backend_tls_key.clone(),
             },
         ),
+        encryption: args.encryption_key.clone().map(|key| AtRestKeys {
+            key,
+            previous: Vec::new(),
+        }),
         replicas: args.replicas,
         queues: args.queue_type,
         watch: !args.no_watch,

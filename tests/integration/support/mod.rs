@@ -1,6 +1,7 @@
 //! Test helpers, by kind: the guests ([`guests`]), hosts under test
 //! ([`hosts`]: a services directory, an in-process host, the `wharf`
-//! binary), the real servers backend tests start ([`servers`]), and here
+//! binary), the real servers backend tests start ([`servers`]) and the
+//! certificates for their TLS ([`pki`]), and here
 //! what every test uses: an HTTP client and polling with deadlines (never
 //! fixed sleeps).
 
@@ -11,10 +12,12 @@ use std::time::{Duration, Instant};
 
 mod guests;
 mod hosts;
+mod pki;
 mod servers;
 
 pub use guests::*;
 pub use hosts::*;
+pub use pki::*;
 pub use servers::*;
 
 /// Polls `check` until it returns true or `timeout` passes.

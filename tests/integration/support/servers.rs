@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::guests::workspace_root;
+use super::pki::Pki;
 
 /// A free TCP port on 127.0.0.1 (bound and released; a server started on it
 /// right after almost always gets it).
@@ -136,6 +137,33 @@ impl RedisServer {
                 .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
                 .arg("--dir")
                 .arg(&path);
+            command
+        });
+        RedisServer { server, _dir: dir }
+    }
+
+    /// A `redis-server` that speaks TLS only, with `pki`'s server
+    /// certificate, requiring client certificates signed by its CA.
+    pub fn start_tls(pki: &Pki) -> RedisServer {
+        let dir = TempDir::new().expect("temp dir");
+        let (port, path) = (free_port(), dir.path().to_path_buf());
+        let program = server_program("redis-server", "redis-server");
+        let files = [
+            ("--tls-cert-file", pki.path("server.pem")),
+            ("--tls-key-file", pki.path("server-key.pem")),
+            ("--tls-ca-cert-file", pki.path("ca.pem")),
+        ];
+        let server = ServerProcess::start("redis-server (TLS)", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command
+                .args(["--bind", "127.0.0.1", "--port", "0"])
+                .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "yes"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&path);
+            for (flag, file) in &files {
+                command.arg(flag).arg(file);
+            }
             command
         });
         RedisServer { server, _dir: dir }
@@ -331,11 +359,21 @@ impl HaproxyServer {
 pub struct RabbitServer {
     broker: ServerProcess,
     _epmd: ServerProcess,
+    /// Where it also listens for AMQP over TLS (`amqps`), requiring a
+    /// client certificate signed by `pki`'s CA.
+    pub tls_port: u16,
+    pub pki: Pki,
     _dir: TempDir,
 }
 
-/// Where the shared broker listens, once it is up.
-static SHARED_RABBIT: OnceLock<u16> = OnceLock::new();
+/// The shared broker, once it is up: its ports and its PKI's files.
+struct SharedRabbit {
+    port: u16,
+    tls_port: u16,
+    pki_dir: PathBuf,
+}
+
+static SHARED_RABBIT: OnceLock<SharedRabbit> = OnceLock::new();
 
 impl RabbitServer {
     /// Starts a broker for one test (about 15 s on this machine).
@@ -348,6 +386,22 @@ impl RabbitServer {
         let dir = TempDir::new().expect("temp dir");
         std::fs::write(dir.path().join("plugins"), "[].").expect("write the plugins file");
         let (port, epmd_port, dist_port) = (free_port(), free_port(), free_port());
+        let (tls_port, pki) = (free_port(), Pki::new());
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!(
+                "listeners.ssl.default = {tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                pki.arg("ca.pem"),
+                pki.arg("server.pem"),
+                pki.arg("server-key.pem"),
+            ),
+        )
+        .expect("write rabbitmq.conf");
         let epmd_program = server_program("epmd", "erlang-base");
         let epmd = ServerProcess::start("epmd", epmd_port, STARTUP, move || {
             let mut epmd = Command::new(&epmd_program);
@@ -377,7 +431,7 @@ impl RabbitServer {
                     .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
                     .env("RABBITMQ_LOG_BASE", dir.join("log"))
                     .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
-                    .env("RABBITMQ_CONFIG_FILE", dir.join("none"));
+                    .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"));
                 die_with_parent(&mut broker);
                 broker
             },
@@ -385,6 +439,8 @@ impl RabbitServer {
         RabbitServer {
             broker,
             _epmd: epmd,
+            tls_port,
+            pki,
             _dir: dir,
         }
     }
@@ -392,7 +448,21 @@ impl RabbitServer {
     /// The URL of one broker the whole test binary shares (started on
     /// first use; tests on it keep to topics and groups of their own).
     pub fn shared_url() -> String {
-        let port = *SHARED_RABBIT.get_or_init(|| {
+        amqp_url(RabbitServer::shared().port)
+    }
+
+    /// The shared broker's `amqps://` URL and the directory of its PKI's
+    /// files (see [`Pki`]): it requires a client certificate.
+    pub fn shared_tls() -> (String, PathBuf) {
+        let shared = RabbitServer::shared();
+        (
+            format!("amqps://guest:guest@127.0.0.1:{}/%2f", shared.tls_port),
+            shared.pki_dir.clone(),
+        )
+    }
+
+    fn shared() -> &'static SharedRabbit {
+        SHARED_RABBIT.get_or_init(|| {
             // Started on a thread that lives as long as the process, so
             // the broker lives that long too, and no longer.
             let (tx, rx) = std::sync::mpsc::channel();
@@ -400,7 +470,12 @@ impl RabbitServer {
                 .name("shared-rabbitmq".into())
                 .spawn(move || {
                     let server = RabbitServer::start();
-                    tx.send(server.port).expect("report the port");
+                    tx.send(SharedRabbit {
+                        port: server.port,
+                        tls_port: server.tls_port,
+                        pki_dir: server.pki.path("."),
+                    })
+                    .expect("report the ports");
                     loop {
                         std::thread::park();
                         let _ = &server;
@@ -408,8 +483,7 @@ impl RabbitServer {
                 })
                 .expect("spawn the rabbitmq thread");
             rx.recv().expect("the shared rabbitmq started")
-        });
-        amqp_url(port)
+        })
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.

@@ -2,9 +2,14 @@
 //! `backend` under `[keyvalue]` in `wharf.toml`): the one place backends are
 //! chosen and opened.
 
+use std::sync::Arc;
+
+use crate::capabilities::at_rest::Sealer;
 use crate::capabilities::keyvalue::embedded::Embedded;
 use crate::capabilities::keyvalue::nats::NatsKv;
 use crate::capabilities::keyvalue::redis::RedisKv;
+use crate::capabilities::keyvalue::sealed::Sealed;
+use crate::capabilities::keyvalue::store::KeyValueStore;
 use crate::capabilities::keyvalue::store::Store;
 use crate::capabilities::nats::Replicas;
 use crate::capabilities::tls::BackendTls;
@@ -57,28 +62,38 @@ impl KeyValueChoice {
     /// without one); Redis and NATS connect in the background, so a server
     /// that is down now does not stop the host from starting. `replicas`
     /// is how many NATS servers keep each bucket; `tls` secures the
-    /// connection (NATS only, for now).
+    /// connection, `nats_credentials` (a NATS credentials file's text)
+    /// authenticates to NATS; with a `sealer`, values are encrypted before
+    /// the backend stores them.
     pub async fn open(
         &self,
         data_dir: Option<&std::path::Path>,
         max_value_size: u64,
         replicas: Replicas,
         tls: &BackendTls,
+        nats_credentials: Option<&str>,
+        sealer: Option<Arc<Sealer>>,
     ) -> anyhow::Result<Store> {
         Ok(match self {
             KeyValueChoice::Embedded => {
                 let path = data_dir.map(|dir| dir.join("keyvalue.sqlite3"));
                 let store =
                     tokio::task::spawn_blocking(move || Embedded::open(path.as_deref())).await??;
-                Store::new(store)
+                store_of(store, sealer)
             }
-            KeyValueChoice::Redis(_) if tls.is_set() => anyhow::bail!(
-                "[tls] secures NATS only in this version: Redis over TLS with a private CA is not supported yet"
+            KeyValueChoice::Redis(url) => store_of(RedisKv::connect(url, tls)?, sealer),
+            KeyValueChoice::Nats(url) => store_of(
+                NatsKv::connect(url, max_value_size, replicas, tls, nats_credentials).await?,
+                sealer,
             ),
-            KeyValueChoice::Redis(url) => Store::new(RedisKv::connect(url)?),
-            KeyValueChoice::Nats(url) => {
-                Store::new(NatsKv::connect(url, max_value_size, replicas, tls).await?)
-            }
         })
+    }
+}
+
+/// `backend` as a [`Store`], sealing its values if there is a `sealer`.
+fn store_of(backend: impl KeyValueStore, sealer: Option<Arc<Sealer>>) -> Store {
+    match sealer {
+        Some(sealer) => Store::new(Sealed::new(backend, sealer)),
+        None => Store::new(backend),
     }
 }

@@ -30,6 +30,7 @@ pub mod choice;
 pub mod embedded;
 pub mod nats;
 pub mod redis;
+pub mod sealed;
 pub mod store;
 
 pub use choice::KeyValueChoice;

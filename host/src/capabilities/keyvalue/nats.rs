@@ -124,15 +124,17 @@ fn other(err: impl std::fmt::Display) -> BackendError {
 impl NatsKv {
     /// A backend on the NATS server(s) at `url` (comma-separated), buckets
     /// created with values up to `max_value_size` bytes, each kept by
-    /// `replicas` servers, over TLS as `tls` says. Connects in the
-    /// background; must be called inside a Tokio runtime.
+    /// `replicas` servers, over TLS as `tls` says, authenticated by the
+    /// NATS `credentials` file's text if any. Connects in the background;
+    /// must be called inside a Tokio runtime.
     pub async fn connect(
         url: &str,
         max_value_size: u64,
         replicas: Replicas,
         tls: &BackendTls,
+        credentials: Option<&str>,
     ) -> Result<NatsKv> {
-        let connection = NatsConnection::shared(url, None, tls).await?;
+        let connection = NatsConnection::shared(url, credentials, tls).await?;
         Ok(NatsKv {
             jetstream: connection.jetstream().clone(),
             connection,

@@ -26,6 +26,7 @@ use crate::capabilities::BackendStatus;
 use crate::capabilities::keyvalue::store::{
     BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore,
 };
+use crate::capabilities::tls::{BackendTls, check_backend_url, ensure_crypto_provider};
 
 /// How often the server is pinged for the status.
 const HEALTH_EVERY: Duration = Duration::from_secs(2);
@@ -120,6 +121,26 @@ fn bytes_key(bucket: &str) -> String {
     format!("wharf:kv-bytes:{{{bucket}}}")
 }
 
+/// The Redis client for `url`, over TLS for `rediss://`.
+fn client(url: &str, tls: &BackendTls) -> Result<redis::Client> {
+    let invalid = || format!("invalid Redis URL {}", redact(url));
+    if !check_backend_url(url, "rediss:", tls)? {
+        return redis::Client::open(url).with_context(invalid);
+    }
+    ensure_crypto_provider();
+    let pem = tls.pem()?;
+    let certificates = redis::TlsCertificates {
+        client_tls: pem
+            .identity
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: pem.ca,
+    };
+    redis::Client::build_with_tls(url, certificates).with_context(invalid)
+}
+
 /// Maps a Redis error: connection trouble is "unavailable", the rest other.
 fn failed(err: redis::RedisError) -> BackendError {
     if err.is_io_error()
@@ -134,12 +155,13 @@ fn failed(err: redis::RedisError) -> BackendError {
 }
 
 impl RedisKv {
-    /// A backend for the server at `url`. Connects lazily: a server that is
+    /// A backend for the server at `url`: `rediss://` reaches it over TLS,
+    /// trusting `tls`'s CA bundle (else the system's roots) and presenting
+    /// its client certificate, if any. Connects lazily: a server that is
     /// down now is retried with backoff. Must be called inside a Tokio
     /// runtime, which runs the connection and the health checks.
-    pub fn connect(url: &str) -> Result<RedisKv> {
-        let client = redis::Client::open(url)
-            .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
+    pub fn connect(url: &str, tls: &BackendTls) -> Result<RedisKv> {
+        let client = client(url, tls)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))

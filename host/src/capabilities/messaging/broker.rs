@@ -162,7 +162,9 @@ pub trait MessageBroker: Send + Sync + 'static {
         query: DeadLetterQuery,
     ) -> impl Future<Output = BrokerResult<Vec<DeadLetter>>> + Send;
 
-    /// How many dead letters `group` has, without reading them.
+    /// How many dead letters `group` has, without reading them. Letters
+    /// being read at that moment may be missed until they are put back
+    /// (RabbitMQ's quorum queues return them through Raft, a moment later).
     fn count_dead_letters(&self, group: &str) -> impl Future<Output = BrokerResult<u64>> + Send;
 
     /// Makes `service` the owner of `group` if it has none yet; the owner.

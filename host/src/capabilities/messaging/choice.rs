@@ -65,8 +65,10 @@ pub struct BrokerSettings {
     pub replicas: Replicas,
     /// What kind of queue RabbitMQ keeps each group in.
     pub queues: QueueType,
-    /// TLS to the broker (NATS only, for now).
+    /// TLS to the broker.
     pub tls: BackendTls,
+    /// A NATS credentials file's text, for a NATS broker that needs one.
+    pub nats_credentials: Option<String>,
 }
 
 impl BrokerChoice {
@@ -89,17 +91,21 @@ impl BrokerChoice {
                 Broker::new(Arc::new(broker))
             }
             BrokerChoice::Nats(url) => Broker::new(
-                NatsBroker::connect(url, limits, settings.replicas, &settings.tls).await?,
+                NatsBroker::connect(
+                    url,
+                    limits,
+                    settings.replicas,
+                    &settings.tls,
+                    settings.nats_credentials.as_deref(),
+                )
+                .await?,
             ),
-            BrokerChoice::Rabbit(_) if settings.tls.is_set() => anyhow::bail!(
-                "[tls] secures NATS only in this version: RabbitMQ over TLS with a private CA is not supported yet"
-            ),
-            BrokerChoice::Rabbit(_) if settings.tls.is_set() => anyhow::bail!(
-                "[tls] secures NATS only in this version: RabbitMQ over TLS with a private CA is not supported yet"
-            ),
-            BrokerChoice::Rabbit(url) => {
-                Broker::new(RabbitBroker::connect(url, limits, settings.queues)?)
-            }
+            BrokerChoice::Rabbit(url) => Broker::new(RabbitBroker::connect(
+                url,
+                limits,
+                settings.queues,
+                &settings.tls,
+            )?),
         })
     }
 }

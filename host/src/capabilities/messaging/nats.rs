@@ -176,15 +176,17 @@ pub struct NatsBroker {
 impl NatsBroker {
     /// A broker on the NATS server(s) at `url` (comma-separated), its
     /// streams bounded by `limits` and kept by `replicas` servers, over TLS
-    /// as `tls` says. Connects in the background: a host whose NATS is down
-    /// at start still starts.
+    /// as `tls` says, authenticated by the NATS `credentials` file's text if
+    /// any. Connects in the background: a host whose NATS is down at start
+    /// still starts.
     pub async fn connect(
         url: &str,
         limits: MessagingLimits,
         replicas: Replicas,
         tls: &BackendTls,
+        credentials: Option<&str>,
     ) -> Result<Arc<NatsBroker>> {
-        let connection = NatsConnection::shared(url, None, tls).await?;
+        let connection = NatsConnection::shared(url, credentials, tls).await?;
         Ok(Arc::new(NatsBroker {
             client: connection.client().clone(),
             jetstream: connection.jetstream().clone(),

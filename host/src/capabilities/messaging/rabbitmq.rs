@@ -45,6 +45,7 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -58,6 +59,7 @@ use crate::capabilities::messaging::broker::{
 use crate::capabilities::messaging::inbox::Inboxes;
 use crate::capabilities::messaging::limits::MessagingLimits;
 use crate::capabilities::messaging::message::{Message, new_message_id};
+use crate::capabilities::tls::{BackendTls, TlsPem, check_backend_url, ensure_crypto_provider};
 
 /// The topic exchange every message is published to.
 pub const EXCHANGE: &str = "wharf";
@@ -195,10 +197,13 @@ async fn open_link(
     url: &str,
     groups: &[(String, String)],
     queues: &QueueSettings,
+    tls: OwnedTLSConfig,
 ) -> lapin::Result<(Connection, Channel)> {
-    let connection = Connection::connect(
+    let connection = Connection::connect_with_config(
         url,
         ConnectionProperties::default().with_connection_name("wharf".into()),
+        tls,
+        lapin::runtime::default_runtime()?,
     )
     .await?;
     let publisher = connection.create_channel().await?;
@@ -220,6 +225,21 @@ async fn open_link(
         declare_group_queue(&publisher, group, binding_key, queues).await?;
     }
     Ok((connection, publisher))
+}
+
+/// The TLS settings lapin takes, from the checked PEM files.
+fn lapin_tls(pem: TlsPem) -> Result<OwnedTLSConfig> {
+    let cert_chain = pem
+        .ca
+        .map(String::from_utf8)
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("tls.ca: the PEM bundle is not text"))?;
+    Ok(OwnedTLSConfig {
+        identity: pem
+            .identity
+            .map(|(pem, key)| OwnedIdentity::PKCS8 { pem, key }),
+        cert_chain,
+    })
 }
 
 /// Splits `list`, comma-separated AMQP URLs (the nodes of one RabbitMQ
@@ -347,6 +367,9 @@ pub struct RabbitBroker {
     last_attempt: Mutex<Option<Instant>>,
     /// What kind of queues, and their bounds.
     queues: QueueSettings,
+    /// What `amqps://` connections trust and present (empty: the system's
+    /// roots, no client certificate). Never logged: it holds the key.
+    tls: OwnedTLSConfig,
     /// Every group this host has asked to join, with its binding key: their
     /// queues are declared on each new connection before anything is
     /// published, so a message published while a trigger is still
@@ -365,9 +388,20 @@ impl RabbitBroker {
         list: &str,
         limits: MessagingLimits,
         kind: QueueType,
+        tls: &BackendTls,
     ) -> Result<Arc<RabbitBroker>> {
         let urls = parse_nodes(list).map_err(anyhow::Error::msg)?;
         let kind = kind.resolve(urls.len());
+        let mut secure = false;
+        for url in &urls {
+            secure |= check_backend_url(url, "amqps:", tls)?;
+        }
+        let tls = if secure {
+            ensure_crypto_provider();
+            lapin_tls(tls.pem()?)?
+        } else {
+            OwnedTLSConfig::default()
+        };
         Ok(Arc::new(RabbitBroker {
             shown_url: urls
                 .iter()
@@ -380,6 +414,7 @@ impl RabbitBroker {
             link: tokio::sync::Mutex::new(None),
             last_attempt: Mutex::new(None),
             queues: QueueSettings { limits, kind },
+            tls,
             groups: Mutex::new(HashMap::new()),
         }))
     }
@@ -419,10 +454,10 @@ impl RabbitBroker {
             let index = (first + offset) % self.urls.len();
             let url = self.urls[index].clone();
             let shown = redact(&url);
-            let (groups, queues) = (groups.clone(), self.queues);
+            let (groups, queues, tls) = (groups.clone(), self.queues, self.tls.clone());
             let connecting = self
                 .runtime
-                .spawn(async move { open_link(&url, &groups, &queues).await });
+                .spawn(async move { open_link(&url, &groups, &queues, tls).await });
             match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(Ok(Ok((connection, publisher)))) => {
                     self.preferred

@@ -76,8 +76,7 @@ impl ClusterConfig {
     }
 }
 
-/// Largest NATS credentials file read.
-pub const MAX_CREDENTIALS_FILE: u64 = 64 << 10;
+pub use crate::capabilities::nats::MAX_CREDENTIALS_FILE;
 
 /// `HOSTNAME-PID`: unique among the processes of a machine, readable.
 pub(crate) fn default_host_id() -> String {

@@ -41,6 +41,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::base::limits::{LimitsTable, PartialLimits, parse_size};
+use crate::capabilities::at_rest::AtRestKeys;
 use crate::capabilities::keyvalue::KeyValueChoice;
 use crate::capabilities::keyvalue::KeyValueGrant;
 use crate::capabilities::messaging::MessagingGrant;
@@ -387,6 +388,17 @@ pub(crate) struct HostFile {
     #[serde(default)]
     secrets: HostSecretsTable,
     tls: Option<HostTlsTable>,
+    encryption: Option<HostEncryptionTable>,
+}
+
+/// `[encryption]`: the keys values are sealed with at rest; paths relative
+/// to the services directory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostEncryptionTable {
+    key: std::path::PathBuf,
+    #[serde(default)]
+    previous: Vec<std::path::PathBuf>,
 }
 
 /// `[tls]`: how the host's connections to its backends are secured; paths
@@ -536,6 +548,8 @@ pub struct HostSettings {
     pub bucket_quotas: BTreeMap<String, u64>,
     /// TLS to the backends (`[tls]`), paths resolved.
     pub tls: Option<BackendTls>,
+    /// The keys of encryption at rest (`[encryption]`), paths resolved.
+    pub encryption: Option<AtRestKeys>,
 }
 
 /// Parses the value of `key`, if set, naming the key in the error.
@@ -620,6 +634,10 @@ impl HostFile {
                 tls.validate().map(|()| tls)
             })
             .transpose()?;
+        let encryption = file.encryption.map(|table| AtRestKeys {
+            key: dir.join(table.key),
+            previous: table.previous.iter().map(|path| dir.join(path)).collect(),
+        });
         let tiers = parse_key(file.engine.tiers, "engine.tiers", str::parse)?;
         let keep_resident = parse_key(
             file.engine.keep_resident,
@@ -634,6 +652,7 @@ impl HostFile {
             messaging_replicas,
             messaging_queues,
             tls,
+            encryption,
             cluster,
             tiers,
             keep_resident,
@@ -850,6 +869,23 @@ mod tests {
             let err = HostFile::parse_here(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn host_file_names_the_encryption_keys_relative_to_itself() {
+        let settings = HostFile::parse_here(
+            "[encryption]\nkey = \"keys/now.key\"\nprevious = [\"/etc/old.key\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings.encryption,
+            Some(AtRestKeys {
+                key: "/srv/keys/now.key".into(),
+                previous: vec!["/etc/old.key".into()],
+            })
+        );
+        let err = HostFile::parse_here("[encryption]\nprevious = []\n").unwrap_err();
+        assert!(err.contains("missing field `key`"), "{err}");
     }
 
     #[test]

@@ -118,18 +118,7 @@ impl Cluster {
     pub async fn connect(config: ClusterConfig) -> Result<Arc<Cluster>> {
         config.validate().map_err(|why| anyhow!(why))?;
         let credentials = match &config.credentials {
-            Some(path) => {
-                let path = path.clone();
-                Some(
-                    tokio::task::spawn_blocking(move || {
-                        crate::base::files::read_bounded_text(&path, MAX_CREDENTIALS_FILE)
-                    })
-                    .await
-                    .context("reading NATS credentials")?
-                    .map_err(|why| anyhow!(why))
-                    .context("reading NATS credentials")?,
-                )
-            }
+            Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
             None => None,
         };
         let connection = NatsConnection::shared(&config.url, credentials.as_deref(), &config.tls)

@@ -1,0 +1,194 @@
+//! Encryption at rest around any key-value backend: values are sealed (see
+//! [`at_rest`](crate::capabilities::at_rest)) before the backend stores
+//! them and opened when read, so the backend — the embedded store's file,
+//! Redis, NATS — holds no value in the clear. Keys (and bucket names) stay
+//! readable: they are how values are found and listed.
+//!
+//! A backend cannot add to a number it cannot read, so increments become a
+//! compare-and-swap loop on the sealed value. Quotas count the sealed size
+//! ([`SEAL_OVERHEAD`](crate::capabilities::at_rest::SEAL_OVERHEAD) more per
+//! value).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::capabilities::BackendStatus;
+use crate::capabilities::at_rest::Sealer;
+use crate::capabilities::keyvalue::store::{
+    BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore, add_checked,
+    parse_counter,
+};
+
+/// How many times an increment retries a swap another writer won.
+const INCREMENT_ATTEMPTS: u32 = 64;
+
+/// A backend whose values are sealed with `sealer`.
+pub struct Sealed<S> {
+    inner: S,
+    sealer: Arc<Sealer>,
+}
+
+impl<S: KeyValueStore> Sealed<S> {
+    /// `inner`, storing only sealed values.
+    pub fn new(inner: S, sealer: Arc<Sealer>) -> Sealed<S> {
+        Sealed { inner, sealer }
+    }
+
+    fn seal(&self, at: KeyRef<'_>, value: &[u8]) -> BackendResult<Vec<u8>> {
+        self.sealer
+            .seal(&context(at), value)
+            .map_err(BackendError::Other)
+    }
+
+    fn open(&self, at: KeyRef<'_>, sealed: Option<Vec<u8>>) -> BackendResult<Option<Vec<u8>>> {
+        sealed
+            .map(|sealed| self.sealer.open(&context(at), &sealed))
+            .transpose()
+            .map_err(BackendError::Other)
+    }
+}
+
+/// What a value is bound to: its bucket and key.
+fn context(at: KeyRef<'_>) -> Vec<u8> {
+    let mut context = Vec::with_capacity(9 + at.bucket.len() + 1 + at.key.len());
+    context.extend_from_slice(b"wharf-kv\0");
+    context.extend_from_slice(at.bucket.as_bytes());
+    context.push(0);
+    context.extend_from_slice(at.key.as_bytes());
+    context
+}
+
+impl<S: KeyValueStore> KeyValueStore for Sealed<S> {
+    type Version = S::Version;
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn status(&self) -> BackendStatus {
+        let mut status = self.inner.status();
+        status.detail = format!(
+            "{}; values encrypted (key {})",
+            status.detail,
+            self.sealer.key_id()
+        );
+        status
+    }
+
+    async fn get(&self, at: KeyRef<'_>) -> BackendResult<Option<Vec<u8>>> {
+        let sealed = self.inner.get(at).await?;
+        self.open(at, sealed)
+    }
+
+    async fn set(&self, at: KeyRef<'_>, value: &[u8], quota: u64) -> BackendResult<()> {
+        let sealed = self.seal(at, value)?;
+        self.inner.set(at, &sealed, quota).await
+    }
+
+    async fn delete(&self, at: KeyRef<'_>) -> BackendResult<()> {
+        self.inner.delete(at).await
+    }
+
+    async fn exists(&self, at: KeyRef<'_>) -> BackendResult<bool> {
+        self.inner.exists(at).await
+    }
+
+    async fn list_keys(&self, bucket: &str, from: KeyCursor, max: usize) -> BackendResult<KeyPage> {
+        self.inner.list_keys(bucket, from, max).await
+    }
+
+    async fn increment(&self, at: KeyRef<'_>, delta: i64, quota: u64) -> BackendResult<i64> {
+        for attempt in 0..INCREMENT_ATTEMPTS {
+            let (sealed, version) = self.inner.read_versioned(at).await?;
+            let current = match self.open(at, sealed)? {
+                Some(value) => parse_counter(&value)?,
+                None => 0,
+            };
+            let next = add_checked(current, delta)?;
+            let sealed = self.seal(at, next.to_string().as_bytes())?;
+            if self.inner.swap(at, &version, &sealed, quota).await? {
+                return Ok(next);
+            }
+            // Another writer won: back off a little, more each time.
+            tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt + 1))).await;
+        }
+        Err(BackendError::Other(format!(
+            "the counter kept changing under {INCREMENT_ATTEMPTS} attempts to increment it"
+        )))
+    }
+
+    async fn read_versioned(
+        &self,
+        at: KeyRef<'_>,
+    ) -> BackendResult<(Option<Vec<u8>>, Self::Version)> {
+        let (sealed, version) = self.inner.read_versioned(at).await?;
+        Ok((self.open(at, sealed)?, version))
+    }
+
+    async fn swap(
+        &self,
+        at: KeyRef<'_>,
+        expected: &Self::Version,
+        value: &[u8],
+        quota: u64,
+    ) -> BackendResult<bool> {
+        let sealed = self.seal(at, value)?;
+        self.inner.swap(at, expected, &sealed, quota).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capabilities::at_rest::AtRestKeys;
+    use crate::capabilities::keyvalue::embedded::Embedded;
+
+    fn sealer(dir: &std::path::Path) -> Arc<Sealer> {
+        let path = dir.join("k.key");
+        std::fs::write(&path, "11".repeat(32)).unwrap();
+        Arc::new(
+            Sealer::load(&AtRestKeys {
+                key: path,
+                previous: Vec::new(),
+            })
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn values_are_sealed_in_the_backend_and_counters_still_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Sealed::new(Embedded::open(None).unwrap(), sealer(dir.path()));
+        let at = KeyRef {
+            bucket: "b",
+            key: "k",
+        };
+        store.set(at, b"secret value", 1 << 20).await.unwrap();
+        assert_eq!(store.get(at).await.unwrap().unwrap(), b"secret value");
+        let raw = store.inner.get(at).await.unwrap().unwrap();
+        assert!(
+            !raw.windows(6).any(|w| w == b"secret"),
+            "stored in the clear"
+        );
+
+        let counter = KeyRef {
+            bucket: "b",
+            key: "n",
+        };
+        let adds = (0..20).map(|_| store.increment(counter, 2, 1 << 20));
+        let mut results: Vec<i64> = futures_util::future::join_all(adds)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        // Each increment saw its own value: none was lost to a race.
+        results.sort_unstable();
+        assert_eq!(results, (1..=20).map(|n| n * 2).collect::<Vec<_>>());
+        assert_eq!(store.get(counter).await.unwrap().unwrap(), b"40");
+        store.set(at, b"text", 1 << 20).await.unwrap();
+        assert!(matches!(
+            store.increment(at, 1, 1 << 20).await,
+            Err(BackendError::Invalid(_))
+        ));
+    }
+}
