@@ -184,8 +184,11 @@ pub(crate) struct Settled {
     pub messaging_replicas: Replicas,
     /// RabbitMQ's kind of group queue.
     pub messaging_queues: QueueType,
-    /// TLS to the backends.
-    pub tls: BackendTls,
+    /// TLS to the key-value backend: `[keyvalue.tls]`, else the flags or
+    /// `[tls]`.
+    pub keyvalue_tls: BackendTls,
+    /// TLS to the broker: `[messaging.tls]`, else the flags or `[tls]`.
+    pub messaging_tls: BackendTls,
     /// The NATS credentials file the key-value backend signs in with: the
     /// cluster's, when the backend is the cluster's NATS.
     pub keyvalue_credentials: Option<PathBuf>,
@@ -304,7 +307,8 @@ impl Config {
             keyvalue_replicas,
             messaging_replicas,
             messaging_queues: self.queues.or(file.messaging_queues).unwrap_or_default(),
-            tls,
+            keyvalue_tls: file.keyvalue_tls.unwrap_or_else(|| tls.clone()),
+            messaging_tls: file.messaging_tls.unwrap_or_else(|| tls.clone()),
             keyvalue_credentials,
             messaging_credentials,
             encryption: self.encryption.clone().or(file.encryption),
@@ -412,6 +416,27 @@ mod tests {
         let settled = config.settle(file, host_id).unwrap();
         assert_eq!(settled.keyvalue_credentials, None);
         assert_eq!(settled.messaging_credentials, creds);
+    }
+
+    #[test]
+    fn a_backends_own_tls_wins_over_the_shared_one() {
+        let shared = BackendTls {
+            ca: Some("shared.pem".into()),
+            ..BackendTls::default()
+        };
+        let own = BackendTls {
+            ca: Some("redis.pem".into()),
+            ..BackendTls::default()
+        };
+        let file = HostSettings {
+            keyvalue_tls: Some(own.clone()),
+            ..HostSettings::default()
+        };
+        let mut config = Config::for_dir("services");
+        config.backend_tls = Some(shared.clone());
+        let settled = config.settle(file, host_id).unwrap();
+        assert_eq!(settled.keyvalue_tls, own);
+        assert_eq!(settled.messaging_tls, shared);
     }
 
     #[test]

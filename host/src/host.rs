@@ -519,7 +519,7 @@ async fn open_backends(
             data_dir,
             settled.policy.defaults.kv_value_size,
             settled.keyvalue_replicas,
-            &settled.tls,
+            &settled.keyvalue_tls,
             keyvalue_credentials.as_deref(),
             sealer,
         )
@@ -535,7 +535,7 @@ async fn open_backends(
                 limits,
                 replicas: settled.messaging_replicas,
                 queues: settled.messaging_queues,
-                tls: settled.tls.clone(),
+                tls: settled.messaging_tls.clone(),
                 nats_credentials: match &settled.messaging_credentials {
                     Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
                     None => None,

@@ -440,6 +440,8 @@ struct HostClusterTable {
     credentials: Option<std::path::PathBuf>,
     /// Copies of the cluster's own streams: a number or "auto".
     replicas: Option<toml::Value>,
+    /// TLS to the cluster's NATS, instead of `[tls]`.
+    tls: Option<HostTlsTable>,
 }
 
 /// `[messaging]`: the broker and its bounds.
@@ -460,6 +462,8 @@ struct HostMessagingTable {
     publish_rate: Option<toml::Value>,
     /// Bytes per second per service (`"64MiB"`), or "unlimited".
     publish_bytes: Option<String>,
+    /// TLS to the broker, instead of `[tls]`.
+    tls: Option<HostTlsTable>,
 }
 
 impl HostMessagingTable {
@@ -517,6 +521,8 @@ struct HostKeyValueTable {
     /// Quotas of single buckets, by name.
     #[serde(default)]
     quotas: BTreeMap<String, String>,
+    /// TLS to the key-value backend, instead of `[tls]`.
+    tls: Option<HostTlsTable>,
 }
 
 /// What `wharf.toml` sets.
@@ -548,6 +554,10 @@ pub struct HostSettings {
     pub bucket_quotas: BTreeMap<String, u64>,
     /// TLS to the backends (`[tls]`), paths resolved.
     pub tls: Option<BackendTls>,
+    /// TLS to the key-value backend (`[keyvalue.tls]`), if it differs.
+    pub keyvalue_tls: Option<BackendTls>,
+    /// TLS to the broker (`[messaging.tls]`), if it differs.
+    pub messaging_tls: Option<BackendTls>,
     /// The keys of encryption at rest (`[encryption]`), paths resolved.
     pub encryption: Option<AtRestKeys>,
 }
@@ -606,6 +616,19 @@ impl HostFile {
         )?;
         let messaging_limits = file.messaging.limits()?;
         let messaging = parse_key(file.messaging.backend, "messaging.backend", str::parse)?;
+        let resolve_tls = |table: Option<HostTlsTable>, section: &str| {
+            table
+                .map(|table| {
+                    let tls = BackendTls {
+                        ca: table.ca.map(|path| dir.join(path)),
+                        cert: table.cert.map(|path| dir.join(path)),
+                        key: table.key.map(|path| dir.join(path)),
+                    };
+                    tls.validate().map(|()| tls)
+                })
+                .transpose()
+                .map_err(|why| format!("{section}{why}"))
+        };
         let cluster = file
             .cluster
             .map(|table| {
@@ -617,23 +640,16 @@ impl HostFile {
                 if let Some(replicas) = parse_replicas(table.replicas, "cluster.replicas")? {
                     cluster.replicas = replicas;
                 }
+                cluster.tls = resolve_tls(table.tls, "cluster.")?.unwrap_or_default();
                 cluster
                     .validate()
                     .map(|()| cluster)
                     .map_err(|why| format!("cluster: {why}"))
             })
             .transpose()?;
-        let tls = file
-            .tls
-            .map(|table| {
-                let tls = BackendTls {
-                    ca: table.ca.map(|path| dir.join(path)),
-                    cert: table.cert.map(|path| dir.join(path)),
-                    key: table.key.map(|path| dir.join(path)),
-                };
-                tls.validate().map(|()| tls)
-            })
-            .transpose()?;
+        let tls = resolve_tls(file.tls, "")?;
+        let keyvalue_tls = resolve_tls(file.keyvalue.tls, "keyvalue.")?;
+        let messaging_tls = resolve_tls(file.messaging.tls, "messaging.")?;
         let encryption = file.encryption.map(|table| AtRestKeys {
             key: dir.join(table.key),
             previous: table.previous.iter().map(|path| dir.join(path)).collect(),
@@ -652,6 +668,8 @@ impl HostFile {
             messaging_replicas,
             messaging_queues,
             tls,
+            keyvalue_tls,
+            messaging_tls,
             encryption,
             cluster,
             tiers,
@@ -886,6 +904,29 @@ mod tests {
         );
         let err = HostFile::parse_here("[encryption]\nprevious = []\n").unwrap_err();
         assert!(err.contains("missing field `key`"), "{err}");
+    }
+
+    #[test]
+    fn host_file_tls_can_differ_per_backend() {
+        let settings = HostFile::parse_here(
+            "[tls]\nca = \"ca.pem\"\n[keyvalue.tls]\nca = \"redis-ca.pem\"\n[cluster]\nurl = \"tls://n:4222\"\n[cluster.tls]\nca = \"nats-ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap();
+        let ca = |name: &str| BackendTls {
+            ca: Some(format!("/srv/{name}").into()),
+            ..BackendTls::default()
+        };
+        assert_eq!(settings.tls, Some(ca("ca.pem")));
+        assert_eq!(settings.keyvalue_tls, Some(ca("redis-ca.pem")));
+        assert_eq!(settings.messaging_tls, None);
+        let cluster = settings.cluster.unwrap().tls;
+        assert_eq!(cluster.ca, Some("/srv/nats-ca.pem".into()));
+        assert_eq!(cluster.key, Some("/srv/k.pem".into()));
+        let err = HostFile::parse_here("[messaging.tls]\ncert = \"c.pem\"\n").unwrap_err();
+        assert!(
+            err.contains("messaging.tls: cert and key go together"),
+            "{err}"
+        );
     }
 
     #[test]
