@@ -4,7 +4,8 @@
 //!
 //! Started side by side: a `redis-server` and a `nats-server -js` of the
 //! bench's own (ephemeral ports, temporary data), one Wharf host per backend
-//! (embedded, Redis, NATS) serving the `kv` test guest, whose
+//! (embedded, Redis, NATS, and embedded with values encrypted at rest)
+//! serving the `kv` test guest, whose
 //! `/kv/incr?key=hits` increments one counter, plus Wharf's hello, and the
 //! Express counter. Each gets the same `wrk` load, in interleaved rounds.
 
@@ -70,14 +71,25 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     let (_redis, redis_url) = start_redis()?;
     let (_nats, nats_url) = start_nats()?;
 
+    // The last row: the embedded store with values encrypted at rest (each
+    // increment then a compare-and-swap on a sealed value).
     let backends = [
-        ("embedded", "embedded".to_string()),
-        ("Redis", redis_url.clone()),
-        ("NATS JetStream", nats_url),
+        ("the embedded store", "embedded".to_string(), false),
+        ("Redis", redis_url.clone(), false),
+        ("NATS JetStream", nats_url, false),
+        (
+            "the embedded store, encrypted (`--encryption-key`)",
+            "embedded".to_string(),
+            true,
+        ),
     ];
+    let keys = tempfile::tempdir()?;
+    let key = keys.path().join("bench.key");
+    std::fs::write(&key, "5a".repeat(32))?;
+    let key_path = key.display().to_string();
     let mut hosts = Vec::new();
     let mut targets = Vec::new();
-    for (label, backend) in &backends {
+    for (label, backend, encrypted) in &backends {
         let services = tempfile::tempdir()?;
         let data = tempfile::tempdir()?;
         std::fs::copy(guests.join("kv.wasm"), services.path().join("kv.wasm"))?;
@@ -90,12 +102,12 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
             "[keyvalue]\nbuckets = [\"default\"]\n",
         )?;
         let data_path = data.path().display().to_string();
-        let wharf = WharfProcess::start(
-            wharf_bin,
-            services.path(),
-            &["--log", "error", "--kv", backend, "--data-dir", &data_path],
-        )?;
-        if *label == "embedded" {
+        let mut args = vec!["--log", "error", "--kv", backend, "--data-dir", &data_path];
+        if *encrypted {
+            args.extend(["--encryption-key", key_path.as_str()]);
+        }
+        let wharf = WharfProcess::start(wharf_bin, services.path(), &args)?;
+        if *label == "the embedded store" {
             targets.push(Target {
                 label: "Wharf, Rust hello (no state)".into(),
                 url: wharf.url("/hello"),
@@ -179,11 +191,13 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     let _ = writeln!(
         report,
         "\nEmbedded counter: {:.2}x Express + Redis (goal 2x), {:.2}x Wharf's stateless hello (goal 0.5x). \
-         Redis counter: {:.2}x Express + Redis. NATS counter: {:.2}x Express + Redis.",
-        rps("counter on embedded") / express_rps,
-        rps("counter on embedded") / rps("hello"),
+         Redis counter: {:.2}x Express + Redis. NATS counter: {:.2}x Express + Redis. \
+         Encrypted embedded counter: {:.2}x the plain one.",
+        rps("counter on the embedded store") / express_rps,
+        rps("counter on the embedded store") / rps("hello"),
         rps("counter on Redis") / express_rps,
         rps("counter on NATS") / express_rps,
+        rps("encrypted") / rps("counter on the embedded store"),
     );
     println!("{report}");
     std::fs::create_dir_all(out_dir)?;
