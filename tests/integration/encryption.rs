@@ -348,24 +348,26 @@ async fn publish(server: &TestServer, body: &str) -> (u16, String) {
 async fn with_tls_set_plain_urls_and_insecure_fragments_are_refused_at_start() {
     let pki = Pki::new();
     let tls = files(&pki, "ca.pem", false);
+    // Refused at start, before any connection: nothing listens on the port.
+    let port = free_port();
     let cases = [
         (
-            Some(KeyValueChoice::Redis("redis://127.0.0.1:6379".into())),
+            Some(KeyValueChoice::Redis(format!("redis://127.0.0.1:{port}"))),
             None,
             "use rediss://",
         ),
         (
-            Some(KeyValueChoice::Redis(
-                "rediss://127.0.0.1:6379/#insecure".into(),
-            )),
+            Some(KeyValueChoice::Redis(format!(
+                "rediss://127.0.0.1:{port}/#insecure"
+            ))),
             None,
             "always verifies",
         ),
         (
             None,
-            Some(BrokerChoice::Rabbit(
-                "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            )),
+            Some(BrokerChoice::Rabbit(format!(
+                "amqp://guest:guest@127.0.0.1:{port}/%2f"
+            ))),
             "use amqps://",
         ),
     ];
