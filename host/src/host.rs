@@ -509,10 +509,20 @@ async fn open_backends(
         )),
         None => None,
     };
-    let keyvalue_credentials = match &settled.keyvalue_credentials {
+    // Both backends on the cluster's NATS use its one credentials file:
+    // read it once.
+    let credentials = match settled
+        .keyvalue_credentials
+        .as_ref()
+        .or(settled.messaging_credentials.as_ref())
+    {
         Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
         None => None,
     };
+    let keyvalue_credentials = settled
+        .keyvalue_credentials
+        .as_ref()
+        .and(credentials.as_deref());
     let keyvalue = settled
         .keyvalue
         .open(
@@ -520,7 +530,7 @@ async fn open_backends(
             settled.policy.defaults.kv_value_size,
             settled.keyvalue_replicas,
             &settled.keyvalue_tls,
-            keyvalue_credentials.as_deref(),
+            keyvalue_credentials,
             sealer,
         )
         .await
@@ -536,10 +546,10 @@ async fn open_backends(
                 replicas: settled.messaging_replicas,
                 queues: settled.messaging_queues,
                 tls: settled.messaging_tls.clone(),
-                nats_credentials: match &settled.messaging_credentials {
-                    Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
-                    None => None,
-                },
+                nats_credentials: settled
+                    .messaging_credentials
+                    .as_ref()
+                    .and(credentials.clone()),
             },
         )
         .await

@@ -14,7 +14,7 @@ use wharf::{AtRestKeys, BackendTls, Config, Host, KeyValueChoice};
 
 use crate::support::{
     NatsServer, Pki, RabbitServer, RedisServer, ServiceDir, TestServer, client, eventually,
-    free_port, get, guest_bytes,
+    free_port, get, guest_bytes, post,
 };
 
 /// A TCP relay on a free loopback port to `target`, recording every byte
@@ -286,7 +286,7 @@ async fn messages_over_rabbitmq_tls_never_show_on_the_wire_and_need_the_client_c
 
     let secret = "TOP-SECRET-c41b9e-AMQP";
     let (server, _dir) = messaging_host(&relayed, files(true)).await;
-    let (status, body) = publish(&server, secret).await;
+    let (status, body) = post(&server, PUBLISH, secret).await;
     assert_eq!(status, 200, "{body}");
     eventually(Duration::from_secs(60), "the message handled", || async {
         get(&server.url("/pub/seen?group=enc-tls"))
@@ -305,7 +305,7 @@ async fn messages_over_rabbitmq_tls_never_show_on_the_wire_and_need_the_client_c
     // The listener requires a client certificate: without one, publishing
     // fails (503, the broker unavailable), clearly and without a hang.
     let (server, _dir) = messaging_host(&url, files(false)).await;
-    let (status, body) = publish(&server, "nobody").await;
+    let (status, body) = post(&server, PUBLISH, "nobody").await;
     assert_eq!(status, 503, "{body}");
     server.stop().await;
 }
@@ -333,16 +333,8 @@ async fn messaging_host(url: &str, tls: BackendTls) -> (TestServer, ServiceDir) 
     (TestServer::start(config).await, dir)
 }
 
-async fn publish(server: &TestServer, body: &str) -> (u16, String) {
-    let response = client()
-        .post(server.url("/pub/publish?topic=enc.tls"))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("the host answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap_or_default())
-}
+/// Where `messaging_host`'s publisher publishes the request's body.
+const PUBLISH: &str = "/pub/publish?topic=enc.tls";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_tls_set_plain_urls_and_insecure_fragments_are_refused_at_start() {
@@ -400,7 +392,7 @@ async fn regression_amqps_never_falls_back_to_plain_text() {
         key: Some(pki_dir.join("client-key.pem")),
     };
     let (server, _dir) = messaging_host(&plain_port, tls).await;
-    let (status, body) = publish(&server, "in the clear?").await;
+    let (status, body) = post(&server, PUBLISH, "in the clear?").await;
     assert_eq!(status, 503, "{body}");
     server.stop().await;
 }

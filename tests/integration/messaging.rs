@@ -20,7 +20,7 @@ use wharf::messaging::{
 
 use crate::support::{
     NatsServer, RabbitServer, ServiceDir, TestServer, WharfProcess, client, eventually, get,
-    guest_bytes,
+    guest_bytes, post,
 };
 
 /// How long a test waits for messages to arrive.
@@ -71,18 +71,6 @@ async fn start_bounded(
     config.messaging = Some(broker);
     config.messaging_overrides.max_pending = Some(max_pending);
     TestServer::start(config).await
-}
-
-/// POSTs `body` and returns status and body.
-async fn post(server: &TestServer, path: &str, body: &str) -> (u16, String) {
-    let response = client()
-        .post(server.url(path))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("request");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap_or_default())
 }
 
 /// What group `group` has recorded: body → times handled.

@@ -98,16 +98,17 @@ impl Sealer {
         sealed.extend_from_slice(&nonce);
         let header = sealed.len();
         sealed.extend_from_slice(value);
-        let mut body = sealed.split_off(header);
-        self.current
+        // Encrypts the value in place behind the header, and appends the tag.
+        let tag = self
+            .current
             .key
-            .seal_in_place_append_tag(
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(context),
-                &mut body,
+                &mut sealed[header..],
             )
             .map_err(|_| "encryption: sealing failed".to_string())?;
-        sealed.extend_from_slice(&body);
+        sealed.extend_from_slice(tag.as_ref());
         Ok(sealed)
     }
 

@@ -184,13 +184,10 @@ impl NatsConnection {
         }
         if tls.is_set() {
             let files = tls.clone();
-            let config = tokio::task::spawn_blocking(move || {
-                files.check_files()?;
-                files.client_config()
-            })
-            .await
-            .context("reading the TLS files")?
-            .context("NATS over TLS")?;
+            let config = tokio::task::spawn_blocking(move || files.client_config())
+                .await
+                .context("reading the TLS files")?
+                .context("NATS over TLS")?;
             options = options.require_tls(true);
             options = match config {
                 Some(config) => options.tls_client_config(config),

@@ -43,45 +43,26 @@ impl BackendTls {
 
     /// The rustls client configuration: trusting the `ca` bundle (else the
     /// system's roots are the client library's business, and `None` is
-    /// returned), presenting `cert` if set. Blocking: reads the files.
+    /// returned), presenting `cert` if set. Every file is read once and
+    /// checked, used or not. Blocking: reads the files.
     pub fn client_config(&self) -> Result<Option<rustls::ClientConfig>> {
-        self.validate().map_err(|why| anyhow!(why))?;
-        let Some(ca) = &self.ca else {
-            return Ok(None);
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in certificates(ca, "tls.ca")? {
-            roots
-                .add(cert)
-                .with_context(|| format!("tls.ca {}: not a usable CA certificate", ca.display()))?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("tls: the protocol versions")?
-            .with_root_certificates(roots);
-        let config = match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => {
-                let chain = certificates(cert, "tls.cert")?;
-                let pem = read(key, "tls.key")?;
-                let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|err| {
-                    anyhow!("tls.key {}: no PEM private key ({err})", key.display())
-                })?;
-                builder
-                    .with_client_auth_cert(chain, key_der)
-                    .context("tls: the client certificate and key do not match")?
-            }
-            _ => builder.with_no_client_auth(),
-        };
-        Ok(Some(config))
+        self.config_from(&self.read_pem()?)
     }
 
     /// The files' PEM text, for client libraries that take PEM rather than
-    /// a rustls configuration (Redis, RabbitMQ). Checked first exactly as
+    /// a rustls configuration (Redis, RabbitMQ). Checked exactly as
     /// [`client_config`](BackendTls::client_config) checks them, so a bad
     /// file fails the same way whichever backend reads it. Blocking.
     pub fn pem(&self) -> Result<TlsPem> {
-        self.client_config()?;
+        let pem = self.read_pem()?;
+        self.config_from(&pem)?;
+        Ok(pem)
+    }
+
+    /// Each configured file, read once: regular files (not a device, FIFO
+    /// or directory) of at most [`MAX_TLS_FILE`] bytes.
+    fn read_pem(&self) -> Result<TlsPem> {
+        self.validate().map_err(|why| anyhow!(why))?;
         let ca = self
             .ca
             .as_deref()
@@ -94,19 +75,36 @@ impl BackendTls {
         Ok(TlsPem { ca, identity })
     }
 
-    /// The files, checked to be regular files (not a device, FIFO or
-    /// directory), for a client library that reads them itself.
-    pub fn check_files(&self) -> Result<()> {
-        for (path, what) in [
-            (&self.ca, "tls.ca"),
-            (&self.cert, "tls.cert"),
-            (&self.key, "tls.key"),
-        ] {
-            if let Some(path) = path {
-                read(path, what)?;
-            }
+    /// The rustls configuration `pem` (this configuration's files) makes;
+    /// errors name the file at fault.
+    fn config_from(&self, pem: &TlsPem) -> Result<Option<rustls::ClientConfig>> {
+        let (Some(ca), Some(ca_pem)) = (&self.ca, &pem.ca) else {
+            return Ok(None);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certificates(ca_pem, ca, "tls.ca")? {
+            roots
+                .add(cert)
+                .with_context(|| format!("tls.ca {}: not a usable CA certificate", ca.display()))?;
         }
-        Ok(())
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("tls: the protocol versions")?
+            .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key, &pem.identity) {
+            (Some(cert), Some(key), Some((cert_pem, key_pem))) => {
+                let chain = certificates(cert_pem, cert, "tls.cert")?;
+                let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|err| {
+                    anyhow!("tls.key {}: no PEM private key ({err})", key.display())
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .context("tls: the client certificate and key do not match")?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Some(config))
     }
 }
 
@@ -157,10 +155,9 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
         .map_err(|why| anyhow!("{what} {}: {why}", path.display()))
 }
 
-/// Every PEM certificate in the file at `path` (at least one).
-fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let pem = read(path, what)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+/// Every PEM certificate in `pem`, the file at `path` (at least one).
+fn certificates(pem: &[u8], path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| anyhow!("{what} {}: {err}", path.display()))?;
     if certs.is_empty() {

@@ -97,6 +97,18 @@ pub async fn while_neighbour_answers(
     (status, body, elapsed)
 }
 
+/// POSTs `body` to `path` on `server`; the status and the body answered.
+pub async fn post(server: &TestServer, path: &str, body: &str) -> (u16, String) {
+    let response = client()
+        .post(server.url(path))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
 /// The admin endpoint's service list (`GET ADMIN/services`).
 pub async fn admin_services(admin: &str) -> serde_json::Value {
     client()
