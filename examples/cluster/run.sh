@@ -12,6 +12,11 @@
 # demo keeps 8080); each host's admin endpoint, with GET /cluster, is on
 # 127.0.0.1:919N, behind the token in $WORK/admin-token (made here, random).
 # Ctrl-C stops everything.
+#
+# Messages on Kafka while NATS keeps the cluster's index: set KAFKA to the
+# brokers (KAFKA=kafka://127.0.0.1:9092 examples/cluster/run.sh); every host
+# then passes --broker "$KAFKA", and its trigger groups are Kafka consumer
+# groups shared by the three hosts.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 wharf="${1:-$here/../../target/release/wharf}"
@@ -30,6 +35,9 @@ nats-server -js -a 127.0.0.1 -p 4322 -sd "$work/nats" >"$work/nats.log" 2>&1 &
 pids+=($!)
 sleep 0.5
 
+broker=()
+if [[ -n "${KAFKA:-}" ]]; then broker=(--broker "$KAFKA"); fi
+
 for n in 1 2 3; do
     mkdir -p "$work/h$n/services" "$work/h$n/data"
     "$wharf" serve "$work/h$n/services" \
@@ -37,6 +45,7 @@ for n in 1 2 3; do
         --admin-token-file "$work/admin-token" \
         --data-dir "$work/h$n/data" \
         --cluster nats://127.0.0.1:4322 --cluster-host-id "h$n" \
+        "${broker[@]}" \
         >"$work/h$n.log" 2>&1 &
     pids+=($!)
 done

@@ -184,6 +184,8 @@ pub(crate) struct Settled {
     pub messaging_replicas: Replicas,
     /// RabbitMQ's kind of group queue.
     pub messaging_queues: QueueType,
+    /// Partitions of each Kafka topic Wharf creates (`None`: the default).
+    pub messaging_partitions: Option<u32>,
     /// TLS to the key-value backend: `[keyvalue.tls]`, else the flags or
     /// `[tls]`.
     pub keyvalue_tls: BackendTls,
@@ -192,7 +194,9 @@ pub(crate) struct Settled {
     /// The NATS credentials file the key-value backend signs in with: the
     /// cluster's, when the backend is the cluster's NATS.
     pub keyvalue_credentials: Option<PathBuf>,
-    /// The same for the broker.
+    /// The credentials file the broker signs in with: `[messaging]
+    /// credentials` (Kafka SASL, NATS), else the cluster's when the broker
+    /// is the cluster's NATS.
     pub messaging_credentials: Option<PathBuf>,
     /// The keys of encryption at rest, if values are encrypted.
     pub encryption: Option<AtRestKeys>,
@@ -277,10 +281,10 @@ impl Config {
             KeyValueChoice::Nats(url) => cluster_credentials(url),
             _ => None,
         };
-        let messaging_credentials = match &messaging {
+        let messaging_credentials = file.messaging_credentials.or(match &messaging {
             BrokerChoice::Nats(url) => cluster_credentials(url),
             _ => None,
-        };
+        });
         // Copies: the flag, else the section's own, else the cluster's.
         let cluster_replicas = cluster.as_ref().map(|cluster| cluster.replicas);
         let replicas = |section: Option<Replicas>| {
@@ -307,6 +311,7 @@ impl Config {
             keyvalue_replicas,
             messaging_replicas,
             messaging_queues: self.queues.or(file.messaging_queues).unwrap_or_default(),
+            messaging_partitions: file.messaging_partitions,
             keyvalue_tls: file.keyvalue_tls.unwrap_or_else(|| tls.clone()),
             messaging_tls: file.messaging_tls.unwrap_or_else(|| tls.clone()),
             keyvalue_credentials,

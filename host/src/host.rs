@@ -510,19 +510,18 @@ async fn open_backends(
         None => None,
     };
     // Both backends on the cluster's NATS use its one credentials file:
-    // read it once.
-    let credentials = match settled
-        .keyvalue_credentials
-        .as_ref()
-        .or(settled.messaging_credentials.as_ref())
-    {
-        Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
+    // read each file once.
+    let keyvalue_credentials = match &settled.keyvalue_credentials {
+        Some(path) => Some(crate::capabilities::read_credentials(path).await?),
         None => None,
     };
-    let keyvalue_credentials = settled
-        .keyvalue_credentials
-        .as_ref()
-        .and(credentials.as_deref());
+    let messaging_credentials = match &settled.messaging_credentials {
+        Some(path) if settled.keyvalue_credentials.as_ref() == Some(path) => {
+            keyvalue_credentials.clone()
+        }
+        Some(path) => Some(crate::capabilities::read_credentials(path).await?),
+        None => None,
+    };
     let keyvalue = settled
         .keyvalue
         .open(
@@ -530,7 +529,7 @@ async fn open_backends(
             settled.policy.defaults.kv_value_size,
             settled.keyvalue_replicas,
             &settled.keyvalue_tls,
-            keyvalue_credentials,
+            keyvalue_credentials.as_deref(),
             sealer,
         )
         .await
@@ -546,10 +545,8 @@ async fn open_backends(
                 replicas: settled.messaging_replicas,
                 queues: settled.messaging_queues,
                 tls: settled.messaging_tls.clone(),
-                nats_credentials: settled
-                    .messaging_credentials
-                    .as_ref()
-                    .and(credentials.clone()),
+                credentials: messaging_credentials,
+                partitions: settled.messaging_partitions,
             },
         )
         .await

@@ -14,6 +14,7 @@ mod embed;
 mod encryption;
 mod hostile;
 mod javascript;
+mod kafka;
 mod keyvalue;
 mod languages;
 mod least_privilege;

@@ -24,21 +24,21 @@ use crate::support::{
 };
 
 /// How long a test waits for messages to arrive.
-const PATIENCE: Duration = Duration::from_secs(60);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(60);
 /// How long a request-reply that must succeed may wait for its reply: the
 /// guest's default (2 s) is short for a quorum queue's fsyncs on a slow,
 /// busy CI machine. Well inside the guest's own 30 s time limit.
 const REPLY_PATIENCE_MS: u32 = 20_000;
 
 /// Installs the messenger guest as `name` with `manifest`.
-fn messenger(dir: &ServiceDir, name: &str, manifest: &str) {
+pub(crate) fn messenger(dir: &ServiceDir, name: &str, manifest: &str) {
     dir.install_bytes(&format!("{name}.wasm"), &guest_bytes("messenger"));
     dir.write(&format!("{name}.toml"), manifest.as_bytes());
 }
 
 /// A trigger manifest for the messenger: records in `msgs`, subscribes to
 /// and handles `topic` in `group` at `path`.
-fn handler_manifest(topic: &str, group: &str, path: &str, extra: &str) -> String {
+pub(crate) fn handler_manifest(topic: &str, group: &str, path: &str, extra: &str) -> String {
     format!(
         "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"{topic}\"]\n[[trigger.message]]\ntopic = \"{topic}\"\ngroup = \"{group}\"\npath = \"{path}\"\nretry_delay = \"100ms\"\n{extra}"
     )
@@ -57,7 +57,7 @@ async fn dead(broker: &Broker, group: &str, limit: usize) -> Result<Vec<DeadLett
         .map_err(|err| err.to_string())
 }
 
-async fn start(broker: BrokerChoice, dir: &ServiceDir, data: &ServiceDir) -> TestServer {
+pub(crate) async fn start(broker: BrokerChoice, dir: &ServiceDir, data: &ServiceDir) -> TestServer {
     start_bounded(broker, dir, data, DEFAULT_MAX_PENDING).await
 }
 
@@ -74,7 +74,7 @@ async fn start_bounded(
 }
 
 /// What group `group` has recorded: body → times handled.
-async fn seen(server: &TestServer, group: &str) -> BTreeMap<String, u64> {
+pub(crate) async fn seen(server: &TestServer, group: &str) -> BTreeMap<String, u64> {
     let Some((200, body)) = get(&server.url(&format!("/pub/seen?group={group}"))).await else {
         return BTreeMap::new();
     };
@@ -82,7 +82,7 @@ async fn seen(server: &TestServer, group: &str) -> BTreeMap<String, u64> {
 }
 
 /// Waits until `group` has handled every body in `expected` (at least once).
-async fn wait_seen(server: &TestServer, group: &str, expected: &BTreeSet<String>) {
+pub(crate) async fn wait_seen(server: &TestServer, group: &str, expected: &BTreeSet<String>) {
     let mut last = BTreeMap::new();
     let deadline = std::time::Instant::now() + PATIENCE;
     while std::time::Instant::now() < deadline {
@@ -96,7 +96,7 @@ async fn wait_seen(server: &TestServer, group: &str, expected: &BTreeSet<String>
     panic!("group {group} never handled {missing:?} (handled {last:?})");
 }
 
-fn bodies(prefix: &str, n: usize) -> BTreeSet<String> {
+pub(crate) fn bodies(prefix: &str, n: usize) -> BTreeSet<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 
@@ -203,7 +203,7 @@ fn conformance_services(tag: &str) -> ServiceDir {
 }
 
 /// The conformance suite: the same behaviour from every broker.
-async fn conformance(broker: BrokerChoice, tag: &str) {
+pub(crate) async fn conformance(broker: BrokerChoice, tag: &str) {
     conformance_with(broker, tag, None).await;
 }
 
@@ -319,10 +319,15 @@ async fn conformance_with(broker: BrokerChoice, tag: &str, queues: Option<QueueT
     eventually(PATIENCE, "the poison message in the dead letters", || {
         let broker = broker.clone();
         let group = group.clone();
+        let label = label.clone();
         async move {
-            dead(&broker, &group, 10)
-                .await
-                .is_ok_and(|letters| letters.len() == 1)
+            match dead(&broker, &group, 10).await {
+                Ok(letters) => letters.len() == 1,
+                Err(why) => {
+                    eprintln!("{label}: reading the dead letters: {why}");
+                    false
+                }
+            }
         }
     })
     .await;
@@ -528,7 +533,7 @@ async fn conformance_rabbitmq_quorum_queues() {
 }
 
 /// A publisher and one recording group on `topic`.
-fn pair(topic: &str, group: &str, path: &str, extra: &str) -> ServiceDir {
+pub(crate) fn pair(topic: &str, group: &str, path: &str, extra: &str) -> ServiceDir {
     let dir = ServiceDir::new();
     messenger(
         &dir,
@@ -541,7 +546,7 @@ fn pair(topic: &str, group: &str, path: &str, extra: &str) -> ServiceDir {
 
 /// Publishes one message per request, `count` times, calling `midway` after
 /// half; returns the bodies the host accepted (answered 200).
-async fn publish_through<F, Fut>(
+pub(crate) async fn publish_through<F, Fut>(
     server: &TestServer,
     topic: &str,
     count: usize,

@@ -72,3 +72,31 @@ pub fn start_nats() -> Result<(Daemon, String)> {
     wait_for(port, "nats-server", Duration::from_secs(30))?;
     Ok((daemon, format!("nats://127.0.0.1:{port}")))
 }
+
+/// A Kafka-API broker of the bench's own: tansu (built into the tools
+/// cache if needed) on a free port, storing in SQLite in a temporary
+/// directory.
+pub fn start_tansu() -> Result<(Daemon, String)> {
+    let program = crate::tools::ensure_tansu()?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let listener = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(program)
+        .arg("broker")
+        .args(["--listener-url", &listener])
+        .args(["--advertised-listener-url", &listener])
+        // tansu reads the database's path relative to its directory.
+        .current_dir(dir.path())
+        .args(["--storage-engine", "sqlite://tansu.db"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tansu")?;
+    let daemon = Daemon {
+        children: vec![child],
+        dir,
+    };
+    wait_for(port, "tansu", Duration::from_secs(30))?;
+    Ok((daemon, format!("kafka://127.0.0.1:{port}")))
+}

@@ -36,6 +36,7 @@ mod process;
 mod reload;
 mod stats;
 mod system;
+mod tools;
 mod watchdog;
 
 /// Rust guests copied into the demo directory. (The demo's `orders` is the
@@ -232,7 +233,10 @@ fn test() -> Result<()> {
         &system::RABBITMQ,
         &system::HAPROXY,
         &system::CHROMIUM,
+        &system::OPENSSL_DEV,
     ])?;
+    // The Kafka tests' broker, built once per machine.
+    tools::ensure_tansu()?;
     guests::build(&guests::Lang::ALL)?;
     let root = root();
     run(cargo()
@@ -297,6 +301,8 @@ fn install() -> Result<()> {
 
 /// Builds the release `wharf` binary and returns its path.
 fn build_release_wharf() -> Result<PathBuf> {
+    // librdkafka, the Kafka client, is built against OpenSSL.
+    system::ensure(&[&system::OPENSSL_DEV])?;
     let root = root();
     run(cargo().current_dir(&root).args([
         "build",

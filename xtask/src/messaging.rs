@@ -1,7 +1,8 @@
 //! `cargo xtask bench messaging`: messages published → handled by a trivial
-//! handler, on each broker (embedded, NATS JetStream, RabbitMQ), beside a
-//! Node.js consumer using `amqplib` on the same RabbitMQ doing the same work
-//! (the seed's stack).
+//! handler, on each broker (embedded, NATS JetStream, RabbitMQ, Kafka),
+//! beside a Node.js consumer using `amqplib` on the same RabbitMQ and one
+//! using `kafkajs` on the same Kafka-API broker (tansu), doing the same
+//! work (the seed's stack).
 //!
 //! Two phases per target:
 //! Each handler runs in a fresh instance per message (Wharf's default),
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::daemon::{Daemon, free_port, start_nats, wait_for};
+use crate::daemon::{Daemon, free_port, start_nats, start_tansu, wait_for};
 use crate::process::WharfProcess;
 use crate::{root, run, system};
 
@@ -77,11 +78,12 @@ fn start_rabbitmq() -> Result<(Daemon, String)> {
     Ok((daemon, format!("amqp://guest:guest@127.0.0.1:{port}/%2f")))
 }
 
-/// The Node.js amqplib bench, with its npm package installed.
-fn node_consumer() -> Result<PathBuf> {
+/// The Node.js bench in `xtask/peers/PEER` (`amqp`, `kafka`), with its npm
+/// package `package` installed.
+fn node_consumer(peer: &str, package: &str) -> Result<PathBuf> {
     system::ensure(&[&system::NODE, &system::NPM])?;
-    let dir = root().join("xtask").join("peers").join("amqp");
-    if !dir.join("node_modules").join("amqplib").exists() {
+    let dir = root().join("xtask").join("peers").join(peer);
+    if !dir.join("node_modules").join(package).exists() {
         run(Command::new("npm")
             .current_dir(&dir)
             .args(["ci", "--no-audit", "--no-fund"]))?;
@@ -266,8 +268,8 @@ fn handled(wharf: &WharfProcess, service: &str) -> Result<u64> {
         .sum::<f64>() as u64)
 }
 
-/// Measures the Node.js amqplib consumer on `url`.
-fn measure_node(script: &Path, url: &str) -> Result<Measured> {
+/// Measures the Node.js consumer `script` on `url`, as `label`.
+fn measure_node(script: &Path, url: &str, label: &str) -> Result<Measured> {
     let output = Command::new("node")
         .arg(script)
         .args([
@@ -278,7 +280,7 @@ fn measure_node(script: &Path, url: &str) -> Result<Measured> {
             &LATENCY_RATE.to_string(),
         ])
         .output()
-        .context("running the Node.js amqplib bench")?;
+        .with_context(|| format!("running {}", script.display()))?;
     if !output.status.success() {
         bail!(
             "the Node.js bench failed: {}",
@@ -299,7 +301,7 @@ fn measure_node(script: &Path, url: &str) -> Result<Measured> {
         number.parse().with_context(|| format!("{name} in {text}"))
     };
     Ok(Measured {
-        label: "Node.js + amqplib on RabbitMQ".into(),
+        label: label.into(),
         throughput: field("throughput")?,
         p50_ms: field("p50_ms")?,
         p99_ms: field("p99_ms")?,
@@ -309,10 +311,12 @@ fn measure_node(script: &Path, url: &str) -> Result<Measured> {
 /// Runs the bench and writes `messaging.md` into `out_dir`.
 pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> {
     system::ensure(&[&system::NATS, &system::RABBITMQ])?;
-    let node = node_consumer()?;
+    let amqp_node = node_consumer("amqp", "amqplib")?;
+    let kafka_node = node_consumer("kafka", "kafkajs")?;
     let (_nats, nats_url) = start_nats()?;
     eprintln!("xtask: starting RabbitMQ (about 15 s)");
     let (_rabbit, rabbit_url) = start_rabbitmq()?;
+    let (_kafka, kafka_url) = start_tansu()?;
     let mut rows = Vec::new();
     for (label, broker, reuse) in [
         ("embedded broker", "embedded".to_string(), false),
@@ -323,12 +327,24 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
         ),
         ("NATS JetStream", nats_url, false),
         ("RabbitMQ", rabbit_url.clone(), false),
+        ("Kafka API (tansu 0.6, SQLite)", kafka_url.clone(), false),
     ] {
         eprintln!("xtask: measuring Wharf on the {label}");
         rows.push(measure_wharf(wharf_bin, guests, label, &broker, reuse)?);
     }
     eprintln!("xtask: measuring Node.js + amqplib on RabbitMQ");
-    rows.push(measure_node(&node, &rabbit_url)?);
+    rows.push(measure_node(
+        &amqp_node,
+        &rabbit_url,
+        "Node.js + amqplib on RabbitMQ",
+    )?);
+    eprintln!("xtask: measuring Node.js + kafkajs on the Kafka API (tansu)");
+    let kafka_address = kafka_url.trim_start_matches("kafka://");
+    rows.push(measure_node(
+        &kafka_node,
+        kafka_address,
+        "Node.js + kafkajs on the Kafka API (tansu 0.6, SQLite)",
+    )?);
 
     let mut report = String::new();
     let _ = writeln!(

@@ -68,6 +68,13 @@ pub const CHROMIUM: Tool = Tool {
     packages: &["chromium", "chromium-driver"],
     hint: "install Chromium and ChromeDriver (chromium, chromium-driver)",
 };
+/// OpenSSL's headers and pkg-config: librdkafka (Wharf's Kafka client)
+/// is built against them for TLS and SASL/SCRAM.
+pub const OPENSSL_DEV: Tool = Tool {
+    probe: &["pkg-config", "--exists", "openssl"],
+    packages: &["libssl-dev", "pkg-config"],
+    hint: "install OpenSSL's development files and pkg-config (libssl-dev, pkg-config)",
+};
 /// The HTTP load generator the benchmarks drive.
 pub const WRK: Tool = Tool {
     probe: &["wrk", "--version"],

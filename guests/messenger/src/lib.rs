@@ -7,6 +7,7 @@
 //! | request | what it does |
 //! | --- | --- |
 //! | `POST /publish?topic=T[&n=N][&prefix=P][&via=wasi\|wasmcloud\|http]` | publishes the body, or N messages `P0`…`P(N-1)` |
+//! | `POST /publish?topic=T&key=K` | publishes with the `message-key` metadata K (wasi:messaging) |
 //! | `POST /publish?topic=T&stamp=1` | publishes `stamp=NANOS`, the wall-clock time of the publish |
 //! | `POST /request?topic=T[&timeout_ms=MS][&via=…]` | sends the body as a request: 200 with the reply |
 //! | `POST /record` | handler: records the message (`seen:GROUP:BODY` += 1) |
@@ -109,8 +110,9 @@ fn header(request: &IncomingRequest, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Publishes `body` to `topic` the way `via` says.
-fn publish(via: &str, topic: &str, body: &[u8]) -> Result<(), Answer> {
+/// Publishes `body` to `topic` the way `via` says (with `key` as its
+/// `message-key` metadata, through wasi:messaging).
+fn publish(via: &str, topic: &str, body: &[u8], key: Option<&str>) -> Result<(), Answer> {
     match via {
         "wasmcloud" => consumer::publish(&BrokerMessage {
             subject: topic.to_string(),
@@ -137,6 +139,9 @@ fn publish(via: &str, topic: &str, body: &[u8]) -> Result<(), Answer> {
             let message = wasi::Message::new(body);
             message.set_content_type("text/plain");
             message.add_metadata("sent-by", "messenger");
+            if let Some(key) = key {
+                message.add_metadata("message-key", key);
+            }
             producer::send(&client, &topic.to_string(), message).map_err(wasi_error)
         }
     }
@@ -255,12 +260,18 @@ fn answer(request: &IncomingRequest) -> Result<Answer, Answer> {
             } else {
                 kit::read_body(request)
             };
+            let key = param("key");
             match param("n").and_then(|n| n.parse::<u32>().ok()) {
-                None => publish(&via, &topic, &body)?,
+                None => publish(&via, &topic, &body, key.as_deref())?,
                 Some(n) => {
                     let prefix = param("prefix").unwrap_or_default();
                     for i in 0..n {
-                        publish(&via, &topic, format!("{prefix}{i}").as_bytes())?;
+                        publish(
+                            &via,
+                            &topic,
+                            format!("{prefix}{i}").as_bytes(),
+                            key.as_deref(),
+                        )?;
                     }
                 }
             }

@@ -4,7 +4,8 @@
 //! `http://NAME.internal` and publishing at `http://messages.internal`),
 //! key-value buckets (`keyvalue`, with its embedded, Redis and NATS
 //! backends), configuration and secrets (`config`) and messaging
-//! (`messaging`, with its embedded, NATS JetStream and RabbitMQ brokers).
+//! (`messaging`, with its embedded, NATS JetStream, RabbitMQ and Kafka
+//! brokers).
 //!
 //! Each capability is one module (with its backends beside it) holding its
 //! policy, its per-request context and its host-side implementation, generic
@@ -24,6 +25,25 @@ pub mod tls;
 pub mod wasi_config;
 
 use std::sync::Arc;
+
+use anyhow::Context as _;
+
+/// Largest credentials file read (a NATS `.creds`, Kafka SASL properties).
+pub const MAX_CREDENTIALS_FILE: u64 = 64 << 10;
+
+/// The text of the credentials file at `path` (a regular file of at most
+/// [`MAX_CREDENTIALS_FILE`] bytes), read off the async threads.
+pub async fn read_credentials(path: &std::path::Path) -> anyhow::Result<String> {
+    let shown = path.display().to_string();
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        crate::base::files::read_bounded_text(&path, MAX_CREDENTIALS_FILE)
+    })
+    .await
+    .with_context(|| format!("reading the credentials file {shown}"))?
+    .map_err(anyhow::Error::msg)
+    .with_context(|| format!("reading the credentials file {shown}"))
+}
 
 /// Whether a backend (a key-value store, a broker) is reachable, for
 /// readiness and metrics.

@@ -19,22 +19,6 @@ use async_nats::{ConnectOptions, ServerAddr};
 use crate::base::redact;
 use crate::capabilities::tls::BackendTls;
 
-/// Largest NATS credentials file read.
-pub const MAX_CREDENTIALS_FILE: u64 = 64 << 10;
-
-/// The text of the NATS credentials file at `path` (a regular file of at
-/// most [`MAX_CREDENTIALS_FILE`] bytes), read off the async threads.
-pub async fn read_credentials(path: &std::path::Path) -> Result<String> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        crate::base::files::read_bounded_text(&path, MAX_CREDENTIALS_FILE)
-    })
-    .await
-    .context("reading NATS credentials")?
-    .map_err(anyhow::Error::msg)
-    .context("reading NATS credentials")
-}
-
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 

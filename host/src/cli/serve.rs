@@ -118,8 +118,9 @@ pub struct ServeArgs {
 
     /// The message broker services publish to and are triggered from:
     /// "embedded" (SQLite in the data directory), "nats://HOST:PORT[,…]"
-    /// (JetStream) or "amqp://USER:PASSWORD@HOST:PORT/VHOST[,…]" (RabbitMQ;
-    /// several nodes are tried in turn).
+    /// (JetStream), "amqp://USER:PASSWORD@HOST:PORT/VHOST[,…]" (RabbitMQ;
+    /// several nodes are tried in turn) or "kafka://HOST:PORT[,HOST:PORT…]"
+    /// (Apache Kafka; kafkas:// over TLS).
     /// [default: messaging.backend in DIR/wharf.toml, else embedded]
     #[arg(long, value_name = "BROKER")]
     pub broker: Option<BrokerChoice>,

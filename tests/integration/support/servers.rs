@@ -1,5 +1,5 @@
 //! The real servers backend tests use — Redis, NATS JetStream, RabbitMQ,
-//! HAProxy — each started on ephemeral loopback ports with temporary data,
+//! a Kafka-API broker (tansu), HAProxy — each started on ephemeral loopback ports with temporary data,
 //! and killed when the test (or the test binary) ends.
 
 use std::path::PathBuf;
@@ -492,6 +492,98 @@ impl RabbitServer {
     }
 }
 
+/// The version of tansu, the Kafka-API broker the tests run against;
+/// `cargo xtask test` installs it into the tools cache.
+pub const TANSU_VERSION: &str = "0.6.0";
+
+/// Where `cargo xtask test` installs the tools no package manager here
+/// offers: `$XDG_CACHE_HOME/wharf-tools` (else `~/.cache/wharf-tools`),
+/// outside any checkout, so each machine builds them once.
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .expect("HOME or XDG_CACHE_HOME")
+        .join("wharf-tools")
+}
+
+/// A Kafka-API broker of the test's own: tansu on a free loopback port,
+/// storing in SQLite in a temporary directory, so a restart keeps every
+/// record.
+pub struct KafkaServer {
+    server: ServerProcess,
+    _dir: TempDir,
+}
+
+static SHARED_KAFKA: OnceLock<u16> = OnceLock::new();
+
+impl KafkaServer {
+    pub fn start() -> KafkaServer {
+        KafkaServer::start_with(&[])
+    }
+
+    /// Starts one with `extra` arguments (`--cert`, `--key` for TLS).
+    pub fn start_with(extra: &[&str]) -> KafkaServer {
+        let program = tools_dir()
+            .join(format!("tansu-{TANSU_VERSION}"))
+            .join("bin")
+            .join("tansu");
+        assert!(
+            program.is_file(),
+            "{} is missing: `cargo xtask test` installs tansu {TANSU_VERSION}, the Kafka-API broker these tests use",
+            program.display()
+        );
+        let dir = TempDir::new().expect("temp dir");
+        let data = dir.path().to_path_buf();
+        let port = free_port();
+        let extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
+        let server = ServerProcess::start("tansu", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            let listener = format!("tcp://127.0.0.1:{port}");
+            command
+                .arg("broker")
+                .args(["--listener-url", &listener])
+                .args(["--advertised-listener-url", &listener])
+                // tansu reads the database's path relative to its directory.
+                .current_dir(&data)
+                .args(["--storage-engine", "sqlite://tansu.db"])
+                .args(&extra)
+                .env("RUST_LOG", "warn");
+            die_with_parent(&mut command);
+            command
+        });
+        KafkaServer { server, _dir: dir }
+    }
+
+    /// `kafka://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("kafka://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL of one broker the whole test binary shares (started on
+    /// first use; tests on it keep to topics and groups of their own).
+    pub fn shared_url() -> String {
+        let port = SHARED_KAFKA.get_or_init(|| {
+            // Started on a thread that lives as long as the process, so
+            // the broker lives that long too, and no longer.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("shared-kafka".into())
+                .spawn(move || {
+                    let server = KafkaServer::start();
+                    tx.send(server.port).expect("report the port");
+                    loop {
+                        std::thread::park();
+                        let _ = &server;
+                    }
+                })
+                .expect("spawn the kafka thread");
+            rx.recv().expect("the shared kafka started")
+        });
+        format!("kafka://127.0.0.1:{port}")
+    }
+}
+
 /// The servers above are their process: `port`, `stop` and `restart`.
 macro_rules! server_process {
     ($($server:ident . $field:ident),*) => {$(
@@ -512,7 +604,8 @@ server_process!(
     RedisServer.server,
     NatsServer.server,
     HaproxyServer.server,
-    RabbitServer.broker
+    RabbitServer.broker,
+    KafkaServer.server
 );
 
 /// How long a server (but RabbitMQ) may take to start listening.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::capabilities::messaging::broker::Broker;
 use crate::capabilities::messaging::embedded::EmbeddedBroker;
+use crate::capabilities::messaging::kafka::{DEFAULT_PARTITIONS, KafkaBroker, KafkaSettings};
 use crate::capabilities::messaging::limits::MessagingLimits;
 use crate::capabilities::messaging::nats::NatsBroker;
 use crate::capabilities::messaging::rabbitmq::{QueueType, RabbitBroker};
@@ -24,6 +25,9 @@ pub enum BrokerChoice {
     /// RabbitMQ: `amqp://user:password@host:port/vhost[,amqp://…]`, the
     /// nodes of one cluster, tried in turn.
     Rabbit(String),
+    /// Apache Kafka: `kafka://host:port[,host:port…]` (`kafkas://` over
+    /// TLS).
+    Kafka(String),
 }
 
 /// Shows the address without its credentials.
@@ -33,6 +37,7 @@ impl std::fmt::Debug for BrokerChoice {
             BrokerChoice::Embedded => f.write_str("Embedded"),
             BrokerChoice::Nats(url) => write!(f, "Nats({:?})", crate::base::redact::url(url)),
             BrokerChoice::Rabbit(url) => write!(f, "Rabbit({:?})", crate::base::redact::url(url)),
+            BrokerChoice::Kafka(url) => write!(f, "Kafka({:?})", crate::base::redact::url(url)),
         }
     }
 }
@@ -48,9 +53,11 @@ impl std::str::FromStr for BrokerChoice {
             Ok(BrokerChoice::Nats(text.to_string()))
         } else if text.starts_with("amqp://") || text.starts_with("amqps://") {
             Ok(BrokerChoice::Rabbit(text.to_string()))
+        } else if text.starts_with("kafka://") || text.starts_with("kafkas://") {
+            Ok(BrokerChoice::Kafka(text.to_string()))
         } else {
             Err(format!(
-                "{text:?} is not a message broker: use \"embedded\", \"nats://HOST:PORT\" or \"amqp://USER:PASSWORD@HOST:PORT/VHOST\""
+                "{text:?} is not a message broker: use \"embedded\", \"nats://HOST:PORT\", \"amqp://USER:PASSWORD@HOST:PORT/VHOST\" or \"kafka://HOST:PORT\""
             ))
         }
     }
@@ -67,14 +74,17 @@ pub struct BrokerSettings {
     pub queues: QueueType,
     /// TLS to the broker.
     pub tls: BackendTls,
-    /// A NATS credentials file's text, for a NATS broker that needs one.
-    pub nats_credentials: Option<String>,
+    /// The text of the credentials file the broker signs in with, if it
+    /// needs one: NATS's `.creds`, Kafka's SASL properties.
+    pub credentials: Option<String>,
+    /// Partitions of each Kafka topic Wharf creates (`None`: three).
+    pub partitions: Option<u32>,
 }
 
 impl BrokerChoice {
     /// Opens the chosen broker, its queues bounded by `limits`: the embedded
-    /// queue at `data_dir` (in memory without one); NATS and RabbitMQ
-    /// connect in the background.
+    /// queue at `data_dir` (in memory without one); NATS, RabbitMQ
+    /// and Kafka connect in the background.
     pub async fn open(
         &self,
         data_dir: Option<&std::path::Path>,
@@ -96,7 +106,7 @@ impl BrokerChoice {
                     limits,
                     settings.replicas,
                     &settings.tls,
-                    settings.nats_credentials.as_deref(),
+                    settings.credentials.as_deref(),
                 )
                 .await?,
             ),
@@ -105,6 +115,15 @@ impl BrokerChoice {
                 limits,
                 settings.queues,
                 &settings.tls,
+            )?),
+            BrokerChoice::Kafka(url) => Broker::new(KafkaBroker::connect(
+                url,
+                KafkaSettings {
+                    partitions: settings.partitions.unwrap_or(DEFAULT_PARTITIONS),
+                    replicas: settings.replicas,
+                    tls: settings.tls,
+                    credentials: settings.credentials,
+                },
             )?),
         })
     }

@@ -737,6 +737,7 @@ fn read_message(row: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Mess
         metadata: Message::metadata_from_json(&row.get::<_, String>(offset + 4)?),
         reply_to: row.get(offset + 5)?,
         published_at: from_millis(row.get(offset + 6)?),
+        key: None,
     })
 }
 

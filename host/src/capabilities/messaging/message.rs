@@ -4,6 +4,10 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+/// The metadata key a publisher sets to choose its message's partition key
+/// (see [`Message::key`]).
+pub const MESSAGE_KEY: &str = "message-key";
+
 /// A message as Wharf carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -22,6 +26,10 @@ pub struct Message {
     pub reply_to: Option<String>,
     /// When it was published.
     pub published_at: SystemTime,
+    /// Its partition key, on brokers that partition topics (Kafka): the
+    /// publisher's `message-key` metadata, else the publishing service, so
+    /// one publisher's messages keep their order. Other brokers ignore it.
+    pub key: Option<String>,
 }
 
 impl Message {
@@ -35,6 +43,7 @@ impl Message {
             metadata: Vec::new(),
             reply_to: None,
             published_at: SystemTime::now(),
+            key: None,
         }
     }
 

@@ -26,6 +26,7 @@ pub mod broker;
 pub mod choice;
 pub mod embedded;
 pub mod inbox;
+pub mod kafka;
 pub mod limits;
 pub mod message;
 pub mod nats;
@@ -302,6 +303,10 @@ impl MessagingAccess {
         self.check(&message.topic, &message.body)?;
         check_metadata(message)?;
         stamp(message, context);
+        if message.key.is_none() {
+            let key = message.meta(message::MESSAGE_KEY).unwrap_or(&self.service);
+            message.key = Some(key.to_string());
+        }
         self.quota.take(message.stored_size()).map_err(|wait| {
             MessagingError::Broker(BrokerError::Quota(
                 format!(

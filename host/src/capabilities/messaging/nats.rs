@@ -150,6 +150,7 @@ fn message_of(subject_topic: &str, headers: Option<&HeaderMap>, payload: Bytes) 
             .map_or_else(SystemTime::now, |ms| {
                 SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
             }),
+        key: None,
     }
 }
 

@@ -14,8 +14,10 @@
 //! | 503 | the broker is full or cannot be reached (with `Retry-After`) |
 //! | 504 | no reply, or the broker did not answer, in time |
 //!
-//! The body's `content-type` travels with the message; the publishing
-//! request's id and trace context are stamped on it as for every publish.
+//! The body's `content-type` travels with the message, and a `message-key`
+//! header becomes its `message-key` metadata (its partition key on Kafka);
+//! the publishing request's id and trace context are stamped on it as for
+//! every publish.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +132,15 @@ pub(crate) async fn publish(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    if let Some(key) = parts
+        .headers
+        .get(super::message::MESSAGE_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        message
+            .metadata
+            .push((super::message::MESSAGE_KEY.to_string(), key.to_string()));
+    }
     let id = message.id.clone();
     match wait {
         None => match access.publish(message, &context).await {

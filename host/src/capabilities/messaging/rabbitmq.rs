@@ -188,6 +188,7 @@ fn message_of(routing_key: &str, properties: &BasicProperties, body: Vec<u8>) ->
             .map_or_else(SystemTime::now, |ms| {
                 SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
             }),
+        key: None,
     }
 }
 

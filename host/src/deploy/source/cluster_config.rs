@@ -76,7 +76,7 @@ impl ClusterConfig {
     }
 }
 
-pub use crate::capabilities::nats::MAX_CREDENTIALS_FILE;
+pub use crate::capabilities::MAX_CREDENTIALS_FILE;
 
 /// `HOSTNAME-PID`: unique among the processes of a machine, readable.
 pub(crate) fn default_host_id() -> String {

@@ -453,6 +453,11 @@ struct HostMessagingTable {
     replicas: Option<toml::Value>,
     /// RabbitMQ's kind of group queue: "quorum" or "classic".
     queues: Option<String>,
+    /// Partitions of each Kafka topic Wharf creates.
+    partitions: Option<i64>,
+    /// The file the broker signs in with (Kafka SASL properties, a NATS
+    /// `.creds`), relative to this file.
+    credentials: Option<std::path::PathBuf>,
     max_pending: Option<i64>,
     max_bytes: Option<String>,
     max_group_bytes: Option<String>,
@@ -540,6 +545,11 @@ pub struct HostSettings {
     pub messaging_replicas: Option<Replicas>,
     /// RabbitMQ's kind of group queue (`[messaging] queues`).
     pub messaging_queues: Option<QueueType>,
+    /// Partitions of each Kafka topic Wharf creates (`[messaging]
+    /// partitions`).
+    pub messaging_partitions: Option<u32>,
+    /// The broker's credentials file (`[messaging] credentials`), resolved.
+    pub messaging_credentials: Option<std::path::PathBuf>,
     /// The cluster to join, if named here.
     pub cluster: Option<ClusterConfig>,
     /// Which compilers to use, if chosen here.
@@ -615,6 +625,19 @@ impl HostFile {
             str::parse,
         )?;
         let messaging_limits = file.messaging.limits()?;
+        let messaging_partitions = file
+            .messaging
+            .partitions
+            .map(|n| {
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        format!("messaging.partitions: {n} is not a number from 1 to 10000")
+                    })
+            })
+            .transpose()?;
+        let messaging_credentials = file.messaging.credentials.map(|path| dir.join(path));
         let messaging = parse_key(file.messaging.backend, "messaging.backend", str::parse)?;
         let resolve_tls = |table: Option<HostTlsTable>, section: &str| {
             table
@@ -667,6 +690,8 @@ impl HostFile {
             keyvalue_replicas,
             messaging_replicas,
             messaging_queues,
+            messaging_partitions,
+            messaging_credentials,
             tls,
             keyvalue_tls,
             messaging_tls,

@@ -118,7 +118,7 @@ impl Cluster {
     pub async fn connect(config: ClusterConfig) -> Result<Arc<Cluster>> {
         config.validate().map_err(|why| anyhow!(why))?;
         let credentials = match &config.credentials {
-            Some(path) => Some(crate::capabilities::nats::read_credentials(path).await?),
+            Some(path) => Some(crate::capabilities::read_credentials(path).await?),
             None => None,
         };
         let connection = NatsConnection::shared(&config.url, credentials.as_deref(), &config.tls)
