@@ -1,5 +1,5 @@
-//! Encryption on the wire: a `nats-server`, a `redis-server` and RabbitMQ
-//! of the test's own that speak TLS, with certificates the test makes
+//! Encryption on the wire: a `nats-server`, a `redis-server`, RabbitMQ and
+//! a Kafka-API broker (tansu) of the test's own that speak TLS, with certificates the test makes
 //! (`rcgen`), reached by Wharf with `[tls]`, through a relay that records
 //! every byte. A secret written through key-value or sent as a message
 //! never appears in them; a wrong CA fails clearly; mutual TLS works where
@@ -13,8 +13,8 @@ use wharf::messaging::BrokerChoice;
 use wharf::{AtRestKeys, BackendTls, Config, Host, KeyValueChoice};
 
 use crate::support::{
-    NatsServer, Pki, RabbitServer, RedisServer, ServiceDir, TestServer, client, eventually,
-    free_port, get, guest_bytes, post,
+    HaproxyServer, KafkaServer, NatsServer, Pki, RabbitServer, RedisServer, ServiceDir, TestServer,
+    client, eventually, free_port, get, guest_bytes, post,
 };
 
 /// A TCP relay on a free loopback port to `target`, recording every byte
@@ -285,7 +285,7 @@ async fn messages_over_rabbitmq_tls_never_show_on_the_wire_and_need_the_client_c
     };
 
     let secret = "TOP-SECRET-c41b9e-AMQP";
-    let (server, _dir) = messaging_host(&relayed, files(true)).await;
+    let (server, _dir) = messaging_host(BrokerChoice::Rabbit(relayed), files(true)).await;
     let (status, body) = post(&server, PUBLISH, secret).await;
     assert_eq!(status, 200, "{body}");
     eventually(Duration::from_secs(60), "the message handled", || async {
@@ -304,15 +304,55 @@ async fn messages_over_rabbitmq_tls_never_show_on_the_wire_and_need_the_client_c
 
     // The listener requires a client certificate: without one, publishing
     // fails (503, the broker unavailable), clearly and without a hang.
-    let (server, _dir) = messaging_host(&url, files(false)).await;
+    let (server, _dir) = messaging_host(BrokerChoice::Rabbit(url.clone()), files(false)).await;
     let (status, body) = post(&server, PUBLISH, "nobody").await;
     assert_eq!(status, 503, "{body}");
     server.stop().await;
 }
 
-/// A host on the RabbitMQ at `url` with `tls`: `pub` publishes to `enc.tls`,
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_over_kafka_tls_never_show_on_the_wire_and_need_the_right_ca() {
+    let pki = Pki::new();
+    // wharf → relay (records) → HAProxy (TLS) → tansu, which advertises the
+    // relay, so every connection crosses it.
+    let (tls_port, kafka_port) = (free_port(), free_port());
+    let relay = Relay::start(tls_port).await;
+    let _kafka = KafkaServer::start_advertising(kafka_port, relay.port, &[]);
+    let cert_and_key = pki.path("server-and-key.pem");
+    let mut pem = std::fs::read(pki.path("server.pem")).unwrap();
+    pem.extend(std::fs::read(pki.path("server-key.pem")).unwrap());
+    std::fs::write(&cert_and_key, pem).unwrap();
+    let _tls = HaproxyServer::tls_terminator(tls_port, &cert_and_key, kafka_port);
+    let url = format!("kafkas://127.0.0.1:{}", relay.port);
+    let secret = "TOP-SECRET-7d02aa-KAFKA";
+    let (server, _dir) = messaging_host(
+        BrokerChoice::Kafka(url.clone()),
+        files(&pki, "ca.pem", false),
+    )
+    .await;
+    let (status, body) = post(&server, PUBLISH, secret).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(60), "the message handled", || async {
+        get(&server.url("/pub/seen?group=enc-tls"))
+            .await
+            .is_some_and(|(_, seen)| seen.contains(secret))
+    })
+    .await;
+    relay.bytes_without(secret);
+    server.stop().await;
+
+    // A CA that did not sign the broker's certificate: publishing fails
+    // (503, the broker unavailable), clearly and without a hang.
+    let (server, _dir) =
+        messaging_host(BrokerChoice::Kafka(url), files(&pki, "other-ca.pem", false)).await;
+    let (status, body) = post(&server, PUBLISH, "nobody").await;
+    assert_eq!(status, 503, "{body}");
+    server.stop().await;
+}
+
+/// A host on the broker `broker` with `tls`: `pub` publishes to `enc.tls`,
 /// `rec` records it in group `enc-tls`.
-async fn messaging_host(url: &str, tls: BackendTls) -> (TestServer, ServiceDir) {
+async fn messaging_host(broker: BrokerChoice, tls: BackendTls) -> (TestServer, ServiceDir) {
     let dir = ServiceDir::new();
     for (name, manifest) in [
         (
@@ -328,7 +368,7 @@ async fn messaging_host(url: &str, tls: BackendTls) -> (TestServer, ServiceDir) 
         dir.write(&format!("{name}.toml"), manifest.as_bytes());
     }
     let mut config = Config::for_dir(dir.path());
-    config.messaging = Some(BrokerChoice::Rabbit(url.to_string()));
+    config.messaging = Some(broker);
     config.backend_tls = Some(tls);
     (TestServer::start(config).await, dir)
 }
@@ -391,7 +431,7 @@ async fn regression_amqps_never_falls_back_to_plain_text() {
         cert: Some(pki_dir.join("client.pem")),
         key: Some(pki_dir.join("client-key.pem")),
     };
-    let (server, _dir) = messaging_host(&plain_port, tls).await;
+    let (server, _dir) = messaging_host(BrokerChoice::Rabbit(plain_port.clone()), tls).await;
     let (status, body) = post(&server, PUBLISH, "in the clear?").await;
     assert_eq!(status, 503, "{body}");
     server.stop().await;

@@ -345,6 +345,29 @@ impl HaproxyServer {
         HaproxyServer { server, _dir: dir }
     }
 
+    /// A TLS terminator on `port`: connections are TLS with the server
+    /// certificate and key of `cert_and_key` (one PEM file), their bytes
+    /// passed on in the clear to `target`. For servers without a TLS
+    /// listener of their own (tansu 0.6's `--cert` and `--key` cannot be
+    /// given together).
+    pub fn tls_terminator(port: u16, cert_and_key: &std::path::Path, target: u16) -> HaproxyServer {
+        let dir = TempDir::new().expect("temp dir");
+        let config = format!(
+            "global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\nfrontend tls\n    bind 127.0.0.1:{port} ssl crt {}\n    default_backend plain\nbackend plain\n    server s 127.0.0.1:{target}\n",
+            cert_and_key.display()
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let program = server_program("haproxy", "haproxy");
+        let server = ServerProcess::start("haproxy", port, STARTUP, move || {
+            let mut command = Command::new(&program);
+            command.arg("-f").arg(&path).arg("-db");
+            die_with_parent(&mut command);
+            command
+        });
+        HaproxyServer { server, _dir: dir }
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
@@ -524,6 +547,13 @@ impl KafkaServer {
 
     /// Starts one with `extra` arguments (`--cert`, `--key` for TLS).
     pub fn start_with(extra: &[&str]) -> KafkaServer {
+        let port = free_port();
+        KafkaServer::start_advertising(port, port, extra)
+    }
+
+    /// Starts one on `port` that tells clients to connect to `advertised`
+    /// (a relay in front of it, say), with `extra` arguments.
+    pub fn start_advertising(port: u16, advertised: u16, extra: &[&str]) -> KafkaServer {
         let program = tools_dir()
             .join(format!("tansu-{TANSU_VERSION}"))
             .join("bin")
@@ -535,15 +565,16 @@ impl KafkaServer {
         );
         let dir = TempDir::new().expect("temp dir");
         let data = dir.path().to_path_buf();
-        let port = free_port();
         let extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
         let server = ServerProcess::start("tansu", port, STARTUP, move || {
             let mut command = Command::new(&program);
-            let listener = format!("tcp://127.0.0.1:{port}");
             command
                 .arg("broker")
-                .args(["--listener-url", &listener])
-                .args(["--advertised-listener-url", &listener])
+                .args(["--listener-url", &format!("tcp://127.0.0.1:{port}")])
+                .args([
+                    "--advertised-listener-url",
+                    &format!("tcp://127.0.0.1:{advertised}"),
+                ])
                 // tansu reads the database's path relative to its directory.
                 .current_dir(&data)
                 .args(["--storage-engine", "sqlite://tansu.db"])

@@ -83,6 +83,8 @@ const REPLIES_TOPIC: &str = "_wharf.replies";
 const READER_GROUP: &str = "_wharf.reader";
 /// How long a blocking client call (metadata, offsets) may wait.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a publish waits for brokers that were unreachable to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an admin operation may take on the broker.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a publish may wait for the broker before it fails.
@@ -509,6 +511,38 @@ impl Shared {
             .copied()
     }
 
+    /// Ok if the brokers answered lately, or answer now (within
+    /// [`PROBE_TIMEOUT`]): operations fail fast, and clearly, while the
+    /// brokers cannot be reached, instead of waiting out librdkafka's
+    /// retries.
+    async fn reachable(&self) -> BrokerResult<()> {
+        if self.link.up.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let producer = self.producer.clone();
+        let probe = blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, PROBE_TIMEOUT)
+                .map(|metadata| metadata.brokers().len())
+                .map_err(|err| classify(&err))
+        })
+        .await;
+        match probe {
+            Ok(brokers) => {
+                self.link.set(
+                    true,
+                    format!("connected to {} ({brokers} brokers)", self.servers),
+                );
+                Ok(())
+            }
+            Err(err) => Err(BrokerError::Unavailable(format!(
+                "kafka: {} cannot be reached ({err})",
+                self.servers
+            ))),
+        }
+    }
+
     async fn broker_count(&self) -> BrokerResult<usize> {
         let producer = self.producer.clone();
         let metadata = tokio::task::spawn_blocking(move || {
@@ -529,6 +563,7 @@ impl Shared {
         partitions: u32,
         retention_ms: i64,
     ) -> BrokerResult<()> {
+        self.reachable().await?;
         if self
             .topics
             .lock()
