@@ -1,8 +1,9 @@
 // The Kafka baseline for `cargo xtask bench messaging`: what a Node.js
 // service does with Kafka through kafkajs (the npm ecosystem's Kafka
-// client), doing the same work as Wharf — an idempotent producer with
-// acks=all, each publish awaited, a consumer group running a trivial
-// handler, offsets committed after it ran.
+// client), doing the same work as Wharf — a producer with acks=all, each
+// publish awaited, a consumer group running a trivial handler, offsets
+// committed after it ran. Not idempotent, unlike Wharf's producer: tansu
+// 0.6 drops the connection on kafkajs's InitProducerId (librdkafka's works).
 //
 //   node bench.js HOST:PORT MESSAGES PUBLISHERS LATENCY_MESSAGES LATENCY_RATE
 //
@@ -26,7 +27,7 @@ async function main() {
   const kafka = new Kafka({ clientId: 'node-bench', brokers: [broker], logLevel: logLevel.ERROR });
   const admin = kafka.admin();
   await admin.connect();
-  const producer = kafka.producer({ idempotent: true, maxInFlightRequests: 1 });
+  const producer = kafka.producer({ idempotent: false });
   await producer.connect();
 
   async function phase(topic, count, onMessage) {

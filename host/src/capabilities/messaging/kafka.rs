@@ -39,20 +39,21 @@
 //! and the dead-letter bounds do not apply (publisher quotas do).
 
 mod offsets;
+mod records;
+mod settings;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context as _, Result, bail};
-use bytes::Bytes;
+use anyhow::{Context as _, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -62,11 +63,16 @@ use crate::capabilities::messaging::broker::{
     DeadLetterQuery, MessageBroker, Received, Subscription,
 };
 use crate::capabilities::messaging::inbox::Inboxes;
-use crate::capabilities::messaging::message::{MESSAGE_KEY, Message};
+use crate::capabilities::messaging::message::Message;
 use crate::capabilities::messaging::topic::TopicPattern;
 use crate::capabilities::nats::Replicas;
-use crate::capabilities::tls::{BackendTls, check_backend_url};
 use offsets::{OffsetTracker, Ticket};
+use records::{
+    from_millis, header, header_number, header_text, headers_of, message_of, millis,
+    subscription_of,
+};
+pub use settings::KafkaSettings;
+use settings::{base_config, parse_servers};
 
 /// Prefix of each group's retry topic.
 const RETRY_PREFIX: &str = "_wharf.retry.";
@@ -92,182 +98,12 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Partitions of each topic Wharf creates, unless configured.
 pub const DEFAULT_PARTITIONS: u32 = 3;
 
-/// Header names of Wharf's own fields.
-mod header {
-    pub const PREFIX: &str = "wharf-";
-    pub const ID: &str = "wharf-id";
-    pub const PUBLISHED: &str = "wharf-published-ms";
-    pub const REPLY_TO: &str = "wharf-reply-to";
-    pub const TOPIC: &str = "wharf-topic";
-    pub const ATTEMPT: &str = "wharf-attempt";
-    pub const DUE: &str = "wharf-due-ms";
-    pub const REASON: &str = "wharf-dead-reason";
-    pub const DEAD_AT: &str = "wharf-dead-ms";
-    pub const CONTENT_TYPE: &str = "content-type";
+fn retry_topic(group: &str) -> String {
+    format!("{RETRY_PREFIX}{group}")
 }
 
-/// Where a Kafka broker is and how Wharf signs in to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KafkaSettings {
-    /// Partitions of each topic Wharf creates.
-    pub partitions: u32,
-    /// Copies of each topic Wharf creates.
-    pub replicas: Replicas,
-    /// TLS to the brokers.
-    pub tls: BackendTls,
-    /// A SASL properties file's text (`sasl.mechanism`, `sasl.username`,
-    /// `sasl.password`), for brokers that need one.
-    pub credentials: Option<String>,
-}
-
-/// The bootstrap servers of `url` (`kafka://a:9092,b:9092`, each entry may
-/// repeat the scheme) and whether they are reached over TLS.
-fn parse_servers(url: &str, tls: &BackendTls) -> Result<(String, bool)> {
-    let shown = crate::base::redact::url(url);
-    let mut servers = Vec::new();
-    let mut secure = None;
-    for (index, entry) in url.split(',').enumerate() {
-        let entry = entry.trim();
-        let (scheme, address) = match entry.split_once("://") {
-            Some((scheme, address)) => (Some(scheme.to_ascii_lowercase()), address),
-            None if index > 0 => (None, entry),
-            None => bail!("{shown}: use kafka://HOST:PORT[,HOST:PORT…] (or kafkas:// for TLS)"),
-        };
-        let entry_secure = match scheme.as_deref() {
-            Some("kafka") => Some(false),
-            Some("kafkas") => Some(true),
-            Some(other) => {
-                bail!("{shown}: {other}:// is not a Kafka scheme (kafka:// or kafkas://)")
-            }
-            None => None,
-        };
-        if let Some(entry_secure) = entry_secure {
-            if secure.is_some_and(|secure| secure != entry_secure) {
-                bail!("{shown}: mixes kafka:// and kafkas://; one cluster is reached one way");
-            }
-            secure = Some(entry_secure);
-        }
-        if address.contains(['@', '/', '?', '#']) {
-            bail!(
-                "{shown}: give only HOST:PORT per server (credentials go in [messaging] credentials, TLS in [tls])"
-            );
-        }
-        let Some((host, port)) = address.rsplit_once(':') else {
-            bail!("{shown}: {address:?} has no port (HOST:PORT)");
-        };
-        if host.is_empty() || port.parse::<u16>().map_or(true, |port| port == 0) {
-            bail!("{shown}: {address:?} is not HOST:PORT");
-        }
-        servers.push(address.to_string());
-    }
-    let scheme = if secure == Some(true) {
-        "kafkas:"
-    } else {
-        "kafka:"
-    };
-    let secure = check_backend_url(&format!("{scheme}//"), "kafkas:", tls)?;
-    Ok((servers.join(","), secure))
-}
-
-/// The SASL settings of a properties file's `text`: only the three keys
-/// that sign in are accepted, so the file cannot loosen anything else
-/// (certificate checks, say).
-fn sasl_settings(text: &str) -> Result<Vec<(String, String)>> {
-    let mut settings = HashMap::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            bail!("kafka credentials, line {}: expected key=value", number + 1);
-        };
-        let key = key.trim();
-        if !matches!(key, "sasl.mechanism" | "sasl.username" | "sasl.password") {
-            bail!(
-                "kafka credentials, line {}: {key:?} is not accepted here (only sasl.mechanism, sasl.username, sasl.password)",
-                number + 1
-            );
-        }
-        settings.insert(key.to_string(), value.trim().to_string());
-    }
-    let mechanism = settings
-        .get("sasl.mechanism")
-        .cloned()
-        .unwrap_or_else(|| "SCRAM-SHA-512".to_string());
-    if !matches!(
-        mechanism.as_str(),
-        "SCRAM-SHA-256" | "SCRAM-SHA-512" | "PLAIN"
-    ) {
-        bail!(
-            "kafka credentials: sasl.mechanism {mechanism:?} is not SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN"
-        );
-    }
-    let (Some(username), Some(password)) =
-        (settings.get("sasl.username"), settings.get("sasl.password"))
-    else {
-        bail!("kafka credentials: sasl.username and sasl.password are both needed");
-    };
-    Ok(vec![
-        ("sasl.mechanism".into(), mechanism),
-        ("sasl.username".into(), username.clone()),
-        ("sasl.password".into(), password.clone()),
-    ])
-}
-
-/// The client configuration every client of this broker starts from.
-fn base_config(url: &str, settings: &KafkaSettings) -> Result<ClientConfig> {
-    let (servers, secure) = parse_servers(url, &settings.tls)?;
-    let sasl = settings
-        .credentials
-        .as_deref()
-        .map(sasl_settings)
-        .transpose()?;
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &servers)
-        .set("client.id", "wharf")
-        .set("socket.keepalive.enable", "true")
-        .set("reconnect.backoff.max.ms", "2000");
-    let protocol = match (secure, sasl.is_some()) {
-        (false, false) => "plaintext",
-        (true, false) => "ssl",
-        (false, true) => "sasl_plaintext",
-        (true, true) => "sasl_ssl",
-    };
-    config.set("security.protocol", protocol);
-    if let Some(sasl) = sasl {
-        if !secure
-            && sasl
-                .iter()
-                .any(|(k, v)| k == "sasl.mechanism" && v == "PLAIN")
-        {
-            bail!(
-                "kafka credentials: PLAIN sends the password as it is: use kafkas:// (TLS) or SCRAM"
-            );
-        }
-        for (key, value) in sasl {
-            config.set(key, value);
-        }
-    }
-    if secure {
-        let pem = settings.tls.pem().context("kafka TLS")?;
-        config
-            .set("ssl.endpoint.identification.algorithm", "https")
-            .set("enable.ssl.certificate.verification", "true");
-        if let Some(ca) = pem.ca {
-            config.set("ssl.ca.pem", String::from_utf8_lossy(&ca).into_owned());
-        }
-        if let Some((cert, key)) = pem.identity {
-            config
-                .set(
-                    "ssl.certificate.pem",
-                    String::from_utf8_lossy(&cert).into_owned(),
-                )
-                .set("ssl.key.pem", String::from_utf8_lossy(&key).into_owned());
-        }
-    }
-    Ok(config)
+fn dead_topic(group: &str) -> String {
+    format!("{DEAD_PREFIX}{group}")
 }
 
 /// Whether the brokers answered lately, shared by every client of one
@@ -332,151 +168,6 @@ fn classify(err: &KafkaError) -> BrokerError {
         ) => BrokerError::Unavailable(format!("kafka: {err}")),
         _ => BrokerError::Other(format!("kafka: {err}")),
     }
-}
-
-fn millis(time: SystemTime) -> u64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn from_millis(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
-}
-
-fn retry_topic(group: &str) -> String {
-    format!("{RETRY_PREFIX}{group}")
-}
-
-fn dead_topic(group: &str) -> String {
-    format!("{DEAD_PREFIX}{group}")
-}
-
-/// A pattern as librdkafka subscribes to it: the topic itself, or a regex
-/// (`^…$`) for one with wildcards. A leading wildcard never matches a
-/// topic starting with `_`.
-fn subscription_of(pattern: &TopicPattern) -> String {
-    let text = pattern.as_str();
-    if !text.split('.').any(|token| token == "*" || token == ">") {
-        return text.to_string();
-    }
-    let tokens: Vec<String> = text
-        .split('.')
-        .enumerate()
-        .map(|(index, token)| match (index, token) {
-            (0, "*") => "[^._][^.]*".to_string(),
-            (0, ">") => "[^._].*".to_string(),
-            (_, "*") => "[^.]+".to_string(),
-            (_, ">") => ".+".to_string(),
-            // Letters, digits, '-' and '_': nothing a regex reads specially.
-            (_, exact) => exact.to_string(),
-        })
-        .collect();
-    format!("^{}$", tokens.join("\\."))
-}
-
-/// Record headers for `message`: its metadata as headers, and Wharf's own
-/// fields.
-fn headers_of(message: &Message) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(message.metadata.len() + 4);
-    let mut add = |key: &str, value: &str| {
-        headers = std::mem::take(&mut headers).insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
-    };
-    add(header::ID, &message.id);
-    add(header::PUBLISHED, &millis(message.published_at).to_string());
-    if let Some(content_type) = &message.content_type {
-        add(header::CONTENT_TYPE, content_type);
-    }
-    if let Some(reply_to) = &message.reply_to {
-        add(header::REPLY_TO, reply_to);
-    }
-    for (key, value) in &message.metadata {
-        add(key, value);
-    }
-    headers
-}
-
-/// A header's value as text.
-fn header_text<'a>(record: &'a OwnedMessage, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    record.headers()?.iter().find_map(|h| {
-        (h.key.eq_ignore_ascii_case(name))
-            .then(|| h.value.map(String::from_utf8_lossy))
-            .flatten()
-    })
-}
-
-fn header_number(record: &OwnedMessage, name: &str) -> Option<u64> {
-    header_text(record, name)?.parse().ok()
-}
-
-/// The message a record carries: Wharf's fields from `wharf-*` headers,
-/// every other header as metadata, the key as `message-key`.
-fn message_of(record: &OwnedMessage, body_limit: usize) -> (Message, u64) {
-    let payload = record.payload().unwrap_or_default();
-    let body_size = payload.len() as u64;
-    let body = Bytes::copy_from_slice(&payload[..payload.len().min(body_limit)]);
-    let mut metadata = Vec::new();
-    let mut content_type = None;
-    if let Some(headers) = record.headers() {
-        for h in headers.iter() {
-            let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-            if h.key.eq_ignore_ascii_case(header::CONTENT_TYPE) {
-                content_type = Some(value.into_owned());
-            } else if !h.key.to_ascii_lowercase().starts_with(header::PREFIX) {
-                metadata.push((h.key.to_string(), value.into_owned()));
-            }
-        }
-    }
-    if let Some(key) = record.key()
-        && !metadata
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case(MESSAGE_KEY))
-    {
-        metadata.push((
-            MESSAGE_KEY.to_string(),
-            String::from_utf8_lossy(key).into_owned(),
-        ));
-    }
-    let topic = header_text(record, header::TOPIC)
-        .map(|t| t.into_owned())
-        .unwrap_or_else(|| record.topic().to_string());
-    let published_at = header_number(record, header::PUBLISHED)
-        .map(from_millis)
-        .or_else(|| {
-            record
-                .timestamp()
-                .to_millis()
-                .and_then(|ms| u64::try_from(ms).ok())
-                .map(from_millis)
-        })
-        .unwrap_or_else(SystemTime::now);
-    let message = Message {
-        // A record from another producer: its place, the same on every
-        // redelivery.
-        id: header_text(record, header::ID).map_or_else(
-            || {
-                format!(
-                    "{}-{}-{}",
-                    record.topic(),
-                    record.partition(),
-                    record.offset()
-                )
-            },
-            |id| id.into_owned(),
-        ),
-        topic,
-        body,
-        content_type,
-        metadata,
-        reply_to: header_text(record, header::REPLY_TO).map(|r| r.into_owned()),
-        published_at,
-        key: record
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
-    };
-    (message, body_size)
 }
 
 /// What every client of one broker shares.
@@ -901,8 +592,10 @@ impl MessageBroker for Arc<KafkaBroker> {
             .set("auto.commit.interval.ms", "200")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
+            // A host gone for 30 s loses its partitions; a busy broker
+            // slow to answer heartbeats does not make it lose them sooner.
+            .set("session.timeout.ms", "30000")
+            .set("heartbeat.interval.ms", "3000")
             .set("fetch.wait.max.ms", "100")
             // Wildcards: new topics are noticed within a second.
             .set(
@@ -1447,65 +1140,5 @@ impl BrokerDelivery for KafkaDelivery {
             .await?;
         self.settle();
         Ok(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_lists_take_one_scheme() {
-        let none = BackendTls::default();
-        assert_eq!(
-            parse_servers("kafka://a:9092,b:9093", &none).unwrap(),
-            ("a:9092,b:9093".to_string(), false)
-        );
-        assert_eq!(
-            parse_servers("kafkas://a:9092, kafkas://b:9093", &none).unwrap(),
-            ("a:9092,b:9093".to_string(), true)
-        );
-        for bad in [
-            "kafka://a",
-            "kafka://a:0",
-            "kafka://u:p@a:1",
-            "kafka://a:1,kafkas://b:2",
-            "a:1",
-            "nats://a:1",
-            "kafka://a:1/x",
-        ] {
-            assert!(parse_servers(bad, &none).is_err(), "{bad}");
-        }
-        let tls = BackendTls {
-            ca: Some("ca.pem".into()),
-            ..BackendTls::default()
-        };
-        let plain = parse_servers("kafka://a:1", &tls).unwrap_err();
-        assert!(plain.to_string().contains("kafkas://"), "{plain}");
-    }
-
-    #[test]
-    fn wildcard_patterns_become_regexes_that_skip_host_topics() {
-        let p = |t| subscription_of(&TopicPattern::parse(t).unwrap());
-        assert_eq!(p("orders.created"), "orders.created");
-        assert_eq!(p("orders.*"), "^orders\\.[^.]+$");
-        assert_eq!(p("orders.>"), "^orders\\..+$");
-        assert_eq!(p(">"), "^[^._].*$");
-        assert_eq!(p("*.created"), "^[^._][^.]*\\.created$");
-    }
-
-    #[test]
-    fn credentials_files_only_sign_in() {
-        let ok = sasl_settings("# kafka\nsasl.username = app\nsasl.password=s3cret=x\n").unwrap();
-        assert!(ok.contains(&("sasl.mechanism".into(), "SCRAM-SHA-512".into())));
-        assert!(ok.contains(&("sasl.password".into(), "s3cret=x".into())));
-        for bad in [
-            "sasl.username=a\n",
-            "sasl.username=a\nsasl.password=b\nenable.ssl.certificate.verification=false\n",
-            "sasl.mechanism=GSSAPI\nsasl.username=a\nsasl.password=b\n",
-            "garbage\n",
-        ] {
-            assert!(sasl_settings(bad).is_err(), "{bad}");
-        }
     }
 }
