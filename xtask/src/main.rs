@@ -235,8 +235,10 @@ fn test() -> Result<()> {
         &system::CHROMIUM,
         &system::OPENSSL_DEV,
     ])?;
-    // The Kafka tests' broker, built once per machine.
-    tools::ensure_tansu()?;
+    // The Kafka tests' broker, built once per machine: beside the guests'
+    // builds (mostly single-threaded Node.js and Python steps) and the
+    // formatting checks, which leave a core idle.
+    let tansu = std::thread::spawn(tools::ensure_tansu);
     guests::build(&guests::Lang::ALL)?;
     let root = root();
     run(cargo()
@@ -245,6 +247,9 @@ fn test() -> Result<()> {
     run(cargo()
         .current_dir(root.join("guests"))
         .args(["fmt", "--all", "--", "--check"]))?;
+    tansu
+        .join()
+        .map_err(|_| anyhow::anyhow!("building tansu panicked"))??;
     run(cargo().current_dir(&root).args([
         "clippy",
         "--workspace",

@@ -932,6 +932,27 @@ mod tests {
     }
 
     #[test]
+    fn host_file_kafka_settings_are_checked_and_resolved() {
+        let settings = HostFile::parse_here(
+            "[messaging]\nbackend = \"kafkas://k1:9093,k2:9093\"\npartitions = 6\ncredentials = \"kafka.properties\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings.messaging,
+            Some(BrokerChoice::Kafka("kafkas://k1:9093,k2:9093".into()))
+        );
+        assert_eq!(settings.messaging_partitions, Some(6));
+        assert_eq!(
+            settings.messaging_credentials,
+            Some("/srv/kafka.properties".into())
+        );
+        for bad in ["partitions = 0", "partitions = -3", "partitions = 100000"] {
+            let err = HostFile::parse_here(&format!("[messaging]\n{bad}\n")).unwrap_err();
+            assert!(err.contains("messaging.partitions"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn host_file_tls_can_differ_per_backend() {
         let settings = HostFile::parse_here(
             "[tls]\nca = \"ca.pem\"\n[keyvalue.tls]\nca = \"redis-ca.pem\"\n[cluster]\nurl = \"tls://n:4222\"\n[cluster.tls]\nca = \"nats-ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
