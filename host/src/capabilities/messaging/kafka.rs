@@ -89,8 +89,9 @@ const REPLIES_TOPIC: &str = "_wharf.replies";
 const READER_GROUP: &str = "_wharf.reader";
 /// How long a blocking client call (metadata, offsets) may wait.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a publish waits for brokers that were unreachable to answer.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an operation waits for brokers last seen unreachable to
+/// answer (a busy broker drops connections and answers late).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an admin operation may take on the broker.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a publish may wait for the broker before it fails.
