@@ -318,6 +318,7 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     let (_rabbit, rabbit_url) = start_rabbitmq()?;
     let (_kafka, kafka_url) = start_tansu()?;
     let mut rows = Vec::new();
+    let mut failed = Vec::new();
     for (label, broker, reuse) in [
         ("embedded broker", "embedded".to_string(), false),
         (
@@ -330,7 +331,12 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
         ("Kafka API (tansu 0.6, SQLite)", kafka_url.clone(), false),
     ] {
         eprintln!("xtask: measuring Wharf on the {label}");
-        rows.push(measure_wharf(wharf_bin, guests, label, &broker, reuse)?);
+        match measure_wharf(wharf_bin, guests, label, &broker, reuse) {
+            Ok(row) => rows.push(row),
+            // One broker failing (tansu stalls under this load) must not
+            // lose the others' rows: the report says what failed.
+            Err(err) => failed.push((format!("Wharf, {label}"), format!("{err:#}"))),
+        }
     }
     eprintln!("xtask: measuring Node.js + amqplib on RabbitMQ");
     rows.push(measure_node(
@@ -340,11 +346,11 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     )?);
     eprintln!("xtask: measuring Node.js + kafkajs on the Kafka API (tansu)");
     let kafka_address = kafka_url.trim_start_matches("kafka://");
-    rows.push(measure_node(
-        &kafka_node,
-        kafka_address,
-        "Node.js + kafkajs on the Kafka API (tansu 0.6, SQLite)",
-    )?);
+    let label = "Node.js + kafkajs on the Kafka API (tansu 0.6, SQLite)";
+    match measure_node(&kafka_node, kafka_address, label) {
+        Ok(row) => rows.push(row),
+        Err(err) => failed.push((label.to_string(), format!("{err:#}"))),
+    }
 
     let mut report = String::new();
     let _ = writeln!(
@@ -360,6 +366,9 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
             "| {} | {:.0} | {:.2} | {:.2} |",
             row.label, row.throughput, row.p50_ms, row.p99_ms
         );
+    }
+    for (label, why) in &failed {
+        let _ = writeln!(report, "| {label} | failed: {why} | | |");
     }
     println!("{report}");
     std::fs::create_dir_all(out_dir)?;
