@@ -14,7 +14,7 @@ use serde_json::Value;
 use wharf::messaging::BrokerChoice;
 
 use crate::messaging::{
-    PATIENCE, bodies, conformance, pair, publish_through, seen, start, wait_seen,
+    PATIENCE, bodies, conformance, pair, restarted_mid_stream_loses_nothing, seen, start, wait_seen,
 };
 use crate::support::{KafkaServer, ServiceDir, WharfProcess, client, eventually, get, post};
 
@@ -77,24 +77,8 @@ async fn records_from_other_producers_are_delivered_with_their_headers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_restarted_mid_stream_loses_nothing() {
     let mut kafka = KafkaServer::start();
-    let dir = pair("restart.t", "restart", "/record", "");
-    let data = ServiceDir::new();
-    let server = start(BrokerChoice::Kafka(kafka.url()), &dir, &data).await;
-    let accepted = publish_through(&server, "restart.t", 40, || {
-        kafka.restart();
-        async {}
-    })
-    .await;
-    assert!(
-        accepted.len() >= 20,
-        "only {} of 40 accepted",
-        accepted.len()
-    );
-    wait_seen(&server, "restart", &accepted).await;
-    let (status, body) = post(&server, "/pub/publish?topic=restart.t", "after").await;
-    assert_eq!(status, 200, "{body}");
-    wait_seen(&server, "restart", &["after".to_string()].into()).await;
-    server.stop().await;
+    let broker = BrokerChoice::Kafka(kafka.url());
+    restarted_mid_stream_loses_nothing(broker, &mut kafka).await;
 }
 
 /// What `host`'s group `group` has handled: body → times.

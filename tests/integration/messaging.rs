@@ -19,8 +19,8 @@ use wharf::messaging::{
 };
 
 use crate::support::{
-    NatsServer, RabbitServer, ServiceDir, TestServer, WharfProcess, client, eventually, get,
-    guest_bytes, post,
+    NatsServer, RabbitServer, ServerProcess, ServiceDir, TestServer, WharfProcess, client,
+    eventually, get, guest_bytes, post,
 };
 
 /// How long a test waits for messages to arrive.
@@ -657,11 +657,22 @@ async fn nats_restarted_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rabbitmq_restarted_mid_stream_loses_nothing() {
     let mut rabbit = RabbitServer::start();
+    let broker = BrokerChoice::Rabbit(rabbit.url());
+    restarted_mid_stream_loses_nothing(broker, &mut rabbit).await;
+}
+
+/// 40 messages published one by one while `server` (the broker `broker`
+/// names) is restarted halfway: at least half are accepted, every accepted
+/// one is handled, and publishing works again afterwards.
+pub(crate) async fn restarted_mid_stream_loses_nothing(
+    broker: BrokerChoice,
+    server_process: &mut ServerProcess,
+) {
     let dir = pair("restart.t", "restart", "/record", "");
     let data = ServiceDir::new();
-    let server = start(BrokerChoice::Rabbit(rabbit.url()), &dir, &data).await;
+    let server = start(broker, &dir, &data).await;
     let accepted = publish_through(&server, "restart.t", 40, || {
-        rabbit.restart();
+        server_process.restart();
         async {}
     })
     .await;

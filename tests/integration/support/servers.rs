@@ -333,16 +333,7 @@ impl HaproxyServer {
                 "    server h{i} 127.0.0.1:{public} check port {admin}\n"
             ));
         }
-        let path = dir.path().join("haproxy.cfg");
-        std::fs::write(&path, config).expect("write haproxy.cfg");
-        let program = server_program("haproxy", "haproxy");
-        let server = ServerProcess::start("haproxy", port, STARTUP, move || {
-            let mut command = Command::new(&program);
-            command.arg("-f").arg(&path).arg("-db");
-            die_with_parent(&mut command);
-            command
-        });
-        HaproxyServer { server, _dir: dir }
+        HaproxyServer::run(dir, port, &config)
     }
 
     /// A TLS terminator on `port`: connections are TLS with the server
@@ -356,6 +347,11 @@ impl HaproxyServer {
             "global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\nfrontend tls\n    bind 127.0.0.1:{port} ssl crt {}\n    default_backend plain\nbackend plain\n    server s 127.0.0.1:{target}\n",
             cert_and_key.display()
         );
+        HaproxyServer::run(dir, port, &config)
+    }
+
+    /// Runs HAProxy on `port` with `config`, written into `dir`.
+    fn run(dir: TempDir, port: u16, config: &str) -> HaproxyServer {
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).expect("write haproxy.cfg");
         let program = server_program("haproxy", "haproxy");

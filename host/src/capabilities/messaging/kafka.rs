@@ -72,7 +72,7 @@ use records::{
     subscription_of,
 };
 pub use settings::KafkaSettings;
-use settings::{base_config, parse_servers};
+use settings::base_config;
 
 /// Prefix of each group's retry topic.
 const RETRY_PREFIX: &str = "_wharf.retry.";
@@ -455,7 +455,11 @@ impl KafkaBroker {
     pub fn connect(url: &str, settings: KafkaSettings) -> Result<Arc<KafkaBroker>> {
         let config = base_config(url, &settings)?;
         let link = Arc::new(Link::default());
-        let servers = parse_servers(url, &settings.tls)?.0;
+        // The servers as parsed once into the configuration.
+        let servers = config
+            .get("bootstrap.servers")
+            .unwrap_or_default()
+            .to_string();
         link.set(false, format!("connecting to {servers}"));
         let context = LinkContext { link: link.clone() };
         let producer: FutureProducer<LinkContext> = config
@@ -1067,6 +1071,27 @@ impl KafkaDelivery {
         settle(&self.consumer, &self.tracker, &self.ticket);
     }
 
+    /// Appends a copy of the record, with `headers`, to `topic` (one of the
+    /// group's own, created with `retention_ms` if missing).
+    async fn copy_to(
+        &self,
+        topic: String,
+        retention_ms: i64,
+        headers: OwnedHeaders,
+    ) -> BrokerResult<()> {
+        let message = &self.received.message;
+        self.shared.ensure_topic(&topic, 1, retention_ms).await?;
+        self.shared
+            .send(
+                &topic,
+                message.key.as_deref().map(str::as_bytes),
+                &message.body,
+                headers,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The record's headers for a copy in one of the group's own topics.
     fn copy_headers(&self, extra: &[(&str, String)]) -> OwnedHeaders {
         let message = &self.received.message;
@@ -1103,18 +1128,7 @@ impl BrokerDelivery for KafkaDelivery {
             (header::ATTEMPT, (self.received.attempt + 1).to_string()),
             (header::DUE, due.to_string()),
         ]);
-        let message = &self.received.message;
-        let topic = retry_topic(&self.group);
-        self.shared
-            .ensure_topic(&topic, 1, MESSAGE_RETENTION_MS)
-            .await?;
-        self.shared
-            .send(
-                &topic,
-                message.key.as_deref().map(str::as_bytes),
-                &message.body,
-                headers,
-            )
+        self.copy_to(retry_topic(&self.group), MESSAGE_RETENTION_MS, headers)
             .await?;
         self.settle();
         Ok(())
@@ -1128,16 +1142,7 @@ impl BrokerDelivery for KafkaDelivery {
             (header::REASON, reason),
             (header::DEAD_AT, millis(SystemTime::now()).to_string()),
         ]);
-        let message = &self.received.message;
-        let topic = dead_topic(&self.group);
-        self.shared.ensure_topic(&topic, 1, KEEP_FOREVER).await?;
-        self.shared
-            .send(
-                &topic,
-                message.key.as_deref().map(str::as_bytes),
-                &message.body,
-                headers,
-            )
+        self.copy_to(dead_topic(&self.group), KEEP_FOREVER, headers)
             .await?;
         self.settle();
         Ok(0)
