@@ -222,6 +222,9 @@ impl NatsServer {
 pub struct NatsCluster {
     nodes: Vec<ServerProcess>,
     stores: Vec<PathBuf>,
+    logs: Vec<PathBuf>,
+    /// Each server's monitoring port (`/jsz`).
+    monitors: Vec<u16>,
     _dir: TempDir,
 }
 
@@ -231,6 +234,7 @@ impl NatsCluster {
         let dir = TempDir::new().expect("temp dir");
         let program = server_program("nats-server", "nats-server");
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let monitors: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let routes = ports
             .iter()
             .map(|(_, route)| format!("nats://127.0.0.1:{route}"))
@@ -238,10 +242,13 @@ impl NatsCluster {
             .join(",");
         let mut nodes = Vec::new();
         let mut stores = Vec::new();
+        let mut logs = Vec::new();
         for (i, &(port, route)) in ports.iter().enumerate() {
             let store = dir.path().join(format!("n{i}"));
+            let log = dir.path().join(format!("n{i}.log"));
             stores.push(store.clone());
-            let (program, routes) = (program.clone(), routes.clone());
+            logs.push(log.clone());
+            let (program, routes, monitor) = (program.clone(), routes.clone(), monitors[i]);
             nodes.push(ServerProcess::start(
                 "nats-server",
                 port,
@@ -254,7 +261,10 @@ impl NatsCluster {
                         .args(["--cluster", &format!("nats://127.0.0.1:{route}")])
                         .args(["--routes", &routes])
                         .arg("-sd")
-                        .arg(&store);
+                        .arg(&store)
+                        .arg("-l")
+                        .arg(&log)
+                        .args(["-m", &monitor.to_string()]);
                     command
                 },
             ));
@@ -262,8 +272,69 @@ impl NatsCluster {
         NatsCluster {
             nodes,
             stores,
+            logs,
+            monitors,
             _dir: dir,
         }
+    }
+
+    /// The last `lines` lines server `i` logged (its log survives a loss),
+    /// for a failure to show what the servers were doing.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.logs[i]).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether JetStream's metadata group (which streams exist, on which
+    /// servers) has a leader that sees every server current; if not, why.
+    /// Its copies are what a lost server must get back before another may
+    /// go: otherwise a server that forgot its votes can elect a leader
+    /// that forgot a stream's deletion.
+    pub async fn metadata_whole(&self) -> Result<(), String> {
+        let http = reqwest::Client::new();
+        let mut seen = Vec::new();
+        for (i, port) in self.monitors.iter().enumerate() {
+            let jsz = http
+                .get(format!("http://127.0.0.1:{port}/jsz"))
+                .timeout(std::time::Duration::from_secs(2))
+                .send()
+                .await;
+            let jsz: serde_json::Value = match jsz {
+                Ok(response) => response.json().await.map_err(|err| err.to_string())?,
+                Err(err) => {
+                    seen.push(format!("n{i}: {err}"));
+                    continue;
+                }
+            };
+            let meta = &jsz["meta_cluster"];
+            if meta["leader"].as_str() != Some(&format!("n{i}")) {
+                continue;
+            }
+            let replicas = meta["replicas"].as_array().cloned().unwrap_or_default();
+            let behind: Vec<String> = replicas
+                .iter()
+                .filter(|peer| peer["current"].as_bool() != Some(true))
+                .map(|peer| format!("{} lag {}", peer["name"], peer["lag"]))
+                .collect();
+            if replicas.len() + 1 < self.nodes.len() {
+                return Err(format!(
+                    "metadata leader n{i} sees {} other servers",
+                    replicas.len()
+                ));
+            }
+            return if behind.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("metadata leader n{i}: behind: {behind:?}"))
+            };
+        }
+        Err(format!("no metadata leader ({seen:?})"))
+    }
+
+    /// The number of servers.
+    pub fn servers(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Every server's client address, comma-separated, in order.
