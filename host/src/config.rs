@@ -200,6 +200,9 @@ pub(crate) struct Settled {
     pub messaging_credentials: Option<PathBuf>,
     /// The keys of encryption at rest, if values are encrypted.
     pub encryption: Option<AtRestKeys>,
+    /// Whether message bodies are sealed with those keys (`[messaging]
+    /// encrypt`; by default, whenever there are keys).
+    pub messaging_encrypt: bool,
     /// The broker's bounds.
     pub messaging_limits: MessagingLimits,
 }
@@ -298,6 +301,13 @@ impl Config {
         let messaging_limits = self
             .messaging_overrides
             .apply(file.messaging_limits.apply(self.messaging_limits));
+        let encryption = self.encryption.clone().or(file.encryption);
+        if file.messaging_encrypt == Some(true) && encryption.is_none() {
+            bail!(
+                "messaging.encrypt: sealing message bodies needs a key: add [encryption] key = \"FILE\" or pass --encryption-key"
+            );
+        }
+        let messaging_encrypt = encryption.is_some() && file.messaging_encrypt != Some(false);
         Ok(Settled {
             cluster,
             engine,
@@ -316,7 +326,8 @@ impl Config {
             messaging_tls: file.messaging_tls.unwrap_or_else(|| tls.clone()),
             keyvalue_credentials,
             messaging_credentials,
-            encryption: self.encryption.clone().or(file.encryption),
+            encryption,
+            messaging_encrypt,
             messaging_limits,
         })
     }
@@ -421,6 +432,53 @@ mod tests {
         let settled = config.settle(file, host_id).unwrap();
         assert_eq!(settled.keyvalue_credentials, None);
         assert_eq!(settled.messaging_credentials, creds);
+    }
+
+    #[test]
+    fn message_bodies_are_sealed_whenever_there_is_a_key_unless_turned_off() {
+        let keys = AtRestKeys {
+            key: "/srv/wharf.key".into(),
+            previous: Vec::new(),
+        };
+        let with_key = HostSettings {
+            encryption: Some(keys.clone()),
+            ..HostSettings::default()
+        };
+        let settled = Config::default().settle(with_key.clone(), host_id).unwrap();
+        assert!(settled.messaging_encrypt);
+        let off = HostSettings {
+            messaging_encrypt: Some(false),
+            ..with_key
+        };
+        assert!(
+            !Config::default()
+                .settle(off, host_id)
+                .unwrap()
+                .messaging_encrypt
+        );
+        // No key, nothing to seal with; asked for anyway, a clear error —
+        // unless the key comes from the command line.
+        let settled = Config::default()
+            .settle(HostSettings::default(), host_id)
+            .unwrap();
+        assert!(!settled.messaging_encrypt);
+        let asked = HostSettings {
+            messaging_encrypt: Some(true),
+            ..HostSettings::default()
+        };
+        let err = Config::default()
+            .settle(asked.clone(), host_id)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("messaging.encrypt") && err.contains("key"),
+            "{err}"
+        );
+        let config = Config {
+            encryption: Some(keys),
+            ..Config::default()
+        };
+        assert!(config.settle(asked, host_id).unwrap().messaging_encrypt);
     }
 
     #[test]

@@ -530,7 +530,7 @@ async fn open_backends(
             settled.keyvalue_replicas,
             &settled.keyvalue_tls,
             keyvalue_credentials.as_deref(),
-            sealer,
+            sealer.clone(),
         )
         .await
         .context("opening the key-value backend")?;
@@ -547,6 +547,7 @@ async fn open_backends(
                 tls: settled.messaging_tls.clone(),
                 credentials: messaging_credentials,
                 partitions: settled.messaging_partitions,
+                sealer: sealer.filter(|_| settled.messaging_encrypt),
             },
         )
         .await

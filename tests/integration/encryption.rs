@@ -551,3 +551,134 @@ async fn with_encryption_redis_only_ever_sees_sealed_values() {
     );
     server.stop().await;
 }
+
+/// A host on `broker` (its store in `data`), sealing with `key`: `pub`
+/// publishes to `enc.tls`, `rec` appends each body to the value of
+/// `log:enc-tls` (not to a key's name: names are stored as they are), and
+/// `dead` fails a body starting `poison` once in group `enc-dead`, which
+/// keeps it as a dead letter.
+async fn sealed_messaging_host(
+    broker: BrokerChoice,
+    data: &ServiceDir,
+    key: &Path,
+) -> (TestServer, ServiceDir) {
+    let dir = ServiceDir::new();
+    for (name, manifest) in [
+        (
+            "pub",
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = [\"enc.tls\"]\n",
+        ),
+        (
+            "rec",
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"enc.tls\"]\n[[trigger.message]]\ntopic = \"enc.tls\"\ngroup = \"enc-tls\"\npath = \"/append\"\n",
+        ),
+        (
+            "dead",
+            "[messaging]\nsubscribe = [\"enc.tls\"]\n[[trigger.message]]\ntopic = \"enc.tls\"\ngroup = \"enc-dead\"\npath = \"/fail\"\nmax_attempts = 1\n",
+        ),
+    ] {
+        dir.install_bytes(&format!("{name}.wasm"), &guest_bytes("messenger"));
+        dir.write(&format!("{name}.toml"), manifest.as_bytes());
+    }
+    let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
+    config.messaging = Some(broker);
+    config.encryption = Some(AtRestKeys {
+        key: key.to_path_buf(),
+        previous: Vec::new(),
+    });
+    (TestServer::start(config).await, dir)
+}
+
+/// The body of `enc-dead`'s first dead letter, once there is one.
+async fn first_dead_body(server: &TestServer) -> Vec<u8> {
+    let broker = server.host.broker().expect("messaging").clone();
+    let query = wharf::messaging::DeadLetterQuery {
+        after: None,
+        limit: 1,
+        body_limit: 1 << 20,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(letters) = broker.dead_letters("enc-dead", query).await
+            && let Some(letter) = letters.first()
+        {
+            return letter.message.body.to_vec();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter in enc-dead after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes `secret` through `server`'s `pub` and waits until `rec`
+/// handled it and `enc-dead` keeps it.
+async fn publish_sealed(server: &TestServer, secret: &str) {
+    let (status, body) = post(server, PUBLISH, secret).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(60), "the message handled", || async {
+        get(&server.url("/rec/count?key=log:enc-tls"))
+            .await
+            .is_some_and(|(_, log)| log == secret)
+    })
+    .await;
+    assert_eq!(first_dead_body(server).await, secret.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_messages_are_encrypted_at_rest_and_open_only_with_their_key() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = keys.path().join("wharf.key");
+    std::fs::write(&key, "6e".repeat(32)).expect("write the key");
+    let other = keys.path().join("other.key");
+    std::fs::write(&other, "b1".repeat(32)).expect("write the key");
+    let data = ServiceDir::new();
+    let secret = "poison-TOP-SECRET-0c9d13-QUEUED";
+
+    let (server, _dir) = sealed_messaging_host(BrokerChoice::Embedded, &data, &key).await;
+    publish_sealed(&server, secret).await;
+    server.stop().await;
+    let on_disk = bytes_under(data.path());
+    assert!(
+        contains(&on_disk, b"enc.tls"),
+        "the topic is stored as it is"
+    );
+    assert!(
+        !contains(&on_disk, secret.as_bytes()),
+        "a message is on disk in the clear"
+    );
+
+    // The same key opens the dead letter after a restart; another shows it
+    // only as stored.
+    let (server, _dir) = sealed_messaging_host(BrokerChoice::Embedded, &data, &key).await;
+    assert_eq!(first_dead_body(&server).await, secret.as_bytes());
+    server.stop().await;
+    let (server, _dir) = sealed_messaging_host(BrokerChoice::Embedded, &data, &other).await;
+    let stored = first_dead_body(&server).await;
+    assert!(!stored.is_empty() && !contains(&stored, secret.as_bytes()));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_encryption_nats_only_ever_sees_sealed_message_bodies() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = keys.path().join("wharf.key");
+    std::fs::write(&key, "4f".repeat(32)).expect("write the key");
+    let nats = NatsServer::start();
+    let nats_port: u16 = nats
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("the port in the NATS URL");
+    let relay = Relay::start(nats_port).await;
+    let data = ServiceDir::new();
+    let broker = BrokerChoice::Nats(format!("nats://127.0.0.1:{}", relay.port));
+    let (server, _dir) = sealed_messaging_host(broker, &data, &key).await;
+    let secret = "poison-TOP-SECRET-e5a270-IN-NATS";
+    publish_sealed(&server, secret).await;
+    let wire = relay.bytes_without(secret);
+    assert!(contains(&wire, b"enc.tls"), "the relay saw no topic");
+    server.stop().await;
+}

@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
+use crate::capabilities::at_rest::Sealer;
 use crate::capabilities::messaging::broker::Broker;
 use crate::capabilities::messaging::embedded::EmbeddedBroker;
 use crate::capabilities::messaging::kafka::{DEFAULT_PARTITIONS, KafkaBroker, KafkaSettings};
 use crate::capabilities::messaging::limits::MessagingLimits;
 use crate::capabilities::messaging::nats::NatsBroker;
 use crate::capabilities::messaging::rabbitmq::{QueueType, RabbitBroker};
+use crate::capabilities::messaging::sealed::SealedBroker;
 use crate::capabilities::nats::Replicas;
 use crate::capabilities::tls::BackendTls;
 
@@ -64,7 +66,7 @@ impl std::str::FromStr for BrokerChoice {
 }
 
 /// What shapes the queues of whichever broker is chosen.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct BrokerSettings {
     /// What bounds the queues.
     pub limits: MessagingLimits,
@@ -79,13 +81,30 @@ pub struct BrokerSettings {
     pub credentials: Option<String>,
     /// Partitions of each Kafka topic Wharf creates (`None`: three).
     pub partitions: Option<u32>,
+    /// Seals message bodies before the broker stores them, if given.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 impl BrokerChoice {
     /// Opens the chosen broker, its queues bounded by `limits`: the embedded
     /// queue at `data_dir` (in memory without one); NATS, RabbitMQ
-    /// and Kafka connect in the background.
+    /// and Kafka connect in the background. With a sealer, message bodies
+    /// are encrypted before they reach it.
     pub async fn open(
+        &self,
+        data_dir: Option<&std::path::Path>,
+        mut settings: BrokerSettings,
+    ) -> anyhow::Result<Broker> {
+        let sealer = settings.sealer.take();
+        let broker = self.open_plain(data_dir, settings).await?;
+        Ok(match sealer {
+            Some(sealer) => Broker::new(SealedBroker::new(broker, sealer)),
+            None => broker,
+        })
+    }
+
+    /// The chosen broker, storing bodies as they are.
+    async fn open_plain(
         &self,
         data_dir: Option<&std::path::Path>,
         settings: BrokerSettings,

@@ -32,6 +32,7 @@ pub mod message;
 pub mod nats;
 pub(crate) mod over_http;
 pub mod rabbitmq;
+pub mod sealed;
 pub mod topic;
 
 pub use broker::{

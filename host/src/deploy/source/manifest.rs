@@ -455,6 +455,9 @@ struct HostMessagingTable {
     queues: Option<String>,
     /// Partitions of each Kafka topic Wharf creates.
     partitions: Option<i64>,
+    /// Whether message bodies are sealed with `[encryption] key` (default:
+    /// whenever there is a key).
+    encrypt: Option<bool>,
     /// The file the broker signs in with (Kafka SASL properties, a NATS
     /// `.creds`), relative to this file.
     credentials: Option<std::path::PathBuf>,
@@ -550,6 +553,8 @@ pub struct HostSettings {
     pub messaging_partitions: Option<u32>,
     /// The broker's credentials file (`[messaging] credentials`), resolved.
     pub messaging_credentials: Option<std::path::PathBuf>,
+    /// Whether message bodies are sealed (`[messaging] encrypt`), if set.
+    pub messaging_encrypt: Option<bool>,
     /// The cluster to join, if named here.
     pub cluster: Option<ClusterConfig>,
     /// Which compilers to use, if chosen here.
@@ -638,6 +643,7 @@ impl HostFile {
             })
             .transpose()?;
         let messaging_credentials = file.messaging.credentials.map(|path| dir.join(path));
+        let messaging_encrypt = file.messaging.encrypt;
         let messaging = parse_key(file.messaging.backend, "messaging.backend", str::parse)?;
         let resolve_tls = |table: Option<HostTlsTable>, section: &str| {
             table
@@ -692,6 +698,7 @@ impl HostFile {
             messaging_queues,
             messaging_partitions,
             messaging_credentials,
+            messaging_encrypt,
             tls,
             keyvalue_tls,
             messaging_tls,
@@ -929,6 +936,10 @@ mod tests {
         );
         let err = HostFile::parse_here("[encryption]\nprevious = []\n").unwrap_err();
         assert!(err.contains("missing field `key`"), "{err}");
+        let settings = HostFile::parse_here("[messaging]\nencrypt = false\n").unwrap();
+        assert_eq!(settings.messaging_encrypt, Some(false));
+        let err = HostFile::parse_here("[messaging]\nencrypt = \"yes\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("boolean"), "{err}");
     }
 
     #[test]
