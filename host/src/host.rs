@@ -17,6 +17,7 @@ use crate::base::respond::Body;
 use crate::capabilities::BackendStatus;
 use crate::capabilities::Backends;
 use crate::capabilities::at_rest::Sealer;
+use crate::capabilities::keyvalue::store::Resealed;
 use crate::capabilities::messaging::choice::BrokerSettings;
 use crate::capabilities::messaging::{Broker, MessagingHub};
 use crate::config::{Config, Settled};
@@ -304,6 +305,42 @@ impl Host {
     /// triggers consume from, with its dead letters.
     pub fn broker(&self) -> Option<&Broker> {
         self.messaging().map(|hub| hub.broker())
+    }
+
+    /// Seals every value of `buckets` — by default, every bucket a
+    /// deployed service names — again with the current encryption key
+    /// (`wharf rekey`), so a previous key can then be retired. Values
+    /// written meanwhile are kept. Each bucket's report, by name; a bucket
+    /// that failed stops the run with its error. With no key, or no
+    /// key-value backend, an error says so.
+    pub async fn rekey(&self, buckets: &[String]) -> Result<Vec<(String, Resealed)>> {
+        let store = self
+            .inner
+            .dispatcher
+            .deployer()
+            .backends()
+            .keyvalue
+            .clone()
+            .context("this host has no key-value store")?;
+        let buckets: std::collections::BTreeSet<String> = if buckets.is_empty() {
+            self.services()
+                .services()
+                .flat_map(|d| d.config().keyvalue.entries())
+                .filter(|bucket| bucket != "*")
+                .collect()
+        } else {
+            buckets.iter().cloned().collect()
+        };
+        let mut reports = Vec::new();
+        for bucket in buckets {
+            let report = store
+                .reseal(&bucket)
+                .await
+                .map_err(|err| anyhow::anyhow!("bucket {bucket:?}: {err}"))?;
+            tracing::info!(bucket = %bucket, keys = report.keys, resealed = report.resealed, unopened = report.unopened, "rekeyed a bucket");
+            reports.push((bucket, report));
+        }
+        Ok(reports)
     }
 
     /// The host's messaging (its broker, reply inboxes and metrics).

@@ -72,6 +72,7 @@ pub use base::respond::Body;
 pub use capabilities::BackendStatus;
 pub use capabilities::at_rest::AtRestKeys;
 pub use capabilities::keyvalue::KeyValueChoice;
+pub use capabilities::keyvalue::store::Resealed;
 pub use capabilities::nats::Replicas;
 pub use capabilities::tls::BackendTls;
 pub use capabilities::wasi_config::SecretSources;

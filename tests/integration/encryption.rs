@@ -682,3 +682,133 @@ async fn with_encryption_nats_only_ever_sees_sealed_message_bodies() {
     assert!(contains(&wire, b"enc.tls"), "the relay saw no topic");
     server.stop().await;
 }
+
+/// The admin token of `sealed_process`'s hosts.
+const ADMIN_TOKEN: &str = "rekey-t0ken";
+
+/// `wharf serve` of `dir` with its store in `data` and an admin endpoint
+/// taking writes with [`ADMIN_TOKEN`]; `wharf.toml` names the keys.
+fn sealed_process(dir: &ServiceDir, data: &Path, keys: &str) -> crate::support::WharfProcess {
+    dir.write("wharf.toml", keys.as_bytes());
+    crate::support::WharfProcess::start_with(|command| {
+        command
+            .arg("serve")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .env("WHARF_ADMIN_TOKEN", ADMIN_TOKEN);
+    })
+}
+
+/// Runs `wharf rekey` against `host`'s admin endpoint.
+async fn rekey(host: &crate::support::WharfProcess) -> std::process::Output {
+    let admin = host.admin_url();
+    tokio::task::spawn_blocking(move || {
+        crate::commands::wharf(
+            &["rekey", "--to", &admin],
+            &[("WHARF_ADMIN_TOKEN", ADMIN_TOKEN)],
+        )
+    })
+    .await
+    .expect("run wharf rekey")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rekey_under_load_reseals_every_value_and_the_old_key_can_be_retired() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let keys = tempfile::tempdir().expect("temp dir");
+    let (old, new) = (keys.path().join("old.key"), keys.path().join("new.key"));
+    std::fs::write(&old, "0d".repeat(32)).expect("write the key");
+    std::fs::write(&new, "e4".repeat(32)).expect("write the key");
+    let data = tempfile::tempdir().expect("temp dir");
+    let dir = ServiceDir::new();
+    dir.install_bytes("kv.wasm", &guest_bytes("kv"));
+    dir.write("kv.toml", b"[keyvalue]\nbuckets = [\"vault\"]\n");
+    let http = client();
+
+    // Values sealed with the old key.
+    let only_old = format!("[encryption]\nkey = {old:?}\n");
+    let mut host = sealed_process(&dir, data.path(), &only_old);
+    for i in 0..40 {
+        let put = http
+            .put(host.url(&format!("/kv/set?bucket=vault&key=k{i}")))
+            .body(format!("value-{i}"))
+            .send()
+            .await
+            .expect("the host answers");
+        assert_eq!(put.status().as_u16(), 204);
+    }
+    let counted = http
+        .post(host.url("/kv/incr?bucket=vault&key=visits&times=10"))
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(counted.text().await.unwrap_or_default(), "10");
+    host.terminate();
+    host.wait_exit(Duration::from_secs(30)).await;
+
+    // The new key current, the old one only opening; rekey while a client
+    // keeps incrementing.
+    let rotating = format!("[encryption]\nkey = {new:?}\nprevious = [{old:?}]\n");
+    let mut host = sealed_process(&dir, data.path(), &rotating);
+    let stop = Arc::new(AtomicBool::new(false));
+    let increments = Arc::new(AtomicU64::new(0));
+    let load = tokio::spawn({
+        let (url, stop, increments, http) = (
+            host.url("/kv/incr?bucket=vault&key=visits"),
+            stop.clone(),
+            increments.clone(),
+            http.clone(),
+        );
+        async move {
+            while !stop.load(Ordering::Acquire) {
+                let answer = http.post(&url).send().await;
+                if answer.is_ok_and(|r| r.status().is_success()) {
+                    increments.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+    });
+    let output = rekey(&host).await;
+    let said = crate::commands::stdout(&output);
+    assert!(
+        output.status.success(),
+        "{said}{}",
+        crate::commands::stderr(&output)
+    );
+    assert!(said.starts_with("vault: 41 keys, "), "{said}");
+    assert!(said.contains(", 0 do not open"), "{said}");
+    stop.store(true, Ordering::Release);
+    load.await.expect("the load");
+    let incremented = increments.load(Ordering::Acquire);
+    assert!(
+        incremented > 0,
+        "no increment went through during the rekey"
+    );
+    host.terminate();
+    host.wait_exit(Duration::from_secs(30)).await;
+
+    // The old key retired: every value opens, no increment was lost.
+    let only_new = format!("[encryption]\nkey = {new:?}\n");
+    let host = sealed_process(&dir, data.path(), &only_new);
+    for i in 0..40 {
+        let (status, body) = get(&host.url(&format!("/kv/get?bucket=vault&key=k{i}")))
+            .await
+            .expect("the host answers");
+        assert_eq!((status, body), (200, format!("value-{i}")));
+    }
+    let (status, visits) = get(&host.url("/kv/get?bucket=vault&key=visits"))
+        .await
+        .expect("the host answers");
+    assert_eq!((status, visits), (200, (10 + incremented).to_string()));
+
+    // Rekeying again finds every value current.
+    let output = rekey(&host).await;
+    let said = crate::commands::stdout(&output);
+    assert!(
+        said.contains("0 sealed again, 41 already current"),
+        "{said}"
+    );
+}

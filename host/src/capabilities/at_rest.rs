@@ -112,6 +112,15 @@ impl Sealer {
         Ok(sealed)
     }
 
+    /// Whether `sealed` was sealed with the current key (a value sealed
+    /// with a previous one, or not sealed at all, is not).
+    pub fn is_current(&self, sealed: &[u8]) -> bool {
+        let id_at = MAGIC.len() + 1;
+        sealed.starts_with(MAGIC)
+            && sealed.get(MAGIC.len()) == Some(&FORMAT)
+            && sealed.get(id_at..id_at + KEY_ID_LEN) == Some(&self.current.id[..])
+    }
+
     /// The value `sealed` holds, if it was sealed for `context` by one of
     /// the keys; the error says why not, without the value.
     pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {

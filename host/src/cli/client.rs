@@ -175,6 +175,26 @@ impl AdminClient {
         Ok(body)
     }
 
+    /// `POST /keyvalue/rekey`: the host's report, per bucket.
+    pub async fn rekey(&self, buckets: &[String]) -> Result<Value> {
+        let query: Vec<(&str, &str)> = buckets.iter().map(|b| ("bucket", b.as_str())).collect();
+        let response = self
+            .authorised(
+                self.http
+                    .post(format!("{}/keyvalue/rekey", self.base))
+                    .query(&query),
+            )
+            .send()
+            .await
+            .with_context(|| format!("reaching the admin endpoint at {}", self.base))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("{}: {}", status, body.trim());
+        }
+        serde_json::from_str(&body).with_context(|| format!("reading the rekey report: {body}"))
+    }
+
     /// `GET /services`.
     pub async fn services(&self) -> Result<Value> {
         let response = self

@@ -1,6 +1,6 @@
 //! The `wharf` command line, one module per subcommand (as wasmtime's
-//! `src/commands/`): `serve`, `new`, `check`, `deploy`, `rm`, `status` and
-//! `dev`, with the admin API's client and the project templates beside
+//! `src/commands/`): `serve`, `new`, `check`, `deploy`, `rm`, `rekey`,
+//! `status` and `dev`, with the admin API's client and the project templates beside
 //! them. It uses only the library's public API.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ mod deploy;
 mod dev;
 mod logging;
 mod new;
+mod rekey;
 mod rm;
 mod scaffold;
 mod serve;
@@ -45,6 +46,9 @@ pub enum Command {
     Deploy(deploy::DeployArgs),
     /// Remove a service from a running host through its admin API.
     Rm(rm::RmArgs),
+    /// Seal every stored value of a running host again with its current
+    /// encryption key, so a previous key can be retired.
+    Rekey(rekey::RekeyArgs),
     /// Show a running host's services: generation, requests/s, errors,
     /// in-flight requests and the last deploy's result.
     Status(status::StatusArgs),
@@ -76,6 +80,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Check(args) => client_runtime()?.block_on(check::run(args)),
         Command::Deploy(args) => client_runtime()?.block_on(deploy::run(args)),
         Command::Rm(args) => client_runtime()?.block_on(rm::run(args)),
+        Command::Rekey(args) => client_runtime()?.block_on(rekey::run(args)),
         Command::Status(args) => client_runtime()?.block_on(status::run(args)),
         Command::Dev(args) => {
             logging::init_dev()?;

@@ -11,6 +11,7 @@
 //! | `GET /services` | JSON: every service and every rejection |
 //! | `PUT /services/NAME` | deploy: body is the component, or multipart `component` + `manifest` |
 //! | `DELETE /services/NAME` | remove |
+//! | `POST /keyvalue/rekey[?bucket=B…]` | seal every value again with the current key (`wharf rekey`) |
 
 use std::future::Future;
 use std::time::Duration;
@@ -328,6 +329,15 @@ async fn route(host: &Host, caller: &Caller, request: http::Request<Incoming>) -
                 None => text(StatusCode::OK, "token accepted"),
             }
         }
+        (&Method::POST, "/keyvalue/rekey") => {
+            if let Some(refusal) = caller.refuse_write(&request) {
+                return refusal;
+            }
+            match rekey_buckets(request.uri().query()) {
+                Ok(buckets) => rekey(host, &buckets).await,
+                Err(why) => text(StatusCode::BAD_REQUEST, &why),
+            }
+        }
         (&Method::DELETE, _) if path.starts_with("/messages/groups/") => {
             if let Some(refusal) = caller.refuse_write(&request) {
                 return refusal;
@@ -471,6 +481,56 @@ impl DeadLetterParams {
             params.limit = params.limit.min(MAX_FULL_BODY_PAGE);
         }
         Ok(params)
+    }
+}
+
+/// The buckets `?bucket=A&bucket=B` names (none: every bucket a service
+/// names).
+fn rekey_buckets(query: Option<&str>) -> Result<Vec<String>, String> {
+    let mut buckets = Vec::new();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("bucket", name)) => {
+                crate::capabilities::keyvalue::validate_bucket_name(name)
+                    .map_err(|why| format!("bucket={name:?}: {why}"))?;
+                buckets.push(name.to_string());
+            }
+            _ => return Err(format!("{pair:?} is not a parameter here: use bucket=NAME")),
+        }
+    }
+    Ok(buckets)
+}
+
+/// Seals the values of `buckets` again with the current key; JSON: each
+/// bucket's counts, and the services whose `"*"` grant may reach buckets
+/// no manifest names (name those with `?bucket=`).
+async fn rekey(host: &Host, buckets: &[String]) -> AdminResponse {
+    let any_bucket: Vec<String> = host
+        .services()
+        .services()
+        .filter(|d| d.config().keyvalue.entries().iter().any(|b| b == "*"))
+        .map(|d| d.name().to_string())
+        .collect();
+    match host.rekey(buckets).await {
+        Ok(reports) => {
+            let buckets: Vec<Value> = reports
+                .iter()
+                .map(|(bucket, report)| {
+                    let mut value = json!(report);
+                    value["bucket"] = json!(bucket);
+                    value
+                })
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({ "buckets": buckets, "any_bucket_services": any_bucket }),
+            )
+        }
+        Err(err) => text(StatusCode::CONFLICT, &format!("{err:#}")),
     }
 }
 

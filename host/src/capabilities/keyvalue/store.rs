@@ -61,6 +61,24 @@ pub struct KeyPage {
     pub next: Option<KeyCursor>,
 }
 
+/// What resealing a bucket with the current key did (see
+/// [`KeyValueStore::reseal`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Resealed {
+    /// Keys looked at.
+    pub keys: u64,
+    /// Values sealed again with the current key.
+    pub resealed: u64,
+    /// Values already sealed with it (or written meanwhile, which seals
+    /// with it).
+    pub current: u64,
+    /// Values that do not open with any key the host has: left as they
+    /// are.
+    pub unopened: u64,
+    /// The first few keys of those, to look into.
+    pub unopened_keys: Vec<String>,
+}
+
 /// Why a backend operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendError {
@@ -175,6 +193,19 @@ pub trait KeyValueStore: Send + Sync + 'static {
         value: &[u8],
         quota: u64,
     ) -> impl Future<Output = BackendResult<bool>> + Send;
+
+    /// Seals every value of `bucket` that a previous key sealed again with
+    /// the current one, without losing a concurrent write (`wharf rekey`).
+    /// Only a backend that seals has anything to do; the others say so.
+    fn reseal(&self, bucket: &str) -> impl Future<Output = BackendResult<Resealed>> + Send {
+        let _ = bucket;
+        async {
+            Err(BackendError::Invalid(
+                "values are not encrypted on this host ([encryption] key): there is nothing to rekey"
+                    .into(),
+            ))
+        }
+    }
 }
 
 /// A boxed future, for the operations of a [`Store`].
@@ -220,9 +251,14 @@ trait ErasedStore: Send + Sync {
         value: &'a [u8],
         quota: u64,
     ) -> BoxFuture<'a, BackendResult<bool>>;
+    fn reseal<'a>(&'a self, bucket: &'a str) -> BoxFuture<'a, BackendResult<Resealed>>;
 }
 
 impl<S: KeyValueStore> ErasedStore for S {
+    fn reseal<'a>(&'a self, bucket: &'a str) -> BoxFuture<'a, BackendResult<Resealed>> {
+        Box::pin(KeyValueStore::reseal(self, bucket))
+    }
+
     fn kind(&self) -> &'static str {
         KeyValueStore::kind(self)
     }
@@ -373,5 +409,11 @@ impl Store {
         quota: u64,
     ) -> BackendResult<bool> {
         self.0.swap(at, expected, value, quota).await
+    }
+
+    /// Seals `bucket`'s values again with the current key (see
+    /// [`KeyValueStore::reseal`]).
+    pub async fn reseal(&self, bucket: &str) -> BackendResult<Resealed> {
+        self.0.reseal(bucket).await
     }
 }
