@@ -4,11 +4,13 @@
 //! using `kafkajs` on the same Kafka-API broker (tansu), doing the same
 //! work (the seed's stack).
 //!
-//! Two phases per target:
 //! Each handler runs in a fresh instance per message (Wharf's default),
 //! and once more on the embedded broker with `[instance] reuse`, to show
-//! what the fresh instance costs.
+//! what the fresh instance costs; the embedded broker and NATS run once
+//! more with message bodies encrypted at rest (`--encryption-key`), to show
+//! what sealing costs.
 //!
+//! Two phases per target:
 //! - **throughput**: `MESSAGES` published by `PUBLISHERS` concurrent
 //!   publishers (in Wharf: guest requests publishing 500 messages each
 //!   through `wasi:messaging`, each publish confirmed by the broker),
@@ -130,15 +132,31 @@ fn latencies(wharf: &WharfProcess) -> Vec<f64> {
 /// Measures one Wharf host on `broker`; with `reuse`, the handler keeps its
 /// instance between messages (`[instance] reuse`) instead of a fresh one
 /// per message.
+/// How a Wharf row differs from the plain one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// Defaults: a fresh instance per message, bodies stored as they are.
+    Plain,
+    /// The handler reuses its instance (`[instance] reuse`).
+    Reuse,
+    /// Message bodies (and values) encrypted at rest (`--encryption-key`).
+    Encrypted,
+}
+
 fn measure_wharf(
     wharf_bin: &Path,
     guests: &Path,
     label: &str,
     broker: &str,
-    reuse: bool,
+    variant: Variant,
 ) -> Result<Measured> {
+    let reuse = variant == Variant::Reuse;
     let services = tempfile::tempdir()?;
     let data = tempfile::tempdir()?;
+    let keys = tempfile::tempdir()?;
+    let key = keys.path().join("wharf.key");
+    std::fs::write(&key, "5a".repeat(32))?;
+    let key = key.display().to_string();
     let messenger = guests.join("messenger.wasm");
     for name in ["pub", "lat"] {
         std::fs::copy(&messenger, services.path().join(format!("{name}.wasm")))?;
@@ -165,22 +183,22 @@ fn measure_wharf(
         "[messaging]\nsubscribe = [\"bench.lat\"]\n[[trigger.message]]\ntopic = \"bench.lat\"\npath = \"/latency\"\n",
     )?;
     let data_path = data.path().display().to_string();
-    let wharf = WharfProcess::start(
-        wharf_bin,
-        services.path(),
-        &[
-            "--log",
-            "error,wharf::guest=info",
-            "--broker",
-            broker,
-            "--data-dir",
-            &data_path,
-            "--max-pending-messages",
-            "1000000",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    )?;
+    let mut args = vec![
+        "--log",
+        "error,wharf::guest=info",
+        "--broker",
+        broker,
+        "--data-dir",
+        &data_path,
+        "--max-pending-messages",
+        "1000000",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    if variant == Variant::Encrypted {
+        args.extend(["--encryption-key", key.as_str()]);
+    }
+    let wharf = WharfProcess::start(wharf_bin, services.path(), &args)?;
 
     // Throughput.
     let handled_before = handled(&wharf, "sink")?;
@@ -319,19 +337,33 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     let (_kafka, kafka_url) = start_tansu()?;
     let mut rows = Vec::new();
     let mut failed = Vec::new();
-    for (label, broker, reuse) in [
-        ("embedded broker", "embedded".to_string(), false),
+    for (label, broker, variant) in [
+        ("embedded broker", "embedded".to_string(), Variant::Plain),
+        (
+            "embedded broker, bodies encrypted at rest",
+            "embedded".to_string(),
+            Variant::Encrypted,
+        ),
         (
             "embedded broker, handler reusing its instance",
             "embedded".to_string(),
-            true,
+            Variant::Reuse,
         ),
-        ("NATS JetStream", nats_url, false),
-        ("RabbitMQ", rabbit_url.clone(), false),
-        ("Kafka API (tansu 0.6, SQLite)", kafka_url.clone(), false),
+        ("NATS JetStream", nats_url.clone(), Variant::Plain),
+        (
+            "NATS JetStream, bodies encrypted at rest",
+            nats_url,
+            Variant::Encrypted,
+        ),
+        ("RabbitMQ", rabbit_url.clone(), Variant::Plain),
+        (
+            "Kafka API (tansu 0.6, SQLite)",
+            kafka_url.clone(),
+            Variant::Plain,
+        ),
     ] {
         eprintln!("xtask: measuring Wharf on the {label}");
-        match measure_wharf(wharf_bin, guests, label, &broker, reuse) {
+        match measure_wharf(wharf_bin, guests, label, &broker, variant) {
             Ok(row) => rows.push(row),
             // One broker failing (tansu stalls under this load) must not
             // lose the others' rows: the report says what failed.
