@@ -93,6 +93,10 @@ pub struct Config {
     /// name as secret sources, besides those `wharf.toml` hands out
     /// (`--secret-dir`, `--secret-env`). Nothing by default.
     pub secret_sources: SecretSources,
+    /// Whether the admin endpoint must be served over TLS
+    /// (`--admin-tls-required`); `None`: `[admin] tls_required` in
+    /// `wharf.toml`, else not.
+    pub admin_tls_required: Option<bool>,
 }
 
 impl Default for Config {
@@ -118,6 +122,7 @@ impl Default for Config {
             backend_tls: None,
             encryption: None,
             secret_sources: SecretSources::default(),
+            admin_tls_required: None,
         }
     }
 }
@@ -203,6 +208,8 @@ pub(crate) struct Settled {
     /// Whether message bodies are sealed with those keys (`[messaging]
     /// encrypt`; by default, whenever there are keys).
     pub messaging_encrypt: bool,
+    /// Whether the admin endpoint must be served over TLS.
+    pub admin_tls_required: bool,
     /// The broker's bounds.
     pub messaging_limits: MessagingLimits,
 }
@@ -328,6 +335,10 @@ impl Config {
             messaging_credentials,
             encryption,
             messaging_encrypt,
+            admin_tls_required: self
+                .admin_tls_required
+                .or(file.admin_tls_required)
+                .unwrap_or(false),
             messaging_limits,
         })
     }

@@ -59,6 +59,8 @@ struct Inner {
     triggers: TriggerProgress,
     /// The cluster this host belongs to, if any.
     cluster: Option<Arc<Cluster>>,
+    /// Whether the admin endpoint must be served over TLS.
+    admin_tls_required: bool,
     config: Config,
     /// The services directory as an absolute, canonical path, resolved once
     /// at creation: file events, symlink checks and admin writes all compare
@@ -147,6 +149,7 @@ impl Host {
         let inner = Arc::new(Inner {
             triggers,
             cluster,
+            admin_tls_required: settled.admin_tls_required,
             config,
             services_dir,
             dispatcher,
@@ -229,6 +232,13 @@ impl Host {
     /// The configuration the host was built with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Whether the admin endpoint must be served over TLS (`[admin]
+    /// tls_required`, `--admin-tls-required`): whoever serves it refuses
+    /// to without a certificate.
+    pub fn admin_tls_required(&self) -> bool {
+        self.inner.admin_tls_required
     }
 
     /// The services directory, absolute and canonical (symlinks resolved),

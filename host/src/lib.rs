@@ -130,7 +130,7 @@ pub mod cluster {
 /// # Ok(()) }
 /// ```
 pub mod admin {
-    pub use crate::ops::admin::{MAX_TOKEN_FILE, serve, serve_guarded};
+    pub use crate::ops::admin::{MAX_TOKEN_FILE, serve, serve_guarded, serve_guarded_tls};
     pub use crate::ops::dashboard::LogRingLayer;
     pub use crate::ops::guard::{AdminGuard, AdminToken};
 }

@@ -470,3 +470,70 @@ async fn regression_a_refused_deploy_is_refused_before_its_file_is_sent() {
         host.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_admin_endpoint_served_plain_http_beside_a_tls_listener() {
+    // With --tls-cert the public listener spoke HTTPS but the admin
+    // endpoint plain HTTP, so its bearer token crossed the wire in the
+    // clear. Now it speaks HTTPS only, and refuses plain HTTP by name.
+    let pki = crate::support::Pki::new();
+    let dir = ServiceDir::new();
+    dir.install_bytes("hello.wasm", &guest_bytes("hello"));
+    let host = WharfProcess::start_with(|command| {
+        command
+            .args(["serve"])
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--tls-cert", &pki.arg("server.pem")])
+            .args(["--tls-key", &pki.arg("server-key.pem")])
+            .env("WHARF_ADMIN_TOKEN", "tls-t0ken");
+    });
+    let admin = host.admin_url();
+    assert!(admin.starts_with("https://"), "{admin}");
+    let plain = admin.replace("https://", "http://");
+    let answer = reqwest::Client::new()
+        .get(format!("{plain}/services"))
+        .bearer_auth("tls-t0ken")
+        .send()
+        .await
+        .expect("a plain HTTP answer");
+    assert_eq!(answer.status(), 400);
+    let said = answer.text().await.unwrap_or_default();
+    assert!(
+        said.contains("HTTPS only") && said.contains(&admin),
+        "{said}"
+    );
+
+    // Over TLS with the CA: the CLI works; without it, it fails to verify.
+    let ca = pki.arg("ca.pem");
+    let env = [("WHARF_ADMIN_TOKEN", "tls-t0ken")];
+    let output = wharf(&["status", "--to", &admin, "--ca", &ca], &env);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("hello"), "{}", stdout(&output));
+    let output = wharf(&["status", "--to", &admin], &env);
+    assert!(!output.status.success());
+    drop(host);
+
+    // Required by wharf.toml, and no certificate: the host refuses to start.
+    dir.write("wharf.toml", b"[admin]\ntls_required = true\n");
+    let data = tempfile::tempdir().expect("temp dir");
+    let output = wharf(
+        &[
+            "serve",
+            dir.path().to_str().expect("a UTF-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().expect("a UTF-8 path"),
+        ],
+        &[],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("the admin endpoint must use TLS"),
+        "{}",
+        stderr(&output)
+    );
+}

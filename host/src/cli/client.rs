@@ -56,18 +56,23 @@ pub struct ServiceStatus {
 
 impl AdminClient {
     /// A client of the admin API at `base` (`http://HOST:PORT` or
-    /// `https://…`), sending `token` as the bearer token on writes.
-    pub fn new(base: &str, token: Option<String>) -> Result<AdminClient> {
+    /// `https://…`), sending `token` as the bearer token on writes, and
+    /// trusting the CA certificates in the PEM file `ca` besides the
+    /// public roots.
+    pub fn new(base: &str, token: Option<String>, ca: Option<&Path>) -> Result<AdminClient> {
         let base = base.trim().trim_end_matches('/').to_string();
         let url = reqwest::Url::parse(&base)
             .with_context(|| format!("admin URL {base:?} is not a URL"))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             bail!("admin URL {base:?}: expected http://HOST:PORT or https://HOST:PORT");
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .context("building the HTTP client")?;
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(ca) = ca {
+            for root in read_ca(ca)? {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let http = builder.build().context("building the HTTP client")?;
         Ok(AdminClient { base, token, http })
     }
 
@@ -304,6 +309,33 @@ pub struct AdminArgs {
     /// File holding the admin bearer token [default: WHARF_ADMIN_TOKEN].
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the admin endpoint's certificate,
+    /// trusted besides the public roots [default: WHARF_ADMIN_CA].
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+/// Largest CA file read.
+const MAX_CA_FILE: u64 = 1 << 20;
+
+/// The certificates of the PEM file `path` (a regular file of at most
+/// 1 MiB), with a clear error if it holds none.
+fn read_ca(path: &Path) -> Result<Vec<reqwest::Certificate>> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !metadata.is_file() || metadata.len() > MAX_CA_FILE {
+        bail!(
+            "{}: a CA file is a regular PEM file of at most 1 MiB",
+            path.display()
+        );
+    }
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("{}: not PEM certificates", path.display()))?;
+    if roots.is_empty() {
+        bail!("{}: no certificate in it", path.display());
+    }
+    Ok(roots)
 }
 
 impl AdminArgs {
@@ -322,7 +354,11 @@ impl AdminArgs {
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty()),
         };
-        AdminClient::new(&url, token)
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| std::env::var_os("WHARF_ADMIN_CA").map(PathBuf::from));
+        AdminClient::new(&url, token, ca.as_deref())
     }
 }
 
@@ -332,15 +368,15 @@ mod tests {
 
     #[test]
     fn admin_urls_are_checked_once() {
-        assert!(AdminClient::new("http://127.0.0.1:9090/", None).is_ok());
+        assert!(AdminClient::new("http://127.0.0.1:9090/", None, None).is_ok());
         assert_eq!(
-            AdminClient::new(" https://admin.example:9443/ ", None)
+            AdminClient::new(" https://admin.example:9443/ ", None, None)
                 .unwrap()
                 .base,
             "https://admin.example:9443"
         );
         for bad in ["127.0.0.1:9090", "ftp://x", "http://"] {
-            assert!(AdminClient::new(bad, None).is_err(), "{bad}");
+            assert!(AdminClient::new(bad, None, None).is_err(), "{bad}");
         }
     }
 }

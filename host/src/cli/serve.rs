@@ -238,6 +238,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Refuse to start the admin endpoint without --tls-cert and
+    /// --tls-key, so its token and dashboard never travel in the clear
+    /// (with them, it speaks HTTPS only either way). [default:
+    /// admin.tls_required in DIR/wharf.toml, else false]
+    #[arg(long)]
+    pub admin_tls_required: bool,
+
     /// Most service-to-service hops one request may cause (calls to
     /// http://NAME.internal); deeper calls get 508 Loop Detected.
     #[arg(long, value_name = "N", default_value_t = 10)]
@@ -326,6 +333,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }),
         replicas: args.replicas,
         queues: args.queue_type,
+        admin_tls_required: args.admin_tls_required.then_some(true),
         watch: !args.no_watch,
         allow_external_symlinks: args.allow_external_symlinks,
         limits: Limits::default(),
@@ -376,22 +384,32 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
     let admin = match args.admin {
         Some(addr) => {
+            if tls.is_none() && host.admin_tls_required() {
+                anyhow::bail!(
+                    "the admin endpoint must use TLS ([admin] tls_required in wharf.toml, or --admin-tls-required): give --tls-cert and --tls-key"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
             let address = listener.local_addr().context("reading the admin address")?;
-            announce(&format!("wharf: admin listening on http://{address}"));
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            announce(&format!("wharf: admin listening on {scheme}://{address}"));
             if token.is_none() {
                 tracing::info!(
                     "admin deploys are disabled: no --admin-token-file or WHARF_ADMIN_TOKEN"
                 );
             }
-            Some(tokio::spawn(wharf::admin::serve_guarded(
-                host.clone(),
-                listener,
-                wharf::admin::AdminGuard::new(token, &args.admin_hosts),
-                stopped(admin_stop_rx),
-            )))
+            let guard = wharf::admin::AdminGuard::new(token, &args.admin_hosts);
+            let (host, stop) = (host.clone(), stopped(admin_stop_rx));
+            Some(match tls.clone() {
+                // With a certificate the admin endpoint speaks HTTPS only:
+                // its token and dashboard never travel in the clear.
+                Some(tls) => tokio::spawn(wharf::admin::serve_guarded_tls(
+                    host, listener, guard, tls, stop,
+                )),
+                None => tokio::spawn(wharf::admin::serve_guarded(host, listener, guard, stop)),
+            })
         }
         None => None,
     };

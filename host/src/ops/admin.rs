@@ -27,6 +27,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::capabilities::messaging::{DeadLetterQuery, MAX_DEAD_LETTER_PAGE};
 use crate::deploy::source::files::MAX_TOML_FILE;
@@ -104,11 +105,38 @@ pub async fn serve_guarded(
     guard: AdminGuard,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_admin(host, listener, guard, None, shutdown).await
+}
+
+/// [`serve_guarded`] over TLS only: the token and the dashboard never
+/// travel in the clear. A plain HTTP request is answered `400` naming the
+/// `https://` address, and the connection closed.
+pub async fn serve_guarded_tls(
+    host: Host,
+    listener: TcpListener,
+    guard: AdminGuard,
+    tls: TlsAcceptor,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    serve_admin(host, listener, guard, Some(tls), shutdown).await
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+async fn serve_admin(
+    host: Host,
+    listener: TcpListener,
+    guard: AdminGuard,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let client_timeout = host.config().client_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(host.config().client_timeout);
+        .header_read_timeout(client_timeout);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -132,13 +160,41 @@ pub async fn serve_guarded(
             };
             async move { Ok::<_, std::convert::Infallible>(route(&host, &caller, request).await) }
         });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let Some(tls) = tls.clone() else {
+            let connection = graceful.watch(
+                builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned(),
+            );
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            continue;
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _ = connection.await;
+            // Bounded like a stalled request: a silent client costs a task
+            // for the client timeout at most.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(client_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+                Ok(Ok(1)) => return refuse_plain_http(stream).await,
+                _ => return,
+            }
+            match tokio::time::timeout(client_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let connection = watcher.watch(
+                        builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .into_owned(),
+                    );
+                    let _ = connection.await;
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(peer = %peer, error = %err, "admin TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(peer = %peer, "admin TLS handshake timed out"),
+            }
         });
     }
     drop(listener);
@@ -147,6 +203,32 @@ pub async fn serve_guarded(
         () = tokio::time::sleep(Duration::from_secs(5)) => {},
     }
     Ok(())
+}
+
+/// Answers a plain HTTP request on the TLS-only admin address with `400`
+/// and the address to use, then closes, without acting on it. (A token it
+/// carried has crossed the wire already: the client's mistake, which the
+/// answer names.)
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // The request head first: closing on unread bytes would reset the
+    // connection before the client reads the answer.
+    let mut head = [0u8; 16 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut head)).await;
+    let address = stream
+        .local_addr()
+        .map(|address| format!("https://{address}"))
+        .unwrap_or_else(|_| "https://".to_string());
+    let body = format!("this admin endpoint speaks HTTPS only: use {address}\n");
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Who sent a request: the gate to check it against and its address.

@@ -389,6 +389,16 @@ pub(crate) struct HostFile {
     secrets: HostSecretsTable,
     tls: Option<HostTlsTable>,
     encryption: Option<HostEncryptionTable>,
+    #[serde(default)]
+    admin: HostAdminTable,
+}
+
+/// `[admin]`: how the admin endpoint is served.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostAdminTable {
+    /// Refuse to serve it without TLS (`--tls-cert`, `--tls-key`).
+    tls_required: Option<bool>,
 }
 
 /// `[encryption]`: the keys values are sealed with at rest; paths relative
@@ -555,6 +565,9 @@ pub struct HostSettings {
     pub messaging_credentials: Option<std::path::PathBuf>,
     /// Whether message bodies are sealed (`[messaging] encrypt`), if set.
     pub messaging_encrypt: Option<bool>,
+    /// Whether the admin endpoint must use TLS (`[admin] tls_required`),
+    /// if set.
+    pub admin_tls_required: Option<bool>,
     /// The cluster to join, if named here.
     pub cluster: Option<ClusterConfig>,
     /// Which compilers to use, if chosen here.
@@ -699,6 +712,7 @@ impl HostFile {
             messaging_partitions,
             messaging_credentials,
             messaging_encrypt,
+            admin_tls_required: file.admin.tls_required,
             tls,
             keyvalue_tls,
             messaging_tls,
@@ -940,6 +954,9 @@ mod tests {
         assert_eq!(settings.messaging_encrypt, Some(false));
         let err = HostFile::parse_here("[messaging]\nencrypt = \"yes\"\n").unwrap_err();
         assert!(err.contains("line 2") && err.contains("boolean"), "{err}");
+        let settings = HostFile::parse_here("[admin]\ntls_required = true\n").unwrap();
+        assert_eq!(settings.admin_tls_required, Some(true));
+        assert!(HostFile::parse_here("[admin]\ntls = true\n").is_err());
     }
 
     #[test]
