@@ -486,3 +486,98 @@ async fn a_nats_cluster_of_three_loses_no_acknowledged_write_with_three_copies_a
     // One copy: the lost server took the bucket's writes with it.
     assert!(one.lost > 0, "{one:?}");
 }
+
+/// Messages published in the RabbitMQ node-loss test.
+const RABBIT_MESSAGES: usize = 300;
+/// After how many publishes the node is killed.
+const RABBIT_KILL_AT: usize = 100;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rabbitmq_node_of_three_killed_mid_stream_loses_no_accepted_message() {
+    let mut rabbit = crate::support::RabbitCluster::start(3);
+    let (dir, data) = (ServiceDir::new(), ServiceDir::new());
+    for (name, manifest) in [
+        ("pub", "[messaging]\npublish = [\"rq.>\"]\n"),
+        (
+            "rec",
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"rq.t\"]\n[[trigger.message]]\ntopic = \"rq.t\"\ngroup = \"rq-kill\"\npath = \"/record\"\n",
+        ),
+    ] {
+        dir.install_bytes(&format!("{name}.wasm"), &guest_bytes("messenger"));
+        dir.write(&format!("{name}.toml"), manifest.as_bytes());
+    }
+    let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
+    config.messaging = Some(wharf::messaging::BrokerChoice::Rabbit(rabbit.url()));
+    let server = TestServer::start(config).await;
+    let http = client();
+    let publish = |body: String| {
+        let (http, url) = (http.clone(), server.url("/pub/publish?topic=rq.t"));
+        async move {
+            http.post(url)
+                .body(body)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    };
+    let seen = || async {
+        crate::support::get(&server.url("/rec/seen?group=rq-kill"))
+            .await
+            .map(|(_, seen)| seen)
+            .unwrap_or_default()
+    };
+    // The group's quorum queue exists (on all three nodes) once a message
+    // gets through.
+    eventually(PATIENCE, "the group consuming", || async {
+        publish("warm-up".into()).await && seen().await.contains("warm-up")
+    })
+    .await;
+
+    // The host talks to the first node: kill it mid-stream. A publish
+    // refused while the host fails over to another node is tried again
+    // (as a client would); only accepted ones must arrive.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..RABBIT_MESSAGES {
+        if i == RABBIT_KILL_AT {
+            rabbit.kill(0);
+        }
+        let body = format!("m{i}");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !publish(body.clone()).await {
+            refused += 1;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{body} not accepted for {PATIENCE:?} after the node died"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        accepted.push((i, body));
+    }
+    let missing = || async {
+        let seen = seen().await;
+        accepted
+            .iter()
+            .filter(|(_, body)| !seen.contains(&format!("{body:?}")))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        let missing = missing().await;
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{missing} of {} accepted messages never handled",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "redundancy: RabbitMQ node killed after {RABBIT_KILL_AT} of {RABBIT_MESSAGES} publishes: {} accepted, all handled; {refused} attempts refused during the fail-over",
+        accepted.len()
+    );
+    server.stop().await;
+}

@@ -2,7 +2,7 @@
 //! a Kafka-API broker (tansu), HAProxy — each started on ephemeral loopback ports with temporary data,
 //! and killed when the test (or the test binary) ends.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -76,6 +76,19 @@ impl ServerProcess {
         startup: Duration,
         command: impl Fn() -> Command + Send + Sync + 'static,
     ) -> ServerProcess {
+        let mut server = ServerProcess::launch(what, port, startup, command);
+        server.wait_ready();
+        server
+    }
+
+    /// Runs `command()` without waiting for it: several servers can boot
+    /// at once; [`wait_ready`](ServerProcess::wait_ready) then waits.
+    pub fn launch(
+        what: &'static str,
+        port: u16,
+        startup: Duration,
+        command: impl Fn() -> Command + Send + Sync + 'static,
+    ) -> ServerProcess {
         let mut server = ServerProcess {
             what,
             command: Box::new(command),
@@ -83,18 +96,28 @@ impl ServerProcess {
             child: None,
             port,
         };
-        server.run();
+        server.spawn();
         server
     }
 
-    fn run(&mut self) {
+    fn spawn(&mut self) {
         let mut command = (self.command)();
         command.stdout(Stdio::null()).stderr(Stdio::null());
-        let mut child = command
+        let child = command
             .spawn()
             .unwrap_or_else(|err| panic!("start {}: {err}", self.what));
-        wait_for_port_within(self.port, self.what, &mut child, self.startup);
         self.child = Some(child);
+    }
+
+    /// Waits up to the startup time until the port accepts connections.
+    pub fn wait_ready(&mut self) {
+        let child = self.child.as_mut().expect("a launched server");
+        wait_for_port_within(self.port, self.what, child, self.startup);
+    }
+
+    fn run(&mut self) {
+        self.spawn();
+        self.wait_ready();
     }
 
     /// Kills the server.
@@ -499,33 +522,13 @@ impl RabbitServer {
             die_with_parent(&mut epmd);
             epmd
         });
-        let dir_path = dir.path().to_path_buf();
         let node = format!("wharf-test-{port}@localhost");
-        let broker = ServerProcess::start(
-            "rabbitmq-server",
-            port,
-            Duration::from_secs(120),
-            move || {
-                let dir = &dir_path;
-                let mut broker = Command::new(&program);
-                broker
-                    // Run the broker in the foreground, replacing the
-                    // script: the child is the Erlang VM itself.
-                    .env("RUNNING_UNDER_SYSTEMD", "true")
-                    .env("HOME", dir)
-                    .env("RABBITMQ_NODENAME", &node)
-                    .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-                    .env("RABBITMQ_NODE_PORT", port.to_string())
-                    .env("RABBITMQ_DIST_PORT", dist_port.to_string())
-                    .env("ERL_EPMD_PORT", epmd_port.to_string())
-                    .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-                    .env("RABBITMQ_LOG_BASE", dir.join("log"))
-                    .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
-                    .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"));
-                die_with_parent(&mut broker);
-                broker
-            },
-        );
+        let ports = RabbitPorts {
+            amqp: port,
+            dist: dist_port,
+            epmd: epmd_port,
+        };
+        let broker = rabbit_node(dir.path(), node, ports);
         RabbitServer {
             broker,
             _epmd: epmd,
@@ -708,6 +711,171 @@ server_process!(
 
 /// How long a server (but RabbitMQ) may take to start listening.
 const STARTUP: Duration = Duration::from_secs(30);
+
+/// The ports of one private RabbitMQ node.
+#[derive(Clone, Copy)]
+struct RabbitPorts {
+    amqp: u16,
+    dist: u16,
+    epmd: u16,
+}
+
+/// Starts the RabbitMQ node `node` keeping its files in `dir` (which holds
+/// its `plugins` file and, if any, `rabbitmq.conf`), and waits until it
+/// accepts AMQP connections.
+fn rabbit_node(dir: &Path, node: String, ports: RabbitPorts) -> ServerProcess {
+    let mut server = launch_rabbit_node(dir, node, ports);
+    server.wait_ready();
+    server
+}
+
+/// Starts the RabbitMQ node `node` (see [`rabbit_node`]) without waiting.
+fn launch_rabbit_node(dir: &Path, node: String, ports: RabbitPorts) -> ServerProcess {
+    let program = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    let dir = dir.to_path_buf();
+    ServerProcess::launch(
+        "rabbitmq-server",
+        ports.amqp,
+        Duration::from_secs(120),
+        move || {
+            let mut broker = Command::new(&program);
+            broker
+                // Run the broker in the foreground, replacing the
+                // script: the child is the Erlang VM itself.
+                .env("RUNNING_UNDER_SYSTEMD", "true")
+                .env("HOME", &dir)
+                .env("RABBITMQ_NODENAME", &node)
+                .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+                .env("RABBITMQ_NODE_PORT", ports.amqp.to_string())
+                .env("RABBITMQ_DIST_PORT", ports.dist.to_string())
+                .env("ERL_EPMD_PORT", ports.epmd.to_string())
+                .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+                .env("RABBITMQ_LOG_BASE", dir.join("log"))
+                .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"));
+            if dir.join("rabbitmq.conf").is_file() {
+                broker.env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"));
+            }
+            die_with_parent(&mut broker);
+            broker
+        },
+    )
+}
+
+/// A RabbitMQ cluster of the test's own: three private nodes on loopback
+/// ports (one `epmd`, one Erlang cookie), the second and third joined to
+/// the first. A node can be killed (`kill -9`).
+pub struct RabbitCluster {
+    nodes: Vec<ServerProcess>,
+    _epmd: ServerProcess,
+    _dirs: Vec<TempDir>,
+}
+
+impl RabbitCluster {
+    /// Starts `size` nodes at once and joins them into one cluster (about
+    /// half a minute here).
+    pub fn start(size: usize) -> RabbitCluster {
+        assert!(
+            Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").is_file(),
+            "RabbitMQ is not installed: `cargo xtask test` installs the Debian package rabbitmq-server"
+        );
+        let epmd_port = free_port();
+        let epmd_program = server_program("epmd", "erlang-base");
+        let epmd = ServerProcess::start("epmd", epmd_port, STARTUP, move || {
+            let mut epmd = Command::new(&epmd_program);
+            epmd.args(["-port", &epmd_port.to_string()]);
+            die_with_parent(&mut epmd);
+            epmd
+        });
+        let cookie = format!("WHARFTESTCOOKIE{}", free_port());
+        let nodes: Vec<(TempDir, String, RabbitPorts)> = (0..size)
+            .map(|_| {
+                let dir = TempDir::new().expect("temp dir");
+                std::fs::write(dir.path().join("plugins"), "[].").expect("write the plugins file");
+                let cookie_file = dir.path().join(".erlang.cookie");
+                std::fs::write(&cookie_file, &cookie).expect("write the cookie");
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&cookie_file, std::fs::Permissions::from_mode(0o400))
+                    .expect("make the cookie private");
+                let ports = RabbitPorts {
+                    amqp: free_port(),
+                    dist: free_port(),
+                    epmd: epmd_port,
+                };
+                (
+                    dir,
+                    format!("wharf-cluster-{}@localhost", ports.amqp),
+                    ports,
+                )
+            })
+            .collect();
+        // Booted side by side: each takes ~10 s of mostly waiting.
+        let mut started: Vec<ServerProcess> = nodes
+            .iter()
+            .map(|(dir, node, ports)| launch_rabbit_node(dir.path(), node.clone(), *ports))
+            .collect();
+        for node in &mut started {
+            node.wait_ready();
+        }
+        let seed = &nodes[0].1;
+        for (dir, node, _) in &nodes[1..] {
+            for args in [
+                vec!["stop_app"],
+                vec!["join_cluster", seed.as_str()],
+                vec!["start_app"],
+            ] {
+                rabbitmqctl(dir.path(), epmd_port, node, &args);
+            }
+        }
+        let running = rabbitmqctl(nodes[0].0.path(), epmd_port, seed, &["cluster_status"]);
+        for (_, node, _) in &nodes {
+            assert!(
+                running.contains(node.as_str()),
+                "{node} not in the cluster:\n{running}"
+            );
+        }
+        RabbitCluster {
+            nodes: started,
+            _epmd: epmd,
+            _dirs: nodes.into_iter().map(|(dir, _, _)| dir).collect(),
+        }
+    }
+
+    /// Every node's `amqp://` URL, comma-separated, in order.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| amqp_url(node.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+}
+
+/// Runs `rabbitmqctl ARGS` against `node` with the cookie in `home`; what
+/// it printed. Panics, with its output, if it fails.
+fn rabbitmqctl(home: &Path, epmd_port: u16, node: &str, args: &[&str]) -> String {
+    let output = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl")
+        .env("HOME", home)
+        .env("ERL_EPMD_PORT", epmd_port.to_string())
+        .args(["-n", node])
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "rabbitmqctl -n {node} {args:?} failed:\n{said}"
+    );
+    said
+}
 
 fn amqp_url(port: u16) -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")

@@ -27,7 +27,9 @@
 //! `wharf.owner.GROUP` (`x-max-length: 1`, `reject-publish`): the first
 //! claim's publish is confirmed, every later one refused, so the first
 //! claim wins on every host; the owner is read back with a get that puts
-//! the message back.
+//! the message back. Each host remembers the owners it has seen, so a
+//! trigger re-joining its group while the owner queue's node is down (a
+//! classic queue lives on one node) still joins.
 //!
 //! The connection is made on demand and again after it breaks, at most
 //! once a second; meanwhile operations fail with "unavailable".
@@ -377,10 +379,24 @@ pub struct RabbitBroker {
     /// (re)joining has a queue to wait in (the exchange drops a message no
     /// queue is bound for).
     groups: Mutex<HashMap<String, String>>,
+    /// Owners this host has read or recorded: an owner never changes
+    /// until its group is deleted, so re-joining after a node is lost
+    /// needs no answer from the owner queue (a classic queue, which lives
+    /// on one node).
+    owners: Mutex<HashMap<String, String>>,
     shown_url: String,
 }
 
 impl RabbitBroker {
+    /// The owner of `group` this host already knows.
+    fn known_owner(&self, group: &str) -> Option<String> {
+        self.owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+            .cloned()
+    }
+
     /// A broker on the RabbitMQ node(s) in `list` (comma-separated AMQP
     /// URLs, tried in turn), group queues of `kind` bounded by `limits`. Connects on first use (and again after a failure): a host
     /// whose RabbitMQ is down at start still starts. Must be called inside a
@@ -417,6 +433,7 @@ impl RabbitBroker {
             queues: QueueSettings { limits, kind },
             tls,
             groups: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -595,6 +612,10 @@ impl MessageBroker for Arc<RabbitBroker> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(group);
+        self.owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(group);
         let (connection, _) = self.link().await?;
         let queue = group_queue(group);
         // A passive declare that fails closes its channel: a channel of its own.
@@ -624,10 +645,19 @@ impl MessageBroker for Arc<RabbitBroker> {
 
     /// Records `service` as the group's owner unless it has one; the owner.
     async fn claim_group(&self, group: &str, service: &str) -> BrokerResult<String> {
+        if let Some(owner) = self.known_owner(group) {
+            return Ok(owner);
+        }
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await.map_err(classify)?;
         let answer = claim_on(&channel, group, service).await;
         let _ = channel.close(200, "done".into()).await;
+        if let Ok(owner) = &answer {
+            self.owners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(group.to_string(), owner.clone());
+        }
         answer
     }
 
