@@ -27,6 +27,7 @@
 
 mod bindings;
 pub mod choice;
+mod coalesce;
 pub mod embedded;
 pub mod nats;
 pub mod redis;

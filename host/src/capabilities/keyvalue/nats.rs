@@ -31,6 +31,7 @@ use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt as _;
 
 use crate::capabilities::BackendStatus;
+use crate::capabilities::keyvalue::coalesce::IncrementQueues;
 use crate::capabilities::keyvalue::store::{
     BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore, add_checked,
     parse_counter,
@@ -41,15 +42,6 @@ use crate::capabilities::tls::BackendTls;
 /// Attempts at an increment before giving up under contention (from other
 /// hosts: this host's increments of one key are coalesced).
 const INCREMENT_ATTEMPTS: usize = 64;
-
-/// Increments of one key queued behind the swap in flight.
-#[derive(Default)]
-struct PendingIncrements {
-    /// Each waiting increment's delta and where its result goes.
-    waiting: Vec<(i64, tokio::sync::oneshot::Sender<BackendResult<i64>>)>,
-    /// Whether a task is applying them.
-    flushing: bool,
-}
 
 /// How long an operation waits for the client to be connected.
 const CONNECT_WAIT: Duration = Duration::from_secs(1);
@@ -67,15 +59,12 @@ pub struct NatsKv {
     /// Each bucket's stored size as last read, written to since, and when.
     sizes: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// Increments waiting, per (bucket, key), for the swap in flight.
-    increments: Arc<Increments>,
+    increments: Arc<IncrementQueues>,
     /// The limits buckets are created with.
     max_value_size: i32,
     /// How many servers keep a copy of each bucket.
     replicas: Replicas,
 }
-
-/// Increments waiting, per (bucket, key).
-type Increments = Mutex<HashMap<(String, String), PendingIncrements>>;
 
 /// A JetStream key for a guest's key.
 pub(crate) fn escape_key(key: &str) -> String {
@@ -140,7 +129,7 @@ impl NatsKv {
             connection,
             buckets: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
-            increments: Arc::new(Mutex::new(HashMap::new())),
+            increments: Arc::new(IncrementQueues::default()),
             max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
             replicas,
         })
@@ -264,39 +253,6 @@ impl NatsKv {
             entry.0 = after;
         }
         Ok(())
-    }
-}
-
-/// Applies queued increments of one key, a batch per swap, until none
-/// are left.
-async fn flush_increments(increments: Arc<Increments>, store: kv::Store, id: (String, String)) {
-    loop {
-        let batch = {
-            let mut pending = increments.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(queue) = pending.get_mut(&id) else {
-                return;
-            };
-            if queue.waiting.is_empty() {
-                pending.remove(&id);
-                return;
-            }
-            std::mem::take(&mut queue.waiting)
-        };
-        let deltas: Vec<i64> = batch.iter().map(|(delta, _)| *delta).collect();
-        match swap_increments(&store, &id.1, &deltas).await {
-            Ok(base) => {
-                let mut value = base;
-                for (delta, reply) in batch {
-                    value = value.saturating_add(delta);
-                    let _ = reply.send(Ok(value));
-                }
-            }
-            Err(err) => {
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
-        }
     }
 }
 
@@ -452,22 +408,14 @@ impl KeyValueStore for NatsKv {
         let KeyRef { bucket, key } = at;
         let store = self.bucket(bucket).await?;
         self.check_quota(bucket, key.len() + 20, quota).await?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
         let id = (bucket.to_string(), key.to_string());
-        let lead = {
-            let mut pending = self.increments.lock().unwrap_or_else(|e| e.into_inner());
-            let queue = pending.entry(id.clone()).or_default();
-            queue.waiting.push((delta, reply));
-            !std::mem::replace(&mut queue.flushing, true)
-        };
-        if lead {
-            // Its own task: a caller that gives up never strands the queue.
-            let increments = self.increments.clone();
-            tokio::spawn(flush_increments(increments, store, id));
-        }
-        answer
+        let owned_key = key.to_string();
+        self.increments
+            .add(id, delta, move |deltas: Vec<i64>| {
+                let (store, key) = (store.clone(), owned_key.clone());
+                async move { swap_increments(&store, &key, &deltas).await }
+            })
             .await
-            .map_err(|_| BackendError::Other("the increment was abandoned".into()))?
     }
 
     async fn read_versioned(&self, at: KeyRef<'_>) -> BackendResult<(Option<Vec<u8>>, u64)> {

@@ -5,7 +5,8 @@
 //! readable: they are how values are found and listed.
 //!
 //! A backend cannot add to a number it cannot read, so increments become a
-//! compare-and-swap loop on the sealed value. Quotas count the sealed size
+//! compare-and-swap loop on the sealed value; this host's concurrent
+//! increments of one key are coalesced into one swap. Quotas count the sealed size
 //! ([`SEAL_OVERHEAD`](crate::capabilities::at_rest::SEAL_OVERHEAD) more per
 //! value).
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use crate::capabilities::BackendStatus;
 use crate::capabilities::at_rest::Sealer;
+use crate::capabilities::keyvalue::coalesce::IncrementQueues;
 use crate::capabilities::keyvalue::store::{
     BackendError, BackendResult, KeyCursor, KeyPage, KeyRef, KeyValueStore, Resealed, add_checked,
     parse_counter,
@@ -29,28 +31,79 @@ const INCREMENT_ATTEMPTS: u32 = 64;
 
 /// A backend whose values are sealed with `sealer`.
 pub struct Sealed<S> {
-    inner: S,
+    inner: Arc<S>,
     sealer: Arc<Sealer>,
+    /// This host's increments of each key, waiting for the swap in flight.
+    increments: Arc<IncrementQueues>,
 }
 
 impl<S: KeyValueStore> Sealed<S> {
     /// `inner`, storing only sealed values.
     pub fn new(inner: S, sealer: Arc<Sealer>) -> Sealed<S> {
-        Sealed { inner, sealer }
+        Sealed {
+            inner: Arc::new(inner),
+            sealer,
+            increments: Arc::new(IncrementQueues::default()),
+        }
     }
 
     fn seal(&self, at: KeyRef<'_>, value: &[u8]) -> BackendResult<Vec<u8>> {
-        self.sealer
-            .seal(&context(at), value)
-            .map_err(BackendError::Other)
+        seal(&self.sealer, at, value)
     }
 
     fn open(&self, at: KeyRef<'_>, sealed: Option<Vec<u8>>) -> BackendResult<Option<Vec<u8>>> {
-        sealed
-            .map(|sealed| self.sealer.open(&context(at), &sealed))
-            .transpose()
-            .map_err(BackendError::Other)
+        open(&self.sealer, at, sealed)
     }
+}
+
+/// `value` sealed for `at`.
+fn seal(sealer: &Sealer, at: KeyRef<'_>, value: &[u8]) -> BackendResult<Vec<u8>> {
+    sealer
+        .seal(&context(at), value)
+        .map_err(BackendError::Other)
+}
+
+/// The value `sealed` holds, if it opens for `at`.
+fn open(
+    sealer: &Sealer,
+    at: KeyRef<'_>,
+    sealed: Option<Vec<u8>>,
+) -> BackendResult<Option<Vec<u8>>> {
+    sealed
+        .map(|sealed| sealer.open(&context(at), &sealed))
+        .transpose()
+        .map_err(BackendError::Other)
+}
+
+/// One compare-and-swap adding all of `deltas` to the sealed counter at
+/// `at`, retried while other hosts win the race; the value before them.
+async fn swap_sealed_increments<S: KeyValueStore>(
+    inner: &S,
+    sealer: &Sealer,
+    at: KeyRef<'_>,
+    deltas: &[i64],
+    quota: u64,
+) -> BackendResult<i64> {
+    for attempt in 0..INCREMENT_ATTEMPTS {
+        let (sealed, version) = inner.read_versioned(at).await?;
+        let current = match open(sealer, at, sealed)? {
+            Some(value) => parse_counter(&value)?,
+            None => 0,
+        };
+        let mut next = current;
+        for delta in deltas {
+            next = add_checked(next, *delta)?;
+        }
+        let sealed = seal(sealer, at, next.to_string().as_bytes())?;
+        if inner.swap(at, &version, &sealed, quota).await? {
+            return Ok(current);
+        }
+        // Another host won: back off a little, more each time.
+        tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt + 1))).await;
+    }
+    Err(BackendError::Other(format!(
+        "the counter kept changing under {INCREMENT_ATTEMPTS} attempts to increment it"
+    )))
 }
 
 /// What a value is bound to: its bucket and key.
@@ -102,24 +155,26 @@ impl<S: KeyValueStore> KeyValueStore for Sealed<S> {
         self.inner.list_keys(bucket, from, max).await
     }
 
+    /// A read, an open, a seal and a compare-and-swap (a backend cannot
+    /// add to a number it cannot read); this host's concurrent increments
+    /// of one key share one such swap.
     async fn increment(&self, at: KeyRef<'_>, delta: i64, quota: u64) -> BackendResult<i64> {
-        for attempt in 0..INCREMENT_ATTEMPTS {
-            let (sealed, version) = self.inner.read_versioned(at).await?;
-            let current = match self.open(at, sealed)? {
-                Some(value) => parse_counter(&value)?,
-                None => 0,
-            };
-            let next = add_checked(current, delta)?;
-            let sealed = self.seal(at, next.to_string().as_bytes())?;
-            if self.inner.swap(at, &version, &sealed, quota).await? {
-                return Ok(next);
-            }
-            // Another writer won: back off a little, more each time.
-            tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt + 1))).await;
-        }
-        Err(BackendError::Other(format!(
-            "the counter kept changing under {INCREMENT_ATTEMPTS} attempts to increment it"
-        )))
+        let id = (at.bucket.to_string(), at.key.to_string());
+        let (inner, sealer) = (self.inner.clone(), self.sealer.clone());
+        let (bucket, key) = id.clone();
+        self.increments
+            .add(id, delta, move |deltas: Vec<i64>| {
+                let (inner, sealer) = (inner.clone(), sealer.clone());
+                let (bucket, key) = (bucket.clone(), key.clone());
+                async move {
+                    let at = KeyRef {
+                        bucket: &bucket,
+                        key: &key,
+                    };
+                    swap_sealed_increments(&*inner, &sealer, at, &deltas, quota).await
+                }
+            })
+            .await
     }
 
     async fn read_versioned(
