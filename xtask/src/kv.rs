@@ -2,9 +2,10 @@
 //! key-value backend, beside the same endpoint in Node.js + Express with the
 //! `redis` npm client (the seed's stack) and beside Wharf's own hello.
 //!
-//! Started side by side: a `redis-server` and a `nats-server -js` of the
-//! bench's own (ephemeral ports, temporary data), one Wharf host per backend
-//! (embedded, Redis, NATS, and embedded with values encrypted at rest)
+//! Started side by side: a `redis-server` (and a TLS-only one, with a CA the
+//! bench makes) and a `nats-server -js` of the bench's own (ephemeral ports,
+//! temporary data), one Wharf host per backend (embedded, Redis, Redis over
+//! TLS, NATS, and embedded with values encrypted at rest)
 //! serving the `kv` test guest, whose
 //! `/kv/incr?key=hits` increments one counter, plus Wharf's hello, and the
 //! Express counter. Each gets the same `wrk` load, in interleaved rounds.
@@ -41,6 +42,59 @@ fn start_redis() -> Result<(Daemon, String)> {
 }
 
 /// The Express counter app, with its npm packages installed.
+/// Writes a CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed
+/// (`server.pem`, `server-key.pem`) into `dir`.
+fn write_pki(dir: &Path) -> Result<()> {
+    let named = |sans: Vec<String>, name: &str| -> Result<rcgen::CertificateParams> {
+        let mut params = rcgen::CertificateParams::new(sans)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        Ok(params)
+    };
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = named(Vec::new(), "Wharf bench CA")?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let server = named(vec!["127.0.0.1".into()], "Wharf bench server")?.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join("server.pem"), server.pem())?;
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem())?;
+    Ok(())
+}
+
+/// A TLS-only `redis-server` with the certificate in `pki` (clients need
+/// no certificate of their own); its `rediss://` URL.
+fn start_redis_tls(pki: &Path) -> Result<(Daemon, String)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let child = Command::new(program("redis-server"))
+        .args(["--bind", "127.0.0.1", "--port", "0"])
+        .args(["--tls-port", &port.to_string()])
+        .arg("--tls-cert-file")
+        .arg(pki.join("server.pem"))
+        .arg("--tls-key-file")
+        .arg(pki.join("server-key.pem"))
+        .arg("--tls-ca-cert-file")
+        .arg(pki.join("ca.pem"))
+        .args(["--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server with TLS")?;
+    let daemon = Daemon {
+        children: vec![child],
+        dir,
+    };
+    wait_for(port, "redis-server (TLS)", Duration::from_secs(30))?;
+    Ok((daemon, format!("rediss://127.0.0.1:{port}")))
+}
+
 fn express_counter() -> Result<PathBuf> {
     system::ensure(&[&system::NODE, &system::NPM])?;
     let dir = root().join("xtask").join("peers").join("express");
@@ -70,17 +124,24 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     let express = express_counter()?;
     let (_redis, redis_url) = start_redis()?;
     let (_nats, nats_url) = start_nats()?;
+    let pki = tempfile::tempdir()?;
+    write_pki(pki.path())?;
+    let (_redis_tls, redis_tls_url) = start_redis_tls(pki.path())?;
+    let ca = pki.path().join("ca.pem").display().to_string();
 
-    // The last row: the embedded store with values encrypted at rest (each
-    // increment then a compare-and-swap on a sealed value).
+    // (label, backend, values encrypted at rest, TLS to the backend). The
+    // embedded store encrypted: each increment a compare-and-swap on a
+    // sealed value.
     let backends = [
-        ("the embedded store", "embedded".to_string(), false),
-        ("Redis", redis_url.clone(), false),
-        ("NATS JetStream", nats_url, false),
+        ("the embedded store", "embedded".to_string(), false, false),
+        ("Redis", redis_url.clone(), false, false),
+        ("Redis over TLS (`rediss://`)", redis_tls_url, false, true),
+        ("NATS JetStream", nats_url, false, false),
         (
             "the embedded store, encrypted (`--encryption-key`)",
             "embedded".to_string(),
             true,
+            false,
         ),
     ];
     let keys = tempfile::tempdir()?;
@@ -89,7 +150,7 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     let key_path = key.display().to_string();
     let mut hosts = Vec::new();
     let mut targets = Vec::new();
-    for (label, backend, encrypted) in &backends {
+    for (label, backend, encrypted, tls) in &backends {
         let services = tempfile::tempdir()?;
         let data = tempfile::tempdir()?;
         std::fs::copy(guests.join("kv.wasm"), services.path().join("kv.wasm"))?;
@@ -105,6 +166,9 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
         let mut args = vec!["--log", "error", "--kv", backend, "--data-dir", &data_path];
         if *encrypted {
             args.extend(["--encryption-key", key_path.as_str()]);
+        }
+        if *tls {
+            args.extend(["--backend-tls-ca", ca.as_str()]);
         }
         let wharf = WharfProcess::start(wharf_bin, services.path(), &args)?;
         if *label == "the embedded store" {
