@@ -99,13 +99,14 @@ impl MessageBroker for SealedBroker {
         let mut letters = Vec::new();
         let mut after = query.after;
         while letters.len() < query.limit {
+            let asked = OPEN_CHUNK.min(query.limit - letters.len());
             let chunk = self
                 .inner
                 .dead_letters(
                     group,
                     DeadLetterQuery {
                         after,
-                        limit: OPEN_CHUNK.min(query.limit - letters.len()),
+                        limit: asked,
                         body_limit: MAX_MESSAGE_SIZE + SEAL_OVERHEAD,
                     },
                 )
@@ -125,7 +126,7 @@ impl MessageBroker for SealedBroker {
                     .slice(..letter.message.body.len().min(query.body_limit));
                 letters.push(letter);
             }
-            if read < OPEN_CHUNK.min(query.limit) {
+            if read < asked {
                 break;
             }
         }
