@@ -1,7 +1,7 @@
 //! Servers the benchmarks start for themselves (NATS, Redis, RabbitMQ):
 //! on free loopback ports, with temporary data, killed when dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,56 @@ pub fn start_nats() -> Result<(Daemon, String)> {
     };
     wait_for(port, "nats-server", Duration::from_secs(30))?;
     Ok((daemon, format!("nats://127.0.0.1:{port}")))
+}
+
+/// Writes a CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed
+/// (`server.pem`, `server-key.pem`) into `dir`.
+pub fn write_pki(dir: &Path) -> Result<()> {
+    let named = |sans: Vec<String>, name: &str| -> Result<rcgen::CertificateParams> {
+        let mut params = rcgen::CertificateParams::new(sans)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        Ok(params)
+    };
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = named(Vec::new(), "Wharf bench CA")?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let server = named(vec!["127.0.0.1".into()], "Wharf bench server")?.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join("server.pem"), server.pem())?;
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem())?;
+    Ok(())
+}
+
+/// A TLS-only `nats-server -js` with the certificate in `pki` (clients
+/// need no certificate of their own); its `tls://` URL.
+pub fn start_nats_tls(pki: &Path) -> Result<(Daemon, String)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let child = Command::new(program("nats-server"))
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("--tls")
+        .arg("--tlscert")
+        .arg(pki.join("server.pem"))
+        .arg("--tlskey")
+        .arg(pki.join("server-key.pem"))
+        .arg("-sd")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server with TLS")?;
+    let daemon = Daemon {
+        children: vec![child],
+        dir,
+    };
+    wait_for(port, "nats-server (TLS)", Duration::from_secs(30))?;
+    Ok((daemon, format!("tls://127.0.0.1:{port}")))
 }
 
 /// A Kafka-API broker of the bench's own: tansu (built into the tools

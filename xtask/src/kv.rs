@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use crate::daemon::{Daemon, free_port, program, start_nats, wait_for};
+use crate::daemon::{Daemon, free_port, program, start_nats, wait_for, write_pki};
 use crate::load::{self, Load, LoadResult};
 use crate::process::WharfProcess;
 use crate::{root, run, system};
@@ -42,30 +42,6 @@ fn start_redis() -> Result<(Daemon, String)> {
 }
 
 /// The Express counter app, with its npm packages installed.
-/// Writes a CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed
-/// (`server.pem`, `server-key.pem`) into `dir`.
-fn write_pki(dir: &Path) -> Result<()> {
-    let named = |sans: Vec<String>, name: &str| -> Result<rcgen::CertificateParams> {
-        let mut params = rcgen::CertificateParams::new(sans)?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        Ok(params)
-    };
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = named(Vec::new(), "Wharf bench CA")?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key)?;
-    std::fs::write(dir.join("ca.pem"), ca.pem())?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate()?;
-    let server = named(vec!["127.0.0.1".into()], "Wharf bench server")?.signed_by(&key, &issuer)?;
-    std::fs::write(dir.join("server.pem"), server.pem())?;
-    std::fs::write(dir.join("server-key.pem"), key.serialize_pem())?;
-    Ok(())
-}
-
 /// A TLS-only `redis-server` with the certificate in `pki` (clients need
 /// no certificate of their own); its `rediss://` URL.
 fn start_redis_tls(pki: &Path) -> Result<(Daemon, String)> {

@@ -7,8 +7,9 @@
 //! Each handler runs in a fresh instance per message (Wharf's default),
 //! and once more on the embedded broker with `[instance] reuse`, to show
 //! what the fresh instance costs; the embedded broker and NATS run once
-//! more with message bodies encrypted at rest (`--encryption-key`), to show
-//! what sealing costs.
+//! more with message bodies encrypted at rest (`--encryption-key`), and NATS
+//! once more over TLS (a TLS-only `nats-server`, a CA the bench makes), to
+//! show what sealing and TLS cost.
 //!
 //! Two phases per target:
 //! - **throughput**: `MESSAGES` published by `PUBLISHERS` concurrent
@@ -133,7 +134,7 @@ fn latencies(wharf: &WharfProcess) -> Vec<f64> {
 /// instance between messages (`[instance] reuse`) instead of a fresh one
 /// per message.
 /// How a Wharf row differs from the plain one.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Variant {
     /// Defaults: a fresh instance per message, bodies stored as they are.
     Plain,
@@ -141,6 +142,9 @@ enum Variant {
     Reuse,
     /// Message bodies (and values) encrypted at rest (`--encryption-key`).
     Encrypted,
+    /// TLS to the broker, verified against this CA file
+    /// (`--backend-tls-ca`).
+    Tls(String),
 }
 
 fn measure_wharf(
@@ -148,9 +152,9 @@ fn measure_wharf(
     guests: &Path,
     label: &str,
     broker: &str,
-    variant: Variant,
+    variant: &Variant,
 ) -> Result<Measured> {
-    let reuse = variant == Variant::Reuse;
+    let reuse = *variant == Variant::Reuse;
     let services = tempfile::tempdir()?;
     let data = tempfile::tempdir()?;
     let keys = tempfile::tempdir()?;
@@ -195,8 +199,10 @@ fn measure_wharf(
         "--admin",
         "127.0.0.1:0",
     ];
-    if variant == Variant::Encrypted {
-        args.extend(["--encryption-key", key.as_str()]);
+    match variant {
+        Variant::Encrypted => args.extend(["--encryption-key", key.as_str()]),
+        Variant::Tls(ca) => args.extend(["--backend-tls-ca", ca.as_str()]),
+        Variant::Plain | Variant::Reuse => {}
     }
     let wharf = WharfProcess::start(wharf_bin, services.path(), &args)?;
 
@@ -332,6 +338,10 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
     let amqp_node = node_consumer("amqp", "amqplib")?;
     let kafka_node = node_consumer("kafka", "kafkajs")?;
     let (_nats, nats_url) = start_nats()?;
+    let pki = tempfile::tempdir()?;
+    crate::daemon::write_pki(pki.path())?;
+    let (_nats_tls, nats_tls_url) = crate::daemon::start_nats_tls(pki.path())?;
+    let ca = pki.path().join("ca.pem").display().to_string();
     eprintln!("xtask: starting RabbitMQ (about 15 s)");
     let (_rabbit, rabbit_url) = start_rabbitmq()?;
     let (_kafka, kafka_url) = start_tansu()?;
@@ -355,6 +365,11 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
             nats_url,
             Variant::Encrypted,
         ),
+        (
+            "NATS JetStream over TLS (`tls://`)",
+            nats_tls_url,
+            Variant::Tls(ca),
+        ),
         ("RabbitMQ", rabbit_url.clone(), Variant::Plain),
         (
             "Kafka API (tansu 0.6, SQLite)",
@@ -363,7 +378,7 @@ pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> 
         ),
     ] {
         eprintln!("xtask: measuring Wharf on the {label}");
-        match measure_wharf(wharf_bin, guests, label, &broker, variant) {
+        match measure_wharf(wharf_bin, guests, label, &broker, &variant) {
             Ok(row) => rows.push(row),
             // One broker failing (tansu stalls under this load) must not
             // lose the others' rows: the report says what failed.
