@@ -23,6 +23,27 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `command` (output discarded) as a daemon keeping its data in
+/// `dir`, and waits until it listens on `port`.
+pub fn spawn_daemon(
+    mut command: Command,
+    dir: tempfile::TempDir,
+    port: u16,
+    what: &str,
+) -> Result<Daemon> {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let daemon = Daemon {
+        children: vec![child],
+        dir,
+    };
+    wait_for(port, what, Duration::from_secs(30))?;
+    Ok(daemon)
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -57,19 +78,12 @@ pub fn program(name: &str) -> PathBuf {
 pub fn start_nats() -> Result<(Daemon, String)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let child = Command::new(program("nats-server"))
+    let mut command = Command::new(program("nats-server"));
+    command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
         .arg("-sd")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nats-server")?;
-    let daemon = Daemon {
-        children: vec![child],
-        dir,
-    };
-    wait_for(port, "nats-server", Duration::from_secs(30))?;
+        .arg(dir.path());
+    let daemon = spawn_daemon(command, dir, port, "nats-server")?;
     Ok((daemon, format!("nats://127.0.0.1:{port}")))
 }
 
@@ -102,7 +116,8 @@ pub fn write_pki(dir: &Path) -> Result<()> {
 pub fn start_nats_tls(pki: &Path) -> Result<(Daemon, String)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let child = Command::new(program("nats-server"))
+    let mut command = Command::new(program("nats-server"));
+    command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
         .arg("--tls")
         .arg("--tlscert")
@@ -110,16 +125,8 @@ pub fn start_nats_tls(pki: &Path) -> Result<(Daemon, String)> {
         .arg("--tlskey")
         .arg(pki.join("server-key.pem"))
         .arg("-sd")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nats-server with TLS")?;
-    let daemon = Daemon {
-        children: vec![child],
-        dir,
-    };
-    wait_for(port, "nats-server (TLS)", Duration::from_secs(30))?;
+        .arg(dir.path());
+    let daemon = spawn_daemon(command, dir, port, "nats-server (TLS)")?;
     Ok((daemon, format!("tls://127.0.0.1:{port}")))
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use crate::daemon::{Daemon, free_port, program, start_nats, wait_for, write_pki};
+use crate::daemon::{Daemon, free_port, program, spawn_daemon, start_nats, wait_for, write_pki};
 use crate::load::{self, Load, LoadResult};
 use crate::process::WharfProcess;
 use crate::{root, run, system};
@@ -25,19 +25,13 @@ use crate::{root, run, system};
 fn start_redis() -> Result<(Daemon, String)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let child = Command::new(program("redis-server"))
+    let mut command = Command::new(program("redis-server"));
+    command
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no"])
         .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting redis-server")?;
-    let daemon = Daemon {
-        children: vec![child],
-        dir,
-    };
-    wait_for(port, "redis-server", Duration::from_secs(30))?;
+        .arg(dir.path());
+    let daemon = spawn_daemon(command, dir, port, "redis-server")?;
     Ok((daemon, format!("redis://127.0.0.1:{port}")))
 }
 
@@ -47,7 +41,8 @@ fn start_redis() -> Result<(Daemon, String)> {
 fn start_redis_tls(pki: &Path) -> Result<(Daemon, String)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let child = Command::new(program("redis-server"))
+    let mut command = Command::new(program("redis-server"));
+    command
         .args(["--bind", "127.0.0.1", "--port", "0"])
         .args(["--tls-port", &port.to_string()])
         .arg("--tls-cert-file")
@@ -59,15 +54,8 @@ fn start_redis_tls(pki: &Path) -> Result<(Daemon, String)> {
         .args(["--tls-auth-clients", "no"])
         .args(["--save", "", "--appendonly", "no"])
         .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting redis-server with TLS")?;
-    let daemon = Daemon {
-        children: vec![child],
-        dir,
-    };
-    wait_for(port, "redis-server (TLS)", Duration::from_secs(30))?;
+        .arg(dir.path());
+    let daemon = spawn_daemon(command, dir, port, "redis-server (TLS)")?;
     Ok((daemon, format!("rediss://127.0.0.1:{port}")))
 }
 

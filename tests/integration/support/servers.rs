@@ -515,13 +515,7 @@ impl RabbitServer {
             ),
         )
         .expect("write rabbitmq.conf");
-        let epmd_program = server_program("epmd", "erlang-base");
-        let epmd = ServerProcess::start("epmd", epmd_port, STARTUP, move || {
-            let mut epmd = Command::new(&epmd_program);
-            epmd.args(["-port", &epmd_port.to_string()]);
-            die_with_parent(&mut epmd);
-            epmd
-        });
+        let epmd = start_epmd(epmd_port);
         let node = format!("wharf-test-{port}@localhost");
         let ports = RabbitPorts {
             amqp: port,
@@ -712,6 +706,18 @@ server_process!(
 /// How long a server (but RabbitMQ) may take to start listening.
 const STARTUP: Duration = Duration::from_secs(30);
 
+/// An `epmd` (Erlang's port mapper, which RabbitMQ nodes find each other
+/// through) of the test's own on `port`.
+fn start_epmd(port: u16) -> ServerProcess {
+    let program = server_program("epmd", "erlang-base");
+    ServerProcess::start("epmd", port, STARTUP, move || {
+        let mut epmd = Command::new(&program);
+        epmd.args(["-port", &port.to_string()]);
+        die_with_parent(&mut epmd);
+        epmd
+    })
+}
+
 /// The ports of one private RabbitMQ node.
 #[derive(Clone, Copy)]
 struct RabbitPorts {
@@ -779,13 +785,7 @@ impl RabbitCluster {
             "RabbitMQ is not installed: `cargo xtask test` installs the Debian package rabbitmq-server"
         );
         let epmd_port = free_port();
-        let epmd_program = server_program("epmd", "erlang-base");
-        let epmd = ServerProcess::start("epmd", epmd_port, STARTUP, move || {
-            let mut epmd = Command::new(&epmd_program);
-            epmd.args(["-port", &epmd_port.to_string()]);
-            die_with_parent(&mut epmd);
-            epmd
-        });
+        let epmd = start_epmd(epmd_port);
         let cookie = format!("WHARFTESTCOOKIE{}", free_port());
         let nodes: Vec<(TempDir, String, RabbitPorts)> = (0..size)
             .map(|_| {
