@@ -13,8 +13,8 @@
 //! - `bench isolation`: what a hostile neighbour costs (see `isolation.rs`).
 //! - `bench kv`: a counter on each key-value backend against Express and
 //!   Redis (see `kv.rs`).
-//! - `bench messaging`: publish → handler on each broker against a Node.js
-//!   amqplib consumer on the same RabbitMQ (see `messaging.rs`).
+//! - `bench messaging`: publish → handler on each broker against Node.js
+//!   consumers (amqplib, kafkajs) on the same brokers (see `messaging.rs`).
 //! - `bench http`: throughput, latency and memory against `wasmtime serve`,
 //!   Express and bare hyper (see `http.rs`).
 
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
                  bench reload        reload and start-up times (writes target/bench/reload.md)\n  \
                  bench isolation     a neighbour's cost to hello (writes target/bench/isolation.md)\n  \
                  bench kv            a counter on each key-value backend vs Express + Redis (writes target/bench/kv.md)\n  \
-                 bench messaging     publish -> handler on each broker vs Node.js + amqplib (writes target/bench/messaging.md)\n  \
+                 bench messaging [--only TEXT]  publish -> handler on each broker vs Node.js + amqplib and kafkajs (rows whose label contains TEXT; writes target/bench/messaging.md)\n  \
                  bench http          Wharf vs wasmtime serve, Express, bare hyper (writes target/bench/http.md, http.svg)\n  \
                  bench density       1,000 and 10,000 services on one host (writes target/bench/density.md)"
             );
@@ -346,9 +346,14 @@ fn bench(args: &[String]) -> Result<()> {
             isolation::run(&wharf, &guests, &out_dir.join("isolation.md"))
         }
         Some("messaging") => {
+            let only = match args.get(1..) {
+                Some([flag, text]) if flag == "--only" => Some(text.as_str()),
+                Some([]) | None => None,
+                _ => bail!("usage: cargo xtask bench messaging [--only TEXT]"),
+            };
             let guests = guests::build(&[guests::Lang::Rust])?.rust;
             let wharf = build_release_wharf()?;
-            messaging::run_bench(&wharf, &guests, &out_dir)
+            messaging::run_bench(&wharf, &guests, &out_dir, only)
         }
         Some("density") => {
             let counts = match args.get(1..) {

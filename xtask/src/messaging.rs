@@ -130,9 +130,6 @@ fn latencies(wharf: &WharfProcess) -> Vec<f64> {
     samples
 }
 
-/// Measures one Wharf host on `broker`; with `reuse`, the handler keeps its
-/// instance between messages (`[instance] reuse`) instead of a fresh one
-/// per message.
 /// How a Wharf row differs from the plain one.
 #[derive(Clone, PartialEq, Eq)]
 enum Variant {
@@ -142,17 +139,20 @@ enum Variant {
     Reuse,
     /// Message bodies (and values) encrypted at rest (`--encryption-key`).
     Encrypted,
-    /// TLS to the broker, verified against this CA file
+    /// TLS to the broker, verified against the bench's CA
     /// (`--backend-tls-ca`).
-    Tls(String),
+    Tls,
 }
 
+/// Measures one Wharf host on `broker`, as `label`, set up as `variant`
+/// says.
 fn measure_wharf(
     wharf_bin: &Path,
     guests: &Path,
     label: &str,
     broker: &str,
     variant: &Variant,
+    ca: &str,
 ) -> Result<Measured> {
     let reuse = *variant == Variant::Reuse;
     let services = tempfile::tempdir()?;
@@ -201,7 +201,7 @@ fn measure_wharf(
     ];
     match variant {
         Variant::Encrypted => args.extend(["--encryption-key", key.as_str()]),
-        Variant::Tls(ca) => args.extend(["--backend-tls-ca", ca.as_str()]),
+        Variant::Tls => args.extend(["--backend-tls-ca", ca]),
         Variant::Plain | Variant::Reuse => {}
     }
     let wharf = WharfProcess::start(wharf_bin, services.path(), &args)?;
@@ -247,7 +247,6 @@ fn measure_wharf(
         std::thread::sleep(Duration::from_millis(5));
     }
     let throughput = MESSAGES as f64 / started.elapsed().as_secs_f64();
-    eprintln!("xtask: {label}: {throughput:.0} messages/s");
 
     // Latency at a steady rate.
     let interval = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
@@ -269,7 +268,7 @@ fn measure_wharf(
     }
     let samples = latencies(&wharf);
     Ok(Measured {
-        label: format!("Wharf, {label}"),
+        label: label.to_string(),
         throughput,
         p50_ms: percentile(&samples, 50.0),
         p99_ms: percentile(&samples, 99.0),
@@ -332,71 +331,210 @@ fn measure_node(script: &Path, url: &str, label: &str) -> Result<Measured> {
     })
 }
 
-/// Runs the bench and writes `messaging.md` into `out_dir`.
-pub fn run_bench(wharf_bin: &Path, guests: &Path, out_dir: &Path) -> Result<()> {
-    system::ensure(&[&system::NATS, &system::RABBITMQ])?;
-    let amqp_node = node_consumer("amqp", "amqplib")?;
-    let kafka_node = node_consumer("kafka", "kafkajs")?;
-    let (_nats, nats_url) = start_nats()?;
-    let pki = tempfile::tempdir()?;
-    crate::daemon::write_pki(pki.path())?;
-    let (_nats_tls, nats_tls_url) = crate::daemon::start_nats_tls(pki.path())?;
-    let ca = pki.path().join("ca.pem").display().to_string();
-    eprintln!("xtask: starting RabbitMQ (about 15 s)");
-    let (_rabbit, rabbit_url) = start_rabbitmq()?;
-    let (_kafka, kafka_url) = start_tansu()?;
-    let mut rows = Vec::new();
-    let mut failed = Vec::new();
-    for (label, broker, variant) in [
-        ("embedded broker", "embedded".to_string(), Variant::Plain),
-        (
-            "embedded broker, bodies encrypted at rest",
-            "embedded".to_string(),
+/// The broker a row runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Broker {
+    Embedded,
+    Nats,
+    NatsTls,
+    RabbitMq,
+    /// tansu, started afresh for each row: a run that leaves a backlog
+    /// behind must not slow the next one down.
+    Kafka,
+}
+
+/// Who consumes in a row.
+enum Consumer {
+    Wharf(Variant),
+    /// The Node.js bench in `xtask/peers/PEER`, with its npm package.
+    Node {
+        peer: &'static str,
+        package: &'static str,
+    },
+}
+
+/// One row of the report.
+struct Target {
+    label: &'static str,
+    broker: Broker,
+    consumer: Consumer,
+}
+
+/// Every row, in the report's order.
+fn targets() -> Vec<Target> {
+    let wharf = |label, broker, variant| Target {
+        label,
+        broker,
+        consumer: Consumer::Wharf(variant),
+    };
+    let node = |label, broker, peer, package| Target {
+        label,
+        broker,
+        consumer: Consumer::Node { peer, package },
+    };
+    vec![
+        wharf("Wharf, embedded broker", Broker::Embedded, Variant::Plain),
+        wharf(
+            "Wharf, embedded broker, bodies encrypted at rest",
+            Broker::Embedded,
             Variant::Encrypted,
         ),
-        (
-            "embedded broker, handler reusing its instance",
-            "embedded".to_string(),
+        wharf(
+            "Wharf, embedded broker, handler reusing its instance",
+            Broker::Embedded,
             Variant::Reuse,
         ),
-        ("NATS JetStream", nats_url.clone(), Variant::Plain),
-        (
-            "NATS JetStream, bodies encrypted at rest",
-            nats_url,
+        wharf("Wharf, NATS JetStream", Broker::Nats, Variant::Plain),
+        wharf(
+            "Wharf, NATS JetStream, bodies encrypted at rest",
+            Broker::Nats,
             Variant::Encrypted,
         ),
-        (
-            "NATS JetStream over TLS (`tls://`)",
-            nats_tls_url,
-            Variant::Tls(ca),
+        wharf(
+            "Wharf, NATS JetStream over TLS (`tls://`)",
+            Broker::NatsTls,
+            Variant::Tls,
         ),
-        ("RabbitMQ", rabbit_url.clone(), Variant::Plain),
-        (
-            "Kafka API (tansu 0.6, SQLite)",
-            kafka_url.clone(),
+        wharf("Wharf, RabbitMQ", Broker::RabbitMq, Variant::Plain),
+        node(
+            "Node.js + amqplib on RabbitMQ",
+            Broker::RabbitMq,
+            "amqp",
+            "amqplib",
+        ),
+        wharf(
+            "Wharf, Kafka API (tansu 0.6, SQLite)",
+            Broker::Kafka,
             Variant::Plain,
         ),
-    ] {
-        eprintln!("xtask: measuring Wharf on the {label}");
-        match measure_wharf(wharf_bin, guests, label, &broker, &variant) {
-            Ok(row) => rows.push(row),
-            // One broker failing (tansu stalls under this load) must not
-            // lose the others' rows: the report says what failed.
-            Err(err) => failed.push((format!("Wharf, {label}"), format!("{err:#}"))),
+        node(
+            "Node.js + kafkajs on the Kafka API (tansu 0.6, SQLite)",
+            Broker::Kafka,
+            "kafka",
+            "kafkajs",
+        ),
+    ]
+}
+
+/// The brokers the selected rows need, each started on first use; NATS and
+/// RabbitMQ are shared by the rows on them, tansu is one per row.
+struct Brokers {
+    pki: tempfile::TempDir,
+    nats: Option<(Daemon, String)>,
+    nats_tls: Option<(Daemon, String)>,
+    rabbitmq: Option<(Daemon, String)>,
+}
+
+impl Brokers {
+    fn new() -> Result<Self> {
+        let pki = tempfile::tempdir()?;
+        crate::daemon::write_pki(pki.path())?;
+        Ok(Self {
+            pki,
+            nats: None,
+            nats_tls: None,
+            rabbitmq: None,
+        })
+    }
+
+    /// The CA the TLS brokers' certificates are signed with.
+    fn ca(&self) -> String {
+        self.pki.path().join("ca.pem").display().to_string()
+    }
+
+    /// The address of `broker`, and the row's own daemon if it has one.
+    fn address(&mut self, broker: Broker) -> Result<(String, Option<Daemon>)> {
+        fn shared(
+            slot: &mut Option<(Daemon, String)>,
+            start: impl FnOnce() -> Result<(Daemon, String)>,
+        ) -> Result<String> {
+            if slot.is_none() {
+                *slot = Some(start()?);
+            }
+            Ok(slot
+                .as_ref()
+                .map(|(_, url)| url.clone())
+                .unwrap_or_default())
+        }
+        Ok(match broker {
+            Broker::Embedded => ("embedded".into(), None),
+            Broker::Nats => (shared(&mut self.nats, start_nats)?, None),
+            Broker::NatsTls => {
+                let pki = self.pki.path().to_path_buf();
+                let url = shared(&mut self.nats_tls, || crate::daemon::start_nats_tls(&pki))?;
+                (url, None)
+            }
+            Broker::RabbitMq => {
+                let url = shared(&mut self.rabbitmq, || {
+                    eprintln!("xtask: starting RabbitMQ (about 15 s)");
+                    start_rabbitmq()
+                })?;
+                (url, None)
+            }
+            Broker::Kafka => {
+                let (daemon, url) = start_tansu()?;
+                (url, Some(daemon))
+            }
+        })
+    }
+}
+
+/// Measures one row.
+fn measure(
+    target: &Target,
+    brokers: &mut Brokers,
+    wharf_bin: &Path,
+    guests: &Path,
+) -> Result<Measured> {
+    let (address, _own_broker) = brokers.address(target.broker)?;
+    match &target.consumer {
+        Consumer::Wharf(variant) => {
+            let ca = brokers.ca();
+            measure_wharf(wharf_bin, guests, target.label, &address, variant, &ca)
+        }
+        Consumer::Node { peer, package } => {
+            let script = node_consumer(peer, package)?;
+            // The Node clients take a bare HOST:PORT for Kafka.
+            let address = address.trim_start_matches("kafka://");
+            measure_node(&script, address, target.label)
         }
     }
-    eprintln!("xtask: measuring Node.js + amqplib on RabbitMQ");
-    rows.push(measure_node(
-        &amqp_node,
-        &rabbit_url,
-        "Node.js + amqplib on RabbitMQ",
-    )?);
-    eprintln!("xtask: measuring Node.js + kafkajs on the Kafka API (tansu)");
-    let kafka_address = kafka_url.trim_start_matches("kafka://");
-    let label = "Node.js + kafkajs on the Kafka API (tansu 0.6, SQLite)";
-    match measure_node(&kafka_node, kafka_address, label) {
-        Ok(row) => rows.push(row),
-        Err(err) => failed.push((label.to_string(), format!("{err:#}"))),
+}
+
+/// Runs the bench (the rows whose label contains `only`, any case, if
+/// given) and writes `messaging.md` into `out_dir`.
+pub fn run_bench(
+    wharf_bin: &Path,
+    guests: &Path,
+    out_dir: &Path,
+    only: Option<&str>,
+) -> Result<()> {
+    system::ensure(&[&system::NATS, &system::RABBITMQ])?;
+    let only = only.map(str::to_lowercase);
+    let selected: Vec<Target> = targets()
+        .into_iter()
+        .filter(|target| {
+            only.as_ref()
+                .is_none_or(|only| target.label.to_lowercase().contains(only))
+        })
+        .collect();
+    if selected.is_empty() {
+        bail!("no bench messaging row matches --only {only:?}");
+    }
+    let mut brokers = Brokers::new()?;
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for target in &selected {
+        eprintln!("xtask: measuring {}", target.label);
+        match measure(target, &mut brokers, wharf_bin, guests) {
+            Ok(row) => {
+                eprintln!("xtask: {}: {:.0} messages/s", row.label, row.throughput);
+                rows.push(row);
+            }
+            // One broker failing must not lose the others' rows: the
+            // report says what failed.
+            Err(err) => failed.push((target.label.to_string(), format!("{err:#}"))),
+        }
     }
 
     let mut report = String::new();

@@ -594,6 +594,20 @@ pub fn tools_dir() -> PathBuf {
         .join("wharf-tools")
 }
 
+/// tansu, as `cargo xtask test` installs it.
+fn tansu_program() -> PathBuf {
+    let program = tools_dir()
+        .join(format!("tansu-{TANSU_VERSION}"))
+        .join("bin")
+        .join("tansu");
+    assert!(
+        program.is_file(),
+        "{} is missing: `cargo xtask test` installs tansu {TANSU_VERSION}, the Kafka-API broker these tests use",
+        program.display()
+    );
+    program
+}
+
 /// A Kafka-API broker of the test's own: tansu on a free loopback port,
 /// storing in SQLite in a temporary directory, so a restart keeps every
 /// record.
@@ -618,16 +632,40 @@ impl KafkaServer {
     /// Starts one on `port` that tells clients to connect to `advertised`
     /// (a relay in front of it, say), with `extra` arguments.
     pub fn start_advertising(port: u16, advertised: u16, extra: &[&str]) -> KafkaServer {
-        let program = tools_dir()
-            .join(format!("tansu-{TANSU_VERSION}"))
-            .join("bin")
-            .join("tansu");
-        assert!(
-            program.is_file(),
-            "{} is missing: `cargo xtask test` installs tansu {TANSU_VERSION}, the Kafka-API broker these tests use",
-            program.display()
-        );
         let dir = TempDir::new().expect("temp dir");
+        KafkaServer::start_in(dir, port, advertised, extra)
+    }
+
+    /// Starts one that requires SASL/SCRAM (`--authentication`), knowing
+    /// the SCRAM-SHA-512 user `name` with `password`: the user is created
+    /// through the broker's own API while it is still open, then it is
+    /// restarted closed, on the same port and data.
+    pub fn with_scram_user(name: &str, password: &str) -> KafkaServer {
+        let port = free_port();
+        let open = KafkaServer::start_advertising(port, port, &[]);
+        let created = Command::new(tansu_program())
+            .args(["user", "create", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .args([name, password, "--mechanism", "scram512"])
+            .output()
+            .expect("run tansu user create");
+        assert!(
+            created.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let KafkaServer {
+            mut server,
+            _dir: dir,
+        } = open;
+        server.stop();
+        drop(server);
+        KafkaServer::start_in(dir, port, port, &["--authentication"])
+    }
+
+    /// Starts one keeping its data in `dir`.
+    fn start_in(dir: TempDir, port: u16, advertised: u16, extra: &[&str]) -> KafkaServer {
+        let program = tansu_program();
         let data = dir.path().to_path_buf();
         let extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
         let server = ServerProcess::start("tansu", port, STARTUP, move || {
@@ -647,6 +685,7 @@ impl KafkaServer {
             die_with_parent(&mut command);
             command
         });
+        index_tansu_headers(&dir.path().join("tansu.db"));
         KafkaServer { server, _dir: dir }
     }
 
@@ -677,6 +716,23 @@ impl KafkaServer {
         });
         format!("kafka://127.0.0.1:{port}")
     }
+}
+
+/// Adds the index tansu 0.6 lacks to its SQLite database `db`: its `header`
+/// table has none on the record a header belongs to, so each fetch of a
+/// record with headers scans every header stored and a topic of Wharf's
+/// records (six headers each) slows down as it grows. tansu creates its
+/// schema before it listens, so the table exists once it does.
+fn index_tansu_headers(db: &Path) {
+    let connection = rusqlite::Connection::open(db).expect("open tansu's database");
+    connection
+        .busy_timeout(Duration::from_secs(10))
+        .expect("a busy timeout");
+    connection
+        .execute_batch(
+            "create index if not exists wharf_header_record on header (topition, offset_id)",
+        )
+        .expect("index tansu's record headers");
 }
 
 /// The servers above are their process: `port`, `stop` and `restart`.

@@ -112,12 +112,43 @@ fn dead_topic(group: &str) -> String {
 #[derive(Default)]
 struct Link {
     up: AtomicBool,
+    /// Why the brokers refused Wharf's credentials (SASL) when it last
+    /// signed in, if they did.
+    refused: Mutex<Option<String>>,
     detail: Mutex<String>,
 }
 
 impl Link {
     fn set(&self, up: bool, detail: String) {
         self.up.store(up, Ordering::Relaxed);
+        if up && let Ok(mut refused) = self.refused.lock() {
+            *refused = None;
+        }
+        self.note(detail);
+    }
+
+    /// The brokers refused the credentials: down, and saying why until
+    /// they accept them.
+    fn refuse(&self, why: String) {
+        self.set(false, why.clone());
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused = Some(why);
+        }
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.refused.lock().ok().and_then(|refused| refused.clone())
+    }
+
+    fn detail(&self) -> String {
+        self.detail
+            .lock()
+            .map(|detail| detail.clone())
+            .unwrap_or_default()
+    }
+
+    /// Changes what the status says, not whether the link is up.
+    fn note(&self, detail: String) {
         if let Ok(mut current) = self.detail.lock() {
             *current = detail;
         }
@@ -143,8 +174,16 @@ impl ClientContext for LinkContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.link.set(false, format!("all brokers down: {reason}"));
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                self.link.set(false, format!("all brokers down: {reason}"));
+            }
+            Some(RDKafkaErrorCode::Authentication) => {
+                tracing::warn!("kafka: the brokers refused Wharf's credentials: {reason}");
+                self.link
+                    .refuse(format!("the brokers refused the credentials: {reason}"));
+            }
+            _ => {}
         }
         tracing::debug!("kafka: {error}: {reason}");
     }
@@ -228,10 +267,10 @@ impl Shared {
                 );
                 Ok(())
             }
-            Err(err) => Err(BrokerError::Unavailable(format!(
-                "kafka: {} cannot be reached ({err})",
-                self.servers
-            ))),
+            Err(err) => Err(BrokerError::Unavailable(match self.link.refused() {
+                Some(why) => format!("kafka: {}: {why}", self.servers),
+                None => format!("kafka: {} cannot be reached ({err})", self.servers),
+            })),
         }
     }
 
@@ -511,6 +550,16 @@ fn watch_link(shared: Weak<Shared>) {
                     true,
                     format!("connected to {} ({brokers} brokers)", this.servers),
                 ),
+                // A busy broker answers metadata late; that is not a lost
+                // link (librdkafka reports that as all brokers down), and
+                // publishes must not fail fast on it: they wait for the
+                // broker's acknowledgement as long as a publish may.
+                Ok(Err(err))
+                    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut) =>
+                {
+                    this.link
+                        .note(format!("{}: answering slowly ({err})", this.servers));
+                }
                 Ok(Err(err)) => this.link.set(false, format!("{}: {err}", this.servers)),
                 Err(_) => {}
             }
@@ -540,7 +589,7 @@ impl MessageBroker for Arc<KafkaBroker> {
         BrokerStatus {
             kind: "kafka",
             up: link.up.load(Ordering::Relaxed),
-            detail: link.detail.lock().map(|d| d.clone()).unwrap_or_default(),
+            detail: link.detail(),
         }
     }
 
