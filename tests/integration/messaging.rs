@@ -676,6 +676,11 @@ pub(crate) async fn restarted_mid_stream_loses_nothing(
         async {}
     })
     .await;
+    eprintln!(
+        "{} restarted mid-stream: {} of 40 accepted",
+        server_process.what,
+        accepted.len()
+    );
     assert!(
         accepted.len() >= 20,
         "only {} of 40 accepted",

@@ -60,7 +60,8 @@ fn server_program(name: &str, package: &str) -> PathBuf {
 /// command, stopped on drop, restartable on the same port (its data stays
 /// wherever the command keeps it).
 pub struct ServerProcess {
-    what: &'static str,
+    /// What the server is (`tansu`, `redis-server`), for messages.
+    pub what: &'static str,
     command: Box<dyn Fn() -> Command + Send + Sync>,
     startup: Duration,
     child: Option<Child>,
