@@ -37,6 +37,20 @@ fn entries(cache: &ServiceDir) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// Changes a cache entry in place, as a tool other than Wharf might (Wharf
+/// writes its entries read-only).
+fn overwrite(entry: &std::path::Path, bytes: &[u8]) {
+    let mut permissions = std::fs::metadata(entry).unwrap().permissions();
+    assert!(
+        permissions.readonly(),
+        "cache entries are written read-only"
+    );
+    #[allow(clippy::permissions_set_readonly_false)]
+    permissions.set_readonly(false);
+    std::fs::set_permissions(entry, permissions).unwrap();
+    std::fs::write(entry, bytes).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_start_compiles_nothing() {
     let services = ServiceDir::new();
@@ -86,7 +100,7 @@ async fn a_corrupt_cache_entry_is_detected_and_rebuilt() {
     let mut bytes = std::fs::read(&entry).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
-    std::fs::write(&entry, &bytes).unwrap();
+    overwrite(&entry, &bytes);
 
     let host = start(&services, &cache).await;
     assert_eq!(cache_hits(&host), [("hello".into(), false)]);
@@ -101,10 +115,10 @@ async fn a_corrupt_cache_entry_is_detected_and_rebuilt() {
     assert_eq!(cache_hits(&host), [("hello".into(), true)]);
 
     // A truncated entry is rejected the same way.
+    drop(host);
     let [entry] = entries(&cache).try_into().unwrap();
     let bytes = std::fs::read(&entry).unwrap();
-    std::fs::write(&entry, &bytes[..bytes.len() - 100]).unwrap();
-    drop(host);
+    overwrite(&entry, &bytes[..bytes.len() - 100]);
     let host = start(&services, &cache).await;
     assert_eq!(cache_hits(&host), [("hello".into(), false)]);
 }

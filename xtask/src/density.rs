@@ -5,15 +5,18 @@
 //! `wharf serve` with the default settings and `--log warn`:
 //!
 //! - **ready**: from the process's start until `/readyz` answers 200, from
-//!   a cold cache (the first start) and from a warm one (the second);
+//!   a cold cache (the first start) and from a warm one (the second, once
+//!   the first host has optimised every component and cached the code);
 //! - **RSS idle**: resident memory once ready, before any request;
 //! - **first request**: the latency of the first request to services never
 //!   called before (a sample of 200), p50 and p99;
 //! - **RSS after one request each**: once every service has answered one
 //!   request (and the idle instances have been swept).
 //!
-//! A last row serves 1,000 *distinct* components (the hello with a custom
-//! section that differs), so nothing is shared between them but the engine.
+//! Two last rows serve 1,000 *distinct* components (the hello with a custom
+//! section that differs), so nothing is shared between them but the engine,
+//! and ten distinct builds of the JavaScript hello (12 MiB each, the same
+//! SpiderMonkey inside).
 //!
 //! The report goes to `target/bench/density.md`.
 
@@ -30,8 +33,13 @@ use crate::stats::Summary;
 /// Services whose first request is timed, spread over the directory.
 const FIRST_REQUEST_SAMPLE: usize = 200;
 
-/// Distinct components in the last row.
+/// Distinct Rust components in the next to last row.
 const DISTINCT: usize = 1000;
+
+/// Distinct JavaScript components (the same hello, each with a custom
+/// section of its own, as ten services built with one ComponentizeJS are)
+/// in the last row.
+const JS_SERVICES: usize = 10;
 
 /// One count's measurements.
 struct Row {
@@ -39,32 +47,61 @@ struct Row {
     ready_cold: Duration,
     ready_warm: Duration,
     rss_idle_mib: f64,
+    /// The part of it that is not file-backed (compiled code mapped from
+    /// the cache is, and the kernel can drop it under pressure).
+    anon_idle_mib: f64,
     first_request: Summary,
     rss_after_mib: f64,
 }
 
-/// Runs the benchmark for each of `counts` and writes the report.
-pub fn run_bench(wharf: &Path, hello: &Path, counts: &[usize], out_dir: &Path) -> Result<()> {
+/// Runs the benchmark for each of `counts` (copies of the Rust `hello`),
+/// then `DISTINCT` distinct Rust components and `JS_SERVICES` distinct
+/// builds of `js_hello`, and writes the report.
+pub fn run_bench(
+    wharf: &Path,
+    hello: &Path,
+    js_hello: &Path,
+    counts: &[usize],
+    out_dir: &Path,
+) -> Result<()> {
     let mut rows = Vec::new();
     for &count in counts {
         eprintln!("xtask: density: {count} services");
-        rows.push(measure(wharf, hello, count, false)?);
+        rows.push(measure(wharf, hello, count, false, count.to_string())?);
     }
     eprintln!("xtask: density: {DISTINCT} distinct services");
-    rows.push(measure(wharf, hello, DISTINCT, true)?);
+    rows.push(measure(
+        wharf,
+        hello,
+        DISTINCT,
+        true,
+        format!("{DISTINCT} (distinct components)"),
+    )?);
+    eprintln!("xtask: density: {JS_SERVICES} distinct JavaScript services");
+    rows.push(measure(
+        wharf,
+        js_hello,
+        JS_SERVICES,
+        true,
+        format!(
+            "{JS_SERVICES} JavaScript services (distinct builds, {} MiB each)",
+            std::fs::metadata(js_hello)?.len() >> 20
+        ),
+    )?);
     let mut md = format!(
-        "## Density: many services on one host\n\nMachine: {}. `wharf serve --log warn`, default settings; each service a hard link of the Rust hello ({} KB).\n\n| services | ready, cold cache | ready, warm cache | RSS idle | first request p50 / p99 | RSS after one request each |\n| --- | --- | --- | --- | --- | --- |\n",
+        "## Density: many services on one host\n\nMachine: {}. `wharf serve --log warn`, default settings; each service a hard link of the Rust hello ({} KB).\n\n| services | ready, cold cache | ready, warm cache | RSS idle (of it anonymous) | first request p50 / p99 | RSS after one request each |\n| --- | --- | --- | --- | --- | --- |\n",
         crate::http::machine(),
         std::fs::metadata(hello)?.len() / 1024,
     );
     for row in &rows {
         let _ = writeln!(
             md,
-            "| {} | {:.2} s | {:.2} s | {:.0} MiB | {:.1} / {:.1} ms | {:.0} MiB |",
+            "| {} | {:.2} s | {:.2} s | {:.0} MiB ({:.0} MiB) | {:.1} / {:.1} ms | {:.0} MiB |",
             row.label,
             row.ready_cold.as_secs_f64(),
             row.ready_warm.as_secs_f64(),
             row.rss_idle_mib,
+            row.anon_idle_mib,
             row.first_request.p50_ms(),
             row.first_request.p99_ms(),
             row.rss_after_mib,
@@ -80,7 +117,7 @@ pub fn run_bench(wharf: &Path, hello: &Path, counts: &[usize], out_dir: &Path) -
     Ok(())
 }
 
-fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool) -> Result<Row> {
+fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool, label: String) -> Result<Row> {
     let services = tempfile::tempdir()?;
     let cache = tempfile::tempdir()?;
     let data = tempfile::tempdir()?;
@@ -114,13 +151,17 @@ fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool) -> Result<R
         ]
     };
     let ready_cold = {
-        let (_wharf, ready) =
-            start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
+        let (cold, ready) = start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
+        // Only optimised code is cached: the warm start measures a host
+        // that ran long enough to optimise every component, as a host
+        // restarted in production has.
+        wait_optimised(&cold)?;
         ready
     };
     let (host, ready_warm) = start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
     let pid = host.pid();
     let rss_idle_mib = status_kib(pid, "VmRSS") as f64 / 1024.0;
+    let anon_idle_mib = status_kib(pid, "RssAnon") as f64 / 1024.0;
     let agent = ureq::Agent::new_with_defaults();
     let step = (count / FIRST_REQUEST_SAMPLE).max(1);
     let mut first = Vec::new();
@@ -144,17 +185,38 @@ fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool) -> Result<R
     std::thread::sleep(Duration::from_secs(7));
     let rss_after_mib = status_kib(pid, "VmRSS") as f64 / 1024.0;
     Ok(Row {
-        label: if distinct {
-            format!("{count} (distinct components)")
-        } else {
-            count.to_string()
-        },
+        label,
         ready_cold,
         ready_warm,
         rss_idle_mib,
+        anon_idle_mib,
         first_request: Summary::of(&first),
         rss_after_mib,
     })
+}
+
+/// Waits until no service of `host` runs Winch's code any more: its
+/// background Cranelift compiles are done and in the cache.
+fn wait_optimised(host: &WharfProcess) -> Result<()> {
+    let services = host.admin_url("/services")?;
+    let agent = ureq::Agent::new_with_defaults();
+    let started = Instant::now();
+    loop {
+        let listing = agent
+            .get(&services)
+            .call()
+            .context("listing the services")?
+            .into_body()
+            .read_to_string()
+            .context("listing the services")?;
+        if !listing.contains("\"tier\":\"winch\"") {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the services were not optimised within 30 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Starts `wharf serve` and measures the time until `/readyz` says ready.

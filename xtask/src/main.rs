@@ -364,9 +364,15 @@ fn bench(args: &[String]) -> Result<()> {
                     .context("--services: a comma-separated list of counts")?,
                 _ => vec![1000, 10000],
             };
-            let guests = guests::build(&[guests::Lang::Rust])?.rust;
+            let built = guests::build(&[guests::Lang::Rust, guests::Lang::Js])?;
             let wharf = build_release_wharf()?;
-            density::run_bench(&wharf, &guests.join("hello.wasm"), &counts, &out_dir)
+            density::run_bench(
+                &wharf,
+                &built.rust.join("hello.wasm"),
+                &built.js.join("hello.wasm"),
+                &counts,
+                &out_dir,
+            )
         }
         Some("kv") => {
             let guests = guests::build(&[guests::Lang::Rust])?.rust;

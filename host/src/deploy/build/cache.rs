@@ -3,16 +3,26 @@
 //! checksummed so a corrupt or foreign entry is detected and rebuilt rather
 //! than trusted.
 //!
-//! Layout: `<root>/<engine key>/<sha256 of the component>.cwasm`, where each
-//! file is a small header (magic, artifact length, SHA-256 of the artifact)
-//! followed by the artifact from [`Component::serialize`]. Entries are written
-//! to a temporary file and renamed into place, so readers never see half an
-//! entry from a running writer, and a torn entry left by a crash fails its
-//! checksum.
+//! Layout: `<root>/<engine key>/<sha256 of the component>.cwasm`, the
+//! artifact from [`Component::serialize`] exactly as wasmtime wrote it, and
+//! beside it `<…>.sum`: magic, the artifact's length and its SHA-256. The
+//! artifact is mapped from its file, not copied into the process: its code
+//! pages are the page cache's, loaded when first run, shared by every host
+//! on the machine and dropped under memory pressure, instead of counted as
+//! each host's own memory (a small Rust service's 200-300 KiB of code, a
+//! JavaScript service's 37 MiB, most of which a service never runs).
+//!
+//! Both files are written to a temporary name and renamed into place, the
+//! artifact first: readers never see half a file from a running writer, an
+//! artifact without its sum is a miss, and a torn entry left by a crash
+//! fails its checksum. An entry is checked when it is loaded, then mapped:
+//! a file changed in place afterwards (not by Wharf, which only renames)
+//! changes the code of the hosts that mapped it, so the entries are
+//! written read-only.
 
 use std::collections::HashMap;
 use std::hash::Hasher;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -23,10 +33,10 @@ use wasmtime::component::Component;
 
 use crate::guest::engine::{EngineKind, Runtime, Tier};
 
-/// First bytes of every cache entry.
-const MAGIC: &[u8; 12] = b"WHARF-CWASM\x01";
-/// Header: magic, artifact length (u64 LE), SHA-256 of the artifact.
-const HEADER_LEN: usize = MAGIC.len() + 8 + 32;
+/// First bytes of every entry's sum file.
+const MAGIC: &[u8; 12] = b"WHARF-CWSUM\x01";
+/// A sum file: magic, artifact length (u64 LE), SHA-256 of the artifact.
+const SUM_LEN: usize = MAGIC.len() + 8 + 32;
 
 /// The caches of a runtime's optimising engines, one per [`EngineKind`]
 /// (their compiled code is not interchangeable), on disk; and, in memory,
@@ -143,40 +153,50 @@ impl CodeCache {
         Ok(CodeCache { dir })
     }
 
-    fn entry_path(&self, digest: &str) -> PathBuf {
+    /// The artifact's path and its sum file's.
+    fn entry_paths(&self, digest: &str) -> (PathBuf, PathBuf) {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        self.dir.join(format!("{hex}.cwasm"))
+        (
+            self.dir.join(format!("{hex}.cwasm")),
+            self.dir.join(format!("{hex}.sum")),
+        )
     }
 
     /// Loads the compiled component for `digest`. A missing entry is `None`;
     /// a corrupt or incompatible one is logged, deleted and `None`.
     pub fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
-        let path = self.entry_path(digest);
-        let bytes = match std::fs::read(&path) {
+        let (artifact, sum) = self.entry_paths(digest);
+        let sum_bytes = match std::fs::read(&sum) {
             Ok(bytes) => bytes,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
             Err(err) => {
-                tracing::warn!(entry = %path.display(), error = %err, "cannot read cache entry; compiling instead");
+                tracing::warn!(entry = %sum.display(), error = %err, "cannot read cache entry; compiling instead");
                 return None;
             }
         };
-        match verify(&bytes).and_then(|artifact| {
-            // SAFETY: `artifact` is byte-for-byte what `Component::serialize`
-            // produced for this engine configuration when the entry was
-            // stored: the SHA-256 in the header matched, the entry lives in a
-            // directory keyed by the engine's compatibility hash, and
-            // wasmtime rechecks the artifact's own engine header.
-            unsafe { Component::deserialize(engine, artifact) }
-                .map_err(|err| anyhow::anyhow!("{err:#}"))
-        }) {
+        let loaded = Sum::decode(&sum_bytes)
+            .and_then(|expected| expected.check(&Sum::of_file(&artifact)?))
+            .and_then(|()| {
+                // SAFETY: the file is byte-for-byte what `Component::serialize`
+                // produced for this engine configuration when the entry was
+                // stored: its length and SHA-256 match the sum written with
+                // it, the entry lives in a directory keyed by the engine's
+                // compatibility hash, and wasmtime rechecks the artifact's
+                // own engine header. Wharf replaces entries only by renaming
+                // new files over them, never in place (see the module docs).
+                unsafe { Component::deserialize_file(engine, &artifact) }
+                    .map_err(|err| anyhow::anyhow!("{err:#}"))
+            });
+        match loaded {
             Ok(component) => Some(component),
             Err(err) => {
                 tracing::warn!(
-                    entry = %path.display(),
+                    entry = %artifact.display(),
                     reason = %format!("{err:#}"),
                     "ignoring a corrupt or foreign cache entry; recompiling"
                 );
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&sum);
+                let _ = std::fs::remove_file(&artifact);
                 None
             }
         }
@@ -195,78 +215,125 @@ impl CodeCache {
             .serialize()
             .map_err(|err| anyhow::anyhow!("{err:#}"))
             .context("serializing the compiled component")?;
-        let path = self.entry_path(digest);
+        let (artifact_path, sum_path) = self.entry_paths(digest);
+        // The artifact first: until its sum is in place, it is a miss.
+        self.write_read_only(&artifact_path, &artifact)?;
+        self.write_read_only(&sum_path, &Sum::of(&artifact).encode())
+    }
+
+    /// Writes `bytes` to a temporary file, read-only, and renames it to
+    /// `path`. No fsync: it costs more than the compile of a small service
+    /// on some disks, and a torn entry after a crash fails its checksum and
+    /// is rebuilt.
+    fn write_read_only(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         let mut temp = tempfile::NamedTempFile::new_in(&self.dir)
             .with_context(|| format!("creating a temporary file in {}", self.dir.display()))?;
-        temp.write_all(MAGIC)?;
-        temp.write_all(&(artifact.len() as u64).to_le_bytes())?;
-        temp.write_all(&Sha256::digest(&artifact))?;
-        temp.write_all(&artifact)?;
-        // No fsync: it costs more than the compile of a small service on
-        // some disks, and a torn entry after a crash fails its checksum and
-        // is rebuilt.
-        temp.persist(&path)
+        temp.write_all(bytes)?;
+        let mut permissions = temp.as_file().metadata()?.permissions();
+        permissions.set_readonly(true);
+        temp.as_file().set_permissions(permissions)?;
+        temp.persist(path)
             .with_context(|| format!("renaming the entry into {}", path.display()))?;
         Ok(())
     }
 }
 
-/// Checks an entry's header and checksum; returns the artifact.
-fn verify(bytes: &[u8]) -> Result<&[u8]> {
-    if bytes.len() < HEADER_LEN || &bytes[..MAGIC.len()] != MAGIC {
-        bail!("not a Wharf cache entry");
+/// An artifact's length and SHA-256, as its sum file holds them.
+#[derive(Debug, PartialEq, Eq)]
+struct Sum {
+    len: u64,
+    sha256: [u8; 32],
+}
+
+impl Sum {
+    fn of(artifact: &[u8]) -> Sum {
+        Sum {
+            len: artifact.len() as u64,
+            sha256: Sha256::digest(artifact).into(),
+        }
     }
-    let len_bytes: [u8; 8] = bytes[MAGIC.len()..MAGIC.len() + 8].try_into()?;
-    let expected_len = u64::from_le_bytes(len_bytes);
-    let checksum = &bytes[MAGIC.len() + 8..HEADER_LEN];
-    let artifact = &bytes[HEADER_LEN..];
-    if artifact.len() as u64 != expected_len {
-        bail!(
-            "truncated: {} artifact bytes, header says {expected_len}",
-            artifact.len()
-        );
+
+    /// The sum of the file at `path`, read in chunks (an artifact can be
+    /// tens of MiB; it is hashed, not held).
+    fn of_file(path: &Path) -> Result<Sum> {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut chunk = vec![0u8; 256 << 10];
+        let mut len = 0u64;
+        loop {
+            let read = file
+                .read(&mut chunk)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&chunk[..read]);
+            len += read as u64;
+        }
+        Ok(Sum {
+            len,
+            sha256: hasher.finalize().into(),
+        })
     }
-    if Sha256::digest(artifact).as_slice() != checksum {
-        bail!("checksum mismatch");
+
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(SUM_LEN);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&self.len.to_le_bytes());
+        bytes.extend_from_slice(&self.sha256);
+        bytes
     }
-    Ok(artifact)
+
+    fn decode(bytes: &[u8]) -> Result<Sum> {
+        if bytes.len() != SUM_LEN || &bytes[..MAGIC.len()] != MAGIC {
+            bail!("not a Wharf cache entry");
+        }
+        let len: [u8; 8] = bytes[MAGIC.len()..MAGIC.len() + 8].try_into()?;
+        let sha256: [u8; 32] = bytes[MAGIC.len() + 8..].try_into()?;
+        Ok(Sum {
+            len: u64::from_le_bytes(len),
+            sha256,
+        })
+    }
+
+    /// Ok if `actual` is the artifact this sum describes.
+    fn check(&self, actual: &Sum) -> Result<()> {
+        if actual.len != self.len {
+            bail!(
+                "truncated: {} artifact bytes, its sum says {}",
+                actual.len,
+                self.len
+            );
+        }
+        if actual.sha256 != self.sha256 {
+            bail!("checksum mismatch");
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn entry(artifact: &[u8]) -> Vec<u8> {
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&(artifact.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&Sha256::digest(artifact));
-        bytes.extend_from_slice(artifact);
-        bytes
-    }
-
     #[test]
-    fn verify_accepts_intact_entries_only() {
-        let good = entry(b"artifact bytes");
-        assert_eq!(verify(&good).unwrap(), b"artifact bytes");
+    fn sums_accept_intact_artifacts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.cwasm");
+        std::fs::write(&path, b"artifact bytes").unwrap();
+        let sum = Sum::decode(&Sum::of(b"artifact bytes").encode()).unwrap();
+        sum.check(&Sum::of_file(&path).unwrap()).unwrap();
 
-        let mut flipped = good.clone();
-        *flipped.last_mut().unwrap() ^= 1;
-        assert!(
-            verify(&flipped)
-                .unwrap_err()
-                .to_string()
-                .contains("checksum")
-        );
+        std::fs::write(&path, b"artifact bytez").unwrap();
+        let err = sum.check(&Sum::of_file(&path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
 
-        let truncated = &good[..good.len() - 1];
-        assert!(
-            verify(truncated)
-                .unwrap_err()
-                .to_string()
-                .contains("truncated")
-        );
+        std::fs::write(&path, b"artifact byte").unwrap();
+        let err = sum.check(&Sum::of_file(&path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
 
-        assert!(verify(b"\0asm\x0d\0\x01\0").is_err());
-        assert!(verify(b"").is_err());
+        assert!(Sum::decode(b"\0asm\x0d\0\x01\0").is_err());
+        assert!(Sum::decode(b"").is_err());
     }
 }
