@@ -76,15 +76,7 @@ pub fn program(name: &str) -> PathBuf {
 
 /// A `nats-server -js`, and its URL.
 pub fn start_nats() -> Result<(Daemon, String)> {
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let mut command = Command::new(program("nats-server"));
-    command
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-        .arg("-sd")
-        .arg(dir.path());
-    let daemon = spawn_daemon(command, dir, port, "nats-server")?;
-    Ok((daemon, format!("nats://127.0.0.1:{port}")))
+    start_nats_server(None)
 }
 
 /// Writes a CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed
@@ -114,20 +106,30 @@ pub fn write_pki(dir: &Path) -> Result<()> {
 /// A TLS-only `nats-server -js` with the certificate in `pki` (clients
 /// need no certificate of their own); its `tls://` URL.
 pub fn start_nats_tls(pki: &Path) -> Result<(Daemon, String)> {
+    start_nats_server(Some(pki))
+}
+
+/// A `nats-server -js` on a free port with its store in a temporary
+/// directory; TLS-only with the certificate in `pki`, if given.
+fn start_nats_server(pki: Option<&Path>) -> Result<(Daemon, String)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let mut command = Command::new(program("nats-server"));
     command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-        .arg("--tls")
-        .arg("--tlscert")
-        .arg(pki.join("server.pem"))
-        .arg("--tlskey")
-        .arg(pki.join("server-key.pem"))
         .arg("-sd")
         .arg(dir.path());
-    let daemon = spawn_daemon(command, dir, port, "nats-server (TLS)")?;
-    Ok((daemon, format!("tls://127.0.0.1:{port}")))
+    if let Some(pki) = pki {
+        command
+            .arg("--tls")
+            .arg("--tlscert")
+            .arg(pki.join("server.pem"))
+            .arg("--tlskey")
+            .arg(pki.join("server-key.pem"));
+    }
+    let daemon = spawn_daemon(command, dir, port, "nats-server")?;
+    let scheme = if pki.is_some() { "tls" } else { "nats" };
+    Ok((daemon, format!("{scheme}://127.0.0.1:{port}")))
 }
 
 /// A Kafka-API broker of the bench's own: tansu (built into the tools
@@ -138,23 +140,16 @@ pub fn start_tansu() -> Result<(Daemon, String)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let listener = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .arg("broker")
         .args(["--listener-url", &listener])
         .args(["--advertised-listener-url", &listener])
         // tansu reads the database's path relative to its directory.
         .current_dir(dir.path())
         .args(["--storage-engine", "sqlite://tansu.db"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting tansu")?;
-    let daemon = Daemon {
-        children: vec![child],
-        dir,
-    };
-    wait_for(port, "tansu", Duration::from_secs(30))?;
+        .env("RUST_LOG", "warn");
+    let daemon = spawn_daemon(command, dir, port, "tansu")?;
     index_tansu_headers(&daemon.dir.path().join("tansu.db"))?;
     Ok((daemon, format!("kafka://127.0.0.1:{port}")))
 }

@@ -448,13 +448,11 @@ impl Brokers {
             slot: &mut Option<(Daemon, String)>,
             start: impl FnOnce() -> Result<(Daemon, String)>,
         ) -> Result<String> {
-            if slot.is_none() {
-                *slot = Some(start()?);
-            }
-            Ok(slot
-                .as_ref()
-                .map(|(_, url)| url.clone())
-                .unwrap_or_default())
+            let (_, url) = match slot {
+                Some(started) => started,
+                None => slot.insert(start()?),
+            };
+            Ok(url.clone())
         }
         Ok(match broker {
             Broker::Embedded => ("embedded".into(), None),
