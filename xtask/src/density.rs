@@ -16,7 +16,12 @@
 //! Two last rows serve 1,000 *distinct* components (the hello with a custom
 //! section that differs), so nothing is shared between them but the engine,
 //! and ten distinct builds of the JavaScript hello (12 MiB each, the same
-//! SpiderMonkey inside).
+//! SpiderMonkey inside). "All optimised" is from the cold start until no
+//! service runs Winch's code any more.
+//!
+//! Last, a second JavaScript service (a different source, built with the
+//! same ComponentizeJS) is dropped into a host serving one: the time until
+//! it answers, and until it runs optimised code.
 //!
 //! The report goes to `target/bench/density.md`.
 
@@ -45,6 +50,8 @@ const JS_SERVICES: usize = 10;
 struct Row {
     label: String,
     ready_cold: Duration,
+    /// From the cold start until every service runs optimised code.
+    optimised_cold: Duration,
     ready_warm: Duration,
     rss_idle_mib: f64,
     /// The part of it that is not file-backed (compiled code mapped from
@@ -88,17 +95,24 @@ pub fn run_bench(
             std::fs::metadata(js_hello)?.len() >> 20
         ),
     )?);
+    eprintln!("xtask: density: a second JavaScript service");
+    let second = second_js_service(
+        wharf,
+        &js_hello.with_file_name("hello-handler.wasm"),
+        &js_hello.with_file_name("order-handler.wasm"),
+    )?;
     let mut md = format!(
-        "## Density: many services on one host\n\nMachine: {}. `wharf serve --log warn`, default settings; each service a hard link of the Rust hello ({} KB).\n\n| services | ready, cold cache | ready, warm cache | RSS idle (of it anonymous) | first request p50 / p99 | RSS after one request each |\n| --- | --- | --- | --- | --- | --- |\n",
+        "## Density: many services on one host\n\nMachine: {}. `wharf serve --log warn`, default settings; each service a hard link of the Rust hello ({} KB).\n\n| services | ready, cold cache | all optimised, cold cache | ready, warm cache | RSS idle (of it anonymous) | first request p50 / p99 | RSS after one request each |\n| --- | --- | --- | --- | --- | --- | --- |\n",
         crate::http::machine(),
         std::fs::metadata(hello)?.len() / 1024,
     );
     for row in &rows {
         let _ = writeln!(
             md,
-            "| {} | {:.2} s | {:.2} s | {:.0} MiB ({:.0} MiB) | {:.1} / {:.1} ms | {:.0} MiB |",
+            "| {} | {:.2} s | {:.2} s | {:.2} s | {:.0} MiB ({:.0} MiB) | {:.1} / {:.1} ms | {:.0} MiB |",
             row.label,
             row.ready_cold.as_secs_f64(),
+            row.optimised_cold.as_secs_f64(),
             row.ready_warm.as_secs_f64(),
             row.rss_idle_mib,
             row.anon_idle_mib,
@@ -107,6 +121,13 @@ pub fn run_bench(
             row.rss_after_mib,
         );
     }
+    let _ = writeln!(
+        md,
+        "\nA second JavaScript service (order-handler, {} MiB) dropped into a host serving one (hello-handler, optimised): answering after {:.2} s, optimised after {:.2} s.",
+        std::fs::metadata(js_hello.with_file_name("order-handler.wasm"))?.len() >> 20,
+        second.live.as_secs_f64(),
+        second.optimised.as_secs_f64(),
+    );
     println!("{md}");
     std::fs::create_dir_all(out_dir)?;
     std::fs::write(out_dir.join("density.md"), &md)?;
@@ -150,13 +171,14 @@ fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool, label: Stri
             data.display().to_string(),
         ]
     };
-    let ready_cold = {
+    let (ready_cold, optimised_cold) = {
+        let started = Instant::now();
         let (cold, ready) = start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
         // Only optimised code is cached: the warm start measures a host
         // that ran long enough to optimise every component, as a host
         // restarted in production has.
         wait_optimised(&cold)?;
-        ready
+        (ready, started.elapsed())
     };
     let (host, ready_warm) = start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
     let pid = host.pid();
@@ -187,11 +209,64 @@ fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool, label: Stri
     Ok(Row {
         label,
         ready_cold,
+        optimised_cold,
         ready_warm,
         rss_idle_mib,
         anon_idle_mib,
         first_request: Summary::of(&first),
         rss_after_mib,
+    })
+}
+
+/// How long a newly dropped service took to answer and to be optimised.
+struct Arrival {
+    live: Duration,
+    optimised: Duration,
+}
+
+/// Serves `first` until it runs optimised code, then drops `second` (a
+/// different service built with the same ComponentizeJS) into the
+/// directory and times it: until it answers (anything but 404), and until
+/// it runs optimised code.
+fn second_js_service(wharf: &Path, first: &Path, second: &Path) -> Result<Arrival> {
+    let services = tempfile::tempdir()?;
+    let cache = tempfile::tempdir()?;
+    let data = tempfile::tempdir()?;
+    std::fs::copy(first, services.path().join("first.wasm"))?;
+    let args = [
+        "--log".to_string(),
+        "warn".to_string(),
+        "--admin".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--cache-dir".to_string(),
+        cache.path().display().to_string(),
+        "--data-dir".to_string(),
+        data.path().display().to_string(),
+    ];
+    let (host, _) = start_ready(wharf, services.path(), &args)?;
+    wait_optimised(&host)?;
+    let staged = services.path().join(".second.wasm.part");
+    std::fs::copy(second, &staged)?;
+    let url = host.url("/second");
+    let agent = ureq::Agent::new_with_defaults();
+    let started = Instant::now();
+    std::fs::rename(&staged, services.path().join("second.wasm"))?;
+    loop {
+        match agent.get(&url).call() {
+            Err(ureq::Error::StatusCode(404)) => {}
+            Ok(_) | Err(ureq::Error::StatusCode(_)) => break,
+            Err(err) => return Err(err).with_context(|| format!("GET {url}")),
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the second service did not answer within 5 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let live = started.elapsed();
+    wait_optimised(&host)?;
+    Ok(Arrival {
+        live,
+        optimised: started.elapsed(),
     })
 }
 

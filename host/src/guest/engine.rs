@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tokio::sync::OwnedSemaphorePermit;
-use wasmtime::component::Linker;
+use wasmtime::component::{Component, Linker};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Strategy,
 };
@@ -19,6 +19,7 @@ use wasmtime::{
 use crate::base::admission::{Gate, Refused};
 use crate::base::limits::MAX_MEMORY;
 use crate::capabilities::{keyvalue, messaging, wasi_config};
+use crate::guest::function_cache::FunctionCache;
 use crate::guest::scheduler::EPOCH_TICK;
 use crate::guest::state::HostState;
 
@@ -32,8 +33,8 @@ pub struct EngineOptions {
     /// pool. Requests beyond it get 503.
     pub max_instances: u32,
     /// Root of the compiled-code cache; `None` disables it. (The deploy
-    /// layer opens the cache; it is here because it is fixed per process
-    /// like the rest of the engine's settings.)
+    /// layer opens the cache of whole components; the runtime opens the
+    /// function cache in it, see [`FunctionCache`].)
     pub cache_dir: Option<PathBuf>,
     /// The most linear memory any one service on this host may have (its
     /// `limits.memory` included): a version asking for more is refused
@@ -279,12 +280,25 @@ pub struct Flavour {
 }
 
 impl Flavour {
-    fn new(options: &EngineOptions, kind: EngineKind, pooling: bool) -> Result<Flavour> {
+    fn new(
+        options: &EngineOptions,
+        kind: EngineKind,
+        pooling: bool,
+        functions: Option<&Arc<FunctionCache>>,
+    ) -> Result<Flavour> {
         // The baseline tier serves a component only until its optimised
         // code is ready (seconds), so its engines allocate instances on
         // demand rather than reserve a second pool's address space.
         let pooling = pooling && kind.tier == Tier::Optimised;
-        let engine = Engine::new(&engine_config(kind, pooling.then_some(options)))
+        let mut config = engine_config(kind, pooling.then_some(options));
+        // Winch has no use for it (wasmtime refuses it there).
+        if let Some(functions) = functions.filter(|_| kind.tier == Tier::Optimised) {
+            config
+                .enable_incremental_compilation(functions.clone())
+                .map_err(anyhow::Error::from)
+                .context("enabling the function cache")?;
+        }
+        let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("creating the wasmtime engine ({})", kind.tier.as_str()))?;
         let linker = build_linker(&engine, kind.concurrent)?;
@@ -318,6 +332,9 @@ pub struct Runtime {
     /// pool holds.
     instances: Gate,
     ticker: Arc<EpochTicker>,
+    /// Cranelift's per-function code between compiles, if the compiled-code
+    /// cache is on.
+    functions: Option<Arc<FunctionCache>>,
 }
 
 /// A live instance's claim on its runtime: one of the host-wide instance
@@ -333,10 +350,20 @@ pub(crate) struct InstanceSlot {
 impl Runtime {
     /// Builds the engines and linkers and starts the epoch ticker.
     pub fn new(options: &EngineOptions) -> Result<Runtime> {
+        let functions = options.cache_dir.as_deref().and_then(|dir| {
+            std::fs::create_dir_all(dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| FunctionCache::open(dir))
+                .map(Arc::new)
+                .inspect_err(|err| {
+                    tracing::warn!(reason = %format!("{err:#}"), "function cache disabled");
+                })
+                .ok()
+        });
         let build = |pooling| -> Result<Vec<Flavour>> {
             EngineKind::ALL
                 .iter()
-                .map(|kind| Flavour::new(options, *kind, pooling))
+                .map(|kind| Flavour::new(options, *kind, pooling, functions.as_ref()))
                 .collect()
         };
         let flavours = if options.pooling {
@@ -361,7 +388,19 @@ impl Runtime {
             optimise_delay: options.optimise_delay,
             instances: Gate::new(options.max_instances as usize, "instance slots"),
             ticker: Arc::new(ticker),
+            functions,
         })
+    }
+
+    /// Compiles `wasm` on `kind`'s engine, then writes what Cranelift
+    /// stored in the function cache meanwhile. Blocking and CPU-heavy.
+    pub fn compile(&self, kind: EngineKind, wasm: &[u8]) -> Result<Component> {
+        let compiled =
+            Component::new(self.flavour(kind).engine(), wasm).map_err(anyhow::Error::from);
+        if let Some(functions) = &self.functions {
+            functions.flush();
+        }
+        compiled
     }
 
     /// The engine and linker of `kind`.

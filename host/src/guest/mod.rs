@@ -1,5 +1,6 @@
 //! Running a request in a guest: the wasmtime engines and the linker
-//! (`engine`), the per-request store data (`state`), a compiled guest ready
+//! (`engine`), Cranelift's per-function code kept between compiles
+//! (`function_cache`), the per-request store data (`state`), a compiled guest ready
 //! to run (`Guest`), instances fresh per request (`instance`) or waiting for
 //! the next one (`pools`: the warm pool and the workers), the
 //! call itself with its deadline and the mapping of every failure to an HTTP
@@ -13,6 +14,7 @@ pub(crate) mod body;
 pub(crate) mod compiled;
 pub mod engine;
 pub(crate) mod failure;
+pub mod function_cache;
 pub(crate) mod instance;
 pub mod invoke;
 pub(crate) mod pools;

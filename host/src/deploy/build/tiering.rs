@@ -118,7 +118,9 @@ fn compile_on(
         return Ok((component, true));
     }
     let component = Arc::new(
-        Component::new(runtime.flavour(kind).engine(), wasm).map_err(|err| format!("{err:#}"))?,
+        runtime
+            .compile(kind, wasm)
+            .map_err(|err| format!("{err:#}"))?,
     );
     caches.keep(kind, digest, &component);
     if let Some(cache) = caches.for_kind(kind) {
