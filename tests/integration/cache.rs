@@ -27,7 +27,12 @@ fn cache_hits(host: &Host) -> Vec<(String, bool)> {
 fn entries(cache: &ServiceDir) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for engine_dir in std::fs::read_dir(cache.path()).unwrap() {
-        for entry in std::fs::read_dir(engine_dir.unwrap().path()).unwrap() {
+        let engine_dir = engine_dir.unwrap().path();
+        // Beside the engines' directories: the function cache's file.
+        if !engine_dir.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(engine_dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "cwasm") {
                 found.push(path);

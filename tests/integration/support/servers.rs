@@ -121,6 +121,17 @@ impl ServerProcess {
         self.wait_ready();
     }
 
+    /// Sends the running server the signal `name` (as `kill -NAME`).
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("a running server");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {}: {status}", child.id());
+    }
+
     /// Kills the server.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -814,7 +825,14 @@ fn launch_rabbit_node(dir: &Path, node: String, ports: RabbitPorts) -> ServerPro
                 .env("ERL_EPMD_PORT", ports.epmd.to_string())
                 .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
                 .env("RABBITMQ_LOG_BASE", dir.join("log"))
-                .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"));
+                .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
+                // A node that stops answering is declared down after about
+                // this many seconds (Erlang's default, 60, is longer than
+                // the tests wait; operators shorten it the same way).
+                .env(
+                    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                    "-kernel net_ticktime 8",
+                );
             if dir.join("rabbitmq.conf").is_file() {
                 broker.env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"));
             }
@@ -909,6 +927,13 @@ impl RabbitCluster {
     /// Kills node `i` with SIGKILL.
     pub fn kill(&mut self, i: usize) {
         self.nodes[i].stop();
+    }
+
+    /// Stops node `i` with SIGSTOP: its connections stay open and silent,
+    /// as a machine switched off would leave them. (Killed when the
+    /// cluster is dropped.)
+    pub fn freeze(&mut self, i: usize) {
+        self.nodes[i].signal("STOP");
     }
 }
 

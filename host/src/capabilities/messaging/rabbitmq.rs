@@ -69,6 +69,18 @@ pub const EXCHANGE: &str = "wharf";
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a publish waits for the broker's confirm. A node that died
+/// without closing its connections (a machine switched off, a network
+/// partition) leaves a link that looks connected until heartbeats fail, a
+/// minute or more: past this, the publish is refused as unavailable and
+/// the link replaced, so the next publish fails over to another node.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The heartbeat interval Wharf asks for, in seconds, unless the URL sets
+/// one (`?heartbeat=N`): a connection silent for about twice this long is
+/// given up, and its consumers join again through another node.
+const HEARTBEAT_SECS: u16 = 5;
 /// The delays a retry is rounded up to, in milliseconds.
 const DELAY_LADDER_MS: &[u64] = &[
     100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
@@ -194,16 +206,19 @@ fn message_of(routing_key: &str, properties: &BasicProperties, body: Vec<u8>) ->
     }
 }
 
-/// Connects to `url`, opens the confirmed publishing channel, and declares
+/// Connects to `uri`, opens the confirmed publishing channel, and declares
 /// the exchange and the queues of `groups`.
 async fn open_link(
-    url: &str,
+    mut uri: lapin::uri::AMQPUri,
     groups: &[(String, String)],
     queues: &QueueSettings,
     tls: OwnedTLSConfig,
 ) -> lapin::Result<(Connection, Channel)> {
-    let connection = Connection::connect_with_config(
-        url,
+    // RabbitMQ's default heartbeat is a minute: a node that stopped
+    // answering kept consumers waiting on its silent connection for two.
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
+    let connection = Connection::connect_uri_with_config(
+        uri,
         ConnectionProperties::default().with_connection_name("wharf".into()),
         tls,
         lapin::runtime::default_runtime()?,
@@ -472,10 +487,18 @@ impl RabbitBroker {
             let index = (first + offset) % self.urls.len();
             let url = self.urls[index].clone();
             let shown = redact(&url);
+            // Checked when the broker was configured (`parse_nodes`).
+            let uri = match url.parse::<lapin::uri::AMQPUri>() {
+                Ok(uri) => uri,
+                Err(err) => {
+                    failures.push(format!("{shown}: {err}"));
+                    continue;
+                }
+            };
             let (groups, queues, tls) = (groups.clone(), self.queues, self.tls.clone());
             let connecting = self
                 .runtime
-                .spawn(async move { open_link(&url, &groups, &queues, tls).await });
+                .spawn(async move { open_link(uri, &groups, &queues, tls).await });
             match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(Ok(Ok((connection, publisher)))) => {
                     self.preferred
@@ -496,6 +519,53 @@ impl RabbitBroker {
             "connecting to RabbitMQ: {}",
             failures.join("; ")
         )))
+    }
+
+    /// Drops the link if it is still `connection`: the next call connects
+    /// anew, from the next node on.
+    async fn forget_link(&self, connection: &Arc<Connection>) {
+        let mut link = self.link.lock().await;
+        if link
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(&current.connection, connection))
+        {
+            *link = None;
+            let next =
+                (self.preferred.load(std::sync::atomic::Ordering::Relaxed) + 1) % self.urls.len();
+            self.preferred
+                .store(next, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Gives the link a new publishing channel, if it is still on
+    /// `connection`. RabbitMQ 3.10 can leave a channel that published to
+    /// a quorum queue while its leader changed refusing every later publish
+    /// to it (a negative confirm, as for a full queue) for good; a new
+    /// channel is not affected. Seen in the node-loss test: more than five
+    /// minutes of refusals on the old channel, none on a new one.
+    async fn renew_publisher(&self, connection: &Arc<Connection>) {
+        let mut link = self.link.lock().await;
+        let Some(current) = link
+            .as_mut()
+            .filter(|current| Arc::ptr_eq(&current.connection, connection))
+        else {
+            return;
+        };
+        let renewed = async {
+            let channel = current.connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            lapin::Result::Ok(channel)
+        };
+        match renewed.await {
+            Ok(channel) => {
+                let old = std::mem::replace(&mut current.publisher, channel);
+                let _ = old.close(200, "replaced".into()).await;
+            }
+            // The connection is failing: the next call reconnects.
+            Err(_) => *link = None,
+        }
     }
 
     async fn inbox_consumer(&self, queue: &str) -> BrokerResult<lapin::Consumer> {
@@ -559,16 +629,32 @@ impl MessageBroker for Arc<RabbitBroker> {
 
     /// Publishes `message` to the exchange and waits for the confirm.
     async fn publish(&self, message: Message) -> BrokerResult<()> {
-        let (_, channel) = self.link().await?;
+        let (connection, channel) = self.link().await?;
         let properties = properties_of(&message, &[]);
-        publish_confirmed(
+        let published = publish_confirmed(
             &channel,
             EXCHANGE,
             &message.topic,
             &message.body,
             properties,
-        )
-        .await
+        );
+        match tokio::time::timeout(CONFIRM_TIMEOUT, published).await {
+            Ok(Err(BrokerError::Full(why))) => {
+                self.renew_publisher(&connection).await;
+                Err(BrokerError::Full(why))
+            }
+            Ok(Err(BrokerError::Unavailable(why))) => {
+                self.forget_link(&connection).await;
+                Err(BrokerError::Unavailable(why))
+            }
+            Ok(result) => result,
+            Err(_) => {
+                self.forget_link(&connection).await;
+                Err(unavailable(format!(
+                    "no confirm within {CONFIRM_TIMEOUT:?}; reconnecting"
+                )))
+            }
+        }
     }
 
     /// Declares the group's queue and binding and consumes it.
@@ -977,7 +1063,8 @@ async fn publish_confirmed(
         .map_err(classify)?;
     match confirm {
         Confirmation::Nack(_) => Err(BrokerError::Full(
-            "rabbitmq refused the message: a queue it is routed to is full".into(),
+            "rabbitmq refused the message: a queue it is routed to is full (or lost its node)"
+                .into(),
         )),
         Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
     }
