@@ -392,6 +392,11 @@ impl Runtime {
         })
     }
 
+    /// Cranelift's per-function cache, if the compiled-code cache is on.
+    pub fn function_cache(&self) -> Option<&Arc<FunctionCache>> {
+        self.functions.as_ref()
+    }
+
     /// Compiles `wasm` on `kind`'s engine, then writes what Cranelift
     /// stored in the function cache meanwhile. Blocking and CPU-heavy.
     pub fn compile(&self, kind: EngineKind, wasm: &[u8]) -> Result<Component> {
