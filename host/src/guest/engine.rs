@@ -400,9 +400,15 @@ impl Runtime {
     /// Compiles `wasm` on `kind`'s engine, then writes what Cranelift
     /// stored in the function cache meanwhile. Blocking and CPU-heavy.
     pub fn compile(&self, kind: EngineKind, wasm: &[u8]) -> Result<Component> {
+        let found_before = self.functions.as_ref().map(|functions| functions.found());
         let compiled =
             Component::new(self.flavour(kind).engine(), wasm).map_err(anyhow::Error::from);
-        if let Some(functions) = &self.functions {
+        if let (Some(functions), Some(before)) = (self.function_cache(), found_before) {
+            tracing::debug!(
+                compiler = kind.tier.as_str(),
+                functions_found = functions.found().saturating_sub(before),
+                "compiled, reusing functions from the function cache"
+            );
             functions.flush();
         }
         compiled
