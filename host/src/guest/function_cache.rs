@@ -65,23 +65,29 @@ struct Pending {
 }
 
 impl FunctionCache {
-    /// Opens (creating if needed) the cache file in `dir`. A file SQLite
-    /// cannot read is replaced by an empty one: its entries are only an
-    /// optimisation.
+    /// Opens (creating if needed) the cache file in `dir`. A damaged file
+    /// is replaced by an empty one: its entries are only an optimisation.
+    /// Any other failure (a busy or unreadable file) is an error, and the
+    /// file is left alone.
     pub fn open(dir: &Path) -> Result<FunctionCache> {
         let path = dir.join(FILE_NAME);
         let connection = match open_file(&path) {
             Ok(connection) => connection,
-            Err(err) => {
+            Err(err) if is_damaged(&err) => {
                 tracing::warn!(
                     file = %path.display(),
-                    reason = %format!("{err:#}"),
-                    "the function cache cannot be read; starting an empty one"
+                    reason = %err,
+                    "the function cache is damaged; starting an empty one"
                 );
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
                 }
-                open_file(&path)?
+                open_file(&path)
+                    .with_context(|| format!("creating the function cache {}", path.display()))?
+            }
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("opening the function cache {}", path.display()));
             }
         };
         Ok(FunctionCache {
@@ -239,27 +245,34 @@ impl CacheStore for FunctionCache {
     }
 }
 
-fn open_file(path: &Path) -> Result<Connection> {
-    let connection = Connection::open(path)
-        .with_context(|| format!("opening the function cache {}", path.display()))?;
-    // auto_vacuum first: it can only be chosen while the file is empty,
-    // and switching to the write-ahead log writes to it.
-    connection
-        .execute_batch(
-            "PRAGMA auto_vacuum = INCREMENTAL;
-             PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS functions (
-                 id INTEGER PRIMARY KEY,
-                 key BLOB NOT NULL UNIQUE,
-                 code BLOB NOT NULL,
-                 used INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS functions_by_use ON functions (used);",
-        )
-        .with_context(|| format!("setting up the function cache {}", path.display()))?;
+fn open_file(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    // Another host sharing the directory may be writing: wait for it.
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    // auto_vacuum before the rest: it can only be chosen while the file is
+    // empty, and switching to the write-ahead log writes to it.
+    connection.execute_batch(
+        "PRAGMA auto_vacuum = INCREMENTAL;
+         PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         CREATE TABLE IF NOT EXISTS functions (
+             id INTEGER PRIMARY KEY,
+             key BLOB NOT NULL UNIQUE,
+             code BLOB NOT NULL,
+             used INTEGER NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS functions_by_use ON functions (used);",
+    )?;
     Ok(connection)
+}
+
+/// Whether `err` says the file is not a database or is damaged (rather
+/// than, say, busy or unreadable for its permissions).
+fn is_damaged(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 fn unix_seconds() -> i64 {
@@ -376,7 +389,21 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_cache_file_is_replaced() {
+    fn a_cache_file_that_cannot_be_opened_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let in_the_way = dir.path().join(FILE_NAME);
+        std::fs::create_dir(&in_the_way).unwrap();
+        std::fs::write(in_the_way.join("kept"), b"something").unwrap();
+        let err = FunctionCache::open(dir.path()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("opening the function cache"),
+            "{err:#}"
+        );
+        assert!(in_the_way.join("kept").is_file());
+    }
+
+    #[test]
+    fn a_damaged_cache_file_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"not a database, not at all").unwrap();
         let cache = FunctionCache::open(dir.path()).unwrap();

@@ -540,9 +540,10 @@ impl RabbitBroker {
     /// Gives the link a new publishing channel, if it is still on
     /// `connection`. RabbitMQ 3.10 can leave a channel that published to
     /// a quorum queue while its leader changed refusing every later publish
-    /// to it (a negative confirm, as for a full queue) for good; a new
-    /// channel is not affected. Seen in the node-loss test: more than five
-    /// minutes of refusals on the old channel, none on a new one.
+    /// to it (a negative confirm, as for a full queue) for good; a channel
+    /// opened after the change is served normally. Seen in the node-loss
+    /// test: more than five minutes of refusals on the old channel, one to
+    /// three with renewal.
     async fn renew_publisher(&self, connection: &Arc<Connection>) {
         let mut link = self.link.lock().await;
         let Some(current) = link
@@ -558,13 +559,16 @@ impl RabbitBroker {
                 .await?;
             lapin::Result::Ok(channel)
         };
-        match renewed.await {
-            Ok(channel) => {
+        // Bounded: callers queue behind the link's lock.
+        match tokio::time::timeout(CONNECT_TIMEOUT, renewed).await {
+            Ok(Ok(channel)) => {
                 let old = std::mem::replace(&mut current.publisher, channel);
-                let _ = old.close(200, "replaced".into()).await;
+                self.runtime.spawn(async move {
+                    let _ = old.close(200, "replaced".into()).await;
+                });
             }
             // The connection is failing: the next call reconnects.
-            Err(_) => *link = None,
+            Ok(Err(_)) | Err(_) => *link = None,
         }
     }
 
