@@ -557,11 +557,7 @@ impl Node {
     /// `kill -9`: no drain, no goodbye.
     fn kill(&mut self) {
         if let Some(process) = self.process.take() {
-            let status = std::process::Command::new("kill")
-                .args(["-KILL", &process.pid().to_string()])
-                .status()
-                .expect("run kill");
-            assert!(status.success());
+            crate::support::send_signal(process.pid(), "KILL");
         }
     }
 

@@ -159,28 +159,24 @@ fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool, label: Stri
                 .context("linking a service")?;
         }
     }
-    let args = |cache: &Path, data: &Path| {
-        vec![
-            "--log".to_string(),
-            "warn".to_string(),
-            "--admin".to_string(),
-            "127.0.0.1:0".to_string(),
-            "--cache-dir".to_string(),
-            cache.display().to_string(),
-            "--data-dir".to_string(),
-            data.display().to_string(),
-        ]
-    };
     let (ready_cold, optimised_cold) = {
         let started = Instant::now();
-        let (cold, ready) = start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
+        let (cold, ready) = start_ready(
+            wharf,
+            services.path(),
+            &serve_args(cache.path(), data.path()),
+        )?;
         // Only optimised code is cached: the warm start measures a host
         // that ran long enough to optimise every component, as a host
         // restarted in production has.
         wait_optimised(&cold)?;
         (ready, started.elapsed())
     };
-    let (host, ready_warm) = start_ready(wharf, services.path(), &args(cache.path(), data.path()))?;
+    let (host, ready_warm) = start_ready(
+        wharf,
+        services.path(),
+        &serve_args(cache.path(), data.path()),
+    )?;
     let pid = host.pid();
     let rss_idle_mib = status_kib(pid, "VmRSS") as f64 / 1024.0;
     let anon_idle_mib = status_kib(pid, "RssAnon") as f64 / 1024.0;
@@ -218,6 +214,21 @@ fn measure(wharf: &Path, hello: &Path, count: usize, distinct: bool, label: Stri
     })
 }
 
+/// `wharf serve`'s arguments in this benchmark: quiet, an admin endpoint
+/// on a free port, the cache and data in `cache` and `data`.
+fn serve_args(cache: &Path, data: &Path) -> Vec<String> {
+    vec![
+        "--log".to_string(),
+        "warn".to_string(),
+        "--admin".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--cache-dir".to_string(),
+        cache.display().to_string(),
+        "--data-dir".to_string(),
+        data.display().to_string(),
+    ]
+}
+
 /// How long a newly dropped service took to answer and to be optimised.
 struct Arrival {
     live: Duration,
@@ -233,17 +244,11 @@ fn second_js_service(wharf: &Path, first: &Path, second: &Path) -> Result<Arriva
     let cache = tempfile::tempdir()?;
     let data = tempfile::tempdir()?;
     std::fs::copy(first, services.path().join("first.wasm"))?;
-    let args = [
-        "--log".to_string(),
-        "warn".to_string(),
-        "--admin".to_string(),
-        "127.0.0.1:0".to_string(),
-        "--cache-dir".to_string(),
-        cache.path().display().to_string(),
-        "--data-dir".to_string(),
-        data.path().display().to_string(),
-    ];
-    let (host, _) = start_ready(wharf, services.path(), &args)?;
+    let (host, _) = start_ready(
+        wharf,
+        services.path(),
+        &serve_args(cache.path(), data.path()),
+    )?;
     wait_optimised(&host)?;
     let staged = services.path().join(".second.wasm.part");
     std::fs::copy(second, &staged)?;

@@ -351,9 +351,7 @@ impl Runtime {
     /// Builds the engines and linkers and starts the epoch ticker.
     pub fn new(options: &EngineOptions) -> Result<Runtime> {
         let functions = options.cache_dir.as_deref().and_then(|dir| {
-            std::fs::create_dir_all(dir)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| FunctionCache::open(dir))
+            FunctionCache::open(dir)
                 .map(Arc::new)
                 .inspect_err(|err| {
                     tracing::warn!(reason = %format!("{err:#}"), "function cache disabled");
@@ -393,24 +391,26 @@ impl Runtime {
     }
 
     /// Cranelift's per-function cache, if the compiled-code cache is on.
-    pub fn function_cache(&self) -> Option<&Arc<FunctionCache>> {
+    #[cfg(test)]
+    pub(crate) fn function_cache(&self) -> Option<&Arc<FunctionCache>> {
         self.functions.as_ref()
     }
 
     /// Compiles `wasm` on `kind`'s engine, then writes what Cranelift
     /// stored in the function cache meanwhile. Blocking and CPU-heavy.
     pub fn compile(&self, kind: EngineKind, wasm: &[u8]) -> Result<Component> {
-        let found_before = self.functions.as_ref().map(|functions| functions.found());
-        let compiled =
-            Component::new(self.flavour(kind).engine(), wasm).map_err(anyhow::Error::from);
-        if let (Some(functions), Some(before)) = (self.function_cache(), found_before) {
-            tracing::debug!(
-                compiler = kind.tier.as_str(),
-                functions_found = functions.found().saturating_sub(before),
-                "compiled, reusing functions from the function cache"
-            );
-            functions.flush();
-        }
+        let engine = self.flavour(kind).engine();
+        let Some(functions) = &self.functions else {
+            return Component::new(engine, wasm).map_err(anyhow::Error::from);
+        };
+        let found_before = functions.found();
+        let compiled = Component::new(engine, wasm).map_err(anyhow::Error::from);
+        tracing::debug!(
+            compiler = kind.tier.as_str(),
+            functions_found = functions.found() - found_before,
+            "compiled, reusing functions from the function cache"
+        );
+        functions.flush();
         compiled
     }
 

@@ -65,11 +65,13 @@ struct Pending {
 }
 
 impl FunctionCache {
-    /// Opens (creating if needed) the cache file in `dir`. A damaged file
+    /// Opens (creating it and `dir` if needed) the cache file in `dir`. A damaged file
     /// is replaced by an empty one: its entries are only an optimisation.
     /// Any other failure (a busy or unreadable file) is an error, and the
     /// file is left alone.
     pub fn open(dir: &Path) -> Result<FunctionCache> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the cache directory {}", dir.display()))?;
         let path = dir.join(FILE_NAME);
         let connection = match open_file(&path) {
             Ok(connection) => connection,

@@ -272,11 +272,7 @@ impl WharfProcess {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        super::send_signal(self.child.id(), "TERM");
     }
 
     /// Waits for the process to exit, up to `timeout`.

@@ -124,12 +124,7 @@ impl ServerProcess {
     /// Sends the running server the signal `name` (as `kill -NAME`).
     pub fn signal(&self, name: &str) {
         let child = self.child.as_ref().expect("a running server");
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {}: {status}", child.id());
+        send_signal(child.id(), name);
     }
 
     /// Kills the server.
@@ -935,6 +930,16 @@ impl RabbitCluster {
     pub fn freeze(&mut self, i: usize) {
         self.nodes[i].signal("STOP");
     }
+}
+
+/// Sends process `pid` the signal `name` (as `kill -NAME PID`).
+pub fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}: {status}");
 }
 
 /// Runs `rabbitmqctl ARGS` against `node` with the cookie in `home`; what

@@ -372,6 +372,13 @@ struct Link {
     publisher: Channel,
 }
 
+impl Link {
+    /// Whether this link is (still) on `connection`.
+    fn is_on(&self, connection: &Arc<Connection>) -> bool {
+        Arc::ptr_eq(&self.connection, connection)
+    }
+}
+
 /// The RabbitMQ broker.
 pub struct RabbitBroker {
     /// The cluster's nodes, as configured.
@@ -527,7 +534,7 @@ impl RabbitBroker {
         let mut link = self.link.lock().await;
         if link
             .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(&current.connection, connection))
+            .is_some_and(|current| current.is_on(connection))
         {
             *link = None;
             let next =
@@ -546,10 +553,7 @@ impl RabbitBroker {
     /// three with renewal.
     async fn renew_publisher(&self, connection: &Arc<Connection>) {
         let mut link = self.link.lock().await;
-        let Some(current) = link
-            .as_mut()
-            .filter(|current| Arc::ptr_eq(&current.connection, connection))
-        else {
+        let Some(current) = link.as_mut().filter(|current| current.is_on(connection)) else {
             return;
         };
         let renewed = async {
