@@ -21,7 +21,7 @@ use crate::capabilities::keyvalue::store::Resealed;
 use crate::capabilities::messaging::choice::BrokerSettings;
 use crate::capabilities::messaging::{Broker, MessagingHub};
 use crate::config::{Config, Settled};
-use crate::deploy::build::cache::CodeCaches;
+use crate::deploy::compile::cache::CodeCaches;
 use crate::deploy::install::deployer::Deployer;
 use crate::deploy::install::registry::{Registry, Rejection, Snapshot};
 use crate::deploy::source::cluster::Cluster;

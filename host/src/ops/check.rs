@@ -183,10 +183,10 @@ pub async fn check(name: &str, wasm: Vec<u8>, manifest: Option<&str>) -> Result<
             // exports (nothing to list if it does not compile at all).
             let runtime = deployer.runtime().clone();
             let unlinked = tokio::task::spawn_blocking(move || {
-                let uncached = crate::deploy::build::cache::CodeCaches::default();
+                let uncached = crate::deploy::compile::cache::CodeCaches::default();
                 let init = crate::guest::engine::MemoryInit::for_component_size(wasm.len());
                 let tier = runtime.tiers().first();
-                crate::deploy::build::tiering::compile_tier(
+                crate::deploy::compile::tiering::compile_tier(
                     &runtime, &uncached, &wasm, "", init, tier,
                 )
                 .map(|compiled| compiled.component)

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, Result, anyhow};
 use wasmtime::component::Component;
 
-use crate::deploy::build::cache::CodeCaches;
-use crate::deploy::build::deployment::{CompileInfo, Deployment, explain_link_error};
+use crate::deploy::compile::cache::CodeCaches;
+use crate::deploy::compile::deployment::{CompileInfo, Deployment, explain_link_error};
 use crate::guest::GuestExports;
 use crate::guest::engine::{EngineKind, MemoryInit, Runtime, Tier, Tiers};
 
