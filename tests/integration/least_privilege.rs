@@ -11,9 +11,11 @@ use serde_json::Value;
 use wharf::Config;
 use wharf::SecretSources;
 
+use wharf::messaging::BrokerChoice;
+
 use crate::support::{
-    NatsServer, ServiceDir, TestServer, WharfProcess, client, eventually, free_port, get,
-    guest_bytes,
+    NatsServer, RabbitServer, ServiceDir, TestServer, WharfProcess, client, eventually, free_port,
+    get, guest_bytes,
 };
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -291,46 +293,60 @@ async fn regression_secrets_come_only_from_what_the_operator_handed_out() {
 
 // 4: floods.
 
-#[tokio::test(flavor = "multi_thread")]
-async fn regression_a_message_flood_is_refused_by_bytes_and_by_quota() {
+/// A publisher of 64 KiB messages to `big.t` (and small ones to `fast.t`)
+/// and a group on `big.t` that takes each message five seconds after it
+/// came, with `settings` as the host's `wharf.toml` and `broker` its broker;
+/// the services and data directories, and the host.
+async fn flood_host(settings: &str, broker: Option<BrokerChoice>) -> ([ServiceDir; 2], TestServer) {
     let dir = ServiceDir::new();
     let data = ServiceDir::new();
-    dir.write(
-        "wharf.toml",
-        b"[messaging]\nmax_group_bytes = \"256KiB\"\npublish_rate = 50\n",
-    );
+    dir.write("wharf.toml", settings.as_bytes());
     messenger(
         &dir,
         "flood",
         "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\npublish = [\"big.t\", \"fast.t\"]\n",
     );
-    // A slow group that takes each message long after it came.
     messenger(
         &dir,
         "slow",
         "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"big.t\"]\n[[trigger.message]]\ntopic = \"big.t\"\npath = \"/slow?ms=5000\"\nconcurrency = 1\n",
     );
-    let server =
-        TestServer::start(Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf())))
-            .await;
+    let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
+    config.messaging = broker;
+    let server = TestServer::start(config).await;
+    ([dir, data], server)
+}
+
+/// Publishes 64 KiB messages to `big.t` until one is refused with 503;
+/// how many were accepted, and the refusal's body.
+async fn flood_until_refused(server: &TestServer) -> (usize, String) {
     let body = "x".repeat(64 << 10);
     let mut accepted = 0;
-    let refusal = loop {
-        let (status, text, retry_after) =
+    loop {
+        let (status, text, _) =
             post(&server.url("/flood/publish?topic=big.t&via=http"), &body).await;
         match status {
             200 => accepted += 1,
-            503 => break (text, retry_after),
+            503 => return (accepted, text),
             other => panic!("publish answered {other}: {text}"),
         }
         assert!(accepted < 64, "256 KiB took {accepted} messages of 64 KiB");
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_message_flood_is_refused_by_bytes_and_by_quota() {
+    let (_dirs, server) = flood_host(
+        "[messaging]\nmax_group_bytes = \"256KiB\"\npublish_rate = 50\n",
+        None,
+    )
+    .await;
+    let (accepted, refusal) = flood_until_refused(&server).await;
     // 64 KiB bodies with their topic and metadata: three fit in 256 KiB.
     assert_eq!(accepted, 3, "{accepted} accepted");
     assert!(
-        refusal.0.contains("full") && refusal.0.contains("group slow"),
-        "{}",
-        refusal.0
+        refusal.contains("full") && refusal.contains("group slow"),
+        "{refusal}"
     );
     // (The messenger passes on the status and body of messages.internal's
     // answer, not its headers: Retry-After is over_http's unit tests'.)
@@ -364,6 +380,33 @@ async fn regression_a_message_flood_is_refused_by_bytes_and_by_quota() {
             .contains("wharf_messages_published_total{service=\"flood\",result=\"throttled\"}")
     );
     server.stop().await;
+}
+
+/// The same flood on NATS JetStream (the stream's byte bound) and on
+/// RabbitMQ (the group queue's byte bound): refused as "full" once the
+/// bound is reached, not stored until the broker's disk fills.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_message_flood_is_refused_by_bytes_on_nats_and_rabbitmq() {
+    let nats = NatsServer::start();
+    for (settings, broker) in [
+        (
+            "[messaging]\nmax_bytes = \"256KiB\"\n",
+            BrokerChoice::Nats(nats.url()),
+        ),
+        (
+            "[messaging]\nmax_group_bytes = \"256KiB\"\n",
+            BrokerChoice::Rabbit(RabbitServer::shared_url()),
+        ),
+    ] {
+        let label = format!("{broker:?}");
+        let (_dirs, server) = flood_host(settings, Some(broker)).await;
+        let (accepted, refusal) = flood_until_refused(&server).await;
+        // 64 KiB bodies in a 256 KiB bound: a few, and one the consumer
+        // holds unacknowledged (RabbitMQ counts only waiting messages).
+        assert!((2..=6).contains(&accepted), "{label}: {accepted} accepted");
+        assert!(refusal.contains("full"), "{label}: {refusal}");
+        server.stop().await;
+    }
 }
 
 // 5: credentials in backend addresses.

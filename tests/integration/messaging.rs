@@ -45,7 +45,11 @@ pub(crate) fn handler_manifest(topic: &str, group: &str, path: &str, extra: &str
 }
 
 /// Up to `limit` dead letters of `group`, whole.
-async fn dead(broker: &Broker, group: &str, limit: usize) -> Result<Vec<DeadLetter>, String> {
+pub(crate) async fn dead(
+    broker: &Broker,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, String> {
     let query = DeadLetterQuery {
         after: None,
         limit,

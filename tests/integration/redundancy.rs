@@ -1,8 +1,8 @@
 //! Data that survives the loss of a machine: a JetStream cluster of three
 //! `nats-server`s of the test's own, hosts joined to it, and servers lost
 //! under load — killed with SIGKILL and their disks deleted, then replaced
-//! by empty ones. With three copies nothing acknowledged is lost; with one,
-//! the test shows what is.
+//! by empty ones, while clients write keys and publish messages. With three
+//! copies nothing acknowledged is lost; with one, the test shows what is.
 //!
 //! The cases run one after another in one test, each on three servers of
 //! its own (started in about a second): a server that lost its disk also
@@ -29,19 +29,22 @@ struct Member {
 }
 
 /// A host of Wharf cluster `cluster` on the servers `nats`, keeping
-/// `replicas` copies of the cluster's own streams and `kv_replicas` of its
-/// key-value buckets.
+/// `replicas` copies of the cluster's own streams and `data_replicas` of
+/// its key-value buckets and message streams (both on the cluster's NATS).
 async fn member(
     nats: &str,
     cluster: &str,
     id: &str,
     replicas: Replicas,
-    kv_replicas: Replicas,
+    data_replicas: Replicas,
 ) -> Member {
     let (dir, data) = (ServiceDir::new(), ServiceDir::new());
     dir.write(
         "wharf.toml",
-        format!("[keyvalue]\nreplicas = \"{kv_replicas}\"\n").as_bytes(),
+        format!(
+            "[keyvalue]\nreplicas = \"{data_replicas}\"\n[messaging]\nreplicas = \"{data_replicas}\"\n"
+        )
+        .as_bytes(),
     );
     let mut config = Config::for_dir(dir.path()).data_dir(Some(data.path().to_path_buf()));
     let mut joined = ClusterConfig::new(nats);
@@ -105,9 +108,9 @@ async fn all_serve_within(members: &[Member], service: &str, limit: Duration) ->
 /// machine, with writes going on).
 const CATCH_UP: Duration = Duration::from_secs(180);
 
-/// Waits until JetStream's metadata and every stream have a leader that
-/// sees each copy current: a replaced server has caught up. A failure
-/// shows what the servers logged.
+/// Waits until JetStream's metadata, every stream and every consumer have a
+/// leader that sees each copy current: a replaced server has caught up. A
+/// failure shows what the servers logged.
 async fn wait_streams_current(nats: &NatsCluster) {
     let jetstream = jetstream(&nats.url()).await;
     let deadline = tokio::time::Instant::now() + CATCH_UP;
@@ -153,33 +156,53 @@ async fn streams_behind(jetstream: &async_nats::jetstream::Context) -> Vec<Strin
                 continue;
             }
         };
-        let info = match jetstream.get_stream(&name).await {
-            Ok(mut stream) => stream.info().await.cloned(),
+        let (info, consumers) = match jetstream.get_stream(&name).await {
+            Ok(mut stream) => {
+                let consumers: Vec<_> = stream.consumers().collect().await;
+                (stream.info().await.cloned(), consumers)
+            }
             Err(err) => {
                 behind.push(format!("{name}: {err}"));
                 continue;
             }
         };
-        let cluster = match info {
-            Ok(info) => info.cluster,
-            Err(err) => {
-                behind.push(format!("{name}: {err}"));
-                continue;
+        // A stream's consumers are replicated groups of their own: their
+        // copies must catch up too before another server may be lost.
+        for consumer in consumers {
+            match consumer {
+                Ok(consumer) => behind.extend(copies_behind(
+                    &format!("{name}/{}", consumer.name),
+                    consumer.cluster.as_ref(),
+                )),
+                Err(err) => behind.push(format!("{name}: listing consumers: {err}")),
             }
-        };
-        let Some(cluster) = cluster else {
-            behind.push(format!("{name}: no cluster information"));
-            continue;
-        };
-        if cluster.leader.is_none() {
-            behind.push(format!("{name}: no leader"));
         }
-        for peer in cluster.replicas.iter().filter(|p| !p.current || p.offline) {
-            behind.push(format!(
-                "{name}: {} current={} offline={} lag={:?}",
-                peer.name, peer.current, peer.offline, peer.lag
-            ));
+        match info {
+            Ok(info) => behind.extend(copies_behind(&name, info.cluster.as_ref())),
+            Err(err) => behind.push(format!("{name}: {err}")),
         }
+    }
+    behind
+}
+
+/// Why the replicated group `what` (a stream or a consumer) is not whole:
+/// no leader, or a copy that is offline or not current.
+fn copies_behind(
+    what: &str,
+    cluster: Option<&async_nats::jetstream::stream::ClusterInfo>,
+) -> Vec<String> {
+    let Some(cluster) = cluster else {
+        return vec![format!("{what}: no cluster information")];
+    };
+    let mut behind = Vec::new();
+    if cluster.leader.is_none() {
+        behind.push(format!("{what}: no leader"));
+    }
+    for peer in cluster.replicas.iter().filter(|p| !p.current || p.offline) {
+        behind.push(format!(
+            "{what}: {} current={} offline={} lag={:?}",
+            peer.name, peer.current, peer.offline, peer.lag
+        ));
     }
     behind
 }
@@ -198,7 +221,7 @@ async fn leader_of_bucket(nats: &str, bucket: &str) -> String {
         .expect("the stream has a leader")
 }
 
-/// What a run of writes under server losses saw.
+/// What a run of writes and publishes under server losses saw.
 #[derive(Debug)]
 struct Outcome {
     /// Writes the hosts acknowledged (2xx).
@@ -207,6 +230,14 @@ struct Outcome {
     lost: usize,
     /// Writes that failed or timed out.
     failed: u64,
+    /// Publishes the hosts accepted (2xx).
+    published: usize,
+    /// Accepted publishes the handler gave up on: dead letters, not lost.
+    dead_lettered: usize,
+    /// Accepted publishes neither handled nor dead-lettered by the end.
+    unhandled: usize,
+    /// Publishes that failed or timed out.
+    publishes_failed: u64,
     /// Services deployed during a loss that some host never served.
     deploys_missing: usize,
 }
@@ -219,10 +250,14 @@ const CLIENTS: usize = 4;
 /// second in all).
 const WRITE_PAUSE: Duration = Duration::from_millis(20);
 
-/// What the writing clients have seen so far.
+/// The publisher's pause after an accepted publish (some 20 messages a
+/// second).
+const PUBLISH_PAUSE: Duration = Duration::from_millis(50);
+
+/// What the clients of one kind of load have seen so far.
 #[derive(Default)]
-struct Writes {
-    /// The keys whose write was acknowledged.
+struct Load {
+    /// The ids whose request was acknowledged.
     acknowledged: std::sync::Mutex<Vec<String>>,
     /// Attempts so far, acknowledged or not.
     attempts: AtomicU64,
@@ -232,55 +267,79 @@ struct Writes {
     paused: AtomicBool,
 }
 
-impl Writes {
+impl Load {
     fn acknowledged(&self) -> usize {
-        self.acknowledged.lock().map(|keys| keys.len()).unwrap_or(0)
+        self.acknowledged.lock().map(|ids| ids.len()).unwrap_or(0)
+    }
+
+    fn acknowledged_ids(&self) -> Vec<String> {
+        self.acknowledged
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default()
     }
 }
 
-/// Writes a new key per request through `members` in turn, from
-/// [`CLIENTS`] clients, until `stop`: every acknowledged write is one key
-/// the bucket must have at the end. (Unique keys, not a counter: an
-/// increment is a compare-and-swap, and NATS servers before 2.9.21 accept
-/// two concurrent swaps of one key in a replicated stream,
-/// nats-server#4320, which would be counted here as a loss.)
-fn write_until(
+/// The request a load's client sends: a client, a host's base URL and a
+/// new id in, the request out.
+type Request = fn(&reqwest::Client, &str, &str) -> reqwest::RequestBuilder;
+
+/// A new key per request (unique keys, not a counter: an increment is a
+/// compare-and-swap, and NATS servers before 2.9.21 accept two concurrent
+/// swaps of one key in a replicated stream, nats-server#4320, which would
+/// be counted here as a loss).
+fn write_key(http: &reqwest::Client, base: &str, key: &str) -> reqwest::RequestBuilder {
+    http.put(format!("{base}/counter/set?bucket=counts&key={key}"))
+        .body("1")
+}
+
+/// A message whose body is the id, to the topic the recorder handles.
+fn publish_message(http: &reqwest::Client, base: &str, body: &str) -> reqwest::RequestBuilder {
+    http.post(format!("{base}/pub/publish?topic=rd.t"))
+        .body(body.to_string())
+}
+
+/// Sends `request` with a new id each time through `members` in turn, from
+/// `clients` clients pausing `pause` after each acknowledged one, until
+/// `stop`: every acknowledged id is one the system must keep.
+fn load_until(
     members: &[String],
+    clients: usize,
+    pause: Duration,
+    request: Request,
     stop: Arc<AtomicBool>,
-    writes: Arc<Writes>,
+    load: Arc<Load>,
 ) -> tokio::task::JoinHandle<()> {
-    let clients: Vec<_> = (0..CLIENTS)
+    let clients: Vec<_> = (0..clients)
         .map(|client_index| {
-            let (urls, stop, writes) = (members.to_vec(), stop.clone(), writes.clone());
+            let (urls, stop, load) = (members.to_vec(), stop.clone(), load.clone());
             tokio::spawn(async move {
                 let http = client();
                 let mut n = 0usize;
                 while !stop.load(Ordering::Acquire) {
-                    if writes.paused.load(Ordering::Acquire) {
+                    if load.paused.load(Ordering::Acquire) {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
                     let url = &urls[(client_index + n) % urls.len()];
-                    let key = format!("w{client_index}-{n}");
+                    let id = format!("w{client_index}-{n}");
                     n += 1;
-                    writes.attempts.fetch_add(1, Ordering::AcqRel);
-                    let answer = http
-                        .put(format!("{url}/counter/set?bucket=counts&key={key}"))
-                        .body("1")
+                    load.attempts.fetch_add(1, Ordering::AcqRel);
+                    let answer = request(&http, url, &id)
                         .timeout(Duration::from_secs(3))
                         .send()
                         .await;
                     match answer {
                         Ok(response) if response.status().is_success() => {
-                            if let Ok(mut keys) = writes.acknowledged.lock() {
-                                keys.push(key);
+                            if let Ok(mut ids) = load.acknowledged.lock() {
+                                ids.push(id);
                             }
                             // A steady load, not a flood: a replaced server
                             // catches up with a stream that keeps growing.
-                            tokio::time::sleep(WRITE_PAUSE).await;
+                            tokio::time::sleep(pause).await;
                         }
                         _ => {
-                            writes.failed.fetch_add(1, Ordering::AcqRel);
+                            load.failed.fetch_add(1, Ordering::AcqRel);
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -290,7 +349,7 @@ fn write_until(
         .collect();
     tokio::spawn(async move {
         for client in clients {
-            client.await.expect("a writing client");
+            client.await.expect("a loading client");
         }
     })
 }
@@ -306,9 +365,10 @@ async fn wait_for_more(count: impl Fn() -> u64, more: u64, what: &str) {
 }
 
 /// Two hosts in Wharf cluster `name` keeping `copies` of each key-value
-/// bucket (and three of the cluster's own streams): under writes and a
-/// deploy during each loss, loses the server leading the bucket, replaces
-/// it, waits for it to catch up, then does the same to another.
+/// bucket and message stream (and three of the cluster's own streams):
+/// under writes, publishes and a deploy during each loss, loses the server
+/// leading the bucket, replaces it, waits for it to catch up, then does the
+/// same to another.
 async fn lose_two_servers_under_load(name: &str, copies: usize) -> Outcome {
     let mut nats = NatsCluster::start(3);
     let nats = &mut nats;
@@ -321,18 +381,51 @@ async fn lose_two_servers_under_load(name: &str, copies: usize) -> Outcome {
     for m in &members {
         wait_ready(m).await;
     }
-    members[0]
-        .dir
-        .install_bytes("counter.wasm", &guest_bytes("kv"));
-    members[0]
-        .dir
-        .write("counter.toml", b"[keyvalue]\nbuckets = [\"counts\"]\n");
-    wait_all_serve(&members, "counter").await;
+    let dir = &members[0].dir;
+    dir.install_bytes("counter.wasm", &guest_bytes("kv"));
+    dir.write("counter.toml", b"[keyvalue]\nbuckets = [\"counts\"]\n");
+    // A handler that retries a message it could not record (its bucket may
+    // be electing a leader) for longer than a server loss lasts.
+    for (service, manifest) in [
+        ("pub", "[messaging]\npublish = [\"rd.>\"]\n"),
+        (
+            "rec",
+            "[keyvalue]\nbuckets = [\"msgs\"]\n[messaging]\nsubscribe = [\"rd.t\"]\n[[trigger.message]]\ntopic = \"rd.t\"\ngroup = \"rd\"\npath = \"/record\"\nmax_attempts = 10\nretry_delay = \"500ms\"\n",
+        ),
+    ] {
+        dir.install_bytes(&format!("{service}.wasm"), &guest_bytes("messenger"));
+        dir.write(&format!("{service}.toml"), manifest.as_bytes());
+    }
+    for service in ["counter", "pub", "rec"] {
+        wait_all_serve(&members, service).await;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(Writes::default());
+    let (writes, publishes) = (Arc::new(Load::default()), Arc::new(Load::default()));
     let urls: Vec<String> = members.iter().map(|m| m.server.url("")).collect();
-    let load = write_until(&urls, stop.clone(), writes.clone());
+    let loads = [
+        load_until(
+            &urls,
+            CLIENTS,
+            WRITE_PAUSE,
+            write_key,
+            stop.clone(),
+            writes.clone(),
+        ),
+        load_until(
+            &urls,
+            1,
+            PUBLISH_PAUSE,
+            publish_message,
+            stop.clone(),
+            publishes.clone(),
+        ),
+    ];
+    let pause = |paused: bool| {
+        for load in [&writes, &publishes] {
+            load.paused.store(paused, Ordering::Release);
+        }
+    };
     let acknowledged = || writes.acknowledged() as u64;
     let attempts = || writes.attempts.load(Ordering::Acquire);
     wait_for_more(acknowledged, 50, "writes before the first loss").await;
@@ -352,13 +445,15 @@ async fn lose_two_servers_under_load(name: &str, copies: usize) -> Outcome {
         // until it has: on a busy 2-core machine an old nats-server can
         // catch up more slowly than a stream grows, and never finish.
         wait_for_more(attempts, 20, "writes while the server catches up").await;
-        writes.paused.store(true, Ordering::Release);
+        pause(true);
         wait_streams_current(nats).await;
-        writes.paused.store(false, Ordering::Release);
+        pause(false);
         wait_for_more(attempts, 20, "writes after the server caught up").await;
     }
     stop.store(true, Ordering::Release);
-    load.await.expect("the load");
+    for load in loads {
+        load.await.expect("the load");
+    }
 
     let mut deploys_missing = 0;
     for round in 0..2 {
@@ -379,12 +474,21 @@ async fn lose_two_servers_under_load(name: &str, copies: usize) -> Outcome {
             deploys_missing += 1;
         }
     }
-    let acknowledged = writes
-        .acknowledged
-        .lock()
-        .map(|k| k.clone())
-        .unwrap_or_default();
+    let acknowledged = writes.acknowledged_ids();
     let lost = missing_keys(&urls[0], &acknowledged).await;
+    let published = publishes.acknowledged_ids();
+    // Retries of messages that met a lost server are still due: with
+    // three copies wait for all, with one for as long as a retry waits.
+    let patience = if copies == 3 { CATCH_UP } else { PATIENCE };
+    let broker = members[0].server.host.broker().expect("a broker").clone();
+    let (unhandled, dead_lettered) =
+        unhandled_messages(&urls[0], &broker, &published, patience).await;
+    if unhandled > 0 {
+        eprintln!(
+            "redundancy: {name}: {}",
+            message_state(&url, &urls[0], &published).await
+        );
+    }
     for m in members {
         m.server.stop().await;
     }
@@ -392,7 +496,85 @@ async fn lose_two_servers_under_load(name: &str, copies: usize) -> Outcome {
         acknowledged: acknowledged.len(),
         lost,
         failed: writes.failed.load(Ordering::Acquire),
+        published: published.len(),
+        dead_lettered,
+        unhandled,
+        publishes_failed: publishes.failed.load(Ordering::Acquire),
         deploys_missing,
+    }
+}
+
+/// What JetStream holds for group `rd` and which of `published` the
+/// recorder has not seen: the story of messages not handled.
+async fn message_state(nats: &str, base: &str, published: &[String]) -> String {
+    let jetstream = jetstream(nats).await;
+    let mut story = Vec::new();
+    for name in ["WHARF_MESSAGES", "WHARF_DEAD"] {
+        match jetstream.get_stream(name).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => story.push(format!("{name}: {:?}", info.state)),
+                Err(err) => story.push(format!("{name}: {err}")),
+            },
+            Err(err) => story.push(format!("{name}: {err}")),
+        }
+    }
+    if let Ok(stream) = jetstream.get_stream("WHARF_MESSAGES").await {
+        match stream.consumer_info("rd").await {
+            Ok(info) => story.push(format!(
+                "consumer rd: delivered {:?}, ack floor {:?}, pending {}, ack pending {}, redelivered {}",
+                info.delivered, info.ack_floor, info.num_pending, info.num_ack_pending, info.num_redelivered
+            )),
+            Err(err) => story.push(format!("consumer rd: {err}")),
+        }
+    }
+    let seen = crate::support::get(&format!("{base}/rec/seen?group=rd"))
+        .await
+        .map(|(_, seen)| seen)
+        .unwrap_or_default();
+    let missing: Vec<(usize, &String)> = published
+        .iter()
+        .enumerate()
+        .filter(|(_, body)| !seen.contains(&format!("{body:?}")))
+        .collect();
+    story.push(format!("not handled (index, body): {missing:?}"));
+    story.join("; ")
+}
+
+/// How many of the `published` bodies the recorder has not seen within
+/// `patience` and are not dead letters of its group either (all of them
+/// while its bucket cannot be read), and how many are dead letters.
+async fn unhandled_messages(
+    base: &str,
+    broker: &wharf::messaging::Broker,
+    published: &[String],
+    patience: Duration,
+) -> (usize, usize) {
+    let url = format!("{base}/rec/seen?group=rd");
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let seen = match crate::support::get(&url).await {
+            Some((200, seen)) => seen,
+            _ => String::new(),
+        };
+        let dead: Vec<String> = crate::messaging::dead(broker, "rd", 100)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|letter| String::from_utf8_lossy(&letter.message.body).into_owned())
+            .collect();
+        let not_seen: Vec<&String> = published
+            .iter()
+            .filter(|body| !seen.contains(&format!("{body:?}")))
+            .collect();
+        let dead_lettered = not_seen.iter().filter(|body| dead.contains(body)).count();
+        let unhandled = not_seen.len() - dead_lettered;
+        if unhandled == 0 || tokio::time::Instant::now() >= deadline {
+            if dead_lettered > 0 {
+                eprintln!("redundancy: dead letters of rd: {dead:?}");
+            }
+            return (unhandled, dead_lettered);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -425,7 +607,7 @@ async fn missing_keys(base: &str, keys: &[String]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_nats_cluster_of_three_loses_no_acknowledged_write_with_three_copies_and_shows_the_loss_with_one()
+async fn a_nats_cluster_of_three_loses_no_acknowledged_write_or_message_with_three_copies_and_shows_the_loss_with_one()
  {
     let mut nats = NatsCluster::start(3);
 
@@ -467,21 +649,26 @@ async fn a_nats_cluster_of_three_loses_no_acknowledged_write_with_three_copies_a
 
     let three = lose_two_servers_under_load("three", 3).await;
     let one = lose_two_servers_under_load("one", 1).await;
-    eprintln!(
-        "redundancy: two NATS servers lost in turn (killed, disk deleted, replaced) under writes: \
-         replicas 3: {} acknowledged, {} lost, {} failed or timed out, {} deploys missing; \
-         replicas 1: {} acknowledged, {} lost, {} failed or timed out, {} deploys missing",
-        three.acknowledged,
-        three.lost,
-        three.failed,
-        three.deploys_missing,
-        one.acknowledged,
-        one.lost,
-        one.failed,
-        one.deploys_missing,
-    );
-    // Three copies: every acknowledged write survives; deploys arrive.
+    for (copies, outcome) in [(3, &three), (1, &one)] {
+        eprintln!(
+            "redundancy: two NATS servers lost in turn (killed, disk deleted, replaced), replicas {copies}: \
+             writes {} acknowledged, {} lost, {} failed or timed out; \
+             messages {} accepted, {} never handled ({} more dead-lettered), {} publishes failed or timed out; \
+             {} deploys missing",
+            outcome.acknowledged,
+            outcome.lost,
+            outcome.failed,
+            outcome.published,
+            outcome.unhandled,
+            outcome.dead_lettered,
+            outcome.publishes_failed,
+            outcome.deploys_missing,
+        );
+    }
+    // Three copies: every acknowledged write and accepted message
+    // survives; deploys arrive.
     assert_eq!(three.lost, 0, "{three:?}");
+    assert_eq!(three.unhandled, 0, "{three:?}");
     assert_eq!(three.deploys_missing, 0, "{three:?}");
     // One copy: the lost server took the bucket's writes with it.
     assert!(one.lost > 0, "{one:?}");
