@@ -645,6 +645,25 @@ async fn a_nats_cluster_of_three_loses_no_acknowledged_write_or_message_with_thr
     nats.revive(0);
     wait_streams_current(&nats).await;
 
+    // With every server back, a host keeping three copies raises the index
+    // it finds with two. ("auto" would still count two on a connection
+    // opened while a server was down: see docs/redundancy.md.)
+    let rejoined = member(
+        &nats.url(),
+        "first-down",
+        "h1",
+        Replicas::Exactly(3),
+        Replicas::Auto,
+    )
+    .await;
+    wait_ready(&rejoined).await;
+    let info = index.info().await.expect("stream info");
+    assert_eq!(
+        info.config.num_replicas, 3,
+        "an existing stream with fewer copies is raised"
+    );
+    rejoined.server.stop().await;
+
     drop(nats);
 
     let three = lose_two_servers_under_load("three", 3).await;
