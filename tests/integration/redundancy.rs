@@ -611,8 +611,9 @@ async fn a_nats_cluster_of_three_loses_no_acknowledged_write_or_message_with_thr
  {
     let mut nats = NatsCluster::start(3);
 
-    // A host whose first-listed server is down joins through the others,
-    // and "auto" keeps as many copies as servers answer.
+    // A host whose first-listed server is down joins through the others;
+    // "auto" asks for a copy per listed server, and a new stream gets one
+    // on each server that answers.
     nats.kill(0);
     let joined = member(
         &nats.url(),
@@ -639,20 +640,19 @@ async fn a_nats_cluster_of_three_loses_no_acknowledged_write_or_message_with_thr
     let info = index.info().await.expect("stream info");
     assert_eq!(
         info.config.num_replicas, 2,
-        "auto keeps a copy on each server that answers"
+        "a new stream gets a copy on each server that answers"
     );
     joined.server.stop().await;
     nats.revive(0);
     wait_streams_current(&nats).await;
 
-    // With every server back, a host keeping three copies raises the index
-    // it finds with two. ("auto" would still count two on a connection
-    // opened while a server was down: see docs/redundancy.md.)
+    // With every server back, a host opening the same cluster raises the
+    // index it finds with two copies to three.
     let rejoined = member(
         &nats.url(),
         "first-down",
         "h1",
-        Replicas::Exactly(3),
+        Replicas::Auto,
         Replicas::Auto,
     )
     .await;

@@ -84,6 +84,8 @@ pub struct NatsConnection {
     jetstream: jetstream::Context,
     /// The servers, without credentials, for people.
     shown: String,
+    /// How many servers the operator listed.
+    listed: usize,
     /// Whether the warning about the server's replicated compare-and-swap
     /// has been logged.
     warned_about_swaps: std::sync::atomic::AtomicBool,
@@ -110,6 +112,12 @@ fn version_before(version: &str, than: (u64, u64, u64)) -> bool {
         (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) => (major, minor, patch) < than,
         _ => false,
     }
+}
+
+/// Whether a JetStream error says the cluster has too few servers to place
+/// the copies asked for.
+fn is_unplaceable(error: &str) -> bool {
+    error.contains("insufficient resources") || error.contains("no suitable peers")
 }
 
 /// Parses `list`, comma-separated NATS URLs (`nats://`, `tls://`, with
@@ -184,6 +192,7 @@ impl NatsConnection {
             };
         }
         let shown = redact::url(list);
+        let listed = servers.len();
         let client = options
             .connect(servers)
             .await
@@ -192,6 +201,7 @@ impl NatsConnection {
             jetstream: jetstream::new(client.clone()),
             client,
             shown,
+            listed,
             warned_about_swaps: std::sync::atomic::AtomicBool::new(false),
         });
         let mut shared = connections().lock().unwrap_or_else(|e| e.into_inner());
@@ -238,13 +248,16 @@ impl NatsConnection {
     }
 
     /// The number of copies `wanted` means on this cluster: as many servers
-    /// as the connected one reports (one outside a cluster). With more than
-    /// one on a server older than 2.9.21, warns once: those accept two
-    /// concurrent compare-and-swaps of one key in a replicated stream
+    /// as the operator listed or the connected one reported when the
+    /// connection was made, whichever is more (one outside a cluster; the
+    /// client does not follow later changes, so a server down at connect
+    /// time still counts when it was listed). With more than one on a
+    /// server older than 2.9.21, warns once: those accept two concurrent
+    /// compare-and-swaps of one key in a replicated stream
     /// (nats-server#4320), which key-value increments rely on.
     pub fn replicas(&self, wanted: Replicas) -> usize {
         let info = self.client.server_info();
-        let copies = wanted.resolve(info.connect_urls.len().max(1));
+        let copies = wanted.resolve(info.connect_urls.len().max(self.listed).max(1));
         if copies > 1
             && version_before(&info.version, (2, 9, 21))
             && !self
@@ -263,18 +276,37 @@ impl NatsConnection {
     /// The stream `config` describes, created if missing; an existing one
     /// keeping fewer copies than `config.num_replicas` is raised to it
     /// (JetStream copies the data to the new servers). If it cannot be
-    /// raised, the stream is still returned and a warning says why.
+    /// raised, the stream is still returned and a warning says why. A new
+    /// stream the cluster cannot place with that many copies now (a server
+    /// is down) is created with as many as it can, with a warning, and
+    /// raised when it is opened again.
     pub async fn stream(
         &self,
         config: jetstream::stream::Config,
     ) -> Result<jetstream::stream::Stream, String> {
         let name = config.name.clone();
         let wanted = config.num_replicas;
-        let mut stream = self
-            .jetstream
-            .get_or_create_stream(config)
-            .await
-            .map_err(|err| format!("creating stream {name}: {err}"))?;
+        let mut copies = wanted;
+        let mut stream = loop {
+            let attempt = jetstream::stream::Config {
+                num_replicas: copies,
+                ..config.clone()
+            };
+            match self.jetstream.get_or_create_stream(attempt).await {
+                Ok(stream) => break stream,
+                Err(err) if copies > 1 && is_unplaceable(&err.to_string()) => {
+                    tracing::warn!(
+                        stream = %name,
+                        wanted,
+                        copies = copies - 1,
+                        error = %err,
+                        "the NATS cluster cannot place this many copies of a new stream now (a server is down?): creating it with fewer, raised when it is opened again"
+                    );
+                    copies -= 1;
+                }
+                Err(err) => return Err(format!("creating stream {name}: {err}")),
+            }
+        };
         self.keep_copies(&mut stream, wanted).await;
         Ok(stream)
     }
