@@ -504,6 +504,20 @@ async fn lose_two_servers_under_load(name: &str, copies: usize) -> Outcome {
     }
 }
 
+/// What the recorder has handled for group `rd`: its `/seen` answer, or
+/// nothing while it cannot answer (its bucket cannot be read).
+async fn recorded(base: &str) -> String {
+    match crate::support::get(&format!("{base}/rec/seen?group=rd")).await {
+        Some((200, seen)) => seen,
+        _ => String::new(),
+    }
+}
+
+/// Whether `seen`, a recorder's `/seen` answer, lists message `body`.
+fn lists(seen: &str, body: &str) -> bool {
+    seen.contains(&format!("{body:?}"))
+}
+
 /// What JetStream holds for group `rd` and which of `published` the
 /// recorder has not seen: the story of messages not handled.
 async fn message_state(nats: &str, base: &str, published: &[String]) -> String {
@@ -527,14 +541,11 @@ async fn message_state(nats: &str, base: &str, published: &[String]) -> String {
             Err(err) => story.push(format!("consumer rd: {err}")),
         }
     }
-    let seen = crate::support::get(&format!("{base}/rec/seen?group=rd"))
-        .await
-        .map(|(_, seen)| seen)
-        .unwrap_or_default();
+    let seen = recorded(base).await;
     let missing: Vec<(usize, &String)> = published
         .iter()
         .enumerate()
-        .filter(|(_, body)| !seen.contains(&format!("{body:?}")))
+        .filter(|(_, body)| !lists(&seen, body))
         .collect();
     story.push(format!("not handled (index, body): {missing:?}"));
     story.join("; ")
@@ -549,13 +560,9 @@ async fn unhandled_messages(
     published: &[String],
     patience: Duration,
 ) -> (usize, usize) {
-    let url = format!("{base}/rec/seen?group=rd");
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let seen = match crate::support::get(&url).await {
-            Some((200, seen)) => seen,
-            _ => String::new(),
-        };
+        let seen = recorded(base).await;
         let dead: Vec<String> = crate::messaging::dead(broker, "rd", 100)
             .await
             .unwrap_or_default()
@@ -564,7 +571,7 @@ async fn unhandled_messages(
             .collect();
         let not_seen: Vec<&String> = published
             .iter()
-            .filter(|body| !seen.contains(&format!("{body:?}")))
+            .filter(|body| !lists(&seen, body))
             .collect();
         let dead_lettered = not_seen.iter().filter(|body| dead.contains(body)).count();
         let unhandled = not_seen.len() - dead_lettered;
@@ -789,7 +796,7 @@ async fn lose_a_rabbitmq_node_mid_stream(
         let seen = seen().await;
         accepted
             .iter()
-            .filter(|(_, body)| !seen.contains(&format!("{body:?}")))
+            .filter(|(_, body)| !lists(&seen, body))
             .count()
     };
     let deadline = tokio::time::Instant::now() + CATCH_UP;

@@ -81,6 +81,11 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// one (`?heartbeat=N`): a connection silent for about twice this long is
 /// given up, and its consumers join again through another node.
 const HEARTBEAT_SECS: u16 = 5;
+
+/// The least time between two renewals of the publishing channel: a queue
+/// that is really full refuses every publish, and each refusal must not
+/// cost the broker a new channel.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// The delays a retry is rounded up to, in milliseconds.
 const DELAY_LADDER_MS: &[u64] = &[
     100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
@@ -370,6 +375,8 @@ fn ladder_delay(delay: Duration) -> u64 {
 struct Link {
     connection: Arc<Connection>,
     publisher: Channel,
+    /// When `publisher` was opened.
+    opened: std::time::Instant,
 }
 
 impl Link {
@@ -514,6 +521,7 @@ impl RabbitBroker {
                     *link = Some(Link {
                         connection: connection.clone(),
                         publisher: publisher.clone(),
+                        opened: std::time::Instant::now(),
                     });
                     return Ok((connection, publisher));
                 }
@@ -545,15 +553,19 @@ impl RabbitBroker {
     }
 
     /// Gives the link a new publishing channel, if it is still on
-    /// `connection`. RabbitMQ 3.10 can leave a channel that published to
-    /// a quorum queue while its leader changed refusing every later publish
-    /// to it (a negative confirm, as for a full queue) for good; a channel
-    /// opened after the change is served normally. Seen in the node-loss
-    /// test: more than five minutes of refusals on the old channel, one to
-    /// three with renewal.
+    /// `connection` and its channel is older than [`RENEW_EVERY`].
+    /// RabbitMQ 3.10 can leave a channel that published to a quorum queue
+    /// while its leader changed refusing every later publish to it (a
+    /// negative confirm, as for a full queue) for good; a channel opened
+    /// after the change is served normally. Seen in the node-loss test: more
+    /// than five minutes of refusals on the old channel, one to three with
+    /// renewal.
     async fn renew_publisher(&self, connection: &Arc<Connection>) {
         let mut link = self.link.lock().await;
-        let Some(current) = link.as_mut().filter(|current| current.is_on(connection)) else {
+        let Some(current) = link
+            .as_mut()
+            .filter(|current| current.is_on(connection) && current.opened.elapsed() >= RENEW_EVERY)
+        else {
             return;
         };
         let renewed = async {
@@ -567,6 +579,7 @@ impl RabbitBroker {
         match tokio::time::timeout(CONNECT_TIMEOUT, renewed).await {
             Ok(Ok(channel)) => {
                 let old = std::mem::replace(&mut current.publisher, channel);
+                current.opened = std::time::Instant::now();
                 self.runtime.spawn(async move {
                     let _ = old.close(200, "replaced".into()).await;
                 });
